@@ -1,0 +1,114 @@
+//! Command-line interface of `plinth`: argument parsing and dispatch only.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+/// Build minimal, read-only, A/B-updatable container OS images from a TOML definition.
+#[derive(Debug, Parser)]
+#[command(name = "plinth", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate an image definition without touching the network.
+    Check(CheckArgs),
+    /// Resolve the Debian packages a definition names into FILE.lock.
+    Lock(LockArgs),
+    /// Build a bootable disk image from a definition and its lock.
+    Build(BuildArgs),
+    /// Boot a disk image under QEMU with OVMF, serial console on this terminal.
+    Run(RunArgs),
+    /// Show the partitions, slots and boot entries of a disk image.
+    Inspect(InspectArgs),
+}
+
+/// Options shared by every command that reads packages.
+#[derive(Debug, Args, Clone)]
+pub struct CacheArgs {
+    /// Folder of the content-addressed download cache [default: $XDG_CACHE_HOME/plinth].
+    #[arg(long, env = "PLINTH_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Never touch the network; use only what the cache holds.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The image definition to validate.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The image definition whose packages are resolved.
+    pub file: PathBuf,
+    /// Re-resolve every package to the newest version the mirror has, even if the lock still matches.
+    #[arg(long)]
+    pub update: bool,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The image definition to build.
+    pub file: PathBuf,
+    /// Folder the outputs are written to.
+    #[arg(long, short, default_value = "out", value_name = "DIR")]
+    pub output: PathBuf,
+    /// Output formats, comma separated: raw, qcow2, vhd, vmdk.
+    #[arg(long, value_delimiter = ',', default_value = "raw")]
+    pub format: Vec<String>,
+    /// Static plinth-init binary to put in the image [default: next to plinth, or target/x86_64-unknown-linux-gnu/release].
+    #[arg(long, env = "PLINTH_INIT", value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// Also keep the assembled root tree in this folder (for inspection).
+    #[arg(long, value_name = "DIR")]
+    pub keep_tree: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The disk image to boot (raw or qcow2).
+    pub disk: PathBuf,
+    /// Accelerator: tcg, kvm, or auto (kvm, falling back to tcg when the guest stays silent).
+    #[arg(long, default_value = "tcg")]
+    pub accel: String,
+    /// Guest memory, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub mem: u32,
+    /// Forward a host port to a guest port: HOST:GUEST (TCP, host side on 127.0.0.1).
+    #[arg(long = "forward", short = 'p', value_name = "HOST:GUEST")]
+    pub forwards: Vec<String>,
+    /// Boot a throw-away copy-on-write overlay instead of the disk itself.
+    #[arg(long)]
+    pub snapshot: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The disk image to describe.
+    pub disk: PathBuf,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the command the user asked for.
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Check(args) => crate::build::check(&args),
+        Command::Lock(args) => crate::debian::lock_command(&args),
+        Command::Build(args) => crate::build::build(&args),
+        Command::Run(args) => crate::qemu::run(&args),
+        Command::Inspect(args) => crate::inspect::inspect(&args),
+    }
+}

@@ -1,0 +1,1 @@
+//! Disk image writers: root image, verity, initramfs, ESP, GPT, output formats.

@@ -1,0 +1,1 @@
+//! HTTP and file downloads with retries.

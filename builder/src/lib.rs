@@ -1,0 +1,13 @@
+//! The Plinth image builder: sources, Debian resolver, root tree, disk writers, QEMU runner.
+
+pub mod build;
+pub mod cache;
+pub mod cli;
+pub mod debian;
+pub mod disk;
+pub mod fetch;
+pub mod inspect;
+pub mod progress;
+pub mod qemu;
+pub mod rootfs;
+pub mod tools;

@@ -1,0 +1,1 @@
+//! Root filesystem tree assembly from Debian packages.

@@ -1,0 +1,1 @@
+//! Plinth on-target library.

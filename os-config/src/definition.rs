@@ -1,0 +1,663 @@
+//! The image definition: one TOML file describing one OS image.
+//!
+//! Every table rejects unknown keys; values are parsed into validated types, so a `Definition`
+//! that exists is one the builder can use. Cross-field rules are checked by [`Definition::parse`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::{explain, DefinitionError};
+use crate::units::{ByteSize, Duration, FileMode, Name, Sha256, Version};
+
+/// A whole image definition.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Definition {
+    pub image: Image,
+    #[serde(default)]
+    pub debian: Debian,
+    #[serde(default)]
+    pub kernel: Kernel,
+    #[serde(default)]
+    pub engine: Engine,
+    #[serde(default)]
+    pub disk: Disk,
+    #[serde(default)]
+    pub network: Network,
+    pub update: Option<Update>,
+    #[serde(default, rename = "container")]
+    pub containers: Vec<Container>,
+    #[serde(default, rename = "file")]
+    pub files: Vec<File>,
+}
+
+/// `[image]`: identity of the image.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Image {
+    /// Short name; used in file names (`out/<name>-<version>.raw`) and update manifests.
+    pub name: Name,
+    /// OS version; updates only ever move to a higher one.
+    pub version: Version,
+    /// Host name of the booted machine [default: the image name].
+    pub hostname: Option<Name>,
+    /// dm-verity protection of the root. Turning it off is only for debugging images.
+    #[serde(default = "yes")]
+    pub verity: bool,
+}
+
+/// `[debian]`: where packages come from and which ones the image takes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Debian {
+    /// Release suite; `<suite>-updates` and `<suite>-security` are resolved too.
+    #[serde(default = "default_suite")]
+    pub suite: String,
+    #[serde(default = "default_components")]
+    pub components: Vec<String>,
+    /// Extra packages whose files go into the image (besides the engine's and the kernel's).
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Archive URL [default: $PLINTH_DEBIAN_MIRROR, else the host's apt sources].
+    pub mirror: Option<String>,
+    /// Archive URL of `<suite>-security` [default: $PLINTH_DEBIAN_SECURITY_MIRROR, else the host's apt sources].
+    pub security_mirror: Option<String>,
+    /// OpenPGP keyring that signs the archive's `InRelease` [default: the host's Debian archive keyring].
+    pub keyring: Option<String>,
+}
+
+impl Default for Debian {
+    fn default() -> Self {
+        Debian {
+            suite: default_suite(),
+            components: default_components(),
+            packages: Vec::new(),
+            mirror: None,
+            security_mirror: None,
+            keyring: None,
+        }
+    }
+}
+
+/// `[kernel]`: the kernel package and its command line.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Kernel {
+    #[serde(default = "default_kernel_package")]
+    pub package: String,
+    /// Arguments appended to the ones Plinth sets (slot, version, root hash).
+    #[serde(default = "default_cmdline")]
+    pub cmdline: Vec<String>,
+    /// Modules loaded at boot besides the ones Plinth needs.
+    #[serde(default)]
+    pub modules: Vec<String>,
+}
+
+impl Default for Kernel {
+    fn default() -> Self {
+        Kernel {
+            package: default_kernel_package(),
+            cmdline: default_cmdline(),
+            modules: Vec::new(),
+        }
+    }
+}
+
+/// Which container engine runs on the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    #[default]
+    Docker,
+}
+
+/// `[engine]`: the container engine and its settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Engine {
+    #[serde(default)]
+    pub kind: EngineKind,
+    /// Written as the engine's own configuration (`/etc/docker/daemon.json` for Docker).
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+/// `[disk]`: partition sizes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Disk {
+    #[serde(default = "default_esp")]
+    pub esp: ByteSize,
+    /// Size of each root slot (A and B).
+    #[serde(default = "default_root")]
+    pub root: ByteSize,
+    /// Size of each verity slot.
+    #[serde(default = "default_verity")]
+    pub verity: ByteSize,
+    /// Initial size of the `state` partition (it grows to fill the disk on first boot).
+    #[serde(default = "default_state")]
+    pub state: ByteSize,
+}
+
+impl Default for Disk {
+    fn default() -> Self {
+        Disk {
+            esp: default_esp(),
+            root: default_root(),
+            verity: default_verity(),
+            state: default_state(),
+        }
+    }
+}
+
+/// `[network]`: how the first Ethernet interface is configured.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Network {
+    /// `dhcp` (default) or `static`.
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Static address with prefix, e.g. `"10.0.2.15/24"`.
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    #[default]
+    Dhcp,
+    Static,
+}
+
+/// `[update]`: where updates come from and how they are applied.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Update {
+    /// Base URL of the release folder; the agent reads `<url>/<channel>/`.
+    pub url: String,
+    #[serde(default = "default_channel")]
+    pub channel: Name,
+    /// Trusted ed25519 public keys (as written by `plinth keygen`).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub strategy: UpdateStrategy,
+    /// How long the system must stay healthy before a new boot is blessed.
+    #[serde(default = "default_bless_after")]
+    pub bless_after: Duration,
+    /// How long a new boot may take to become healthy before the machine reboots.
+    #[serde(default = "default_bless_timeout")]
+    pub bless_timeout: Duration,
+    /// How often the agent polls for a release.
+    #[serde(default = "default_interval")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateStrategy {
+    /// Reboot into the new version as soon as it is written.
+    #[default]
+    Immediate,
+    /// Stage only; reboot when the operator says so.
+    Manual,
+}
+
+/// `[[container]]`: one container that exists exactly as declared at every boot.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Container {
+    pub name: Name,
+    /// Image reference (`busybox:1.36`). Pulled from a registry unless `archive` or `build` is given.
+    pub image: String,
+    /// Load the image from an archive (`docker save` output) baked into the OS image.
+    pub archive: Option<Source>,
+    /// Build the image from Debian packages at `plinth build` time.
+    pub build: Option<ImageBuild>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Published ports, `"HOST:CONTAINER"` or `"HOST:CONTAINER/udp"`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Bind mounts, `"/var/lib/NAME:/path/in/container"`; host side must lie under `/var`.
+    #[serde(default)]
+    pub mounts: Vec<String>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    pub health: Option<HealthCheck>,
+}
+
+/// A container image assembled by `plinth` from Debian packages.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ImageBuild {
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    No,
+    OnFailure,
+    #[default]
+    Always,
+    UnlessStopped,
+}
+
+/// A container health check, run inside the container.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HealthCheck {
+    pub command: Vec<String>,
+    #[serde(default = "default_health_interval")]
+    pub interval: Duration,
+    #[serde(default = "default_health_retries")]
+    pub retries: u32,
+}
+
+/// A pinned input: a URL or a path (relative to the definition) with its sha256.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Source {
+    pub url: Option<String>,
+    pub path: Option<String>,
+    pub sha256: Sha256,
+}
+
+/// `[[file]]`: a file placed into the root tree.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct File {
+    /// Absolute path in the image.
+    pub path: String,
+    #[serde(default = "default_file_mode")]
+    pub mode: FileMode,
+    /// Inline content.
+    pub content: Option<String>,
+    /// Content from a pinned source.
+    pub source: Option<Source>,
+}
+
+impl Definition {
+    /// Parses and validates a definition. `file` is only used to name the file in errors.
+    pub fn parse(file: &str, source: &str) -> Result<Definition, DefinitionError> {
+        let definition: Definition = toml::from_str(source).map_err(|e| {
+            DefinitionError::at(
+                file,
+                source,
+                e.span().map(|s| s.start),
+                explain(e.message()),
+            )
+        })?;
+        definition.validate(file, source)?;
+        Ok(definition)
+    }
+
+    /// The host name the machine takes.
+    pub fn hostname(&self) -> &Name {
+        self.image.hostname.as_ref().unwrap_or(&self.image.name)
+    }
+
+    fn validate(&self, file: &str, source: &str) -> Result<(), DefinitionError> {
+        let fail = |needle: &str, message: String| {
+            Err(DefinitionError::at(
+                file,
+                source,
+                source.find(needle),
+                message,
+            ))
+        };
+        if self.debian.suite.is_empty() || self.debian.suite.contains(['/', ' ']) {
+            return fail(
+                "suite",
+                format!("[debian] suite `{}` is not a suite name", self.debian.suite),
+            );
+        }
+        for package in self.debian.packages.iter().chain([&self.kernel.package]) {
+            if !is_package_name(package) {
+                return fail(
+                    package,
+                    format!("`{package}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`)"),
+                );
+            }
+        }
+        for (key, url) in [
+            ("mirror", &self.debian.mirror),
+            ("security-mirror", &self.debian.security_mirror),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("http://")
+                    || url.starts_with("https://")
+                    || url.starts_with("file:/"))
+                {
+                    return fail(
+                        url,
+                        format!(
+                            "[debian] {key} `{url}`: expected an http://, https:// or file:/ URL"
+                        ),
+                    );
+                }
+            }
+        }
+        let disk = &self.disk;
+        for (key, size, min) in [
+            ("esp", disk.esp, 64 * ByteSize::MIB),
+            ("root", disk.root, 64 * ByteSize::MIB),
+            ("verity", disk.verity, ByteSize::MIB),
+            ("state", disk.state, 64 * ByteSize::MIB),
+        ] {
+            if size.0 < min || size.0 % ByteSize::MIB != 0 {
+                return fail(
+                    &format!("{key} ="),
+                    format!(
+                        "[disk] {key} = \"{size}\": must be a whole number of MiB and at least {}",
+                        ByteSize(min)
+                    ),
+                );
+            }
+        }
+        if self.network.mode == NetworkMode::Static && self.network.address.is_none() {
+            return fail(
+                "mode",
+                "[network] mode = \"static\" needs `address`".to_owned(),
+            );
+        }
+        if let Some(update) = &self.update {
+            if !(update.url.starts_with("http://")
+                || update.url.starts_with("https://")
+                || update.url.starts_with("file:/"))
+            {
+                return fail(
+                    &update.url,
+                    format!(
+                        "[update] url `{}`: expected an http://, https:// or file:/ URL",
+                        update.url
+                    ),
+                );
+            }
+            if update.bless_timeout <= update.bless_after {
+                return fail(
+                    "bless-timeout",
+                    "[update] bless-timeout must be longer than bless-after".to_owned(),
+                );
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for container in &self.containers {
+            let name = container.name.as_str();
+            if !names.insert(name) {
+                return fail(
+                    &format!("\"{name}\""),
+                    format!("[[container]] name `{name}` is declared twice"),
+                );
+            }
+            if container.archive.is_some() && container.build.is_some() {
+                return fail(
+                    &format!("\"{name}\""),
+                    format!("[[container]] `{name}`: give `archive` or `build`, not both"),
+                );
+            }
+            for mount in &container.mounts {
+                match mount.split_once(':') {
+                    Some((host, guest)) if host.starts_with("/var/") && guest.starts_with('/') && !host.contains("..") => {}
+                    _ => return fail(mount, format!("[[container]] `{name}` mount `{mount}`: expected \"/var/...:/path\" (host side under /var)")),
+                }
+            }
+            for port in &container.ports {
+                if parse_port(port).is_none() {
+                    return fail(port, format!("[[container]] `{name}` port `{port}`: expected \"HOST:CONTAINER\" or \"HOST:CONTAINER/udp\" with ports 1-65535"));
+                }
+            }
+            for source in container.archive.iter() {
+                check_source(source).or_else(|m| {
+                    fail(
+                        &format!("\"{name}\""),
+                        format!("[[container]] `{name}` archive: {m}"),
+                    )
+                })?;
+            }
+        }
+        let mut paths = std::collections::BTreeSet::new();
+        for file_entry in &self.files {
+            let path = file_entry.path.as_str();
+            if !path.starts_with('/')
+                || path.ends_with('/')
+                || path.split('/').any(|c| c == ".." || c == ".")
+            {
+                return fail(
+                    path,
+                    format!("[[file]] path `{path}`: expected an absolute, normalised file path"),
+                );
+            }
+            if !paths.insert(path) {
+                return fail(path, format!("[[file]] path `{path}` is declared twice"));
+            }
+            match (&file_entry.content, &file_entry.source) {
+                (Some(_), None) => {}
+                (None, Some(source)) => check_source(source)
+                    .or_else(|m| fail(path, format!("[[file]] `{path}` source: {m}")))?,
+                _ => {
+                    return fail(
+                        path,
+                        format!("[[file]] `{path}`: give exactly one of `content` or `source`"),
+                    )
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_source(source: &Source) -> Result<(), String> {
+    match (&source.url, &source.path) {
+        (Some(_), None) | (None, Some(_)) => Ok(()),
+        _ => Err("give exactly one of `url` or `path`".to_owned()),
+    }
+}
+
+/// Parses a published port `"HOST:CONTAINER[/tcp|/udp]"` into (host, container, protocol).
+pub fn parse_port(text: &str) -> Option<(u16, u16, &str)> {
+    let (ports, proto) = match text.split_once('/') {
+        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
+        Some(_) => return None,
+        None => (text, "tcp"),
+    };
+    let (host, guest) = ports.split_once(':')?;
+    let host: u16 = host.parse().ok().filter(|p| *p > 0)?;
+    let guest: u16 = guest.parse().ok().filter(|p| *p > 0)?;
+    Some((host, guest, proto))
+}
+
+fn is_package_name(name: &str) -> bool {
+    name.len() >= 2
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_suite() -> String {
+    "bookworm".to_owned()
+}
+fn default_components() -> Vec<String> {
+    vec!["main".to_owned()]
+}
+fn default_kernel_package() -> String {
+    "linux-image-cloud-amd64".to_owned()
+}
+fn default_cmdline() -> Vec<String> {
+    vec!["console=ttyS0".to_owned(), "quiet".to_owned()]
+}
+fn default_esp() -> ByteSize {
+    ByteSize(256 * ByteSize::MIB)
+}
+fn default_root() -> ByteSize {
+    ByteSize(512 * ByteSize::MIB)
+}
+fn default_verity() -> ByteSize {
+    ByteSize(16 * ByteSize::MIB)
+}
+fn default_state() -> ByteSize {
+    ByteSize(1024 * ByteSize::MIB)
+}
+fn default_channel() -> Name {
+    Name::parse("stable").unwrap_or_else(|_| unreachable!("`stable` is a valid name"))
+}
+fn default_bless_after() -> Duration {
+    Duration(std::time::Duration::from_secs(30))
+}
+fn default_bless_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(600))
+}
+fn default_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(3600))
+}
+fn default_health_interval() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
+}
+fn default_health_retries() -> u32 {
+    3
+}
+fn default_file_mode() -> FileMode {
+    FileMode(0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[image]\nname = \"demo\"\nversion = \"1.0\"\n";
+
+    fn parse(src: &str) -> Result<Definition, DefinitionError> {
+        Definition::parse("test.toml", src)
+    }
+
+    #[test]
+    fn minimal_definition_takes_defaults() {
+        let def = parse(MINIMAL).expect("minimal definition parses");
+        assert_eq!(def.image.name.as_str(), "demo");
+        assert_eq!(def.debian.suite, "bookworm");
+        assert_eq!(def.kernel.package, "linux-image-cloud-amd64");
+        assert_eq!(def.engine.kind, EngineKind::Docker);
+        assert_eq!(def.disk.root, ByteSize(512 << 20));
+        assert!(def.image.verity);
+        assert_eq!(def.hostname().as_str(), "demo");
+    }
+
+    #[test]
+    fn misspelt_table_names_line_column_and_spelling() {
+        let src = format!("{MINIMAL}\n[kernal]\npackage = \"x\"\n");
+        let err = parse(&src).expect_err("misspelt table is refused");
+        let text = err.to_string();
+        assert!(text.starts_with("test.toml:5:"), "{text}");
+        assert!(text.contains("did you mean `kernel`?"), "{text}");
+    }
+
+    #[test]
+    fn misspelt_key_names_line_column_and_spelling() {
+        let src = format!("{MINIMAL}[disk]\nrot = \"1GiB\"\n");
+        let err = parse(&src).expect_err("misspelt key is refused");
+        assert_eq!(err.location, Some((5, 1)), "{err}");
+        assert!(err.message.contains("did you mean `root`?"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_say_what_is_allowed() {
+        let cases = [
+            ("[disk]\nroot = \"1 parsec\"\n", "allowed units"),
+            ("[disk]\nroot = \"1MiB\"\n", "at least 64MiB"),
+            ("[engine]\nkind = \"podman\"\n", "docker"),
+            (
+                "[[container]]\nname = \"a\"\nimage = \"x\"\nmounts = [\"/etc:/x\"]\n",
+                "host side under /var",
+            ),
+            (
+                "[[container]]\nname = \"a\"\nimage = \"x\"\nports = [\"80\"]\n",
+                "HOST:CONTAINER",
+            ),
+            ("[[file]]\npath = \"etc/x\"\ncontent = \"\"\n", "absolute"),
+            ("[[file]]\npath = \"/etc/x\"\n", "exactly one of"),
+            (
+                "[debian]\npackages = [\"Bad_Name\"]\n",
+                "not a Debian package name",
+            ),
+        ];
+        for (tail, want) in cases {
+            let err = parse(&format!("{MINIMAL}{tail}")).expect_err(tail);
+            assert!(err.to_string().contains(want), "{tail}: {err}");
+            assert!(err.location.is_some(), "{tail}: {err}");
+        }
+    }
+
+    #[test]
+    fn full_definition_round_trips() {
+        let src = r#"
+[image]
+name = "web"
+version = "2.1"
+hostname = "web-1"
+
+[debian]
+suite = "bookworm"
+packages = ["busybox-static"]
+mirror = "http://127.0.0.1:8080/debian"
+
+[kernel]
+cmdline = ["console=ttyS0"]
+modules = ["vfio"]
+
+[engine]
+kind = "docker"
+settings = { log-driver = "local" }
+
+[disk]
+root = "1GiB"
+
+[update]
+url = "http://127.0.0.1:9000/releases"
+keys = ["ed25519:abc"]
+bless-after = "10s"
+
+[[container]]
+name = "web"
+image = "busybox:latest"
+command = ["httpd", "-f"]
+ports = ["8080:80"]
+mounts = ["/var/lib/web:/www"]
+health = { command = ["true"] }
+
+[[file]]
+path = "/etc/motd"
+mode = "0600"
+content = "hello\n"
+"#;
+        let def = parse(src).expect("full definition parses");
+        assert_eq!(def.containers.len(), 1);
+        assert_eq!(def.containers[0].ports, ["8080:80"]);
+        assert_eq!(def.files[0].mode, FileMode(0o600));
+        let update = def.update.as_ref().expect("update table");
+        assert_eq!(update.channel.as_str(), "stable");
+        assert_eq!(update.bless_after.0.as_secs(), 10);
+        assert_eq!(def.engine.settings["log-driver"].as_str(), Some("local"));
+    }
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(parse_port("8080:80"), Some((8080, 80, "tcp")));
+        assert_eq!(parse_port("53:53/udp"), Some((53, 53, "udp")));
+        assert_eq!(parse_port("0:80"), None);
+        assert_eq!(parse_port("8080:80/sctp"), None);
+    }
+}
