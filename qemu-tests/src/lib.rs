@@ -1,1 +1,350 @@
-//! QEMU harness.
+//! End-to-end test harness: boots Plinth disk images with OVMF under QEMU (TCG), reads the serial
+//! console, waits for `PLINTH-STATUS` lines with timeouts, and prints the console log on failure.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// UEFI firmware code and variable template, as Debian's `ovmf` package installs them.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// How to boot a guest.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub disk: PathBuf,
+    pub mem_mib: u32,
+    /// Host TCP port (on 127.0.0.1) → guest port.
+    pub forwards: Vec<(u16, u16)>,
+    /// `guestfwd` rules: guest `ip:port` → host `127.0.0.1:port`.
+    pub guest_forwards: Vec<(String, u16)>,
+    /// Extra raw disks attached as virtio drives after the boot disk.
+    pub extra_disks: Vec<PathBuf>,
+    /// Write guest changes to a throw-away overlay instead of the disk.
+    pub snapshot: bool,
+}
+
+impl VmOptions {
+    pub fn new(disk: impl Into<PathBuf>) -> VmOptions {
+        VmOptions {
+            disk: disk.into(),
+            mem_mib: 2048,
+            forwards: Vec::new(),
+            guest_forwards: Vec::new(),
+            extra_disks: Vec::new(),
+            snapshot: false,
+        }
+    }
+}
+
+/// The console output seen so far, shared with the reader thread.
+#[derive(Debug, Default)]
+struct Console {
+    text: Mutex<String>,
+    changed: Condvar,
+}
+
+/// A running QEMU guest. Killed when dropped.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    console: Arc<Console>,
+    monitor: PathBuf,
+    dir: tempfile::TempDir,
+    started: Instant,
+}
+
+/// Checks that QEMU and OVMF are installed; tests fail (not skip) without them.
+pub fn require_qemu() -> Result<()> {
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output();
+    if !matches!(qemu, Ok(ref out) if out.status.success()) {
+        bail!("qemu-system-x86_64 is not installed: run scripts/host-packages.sh (apt-get install qemu-system-x86)");
+    }
+    for file in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(file).is_file() {
+            bail!("{file} is missing: run scripts/host-packages.sh (apt-get install ovmf)");
+        }
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Starts QEMU with OVMF under TCG, user networking with `restrict=on`, serial on a pipe.
+    pub fn boot(opts: &VmOptions) -> Result<Vm> {
+        require_qemu()?;
+        let dir = tempfile::tempdir().context("creating a folder for the guest's files")?;
+        let vars = dir.path().join("OVMF_VARS.fd");
+        std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
+        let monitor = dir.path().join("monitor.sock");
+        let mut netdev = String::from("user,id=n0,restrict=on");
+        for (host, guest) in &opts.forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        for (guest, host) in &opts.guest_forwards {
+            netdev.push_str(&format!(",guestfwd=tcp:{guest}-tcp:127.0.0.1:{host}"));
+        }
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+        ])
+        .args(["-m", &opts.mem_mib.to_string()])
+        .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "if=virtio,format=raw,file={}{}",
+            opts.disk.display(),
+            if opts.snapshot { ",snapshot=on" } else { "" }
+        ))
+        .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+        for disk in &opts.extra_disks {
+            cmd.arg("-drive")
+                .arg(format!("if=virtio,format=raw,file={}", disk.display()));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+        let console = Arc::new(Console::default());
+        let echo = std::env::var_os("PLINTH_TEST_CONSOLE").is_some();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let console = Arc::clone(&console);
+            std::thread::spawn(move || pump(stream, &console, echo));
+        }
+        Ok(Vm {
+            child,
+            console,
+            monitor,
+            dir,
+            started: Instant::now(),
+        })
+    }
+
+    /// Seconds since QEMU started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Everything the guest printed so far.
+    pub fn console(&self) -> String {
+        self.console
+            .text
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits until a console line contains `needle`; returns that line. On timeout the error
+    /// carries the whole console log.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_after(needle, 0, timeout)
+            .map(|(line, _)| line)
+    }
+
+    /// Like [`Vm::wait_for`], but only looks at text from byte `from` of the console on; returns
+    /// the line and the offset just past it, so a test can wait for the next occurrence.
+    pub fn wait_for_after(
+        &mut self,
+        needle: &str,
+        from: usize,
+        timeout: Duration,
+    ) -> Result<(String, usize)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let text = self
+                    .console
+                    .text
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("console lock poisoned"))?;
+                let from = from.min(text.len());
+                if let Some(pos) = text[from..].find(needle) {
+                    let start = from + text[from..pos + from].rfind('\n').map_or(0, |i| i + 1);
+                    let end = text[from + pos..]
+                        .find('\n')
+                        .map_or(text.len(), |i| from + pos + i);
+                    return Ok((text[start..end].trim_end_matches('\r').to_owned(), end));
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    drop(text);
+                    bail!(
+                        "timed out after {:?} waiting for `{needle}` on the guest console\n----- console log -----\n{}\n----- end of console log -----",
+                        timeout,
+                        self.console()
+                    );
+                }
+                let _unused = self
+                    .console
+                    .changed
+                    .wait_timeout(text, (deadline - now).min(Duration::from_millis(500)));
+            }
+            if let Some(status) = self.child.try_wait()? {
+                let text = self.console();
+                if !text[from.min(text.len())..].contains(needle) {
+                    bail!("QEMU exited ({status}) before `{needle}` appeared\n----- console log -----\n{text}\n----- end of console log -----");
+                }
+            }
+        }
+    }
+
+    /// Waits for `PLINTH-STATUS <event>` and returns its key=value fields.
+    pub fn wait_status(
+        &mut self,
+        event: &str,
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, String>> {
+        let line = self.wait_for(&format!("PLINTH-STATUS {event}"), timeout)?;
+        Ok(parse_status(&line))
+    }
+
+    /// Sends a human monitor command (e.g. `system_powerdown`) and returns its reply.
+    pub fn monitor(&self, command: &str) -> Result<String> {
+        let mut stream = UnixStream::connect(&self.monitor).with_context(|| {
+            format!(
+                "connecting to the QEMU monitor at {}",
+                self.monitor.display()
+            )
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("{command}\n").as_bytes())?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    reply.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&reply).matches("(qemu)").count() >= 2 {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "QEMU still running after {timeout:?}\n----- console log -----\n{}\n----- end of console log -----",
+                    self.console()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills QEMU at once, as a power cut would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Folder holding this guest's private files (UEFI variables, monitor socket).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn pump(stream: Box<dyn Read + Send>, console: &Console, echo: bool) {
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                if echo {
+                    eprint!("{text}");
+                }
+                if let Ok(mut all) = console.text.lock() {
+                    all.push_str(&text);
+                }
+                console.changed.notify_all();
+            }
+        }
+    }
+}
+
+/// Splits `... PLINTH-STATUS event k=v k2=v2` into its fields (plus `event`).
+pub fn parse_status(line: &str) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    let Some(rest) = line.split("PLINTH-STATUS ").nth(1) else {
+        return fields;
+    };
+    let mut words = rest.split_whitespace();
+    if let Some(event) = words.next() {
+        fields.insert("event".to_owned(), event.to_owned());
+    }
+    for word in words {
+        if let Some((k, v)) = word.split_once('=') {
+            fields.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    fields
+}
+
+/// A free TCP port on 127.0.0.1 for a forward.
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_parse() {
+        let f =
+            parse_status("[  3.1] plinth-init: PLINTH-STATUS container-running name=web id=abc");
+        assert_eq!(f["event"], "container-running");
+        assert_eq!(f["name"], "web");
+        assert_eq!(f["id"], "abc");
+        assert!(parse_status("no status here").is_empty());
+    }
+}
