@@ -3,6 +3,7 @@
 pub mod build;
 pub mod cache;
 pub mod cli;
+pub mod container_image;
 pub mod debian;
 pub mod disk;
 pub mod fetch;
