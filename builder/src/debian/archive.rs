@@ -28,8 +28,10 @@ pub struct Release {
     pub valid_until: Option<i64>,
     /// Path below `dists/<suite>/` → (sha256, size).
     pub files: BTreeMap<String, (String, u64)>,
-    /// Whether `Architecture: all` packages are only in the per-architecture indices.
-    pub all_in_arch_indices: bool,
+    /// Whether `Architecture: all` packages have an index of their own (`binary-all`) that
+    /// must be read besides the per-architecture one: `all` is among the `Architectures` and
+    /// the release does not say `No-Support-for-Architecture-all: Packages`.
+    pub separate_all_index: bool,
 }
 
 /// Parses the (already verified) text of a `Release`/`InRelease` file.
@@ -60,9 +62,12 @@ pub fn parse_release(text: &str) -> Result<Release> {
         codename: paragraph.get("Codename").map(str::to_owned),
         valid_until,
         files,
-        all_in_arch_indices: paragraph
-            .get("No-Support-for-Architecture-all")
-            .is_some_and(|v| v == "Packages"),
+        separate_all_index: paragraph
+            .get("Architectures")
+            .is_some_and(|a| a.split_whitespace().any(|a| a == "all"))
+            && !paragraph
+                .get("No-Support-for-Architecture-all")
+                .is_some_and(|v| v == "Packages"),
     })
 }
 
@@ -179,7 +184,7 @@ pub fn load_universe(
         for component in components {
             let mut indices = vec![format!("{component}/binary-{ARCH}")];
             let all = format!("{component}/binary-all");
-            if !release.all_in_arch_indices
+            if release.separate_all_index
                 && release
                     .files
                     .keys()
@@ -260,7 +265,7 @@ mod tests {
 
     #[test]
     fn parses_release_checksums() {
-        let text = "Origin: Debian\nSuite: stable-security\nCodename: bookworm-security\nValid-Until: Wed, 02 Dec 2026 22:33:12 UTC\nNo-Support-for-Architecture-all: Packages\nMD5Sum:\n 0f 1 main/binary-amd64/Packages.xz\nSHA256:\n AB 42 main/binary-amd64/Packages.xz\n cd   7 main/binary-all/Packages\n";
+        let text = "Origin: Debian\nSuite: stable-security\nCodename: bookworm-security\nValid-Until: Wed, 02 Dec 2026 22:33:12 UTC\nArchitectures: all amd64\nNo-Support-for-Architecture-all: Packages\nMD5Sum:\n 0f 1 main/binary-amd64/Packages.xz\nSHA256:\n AB 42 main/binary-amd64/Packages.xz\n cd   7 main/binary-all/Packages\n";
         let release = parse_release(text).expect("parses");
         assert_eq!(release.codename.as_deref(), Some("bookworm-security"));
         assert_eq!(
@@ -268,7 +273,11 @@ mod tests {
             Some(&("ab".to_owned(), 42))
         );
         assert_eq!(release.files.len(), 2);
-        assert!(release.all_in_arch_indices);
+        assert!(!release.separate_all_index);
+        let separate =
+            parse_release("Architectures: all amd64\nSHA256:\n ab 1 main/binary-all/Packages\n")
+                .expect("parses");
+        assert!(separate.separate_all_index);
         assert_eq!(release.valid_until, Some(1_796_250_792));
     }
 

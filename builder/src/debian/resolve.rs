@@ -137,12 +137,21 @@ fn parse_dependency(text: &str) -> Result<Dependency, String> {
     })
 }
 
-/// Removes `open … close` spans (architecture lists, build profiles).
+/// Removes `open … close` spans (architecture lists, build profiles) outside the parentheses of
+/// a version constraint, whose `<`/`>` are relations.
 fn strip_brackets(text: &str, open: char, close: char) -> String {
     let mut out = String::with_capacity(text.len());
     let mut depth = 0usize;
+    let mut in_parens = false;
     for c in text.chars() {
-        if c == open {
+        if depth == 0 && c == '(' {
+            in_parens = true;
+        } else if depth == 0 && c == ')' {
+            in_parens = false;
+        }
+        if in_parens {
+            out.push(c);
+        } else if c == open {
             depth += 1;
         } else if c == close && depth > 0 {
             depth -= 1;
@@ -417,10 +426,12 @@ mod tests {
     #[test]
     fn parses_relations() {
         let groups = parse_relations(
-            "libc6 (>= 2.34), python3:any (>>3.1) | perl [amd64] <!nocheck>, , x (= 1:2-3)",
+            "libc6 (>= 2.34), python3:any (>>3.1) | perl [amd64] <!nocheck>, , x (= 1:2-3), y (<< 2) <!cross>, z (<= 1)",
         )
         .expect("parses");
-        assert_eq!(groups.len(), 3);
+        assert_eq!(groups.len(), 5);
+        assert_eq!(groups[3][0].to_string(), "y (<< 2)");
+        assert_eq!(groups[4][0].to_string(), "z (<= 1)");
         assert_eq!(groups[0][0].to_string(), "libc6 (>= 2.34)");
         assert_eq!(groups[1][0].to_string(), "python3 (>> 3.1)");
         assert_eq!(groups[1][1].to_string(), "perl");
