@@ -65,9 +65,9 @@ pub fn parse_release(text: &str) -> Result<Release> {
         separate_all_index: paragraph
             .get("Architectures")
             .is_some_and(|a| a.split_whitespace().any(|a| a == "all"))
-            && !paragraph
+            && paragraph
                 .get("No-Support-for-Architecture-all")
-                .is_some_and(|v| v == "Packages"),
+                .is_none_or(|v| v != "Packages"),
     })
 }
 
