@@ -8,8 +8,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use builder::cache::Cache;
 use builder::cli::{CacheArgs, LockArgs};
-use builder::debian::{self, lock, Lockfile};
+use builder::debian::{self, lock, sources, Lockfile};
 use os_config::Definition;
 use sha2::{Digest, Sha256};
 
@@ -607,4 +608,52 @@ fn unknown_package_names_the_suites() {
         message.contains("bookworm, bookworm-updates, bookworm-security"),
         "{message}"
     );
+}
+
+#[test]
+fn host_apt_sources_name_the_mirrors() {
+    let fixture = Fixture::new();
+    let port = fixture.server.port;
+    let apt = fixture.work.path().join("apt");
+    let list_d = apt.join("sources.list.d");
+    std::fs::create_dir_all(&list_d).expect("mkdir");
+    std::fs::write(
+        list_d.join("archive.sources"),
+        format!("Types: deb\nURIs: http://127.0.0.1:{port}/debian\nSuites: bookworm bookworm-updates\nComponents: main\n"),
+    )
+    .expect("write");
+    std::fs::write(
+        apt.join("sources.list"),
+        format!("deb [signed-by=/k.gpg] http://127.0.0.1:{port}/security bookworm-security main\n"),
+    )
+    .expect("write");
+    // Files apt ignores are ignored here too: this one would send security to a dead port.
+    std::fs::write(
+        list_d.join("dead.list.disabled"),
+        "deb http://127.0.0.1:9/dead bookworm-security main\n",
+    )
+    .expect("write");
+    let text = std::fs::read_to_string(fixture.def_path()).expect("read");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.contains("mirror ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(fixture.def_path(), text).expect("write");
+    let def = fixture.definition();
+    assert!(def.debian.mirror.is_none() && def.debian.security_mirror.is_none());
+
+    let mirrors = sources::mirrors_with_env(&def, &apt, |_| None).expect("mirrors");
+    assert_eq!(
+        mirrors.url_of("bookworm-security"),
+        Some(format!("http://127.0.0.1:{port}/security").as_str())
+    );
+    let cache = Cache::at(fixture.work.path().join("cache"), false).expect("cache");
+    let lock = debian::resolve_lock(&def, &fixture.def_path(), &mirrors, &cache).expect("lock");
+    let got: Vec<(&str, &str, &str)> = lock
+        .packages
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str(), p.suite.as_str()))
+        .collect();
+    assert_eq!(got, EXPECTED);
 }

@@ -50,18 +50,17 @@ pub fn roots(def: &Definition) -> Vec<String> {
     roots
 }
 
-/// Resolves the definition's packages against the archive into a lock (network required).
-/// `apt_dir` is the apt configuration folder consulted when no mirror is configured.
+/// Resolves the definition's packages against the archive `mirrors` name into a lock (network
+/// required).
 pub fn resolve_lock(
     def: &Definition,
     def_path: &Path,
-    apt_dir: &Path,
+    mirrors: &sources::Mirrors,
     cache: &Cache,
 ) -> Result<Lockfile> {
     let def_dir = def_path.parent().unwrap_or(Path::new("."));
-    let mirrors = sources::mirrors(def, apt_dir)?;
     let keyring = sources::keyring(def, def_dir)?;
-    let mut universe = archive::load_universe(&mirrors, &keyring, &def.debian.components, cache)?;
+    let mut universe = archive::load_universe(mirrors, &keyring, &def.debian.components, cache)?;
     let roots = roots(def);
     let step = Step::start(format!("resolving {} root packages", roots.len()));
     let packages = universe.resolve(&roots)?;
@@ -102,7 +101,8 @@ pub fn lock_command(args: &LockArgs) -> Result<()> {
         bail!("`plinth lock` reads the archive's current indices and needs the network; run it without --offline");
     }
     let cache = Cache::open(&args.cache)?;
-    let lock = match resolve_lock(&def, &args.file, Path::new(sources::APT_DIR), &cache) {
+    let mirrors = sources::mirrors(&def, Path::new(sources::APT_DIR))?;
+    let lock = match resolve_lock(&def, &args.file, &mirrors, &cache) {
         Ok(lock) => lock,
         Err(err) => {
             let unreachable = err
