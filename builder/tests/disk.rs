@@ -254,6 +254,34 @@ fn built_disk_passes_the_reference_tools() {
     let dump = run("dumpe2fs", &["-h", state.to_str().expect("utf-8")]);
     assert!(dump.contains("Filesystem volume name:   state"), "{dump}");
 
+    // plinth inspect reads it back.
+    let info = builder::inspect::inspect_disk(&out).expect("inspect");
+    assert_eq!(info.partitions.len(), 6);
+    let a = &info.slots[0];
+    assert_eq!(a.slot, "a");
+    assert_eq!(a.version.as_deref(), Some("1.2.3"));
+    assert_eq!(a.root_hash.as_deref(), Some(report.root_hash.as_str()));
+    assert_eq!(a.uuids_match, Some(true));
+    assert_eq!(a.verity_data_blocks, Some(report.root_image_size / 4096));
+    assert_eq!(info.slots[1].entry, None);
+    assert_eq!(info.entries.len(), 1);
+    assert_eq!(info.entries[0].state, "good");
+    let json = run(
+        env!("CARGO_BIN_EXE_plinth"),
+        &["inspect", "--json", out.to_str().expect("utf-8")],
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).expect("inspect prints JSON");
+    assert_eq!(json["slots"][0]["root_hash"], report.root_hash.as_str());
+    assert_eq!(json["partitions"][5]["label"], "state");
+    let text = run(
+        env!("CARGO_BIN_EXE_plinth"),
+        &["inspect", out.to_str().expect("utf-8")],
+    );
+    assert!(text.contains("a: version 1.2.3"), "{text}");
+    assert!(text.contains("partition UUIDs match"), "{text}");
+    assert!(text.contains("b: empty"), "{text}");
+    assert!(text.contains("plinth-a-1.2.3.conf: good"), "{text}");
+
     // Byte-identical second build.
     let second = fx.path("second.raw");
     let again = fx.build(&second).expect("second build");
