@@ -1,9 +1,242 @@
-//! `plinth inspect`: describes a disk image.
+//! `plinth inspect`: describes a disk image: its partitions, each slot's version and root hash
+//! (from the boot entries on the ESP) and whether the slot's partition UUIDs match that hash, and
+//! the boot entries with their boot-counting state. Reads only; never writes to the image.
 
-use anyhow::Result;
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use os_config::boot::{Entry, EntryName, ENTRIES_DIR};
+use os_config::layout::{self, Slot};
+use serde::Serialize;
 
 use crate::cli::InspectArgs;
+use crate::disk::esp::EspReader;
+use crate::disk::gpt::{read_gpt, ReadPartition};
+use crate::disk::slice::{ReadOnly, Slice};
+use crate::disk::{human, verity};
 
-pub fn inspect(_args: &InspectArgs) -> Result<()> {
-    anyhow::bail!("inspect is not implemented yet")
+/// Everything `inspect` reports.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub disk_guid: String,
+    pub size: u64,
+    pub partitions: Vec<PartitionInfo>,
+    pub slots: Vec<SlotInfo>,
+    pub entries: Vec<EntryInfo>,
+}
+
+/// One GPT partition.
+#[derive(Debug, Serialize)]
+pub struct PartitionInfo {
+    pub number: u32,
+    pub label: String,
+    pub type_guid: String,
+    /// What the type GUID means in the Plinth layout (`esp`, `root`, `root-verity`, `var`).
+    pub type_name: &'static str,
+    pub start: u64,
+    pub size: u64,
+    pub uuid: String,
+}
+
+/// One root slot.
+#[derive(Debug, Serialize)]
+pub struct SlotInfo {
+    pub slot: &'static str,
+    /// File name of the slot's boot entry, if it has one.
+    pub entry: Option<String>,
+    pub version: Option<String>,
+    pub root_hash: Option<String>,
+    /// Whether root-X and verity-X carry the UUIDs the root hash gives them (DPS).
+    pub uuids_match: Option<bool>,
+    /// Data blocks recorded in the slot's verity superblock, if it has one.
+    pub verity_data_blocks: Option<u64>,
+}
+
+/// One boot entry on the ESP.
+#[derive(Debug, Serialize)]
+pub struct EntryInfo {
+    pub file: String,
+    pub slot: Option<&'static str>,
+    pub version: Option<String>,
+    /// `good`, `trying (…)`, `bad (…)`, or `foreign` for entries Plinth did not write.
+    pub state: String,
+    pub options: Option<String>,
+}
+
+/// Runs `plinth inspect`.
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    let info = inspect_disk(&args.disk)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info).context("formatting JSON")?
+        );
+    } else {
+        print!("{}", format_text(&info));
+    }
+    Ok(())
+}
+
+fn type_name(guid: &str) -> &'static str {
+    match guid {
+        layout::TYPE_ESP => "esp",
+        layout::TYPE_ROOT_X86_64 => "root",
+        layout::TYPE_ROOT_VERITY_X86_64 => "root-verity",
+        layout::TYPE_VAR => "var",
+        _ => "other",
+    }
+}
+
+/// Reads a raw disk image and describes it.
+pub fn inspect_disk(path: &Path) -> Result<Inspection> {
+    let open = || File::open(path).with_context(|| format!("opening {}", path.display()));
+    let size = open()?
+        .metadata()
+        .with_context(|| format!("reading size of {}", path.display()))?
+        .len();
+    let (disk_guid, parts) = read_gpt(ReadOnly(open()?)).with_context(|| {
+        format!(
+            "reading the partition table of {} (a raw disk image?)",
+            path.display()
+        )
+    })?;
+    let find = |label: &str| parts.iter().find(|p| p.label == label);
+    let Some(esp) = find(layout::ESP) else {
+        bail!(
+            "{} has no partition labelled `esp`: not a Plinth disk",
+            path.display()
+        );
+    };
+
+    let reader = EspReader::open(Slice::new(ReadOnly(open()?), esp.start, esp.size))?;
+    let mut entries = Vec::new();
+    let mut parsed: Vec<(EntryName, Entry)> = Vec::new();
+    let has_entries = reader.list("/")?.iter().any(|n| n == "loader")
+        && reader.list("/loader")?.iter().any(|n| n == "entries");
+    let files = if has_entries {
+        reader.list(ENTRIES_DIR)?
+    } else {
+        Vec::new()
+    };
+    for file in files {
+        let name = EntryName::parse(&file);
+        let text =
+            String::from_utf8_lossy(&reader.read(&format!("{ENTRIES_DIR}/{file}"))?).into_owned();
+        let entry = Entry::parse(&text).ok();
+        entries.push(EntryInfo {
+            file: file.clone(),
+            slot: name.as_ref().map(|n| n.slot.as_str()),
+            version: name.as_ref().map(|n| n.version.clone()),
+            state: name
+                .as_ref()
+                .map_or("foreign".to_owned(), |n| n.state().to_string()),
+            options: entry.as_ref().map(Entry::options),
+        });
+        if let (Some(name), Some(entry)) = (name, entry) {
+            parsed.push((name, entry));
+        }
+    }
+
+    let mut slots = Vec::new();
+    for slot in Slot::ALL {
+        let found = parsed.iter().find(|(name, _)| name.slot == slot);
+        let root_hash = found.map(|(_, e)| e.root_hash.clone());
+        let uuids_match = root_hash.as_deref().map(|hash| {
+            let want = layout::slot_uuids(hash);
+            let have = |label: &str| find(label).map(|p: &ReadPartition| p.uuid.to_string());
+            want.is_some_and(|(root, verity)| {
+                have(slot.root_label()) == Some(root) && have(slot.verity_label()) == Some(verity)
+            })
+        });
+        let verity_data_blocks = match find(slot.verity_label()) {
+            Some(part) => read_superblock(open()?, part).ok().map(|sb| sb.data_blocks),
+            None => None,
+        };
+        slots.push(SlotInfo {
+            slot: slot.as_str(),
+            entry: found.map(|(n, _)| n.file_name()),
+            version: found.map(|(n, _)| n.version.clone()),
+            root_hash,
+            uuids_match,
+            verity_data_blocks,
+        });
+    }
+
+    Ok(Inspection {
+        disk_guid: disk_guid.to_string(),
+        size,
+        partitions: parts
+            .iter()
+            .map(|p| {
+                let type_guid = p.type_guid.to_string();
+                PartitionInfo {
+                    number: p.number,
+                    label: p.label.clone(),
+                    type_name: type_name(&type_guid),
+                    type_guid,
+                    start: p.start,
+                    size: p.size,
+                    uuid: p.uuid.to_string(),
+                }
+            })
+            .collect(),
+        slots,
+        entries,
+    })
+}
+
+fn read_superblock(mut file: File, part: &ReadPartition) -> Result<verity::Superblock> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut block = vec![0u8; 512];
+    file.seek(SeekFrom::Start(part.start))?;
+    file.read_exact(&mut block)?;
+    verity::read_superblock(&block)
+}
+
+/// The human-readable report.
+pub fn format_text(info: &Inspection) -> String {
+    let mut out = format!(
+        "disk {} ({})\n\npartitions:\n",
+        info.disk_guid,
+        human(info.size)
+    );
+    out.push_str(&format!(
+        "  {:<3} {:<9} {:<12} {:>10} {:>10}  {}\n",
+        "#", "label", "type", "start", "size", "uuid"
+    ));
+    for p in &info.partitions {
+        out.push_str(&format!(
+            "  {:<3} {:<9} {:<12} {:>10} {:>10}  {}\n",
+            p.number,
+            p.label,
+            p.type_name,
+            human(p.start),
+            human(p.size),
+            p.uuid
+        ));
+    }
+    out.push_str("\nslots:\n");
+    for s in &info.slots {
+        match (&s.version, &s.root_hash) {
+            (Some(version), Some(hash)) => out.push_str(&format!(
+                "  {}: version {version}, root hash {hash}, partition UUIDs {}\n",
+                s.slot,
+                if s.uuids_match == Some(true) {
+                    "match"
+                } else {
+                    "DO NOT MATCH"
+                }
+            )),
+            _ => out.push_str(&format!("  {}: empty (no boot entry)\n", s.slot)),
+        }
+    }
+    out.push_str("\nboot entries:\n");
+    if info.entries.is_empty() {
+        out.push_str("  none\n");
+    }
+    for e in &info.entries {
+        out.push_str(&format!("  {}: {}\n", e.file, e.state));
+    }
+    out
 }

@@ -2,8 +2,10 @@
 //! its validation, the partition layout, boot-entry naming and the update manifest format.
 //! No I/O beyond parsing.
 
+pub mod boot;
 pub mod definition;
 pub mod diagnostic;
+pub mod layout;
 pub mod units;
 
 pub use definition::Definition;

@@ -1,1 +1,447 @@
 //! Disk image writers: root image, verity, initramfs, ESP, GPT, output formats.
+//!
+//! [`write_disk`] turns a root tree, a kernel, systemd-boot and `plinth-init` into a bootable GPT
+//! disk laid out as `os_config::layout` says, without root privileges, loop devices or mounts:
+//! every partition is written into one sparse file at its offset. The file is written under a
+//! temporary name next to the output and renamed at the end, so an interrupted build never
+//! leaves a truncated image under the final name. The same inputs and `SOURCE_DATE_EPOCH` give
+//! a byte-identical image.
+
+pub mod esp;
+pub mod gpt;
+pub mod initramfs;
+pub mod rootimage;
+pub mod slice;
+pub mod state;
+pub mod verity;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use os_config::boot::{self, Entry, EntryName};
+use os_config::layout::{Role, Slot};
+use os_config::Definition;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::progress::Step;
+use crate::tools;
+pub use rootimage::RootFormat;
+
+/// Everything a disk is made from.
+#[derive(Debug)]
+pub struct DiskInputs<'a> {
+    pub def: &'a Definition,
+    /// The assembled root tree (becomes the root image of slot A).
+    pub tree: &'a Path,
+    /// The kernel image, copied to the ESP as slot A's `vmlinuz`.
+    pub vmlinuz: &'a Path,
+    /// systemd-boot (`systemd-bootx64.efi`), copied to the ESP as `/EFI/BOOT/BOOTX64.EFI`.
+    pub systemd_boot_efi: &'a Path,
+    /// The static `plinth-init`, put at `/init` in the initramfs.
+    pub init_binary: &'a Path,
+    /// Modules for the initramfs in load order: (module name, absolute path of the `.ko`, path
+    /// relative to `lib/modules/<version>/`).
+    pub initrd_modules: &'a [(String, PathBuf, String)],
+    /// Kernel release (`6.1.0-28-cloud-amd64`), the folder under `lib/modules`.
+    pub kernel_version: &'a str,
+    pub source_date_epoch: u64,
+}
+
+/// What was written, for the build summary and for `plinth publish`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    /// The disk image (raw).
+    pub path: PathBuf,
+    pub disk_size: u64,
+    /// dm-verity root hash of slot A (hex).
+    pub root_hash: String,
+    /// Root filesystem format (`squashfs` or `erofs`).
+    pub root_format: &'static str,
+    pub root_image_size: u64,
+    /// Size of the verity hash device (superblock + tree).
+    pub verity_size: u64,
+    pub initrd_size: u64,
+    pub kernel_size: u64,
+    /// File name of slot A's boot entry on the ESP.
+    pub boot_entry: String,
+    /// The kernel command line of slot A.
+    pub cmdline: String,
+}
+
+/// The seed every derived GUID and salt of an image starts from.
+fn seed(def: &Definition) -> String {
+    format!("{} {}", def.image.name, def.image.version)
+}
+
+/// Builds the whole disk image at `out` (e.g. `out/qemu-1.0.0.raw`).
+pub fn write_disk(inputs: &DiskInputs, out: &Path) -> Result<DiskReport> {
+    let format = RootFormat::from_env()?;
+    tools::require(&[format.tool(), tools::MKFS_EXT4])?;
+    let def = inputs.def;
+    let epoch = inputs.source_date_epoch;
+    let seed = seed(def);
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = out
+        .file_name()
+        .with_context(|| format!("output path {} has no file name", out.display()))?
+        .to_string_lossy()
+        .into_owned();
+    // Probe the output folder first: a clear error beats one from mksquashfs.
+    let mut disk_file = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".partial")
+        .tempfile_in(&parent)
+        .with_context(|| {
+            format!(
+                "creating a file in the output folder {}: is it there and writable?",
+                parent.display()
+            )
+        })?;
+    let work = tempfile::Builder::new()
+        .prefix(".plinth-disk.")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a work folder in {}", parent.display()))?;
+
+    // Root image and its hash tree.
+    let step = Step::start(format!("root image ({})", format.as_str()));
+    let root_path = work.path().join("root.img");
+    let root_fs_uuid = gpt::derived_uuid(&format!("plinth root filesystem {seed}"));
+    let root_size = rootimage::build(format, inputs.tree, &root_path, epoch, &root_fs_uuid)?;
+    let root_slot = def.disk.root.bytes();
+    if root_size > root_slot {
+        bail!(
+            "the root image is {root_size} bytes ({}) but [disk] root = \"{}\" ({root_slot} bytes): raise [disk] root",
+            human(root_size),
+            def.disk.root
+        );
+    }
+    step.done(&human(root_size));
+
+    let step = Step::start("dm-verity hash tree");
+    let image_digest = sha256_file(&root_path)?;
+    let params = verity::VerityParams {
+        salt: Sha256::new()
+            .chain_update(b"plinth verity salt\0")
+            .chain_update(seed.as_bytes())
+            .chain_update([0])
+            .chain_update(image_digest)
+            .finalize()
+            .into(),
+        uuid: gpt::derived_uuid(&format!("plinth verity {seed}")).into_bytes(),
+    };
+    let mut root_file = File::open(&root_path)
+        .with_context(|| format!("opening root image {}", root_path.display()))?;
+    let tree = verity::hash_tree(&mut root_file, root_size, &params)?;
+    let verity_slot = def.disk.verity.bytes();
+    if tree.device.len() as u64 > verity_slot {
+        bail!(
+            "the verity hash tree is {} bytes but [disk] verity = \"{}\" ({verity_slot} bytes): raise [disk] verity",
+            tree.device.len(),
+            def.disk.verity
+        );
+    }
+    let root_hash = tree.root_hash_hex();
+    step.done(&format!("root hash {root_hash}"));
+
+    let step = Step::start("initramfs");
+    let modules: Vec<initramfs::Module> = inputs
+        .initrd_modules
+        .iter()
+        .map(|(name, file, relative)| initramfs::Module {
+            name: name.clone(),
+            file: file.clone(),
+            relative: relative.clone(),
+        })
+        .collect();
+    let tables = module_tables(inputs.tree, inputs.kernel_version);
+    let archive =
+        initramfs::build_archive(inputs.init_binary, &modules, inputs.kernel_version, &tables)?;
+    let mut cpio = Vec::new();
+    archive
+        .write_cpio(&mut cpio, epoch)
+        .context("writing the initramfs archive")?;
+    let initrd = zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")?;
+    step.done(&format!(
+        "{} modules, {}",
+        modules.len(),
+        human(initrd.len() as u64)
+    ));
+
+    let step = Step::start("disk image");
+    let plan = gpt::plan(
+        gpt::Sizes {
+            esp: def.disk.esp.bytes(),
+            root: root_slot,
+            verity: verity_slot,
+            state: def.disk.state.bytes(),
+        },
+        &seed,
+        &tree.root_hash,
+    )?;
+    let file = disk_file.as_file_mut();
+    file.set_len(plan.total_size)
+        .with_context(|| format!("sizing {}", disk_file.path().display()))?;
+    let file = gpt::write_gpt(disk_file.as_file_mut(), &plan)?;
+
+    let root_part = plan.get(Role::Root(Slot::A))?;
+    root_file
+        .rewind()
+        .with_context(|| format!("rereading {}", root_path.display()))?;
+    copy_into(file, root_part.start, &mut root_file, false)
+        .context("writing root-a into the disk image")?;
+    let verity_part = plan.get(Role::Verity(Slot::A))?;
+    copy_into(file, verity_part.start, &mut tree.device.as_slice(), false)
+        .context("writing verity-a into the disk image")?;
+
+    let state_part = plan.get(Role::State)?;
+    let state_path = work.path().join("state.img");
+    state::make_state(&state_path, state_part.size, &state_part.uuid, epoch)?;
+    let mut state_file =
+        File::open(&state_path).with_context(|| format!("opening {}", state_path.display()))?;
+    copy_into(file, state_part.start, &mut state_file, true)
+        .context("writing state into the disk image")?;
+
+    let entry = Entry {
+        slot: Slot::A,
+        version: def.image.version.to_string(),
+        root_hash: root_hash.clone(),
+        extra_args: def.kernel.cmdline.clone(),
+        verity: def.image.verity,
+    };
+    let entry_name = EntryName::good(Slot::A, def.image.version.as_str());
+    let read = |p: &Path, what: &str| {
+        std::fs::read(p).with_context(|| format!("reading {what} {}", p.display()))
+    };
+    let kernel = read(inputs.vmlinuz, "kernel")?;
+    let kernel_size = kernel.len() as u64;
+    let esp_files = vec![
+        esp::EspFile {
+            path: boot::BOOT_LOADER.to_owned(),
+            data: read(inputs.systemd_boot_efi, "systemd-boot")?,
+        },
+        esp::EspFile {
+            path: boot::LOADER_CONF.to_owned(),
+            data: boot::LOADER_CONF_TEXT.as_bytes().to_vec(),
+        },
+        esp::EspFile {
+            path: Entry::kernel_path(Slot::A),
+            data: kernel,
+        },
+        esp::EspFile {
+            path: Entry::initrd_path(Slot::A),
+            data: initrd.clone(),
+        },
+        esp::EspFile {
+            path: entry_name.esp_path(),
+            data: entry.format().into_bytes(),
+        },
+    ];
+    let esp_part = plan.get(Role::Esp)?;
+    esp::check_fits(&esp_files, esp_part.size)?;
+    let volume_id = u32::from_le_bytes(
+        gpt::derived_uuid(&format!("plinth esp volume {seed}")).as_bytes()[..4]
+            .try_into()
+            .context("deriving the ESP volume id")?,
+    );
+    esp::write_esp(
+        slice::Slice::new(&mut *file, esp_part.start, esp_part.size),
+        volume_id,
+        epoch,
+        &esp_files,
+    )?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", disk_file.path().display()))?;
+    disk_file
+        .persist(out)
+        .with_context(|| format!("renaming the finished disk image to {}", out.display()))?;
+    step.done(&format!("{} ({})", out.display(), human(plan.total_size)));
+
+    Ok(DiskReport {
+        path: out.to_path_buf(),
+        disk_size: plan.total_size,
+        root_hash,
+        root_format: format.as_str(),
+        root_image_size: root_size,
+        verity_size: tree.device.len() as u64,
+        initrd_size: initrd.len() as u64,
+        kernel_size,
+        boot_entry: entry_name.file_name(),
+        cmdline: entry.options(),
+    })
+}
+
+/// The folder of the root tree's `modules.dep`/`modules.alias` (under `lib` or `usr/lib`).
+fn module_tables(tree: &Path, kernel_version: &str) -> PathBuf {
+    let lib = tree.join("lib/modules").join(kernel_version);
+    if lib.join("modules.dep").is_file() {
+        return lib;
+    }
+    tree.join("usr/lib/modules").join(kernel_version)
+}
+
+/// Copies `src` into `disk` at `offset`. With `sparse`, 4 KiB blocks of zeros are skipped
+/// (the disk file is fresh, so they read back as zeros and stay holes).
+fn copy_into(disk: &mut File, offset: u64, src: &mut impl Read, sparse: bool) -> Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = offset;
+    loop {
+        let n = read_full(src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if sparse {
+            for chunk in buf[..n].chunks(4096) {
+                if chunk.iter().any(|b| *b != 0) {
+                    disk.seek(SeekFrom::Start(pos))?;
+                    disk.write_all(chunk)?;
+                }
+                pos += chunk.len() as u64;
+            }
+        } else {
+            disk.seek(SeekFrom::Start(pos))?;
+            disk.write_all(&buf[..n])?;
+            pos += n as u64;
+        }
+    }
+    Ok(pos - offset)
+}
+
+fn read_full(src: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn sha256_file(path: &Path) -> Result<[u8; 32]> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hasher.finalize().into())
+}
+
+/// Bytes as a short human string (`12.3 MiB`).
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// An output format `qemu-img` writes, with its file extension and options.
+fn qemu_img_format(format: &str) -> Result<(&'static str, &'static str, &'static [&'static str])> {
+    Ok(match format {
+        "qcow2" => ("qcow2", "qcow2", &[]),
+        "vhd" => ("vpc", "vhd", &["-o", "subformat=fixed,force_size=on"]),
+        "vmdk" => ("vmdk", "vmdk", &["-o", "subformat=streamOptimized"]),
+        other => bail!("unknown output format `{other}`: use raw, qcow2, vhd or vmdk"),
+    })
+}
+
+/// Converts the raw image into each of `formats` (`raw`, `qcow2`, `vhd`, `vmdk`) next to it
+/// (`x.raw` → `x.qcow2`), and returns the paths of all requested outputs. Each conversion goes to
+/// a temporary name first. raw and qcow2 outputs are reproducible; VHD and VMDK headers carry a
+/// time or random id that `qemu-img` sets.
+pub fn convert(raw: &Path, formats: &[String]) -> Result<Vec<PathBuf>> {
+    for format in formats {
+        if format != "raw" {
+            qemu_img_format(format)?;
+        }
+    }
+    if formats.iter().any(|f| f != "raw") {
+        tools::require(&[tools::QEMU_IMG])?;
+    }
+    let mut outputs = Vec::new();
+    for format in formats {
+        if format == "raw" {
+            outputs.push(raw.to_path_buf());
+            continue;
+        }
+        let (driver, ext, options) = qemu_img_format(format)?;
+        let step = Step::start(format!("{format} output"));
+        let out = raw.with_extension(ext);
+        let partial = raw.with_extension(format!("{ext}.partial"));
+        let status = Command::new(tools::QEMU_IMG.find()?)
+            .args(["convert", "-q", "-f", "raw", "-O", driver])
+            .args(options)
+            .arg(raw)
+            .arg(&partial)
+            .status()
+            .context("running qemu-img")?;
+        if !status.success() {
+            let _ = std::fs::remove_file(&partial);
+            bail!(
+                "qemu-img convert to {format} failed ({status}) for {}",
+                raw.display()
+            );
+        }
+        std::fs::rename(&partial, &out)
+            .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+        let size = std::fs::metadata(&out)
+            .with_context(|| format!("reading size of {}", out.display()))?
+            .len();
+        step.done(&format!("{} ({})", out.display(), human(size)));
+        outputs.push(out);
+    }
+    Ok(outputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(3 << 20), "3.0 MiB");
+        assert_eq!(human(1536 << 20), "1.5 GiB");
+    }
+
+    #[test]
+    fn unknown_output_format_is_refused() {
+        let err = convert(Path::new("/nonexistent/x.raw"), &["iso".to_owned()])
+            .expect_err("iso is not a format");
+        assert!(err.to_string().contains("raw, qcow2, vhd or vmdk"), "{err}");
+    }
+
+    #[test]
+    fn sparse_copy_skips_zero_blocks_but_keeps_data() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut disk = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("disk"))
+            .expect("create");
+        disk.set_len(64 << 10).expect("size");
+        let mut src = vec![0u8; 16 << 10];
+        src[5000] = 1;
+        let n = copy_into(&mut disk, 8192, &mut src.as_slice(), true).expect("copy");
+        assert_eq!(n, 16 << 10);
+        let all = std::fs::read(dir.path().join("disk")).expect("read");
+        assert_eq!(all[8192 + 5000], 1);
+        assert_eq!(all.iter().filter(|b| **b != 0).count(), 1);
+    }
+}

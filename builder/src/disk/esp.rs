@@ -1,0 +1,426 @@
+//! The EFI system partition, written in-process with `fatfs`: FAT32 with a derived volume id,
+//! label `ESP` and every timestamp set to `SOURCE_DATE_EPOCH`, so the same inputs give the same bytes.
+
+use std::io::{Read, Seek, Write};
+
+use anyhow::{bail, Context, Result};
+use fatfs::{Date, DateTime, FatType, FileSystem, FormatVolumeOptions, FsOptions, Time};
+
+/// Volume label of the ESP.
+pub const VOLUME_LABEL: &[u8; 11] = b"ESP        ";
+
+/// Time provider returning one fixed time.
+#[derive(Debug)]
+struct FixedTime(DateTime);
+
+impl fatfs::TimeProvider for FixedTime {
+    fn get_current_date(&self) -> Date {
+        self.0.date
+    }
+    fn get_current_date_time(&self) -> DateTime {
+        self.0
+    }
+}
+
+/// The FAT timestamp of a Unix time (UTC), clamped to FAT's range (1980..=2107).
+pub fn fat_time(epoch: u64) -> DateTime {
+    let days = (epoch / 86_400) as i64;
+    let secs = epoch % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if year < 1980 {
+        return DateTime {
+            date: Date {
+                year: 1980,
+                month: 1,
+                day: 1,
+            },
+            time: Time {
+                hour: 0,
+                min: 0,
+                sec: 0,
+                millis: 0,
+            },
+        };
+    }
+    DateTime {
+        date: Date {
+            year: year.min(2107) as u16,
+            month: month as u16,
+            day: day as u16,
+        },
+        time: Time {
+            hour: (secs / 3600) as u16,
+            min: (secs / 60 % 60) as u16,
+            sec: (secs % 60) as u16,
+            millis: 0,
+        },
+    }
+}
+
+/// One file to put on the ESP: absolute path (`/EFI/BOOT/BOOTX64.EFI`) and contents.
+#[derive(Debug, Clone)]
+pub struct EspFile {
+    pub path: String,
+    pub data: Vec<u8>,
+}
+
+/// Formats `device` (the whole ESP, its size is the device's length) as FAT32 and writes `files`,
+/// creating folders as needed, in the order given.
+pub fn write_esp<D: Read + Write + Seek>(
+    mut device: D,
+    volume_id: u32,
+    epoch: u64,
+    files: &[EspFile],
+) -> Result<()> {
+    device.rewind().context("seeking to the start of the ESP")?;
+    fatfs::format_volume(
+        &mut device,
+        FormatVolumeOptions::new()
+            .fat_type(FatType::Fat32)
+            .volume_id(volume_id)
+            .volume_label(*VOLUME_LABEL),
+    )
+    .context("formatting the ESP as FAT32 (is it at least 33 MiB?)")?;
+    // fatfs keeps a `&'static` time provider; one small provider per ESP written is leaked.
+    let time: &'static FixedTime = Box::leak(Box::new(FixedTime(fat_time(epoch))));
+    let fs = FileSystem::new(&mut device, FsOptions::new().time_provider(time))
+        .context("opening the new ESP")?;
+    {
+        let root = fs.root_dir();
+        for file in files {
+            let path = file.path.trim_start_matches('/');
+            let (folder, name) = match path.rsplit_once('/') {
+                Some((folder, name)) => (Some(folder), name),
+                None => (None, path),
+            };
+            let dir = match folder {
+                None => root.clone(),
+                Some(folder) => {
+                    let mut dir = root.clone();
+                    for part in folder.split('/') {
+                        dir = dir.create_dir(part).with_context(|| {
+                            format!("creating folder {part} for {} on the ESP", file.path)
+                        })?;
+                    }
+                    dir
+                }
+            };
+            let mut out = dir
+                .create_file(name)
+                .with_context(|| format!("creating {} on the ESP", file.path))?;
+            out.truncate()
+                .with_context(|| format!("truncating {} on the ESP", file.path))?;
+            out.write_all(&file.data).with_context(|| {
+                format!(
+                    "writing {} ({} bytes) on the ESP: is [disk] esp large enough?",
+                    file.path,
+                    file.data.len()
+                )
+            })?;
+            out.flush()
+                .with_context(|| format!("writing {} on the ESP", file.path))?;
+        }
+    }
+    // Counting the free clusters records the count in the FSInfo sector, as fsck expects.
+    fs.stats().context("counting free clusters of the ESP")?;
+    fs.unmount().context("closing the ESP")?;
+    repair_dot_entries(&mut device).context("repairing the ESP's folder entries")?;
+    Ok(())
+}
+
+/// Rewrites every folder's `.` and `..` entries the way the FAT specification wants them.
+///
+/// fatfs 0.3 gives `.` and `..` long-name entries (so they are not the first two slots, which
+/// `fsck.vfat` and some firmware require) and points `..` of a top-level folder at the root
+/// cluster instead of 0. This walks the folder tree from the root and drops those long-name
+/// entries and zeroes such `..` clusters; nothing else moves.
+fn repair_dot_entries<D: Read + Write + Seek>(device: &mut D) -> Result<()> {
+    let mut boot = [0u8; 512];
+    device.rewind()?;
+    device.read_exact(&mut boot)?;
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([boot[o], boot[o + 1]]));
+    let u32_at = |o: usize| {
+        u64::from(u32::from_le_bytes([
+            boot[o],
+            boot[o + 1],
+            boot[o + 2],
+            boot[o + 3],
+        ]))
+    };
+    let bytes_per_sector = u16_at(11);
+    let cluster_size = bytes_per_sector * u64::from(boot[13]);
+    let fat_start = u16_at(14) * bytes_per_sector;
+    let data_start = fat_start + u64::from(boot[16]) * u32_at(36) * bytes_per_sector;
+    let root = u32_at(44);
+    let geometry = FatGeometry {
+        fat_start,
+        data_start,
+        cluster_size,
+    };
+    let mut pending = vec![(root, true)];
+    while let Some((first, is_root)) = pending.pop() {
+        let chain = geometry.chain(device, first)?;
+        let mut entries = Vec::new();
+        for cluster in &chain {
+            let mut data = vec![0u8; cluster_size as usize];
+            device.seek(std::io::SeekFrom::Start(geometry.offset(*cluster)))?;
+            device.read_exact(&mut data)?;
+            entries.extend(data.chunks(32).map(|e| e.to_vec()));
+        }
+        let mut kept: Vec<Vec<u8>> = Vec::new();
+        let mut long_names: Vec<Vec<u8>> = Vec::new();
+        for mut entry in entries {
+            if entry[0] == 0 {
+                break;
+            }
+            let attributes = entry[11];
+            if entry[0] == 0xe5 {
+                kept.append(&mut long_names);
+                kept.push(entry);
+                continue;
+            }
+            if attributes & 0x3f == 0x0f {
+                long_names.push(entry);
+                continue;
+            }
+            let name = &entry[..11];
+            let is_dot = name == b".          ";
+            let is_dotdot = name == b"..         ";
+            if is_dot || is_dotdot {
+                long_names.clear();
+                if is_dotdot && !is_root {
+                    let parent = u32::from(u16::from_le_bytes([entry[20], entry[21]])) << 16
+                        | u32::from(u16::from_le_bytes([entry[26], entry[27]]));
+                    if u64::from(parent) == root {
+                        entry[20..22].fill(0);
+                        entry[26..28].fill(0);
+                    }
+                }
+            } else if attributes & 0x10 != 0 && attributes & 0x08 == 0 {
+                let cluster = u64::from(u16::from_le_bytes([entry[20], entry[21]])) << 16
+                    | u64::from(u16::from_le_bytes([entry[26], entry[27]]));
+                pending.push((cluster, false));
+            }
+            kept.append(&mut long_names);
+            kept.push(entry);
+        }
+        let mut bytes: Vec<u8> = kept.concat();
+        bytes.resize(chain.len() * cluster_size as usize, 0);
+        for (cluster, data) in chain.iter().zip(bytes.chunks(cluster_size as usize)) {
+            device.seek(std::io::SeekFrom::Start(geometry.offset(*cluster)))?;
+            device.write_all(data)?;
+        }
+    }
+    device.flush()?;
+    Ok(())
+}
+
+/// Where the FAT and the clusters of a FAT32 volume are.
+struct FatGeometry {
+    fat_start: u64,
+    data_start: u64,
+    cluster_size: u64,
+}
+
+impl FatGeometry {
+    fn offset(&self, cluster: u64) -> u64 {
+        self.data_start + (cluster - 2) * self.cluster_size
+    }
+
+    /// The clusters of a chain, following the first FAT.
+    fn chain<D: Read + Seek>(&self, device: &mut D, first: u64) -> Result<Vec<u64>> {
+        let mut chain = Vec::new();
+        let mut cluster = first;
+        while (2..0x0fff_fff8).contains(&cluster) {
+            if chain.len() > 1 << 20 {
+                bail!("FAT cluster chain from {first} does not end");
+            }
+            chain.push(cluster);
+            let mut next = [0u8; 4];
+            device.seek(std::io::SeekFrom::Start(self.fat_start + cluster * 4))?;
+            device.read_exact(&mut next)?;
+            cluster = u64::from(u32::from_le_bytes(next) & 0x0fff_ffff);
+        }
+        Ok(chain)
+    }
+}
+
+/// Reads a FAT filesystem without writing to it: lists and reads files.
+pub struct EspReader<D: Read + Write + Seek> {
+    fs: FileSystem<D>,
+}
+
+impl<D: Read + Write + Seek> std::fmt::Debug for EspReader<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EspReader").finish_non_exhaustive()
+    }
+}
+
+impl<D: Read + Write + Seek> EspReader<D> {
+    /// Opens the filesystem on `device`.
+    pub fn open(device: D) -> Result<EspReader<D>> {
+        let fs = FileSystem::new(device, FsOptions::new()).context("reading the ESP (FAT)")?;
+        Ok(EspReader { fs })
+    }
+
+    /// The volume id of the filesystem.
+    pub fn volume_id(&self) -> u32 {
+        self.fs.volume_id()
+    }
+
+    /// Names of the entries of a folder (without `.` and `..`), sorted.
+    pub fn list(&self, folder: &str) -> Result<Vec<String>> {
+        let folder = folder.trim_matches('/');
+        let root = self.fs.root_dir();
+        let dir = if folder.is_empty() {
+            root
+        } else {
+            root.open_dir(folder)
+                .with_context(|| format!("opening /{folder} on the ESP"))?
+        };
+        let mut names = Vec::new();
+        for entry in dir.iter() {
+            let entry = entry.with_context(|| format!("listing /{folder} on the ESP"))?;
+            let name = entry.file_name();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Reads a whole file.
+    pub fn read(&self, path: &str) -> Result<Vec<u8>> {
+        let path = path.trim_start_matches('/');
+        let mut file = self
+            .fs
+            .root_dir()
+            .open_file(path)
+            .with_context(|| format!("opening /{path} on the ESP"))?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)
+            .with_context(|| format!("reading /{path} on the ESP"))?;
+        Ok(data)
+    }
+}
+
+/// Checks that every file fits: a friendlier error than a failed write.
+pub fn check_fits(files: &[EspFile], esp_size: u64) -> Result<()> {
+    let total: u64 = files.iter().map(|f| f.data.len() as u64).sum();
+    // FAT32 reserves its tables and folders: keep an eighth of the partition plus 1 MiB spare.
+    let usable = esp_size - esp_size / 8 - (1 << 20).min(esp_size / 2);
+    if total > usable {
+        bail!(
+            "the ESP files take {total} bytes but [disk] esp = {esp_size} bytes holds about {usable}: raise [disk] esp"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn files() -> Vec<EspFile> {
+        vec![
+            EspFile {
+                path: "/EFI/BOOT/BOOTX64.EFI".to_owned(),
+                data: b"MZ fake loader".to_vec(),
+            },
+            EspFile {
+                path: "/loader/loader.conf".to_owned(),
+                data: b"timeout 0\n".to_vec(),
+            },
+            EspFile {
+                path: "/plinth/a/vmlinuz".to_owned(),
+                data: vec![7u8; 300_000],
+            },
+        ]
+    }
+
+    fn write(epoch: u64) -> Vec<u8> {
+        let mut disk = Cursor::new(vec![0u8; 64 << 20]);
+        write_esp(&mut disk, 0x1234_5678, epoch, &files()).expect("ESP writes");
+        disk.into_inner()
+    }
+
+    #[test]
+    fn fsck_vfat_finds_the_esp_clean() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("esp.img");
+        std::fs::write(&path, write(1_700_000_000)).expect("write image");
+        let out = std::process::Command::new("fsck.vfat")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .expect("fsck.vfat runs (install dosfstools)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(text.lines().count(), 2, "fsck.vfat has remarks:\n{text}");
+    }
+
+    #[test]
+    fn esp_reads_back_and_is_deterministic() {
+        let image = write(1_700_000_000);
+        assert_eq!(image, write(1_700_000_000), "same inputs, same bytes");
+        assert_ne!(image, write(1_600_000_000), "timestamps follow the epoch");
+        let reader = EspReader::open(Cursor::new(image)).expect("ESP opens");
+        assert_eq!(reader.volume_id(), 0x1234_5678);
+        assert_eq!(reader.list("/").expect("root"), ["EFI", "loader", "plinth"]);
+        assert_eq!(
+            reader.read("/loader/loader.conf").expect("read"),
+            b"timeout 0\n"
+        );
+        assert_eq!(
+            reader.read("/plinth/a/vmlinuz").expect("read"),
+            vec![7u8; 300_000]
+        );
+        let modified = reader
+            .fs
+            .root_dir()
+            .open_dir("EFI/BOOT")
+            .expect("folder")
+            .iter()
+            .find_map(|e| e.ok().filter(|e| e.file_name() == "BOOTX64.EFI"))
+            .expect("loader entry")
+            .modified();
+        assert_eq!(modified.date.year, 2023);
+        assert_eq!((modified.time.hour, modified.time.min), (22, 13));
+    }
+
+    #[test]
+    fn fat_time_converts_utc() {
+        // 2023-11-14T22:13:20Z
+        let t = fat_time(1_700_000_000);
+        assert_eq!((t.date.year, t.date.month, t.date.day), (2023, 11, 14));
+        assert_eq!((t.time.hour, t.time.min, t.time.sec), (22, 13, 20));
+        assert_eq!(fat_time(0).date.year, 1980);
+        let leap = fat_time(951_782_400); // 2000-02-29
+        assert_eq!((leap.date.month, leap.date.day), (2, 29));
+    }
+
+    #[test]
+    fn too_many_bytes_are_refused_before_writing() {
+        let big = [EspFile {
+            path: "/x".to_owned(),
+            data: vec![0; 70 << 20],
+        }];
+        let err = check_fits(&big, 64 << 20).expect_err("does not fit");
+        assert!(err.to_string().contains("raise [disk] esp"), "{err}");
+    }
+}

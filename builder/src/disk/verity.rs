@@ -1,0 +1,244 @@
+//! dm-verity hash tree (format version 1, sha256, 4 KiB data and hash blocks) with the standard
+//! verity superblock at offset 0 of the hash device, byte-identical to what `veritysetup format`
+//! writes for the same salt and UUID.
+//!
+//! Layout of the hash device: block 0 is the superblock; the tree follows from block 1, its top
+//! level first and the level that hashes the data blocks last. Each digest is
+//! `sha256(salt || block)`; each hash block holds 128 digests, zero-padded. The root hash is the
+//! digest of the single top block.
+
+use std::io::Read;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Data and hash block size.
+pub const BLOCK_SIZE: usize = 4096;
+const DIGEST_SIZE: usize = 32;
+const HASHES_PER_BLOCK: usize = BLOCK_SIZE / DIGEST_SIZE;
+
+/// The parameters that, with the data, determine the hash device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerityParams {
+    pub salt: [u8; 32],
+    /// UUID recorded in the superblock.
+    pub uuid: [u8; 16],
+}
+
+/// A computed hash device.
+#[derive(Debug, Clone)]
+pub struct HashTree {
+    pub root_hash: [u8; 32],
+    /// Number of 4 KiB data blocks covered.
+    pub data_blocks: u64,
+    /// The whole hash device: superblock block, then the tree.
+    pub device: Vec<u8>,
+}
+
+impl HashTree {
+    /// The root hash as lowercase hex.
+    pub fn root_hash_hex(&self) -> String {
+        hex::encode(self.root_hash)
+    }
+}
+
+/// Computes the hash device of `data_size` bytes read from `data`. The size must be a multiple of
+/// 4096 (pad the image first) and not zero.
+pub fn hash_tree(data: &mut impl Read, data_size: u64, params: &VerityParams) -> Result<HashTree> {
+    if data_size == 0 || !data_size.is_multiple_of(BLOCK_SIZE as u64) {
+        bail!("verity data size {data_size} is not a positive multiple of {BLOCK_SIZE} bytes");
+    }
+    let data_blocks = data_size / BLOCK_SIZE as u64;
+    let mut salted = Sha256::new();
+    salted.update(params.salt);
+
+    // Level 0: the digest of every data block.
+    let mut level: Vec<u8> = Vec::with_capacity(padded_len(data_blocks as usize));
+    let mut block = vec![0u8; BLOCK_SIZE];
+    for index in 0..data_blocks {
+        data.read_exact(&mut block)
+            .with_context(|| format!("reading verity data block {index} of {data_blocks}"))?;
+        level.extend_from_slice(&salted.clone().chain_update(&block).finalize());
+    }
+    let mut levels: Vec<Vec<u8>> = Vec::new();
+    // Each stored level is its digests zero-padded to whole blocks; the next level hashes those
+    // blocks, until one block remains.
+    let mut count = data_blocks as usize;
+    while count > 1 {
+        level.resize(padded_len(count), 0);
+        let next: Vec<u8> = level
+            .chunks(BLOCK_SIZE)
+            .flat_map(|b| salted.clone().chain_update(b).finalize().to_vec())
+            .collect();
+        count = level.len() / BLOCK_SIZE;
+        levels.push(std::mem::replace(&mut level, next));
+    }
+    // `level` now holds one digest: of the only data block (no tree) or of the top hash block.
+    let mut root_hash = [0u8; 32];
+    root_hash.copy_from_slice(&level[..DIGEST_SIZE]);
+
+    let mut device = superblock(data_blocks, params);
+    for stored in levels.iter().rev() {
+        device.extend_from_slice(stored);
+    }
+    Ok(HashTree {
+        root_hash,
+        data_blocks,
+        device,
+    })
+}
+
+/// Bytes of `count` digests padded to whole hash blocks.
+fn padded_len(count: usize) -> usize {
+    count.div_ceil(HASHES_PER_BLOCK) * BLOCK_SIZE
+}
+
+/// The 512-byte verity superblock, padded to a whole hash block.
+fn superblock(data_blocks: u64, params: &VerityParams) -> Vec<u8> {
+    let mut sb = Vec::with_capacity(BLOCK_SIZE);
+    sb.extend_from_slice(b"verity\0\0");
+    sb.extend_from_slice(&1u32.to_le_bytes()); // superblock version
+    sb.extend_from_slice(&1u32.to_le_bytes()); // hash type: normal (format 1)
+    sb.extend_from_slice(&params.uuid);
+    let mut algorithm = [0u8; 32];
+    algorithm[..6].copy_from_slice(b"sha256");
+    sb.extend_from_slice(&algorithm);
+    sb.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes()); // data block size
+    sb.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes()); // hash block size
+    sb.extend_from_slice(&data_blocks.to_le_bytes());
+    sb.extend_from_slice(&(params.salt.len() as u16).to_le_bytes());
+    sb.extend_from_slice(&[0u8; 6]);
+    let mut salt = [0u8; 256];
+    salt[..params.salt.len()].copy_from_slice(&params.salt);
+    sb.extend_from_slice(&salt);
+    sb.resize(BLOCK_SIZE, 0);
+    sb
+}
+
+/// What the superblock of a hash device records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub data_blocks: u64,
+    pub salt: Vec<u8>,
+    pub uuid: [u8; 16],
+}
+
+/// Reads a verity superblock (format 1, sha256, 4 KiB blocks), refusing anything else.
+pub fn read_superblock(bytes: &[u8]) -> Result<Superblock> {
+    if bytes.len() < 512 || &bytes[..8] != b"verity\0\0" {
+        bail!("no verity superblock (signature `verity` missing)");
+    }
+    let u32_at =
+        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let (version, hash_type) = (u32_at(8), u32_at(12));
+    let algorithm = bytes[32..64].split(|b| *b == 0).next().unwrap_or_default();
+    if version != 1 || hash_type != 1 || algorithm != b"sha256" {
+        bail!(
+            "unsupported verity superblock: version {version}, hash type {hash_type}, algorithm {}",
+            String::from_utf8_lossy(algorithm)
+        );
+    }
+    if u32_at(64) as usize != BLOCK_SIZE || u32_at(68) as usize != BLOCK_SIZE {
+        bail!(
+            "unsupported verity block sizes {} / {}",
+            u32_at(64),
+            u32_at(68)
+        );
+    }
+    let mut data_blocks = [0u8; 8];
+    data_blocks.copy_from_slice(&bytes[72..80]);
+    let salt_size = u16::from_le_bytes([bytes[80], bytes[81]]) as usize;
+    if salt_size > 256 {
+        bail!("verity salt size {salt_size} is larger than 256");
+    }
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&bytes[16..32]);
+    Ok(Superblock {
+        data_blocks: u64::from_le_bytes(data_blocks),
+        salt: bytes[88..88 + salt_size].to_vec(),
+        uuid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        let mut state = Sha256::digest([seed]);
+        while out.len() < len {
+            out.extend_from_slice(&state);
+            state = Sha256::digest(state);
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Runs `veritysetup format` and returns (root hash hex, hash device bytes).
+    fn veritysetup_format(data: &[u8], params: &VerityParams) -> (String, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (data_path, hash_path) = (dir.path().join("data"), dir.path().join("hash"));
+        std::fs::write(&data_path, data).expect("write data");
+        let uuid = uuid::Uuid::from_bytes(params.uuid).to_string();
+        let out = Command::new("veritysetup")
+            .arg("format")
+            .arg(&data_path)
+            .arg(&hash_path)
+            .arg(format!("--salt={}", hex::encode(params.salt)))
+            .arg(format!("--uuid={uuid}"))
+            .output()
+            .expect("veritysetup runs (install cryptsetup-bin)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let root = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Root hash:"))
+            .expect("root hash printed")
+            .trim()
+            .to_owned();
+        (root, std::fs::read(&hash_path).expect("read hash device"))
+    }
+
+    #[test]
+    fn hash_device_matches_veritysetup() {
+        let params = VerityParams {
+            salt: Sha256::digest(b"plinth test salt").into(),
+            uuid: *b"0123456789abcdef",
+        };
+        // One block (no tree), one full hash block, just over it, and three levels.
+        for blocks in [1usize, 2, 128, 129, 300, 128 * 128 + 1] {
+            let data = pseudo_random(blocks * BLOCK_SIZE, blocks as u8);
+            let tree = hash_tree(&mut data.as_slice(), data.len() as u64, &params).expect("hash");
+            let (root, device) = veritysetup_format(&data, &params);
+            assert_eq!(tree.root_hash_hex(), root, "{blocks} blocks");
+            assert_eq!(tree.device.len(), device.len(), "{blocks} blocks");
+            assert!(
+                tree.device == device,
+                "{blocks} blocks: hash device bytes differ"
+            );
+            let sb = read_superblock(&tree.device).expect("superblock");
+            assert_eq!(sb.data_blocks, blocks as u64);
+            assert_eq!(sb.salt, params.salt);
+            assert_eq!(sb.uuid, params.uuid);
+        }
+    }
+
+    #[test]
+    fn unaligned_or_empty_data_is_refused() {
+        let params = VerityParams {
+            salt: [0; 32],
+            uuid: [0; 16],
+        };
+        let err = hash_tree(&mut [0u8; 100].as_slice(), 100, &params).expect_err("unaligned");
+        assert!(err.to_string().contains("multiple of 4096"), "{err}");
+        assert!(hash_tree(&mut [].as_slice(), 0, &params).is_err());
+        let err = read_superblock(&[0u8; 4096]).expect_err("no superblock");
+        assert!(err.to_string().contains("signature"), "{err}");
+    }
+}

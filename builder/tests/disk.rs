@@ -1,0 +1,483 @@
+//! Disk image tests: builds a disk from a small synthetic tree and checks it with the reference
+//! tools (sfdisk, fsck.vfat, mtools, unsquashfs, veritysetup, e2fsck) as oracles.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use builder::disk::{self, DiskInputs, DiskReport};
+use os_config::Definition;
+use sha2::{Digest, Sha256};
+
+const EPOCH: u64 = 1_700_000_000;
+const MIB: u64 = 1 << 20;
+
+const DEFINITION: &str = r#"
+[image]
+name = "test"
+version = "1.2.3"
+
+[kernel]
+cmdline = ["console=ttyS0", "quiet"]
+
+[disk]
+esp = "64MiB"
+root = "64MiB"
+verity = "1MiB"
+state = "64MiB"
+"#;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    def: Definition,
+    modules: Vec<(String, PathBuf, String)>,
+}
+
+impl Fixture {
+    fn new(definition: &str) -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path();
+        let tree = p.join("tree");
+        let kver = "6.1.0-99-cloud-amd64";
+        let moddir = tree.join("lib/modules").join(kver);
+        std::fs::create_dir_all(moddir.join("kernel/drivers/block")).expect("mkdir");
+        std::fs::create_dir_all(tree.join("usr/bin")).expect("mkdir");
+        std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
+        std::fs::write(tree.join("etc/os-release"), "ID=plinth\nVERSION_ID=1.2.3\n").expect("w");
+        std::fs::write(tree.join("usr/bin/dockerd"), "binary ".repeat(50_000)).expect("w");
+        let ko = moddir.join("kernel/drivers/block/virtio_blk.ko");
+        std::fs::write(&ko, b"fake module").expect("w");
+        std::fs::write(
+            moddir.join("modules.dep"),
+            "kernel/drivers/block/virtio_blk.ko:\n",
+        )
+        .expect("w");
+        std::fs::write(p.join("vmlinuz"), vec![0x4du8; 3 * MIB as usize]).expect("w");
+        std::fs::write(p.join("systemd-bootx64.efi"), b"MZ fake systemd-boot").expect("w");
+        std::fs::write(p.join("plinth-init"), b"\x7fELF fake init").expect("w");
+        let def = Definition::parse("test.toml", definition).expect("definition parses");
+        Fixture {
+            def,
+            modules: vec![(
+                "virtio_blk".to_owned(),
+                ko,
+                "kernel/drivers/block/virtio_blk.ko".to_owned(),
+            )],
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn build(&self, out: &Path) -> anyhow::Result<DiskReport> {
+        let (tree, vmlinuz, efi, init) = (
+            self.path("tree"),
+            self.path("vmlinuz"),
+            self.path("systemd-bootx64.efi"),
+            self.path("plinth-init"),
+        );
+        let inputs = DiskInputs {
+            def: &self.def,
+            tree: &tree,
+            vmlinuz: &vmlinuz,
+            systemd_boot_efi: &efi,
+            init_binary: &init,
+            initrd_modules: &self.modules,
+            kernel_version: "6.1.0-99-cloud-amd64",
+            source_date_epoch: EPOCH,
+        };
+        disk::write_disk(&inputs, out)
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} (is it installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Copies one partition (by sfdisk's start/size in sectors) out of the disk into its own file.
+fn extract(disk: &Path, start: u64, size: u64, out: &Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(disk).expect("open disk");
+    file.seek(SeekFrom::Start(start * 512)).expect("seek");
+    let mut data = vec![0u8; (size * 512) as usize];
+    file.read_exact(&mut data).expect("read partition");
+    std::fs::write(out, data).expect("write partition");
+}
+
+fn sha256(path: &Path) -> String {
+    hex::encode(Sha256::digest(std::fs::read(path).expect("read")))
+}
+
+#[test]
+fn built_disk_passes_the_reference_tools() {
+    let fx = Fixture::new(DEFINITION);
+    let out = fx.path("test-1.2.3.raw");
+    let started = std::time::Instant::now();
+    let report = fx.build(&out).expect("disk builds");
+    eprintln!("disk build took {:.1}s", started.elapsed().as_secs_f64());
+    assert_eq!(report.root_hash.len(), 64);
+    assert_eq!(report.boot_entry, "plinth-a-1.2.3.conf");
+    assert_eq!(
+        std::fs::metadata(&out).expect("disk exists").len(),
+        (1 + 64 + 64 + 1 + 64 + 1 + 64 + 1) * MIB
+    );
+
+    // Partition table.
+    let json: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["--json", out.to_str().expect("utf-8")]))
+            .expect("sfdisk prints JSON");
+    let table = &json["partitiontable"];
+    assert_eq!(table["label"], "gpt");
+    let parts = table["partitions"].as_array().expect("partitions");
+    let want = [
+        ("esp", "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+        ("root-a", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+        ("verity-a", "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"),
+        ("root-b", "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+        ("verity-b", "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5"),
+        ("state", "4D21B016-B534-45C2-A9FB-5C16E091FD2D"),
+    ];
+    assert_eq!(parts.len(), 6, "{table}");
+    for (part, (label, type_guid)) in parts.iter().zip(want) {
+        assert_eq!(part["name"], label, "{part}");
+        assert_eq!(part["type"], type_guid, "{part}");
+        assert_eq!(part["start"].as_u64().expect("start") % 2048, 0, "{part}");
+    }
+    let sector = |i: usize, key: &str| parts[i][key].as_u64().expect("number");
+    let uuid = |i: usize| {
+        parts[i]["uuid"]
+            .as_str()
+            .expect("uuid")
+            .to_ascii_lowercase()
+            .replace('-', "")
+    };
+    // DPS: root-a = first 128 bits of the root hash, verity-a = the last 128.
+    assert_eq!(uuid(1), report.root_hash[..32]);
+    assert_eq!(uuid(2), report.root_hash[32..]);
+    let verify = run("sfdisk", &["--verify", out.to_str().expect("utf-8")]);
+    assert!(
+        verify.contains("No errors detected"),
+        "sfdisk --verify: {verify}"
+    );
+
+    // ESP.
+    let esp = fx.path("esp.img");
+    extract(&out, sector(0, "start"), sector(0, "size"), &esp);
+    let esp_s = esp.to_str().expect("utf-8");
+    run("fsck.vfat", &["-n", esp_s]);
+    let listing = run("mdir", &["-i", esp_s, "-/", "-b", "::/"]);
+    for want in [
+        "::/EFI/BOOT/BOOTX64.EFI",
+        "::/loader/loader.conf",
+        "::/loader/entries/plinth-a-1.2.3.conf",
+        "::/plinth/a/vmlinuz",
+        "::/plinth/a/initrd",
+    ] {
+        assert!(
+            listing.contains(want),
+            "{want} missing from ESP:\n{listing}"
+        );
+    }
+    let entry = run(
+        "mtype",
+        &["-i", esp_s, "::/loader/entries/plinth-a-1.2.3.conf"],
+    );
+    assert!(entry.contains("sort-key plinth\n"), "{entry}");
+    assert!(entry.contains("version 1.2.3\n"), "{entry}");
+    assert!(
+        entry.contains(&format!(
+            "options plinth.slot=a plinth.version=1.2.3 plinth.roothash={} console=ttyS0 quiet\n",
+            report.root_hash
+        )),
+        "{entry}"
+    );
+    let kernel = run("mtype", &["-i", esp_s, "::/plinth/a/vmlinuz"]);
+    assert_eq!(kernel.len(), 3 * MIB as usize);
+    let initrd = Command::new("mtype")
+        .args(["-i", esp_s, "::/plinth/a/initrd"])
+        .output()
+        .expect("mtype runs")
+        .stdout;
+    assert_eq!(initrd.len() as u64, report.initrd_size);
+    let cpio = zstd::decode_all(initrd.as_slice()).expect("initrd is zstd");
+    assert!(cpio.starts_with(b"070701"), "initrd is a newc cpio");
+
+    // Root image and verity.
+    let root = fx.path("root-a.img");
+    extract(&out, sector(1, "start"), sector(1, "size"), &root);
+    let files = run("unsquashfs", &["-l", root.to_str().expect("utf-8")]);
+    for want in [
+        "squashfs-root/usr/bin/dockerd",
+        "squashfs-root/etc/os-release",
+    ] {
+        assert!(files.contains(want), "{want} missing:\n{files}");
+    }
+    let verity = fx.path("verity-a.img");
+    extract(&out, sector(2, "start"), sector(2, "size"), &verity);
+    let (root_s, verity_s) = (
+        root.to_str().expect("utf-8"),
+        verity.to_str().expect("utf-8"),
+    );
+    run(
+        "veritysetup",
+        &["verify", root_s, verity_s, &report.root_hash],
+    );
+    // A changed root hash is refused.
+    let mut wrong = report.root_hash.clone().into_bytes();
+    wrong[0] = if wrong[0] == b'0' { b'1' } else { b'0' };
+    let refused = Command::new("veritysetup")
+        .args([
+            "verify",
+            root_s,
+            verity_s,
+            &String::from_utf8(wrong).expect("hex"),
+        ])
+        .status()
+        .expect("veritysetup runs");
+    assert!(!refused.success(), "veritysetup accepted a wrong root hash");
+
+    // State.
+    let state = fx.path("state.img");
+    extract(&out, sector(5, "start"), sector(5, "size"), &state);
+    run("e2fsck", &["-n", "-f", state.to_str().expect("utf-8")]);
+    let dump = run("dumpe2fs", &["-h", state.to_str().expect("utf-8")]);
+    assert!(dump.contains("Filesystem volume name:   state"), "{dump}");
+
+    // plinth inspect reads it back.
+    let info = builder::inspect::inspect_disk(&out).expect("inspect");
+    assert_eq!(info.partitions.len(), 6);
+    let a = &info.slots[0];
+    assert_eq!(a.slot, "a");
+    assert_eq!(a.version.as_deref(), Some("1.2.3"));
+    assert_eq!(a.root_hash.as_deref(), Some(report.root_hash.as_str()));
+    assert_eq!(a.uuids_match, Some(true));
+    assert_eq!(a.verity_data_blocks, Some(report.root_image_size / 4096));
+    assert_eq!(info.slots[1].entry, None);
+    assert_eq!(info.entries.len(), 1);
+    assert_eq!(info.entries[0].state, "good");
+    let json = run(
+        env!("CARGO_BIN_EXE_plinth"),
+        &["inspect", "--json", out.to_str().expect("utf-8")],
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).expect("inspect prints JSON");
+    assert_eq!(json["slots"][0]["root_hash"], report.root_hash.as_str());
+    assert_eq!(json["partitions"][5]["label"], "state");
+    let text = run(
+        env!("CARGO_BIN_EXE_plinth"),
+        &["inspect", out.to_str().expect("utf-8")],
+    );
+    assert!(text.contains("a: version 1.2.3"), "{text}");
+    assert!(text.contains("partition UUIDs match"), "{text}");
+    assert!(text.contains("b: empty"), "{text}");
+    assert!(text.contains("plinth-a-1.2.3.conf: good"), "{text}");
+
+    // Byte-identical second build.
+    let second = fx.path("second.raw");
+    let again = fx.build(&second).expect("second build");
+    assert_eq!(again.root_hash, report.root_hash);
+    assert_eq!(sha256(&out), sha256(&second), "two builds differ");
+
+    // No temporary files are left next to the output.
+    let leftovers: Vec<String> = std::fs::read_dir(fx.dir.path())
+        .expect("list")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+
+    // Output formats.
+    let outputs =
+        disk::convert(&out, &["raw".to_owned(), "qcow2".to_owned()]).expect("qcow2 conversion");
+    assert_eq!(outputs, [out.clone(), out.with_extension("qcow2")]);
+    let info = run(
+        "qemu-img",
+        &["info", "--output=json", outputs[1].to_str().expect("utf-8")],
+    );
+    assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+}
+
+#[test]
+fn root_image_larger_than_its_slot_names_both_sizes() {
+    let fx = Fixture::new(DEFINITION);
+    // 80 MiB that does not compress.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..80 * MIB / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(fx.path("tree/usr/bin/big"), noise).expect("write");
+    let out = fx.path("big.raw");
+    let err = fx.build(&out).expect_err("root does not fit");
+    let text = format!("{err:#}");
+    assert!(text.contains("the root image is"), "{text}");
+    assert!(text.contains("[disk] root = \"64MiB\""), "{text}");
+    assert!(
+        !out.exists(),
+        "no image under the final name after a failure"
+    );
+}
+
+#[test]
+fn unwritable_output_folder_is_named() {
+    let fx = Fixture::new(DEFINITION);
+    let out = fx.path("no/such/folder/x.raw");
+    let err = fx.build(&out).expect_err("folder missing");
+    let text = format!("{err:#}");
+    assert!(text.contains("no/such/folder"), "{text}");
+    assert!(text.contains("writable"), "{text}");
+}
+
+#[test]
+fn too_small_esp_is_refused_clearly() {
+    let def = DEFINITION.replace("esp = \"64MiB\"", "esp = \"1MiB\"");
+    let err = Definition::parse("test.toml", &def).expect_err("esp too small");
+    assert!(err.to_string().contains("at least 64MiB"), "{err}");
+    // A kernel larger than the ESP is refused before anything is written.
+    let fx = Fixture::new(DEFINITION);
+    std::fs::write(fx.path("vmlinuz"), vec![1u8; 70 * MIB as usize]).expect("write");
+    let out = fx.path("x.raw");
+    let err = fx.build(&out).expect_err("kernel does not fit");
+    assert!(format!("{err:#}").contains("raise [disk] esp"), "{err:#}");
+    assert!(!out.exists());
+}
+
+/// Downloads (once) and extracts Debian's cloud kernel and systemd-boot under `target/test-debs`,
+/// returning (vmlinuz, systemd-bootx64.efi).
+fn real_kernel_and_loader() -> (PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-debs");
+    std::fs::create_dir_all(&dir).expect("create target/test-debs");
+    let have = |prefix: &str| {
+        std::fs::read_dir(&dir)
+            .expect("list test-debs")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                name.is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
+            })
+    };
+    if have("linux-image-6").is_none() || have("systemd-boot-efi_").is_none() {
+        let depends = run("apt-cache", &["depends", "linux-image-cloud-amd64"]);
+        let kernel = depends
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: linux-image-"))
+            .map(|v| format!("linux-image-{v}"))
+            .expect("linux-image-cloud-amd64 depends on a versioned kernel package");
+        let out = Command::new("apt-get")
+            .args(["download", &kernel, "systemd-boot-efi"])
+            .current_dir(&dir)
+            .output()
+            .expect("apt-get runs");
+        assert!(
+            out.status.success(),
+            "apt-get download {kernel} systemd-boot-efi failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let root = dir.join("extracted");
+    for deb in [
+        have("linux-image-6").expect("kernel .deb"),
+        have("systemd-boot-efi_").expect("systemd-boot .deb"),
+    ] {
+        run(
+            "dpkg-deb",
+            &[
+                "-x",
+                deb.to_str().expect("utf-8"),
+                root.to_str().expect("utf-8"),
+            ],
+        );
+    }
+    let vmlinuz = std::fs::read_dir(root.join("boot"))
+        .expect("kernel extracted")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("vmlinuz-"))
+        .expect("boot/vmlinuz-*");
+    let efi = root.join("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    assert!(efi.is_file(), "{} missing", efi.display());
+    (vmlinuz, efi)
+}
+
+/// OVMF starts systemd-boot from the ESP, which boots slot A's kernel with the entry's command
+/// line (the kernel prints it on the serial console, then panics on the fake init: fine here).
+#[test]
+fn qemu_boots_slot_a_kernel_through_systemd_boot() {
+    use builder::qemu::{qemu_command, Console, QemuOptions};
+    use std::io::{BufRead, BufReader};
+
+    let fx = Fixture::new(&DEFINITION.replace("\"console=ttyS0\", \"quiet\"", "\"console=ttyS0\""));
+    let (vmlinuz, efi) = real_kernel_and_loader();
+    std::fs::copy(&vmlinuz, fx.path("vmlinuz")).expect("copy kernel");
+    std::fs::copy(&efi, fx.path("systemd-bootx64.efi")).expect("copy systemd-boot");
+    let out = fx.path("boot.raw");
+    let report = fx.build(&out).expect("disk builds");
+    let vars = fx.path("vars.fd");
+    std::fs::copy(builder::qemu::OVMF_VARS, &vars).expect("copy OVMF vars (install ovmf)");
+    let mut opts = QemuOptions::new(&out, &vars);
+    opts.mem_mib = 512;
+    opts.console = Console::Stdio;
+    opts.extra = vec!["-no-reboot".to_owned()];
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(qemu_command(&opts))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64 starts (install qemu-system-x86)");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let mut found = None;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if line.contains("Command line:") && line.contains("plinth.slot=a") {
+                    found = Some(line);
+                    break;
+                }
+                seen.push(line);
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| {
+        panic!(
+            "no kernel command line with plinth.slot=a on the console; last lines:\n{}",
+            seen[seen.len().saturating_sub(30)..].join("\n")
+        )
+    });
+    assert!(line.contains("plinth.version=1.2.3"), "{line}");
+    assert!(
+        line.contains(&format!("plinth.roothash={}", report.root_hash)),
+        "{line}"
+    );
+}

@@ -1,0 +1,412 @@
+//! Boot entries on the ESP: their file names with systemd-boot boot-counting suffixes, their
+//! Boot Loader Specification (Type #1) contents, and the `plinth.*` kernel command-line arguments.
+//!
+//! Every slot's entry shares the sort-key [`SORT_KEY`] and carries the OS version, so systemd-boot
+//! picks the newest entry that is good or still trying; an entry that ran out of tries sorts last.
+//! A freshly written update entry is `plinth-<slot>-<version>+3.conf`; systemd-boot renames it on
+//! each try (`+2-1`, `+1-2`, `+0-3`), and `plinth-init` blesses it by renaming it to
+//! `plinth-<slot>-<version>.conf`.
+
+use crate::layout::Slot;
+
+/// Folder on the ESP holding the boot entries.
+pub const ENTRIES_DIR: &str = "/loader/entries";
+/// The loader configuration file on the ESP.
+pub const LOADER_CONF: &str = "/loader/loader.conf";
+/// The boot loader on the ESP (the removable-media path every UEFI firmware tries).
+pub const BOOT_LOADER: &str = "/EFI/BOOT/BOOTX64.EFI";
+/// The sort-key every Plinth entry carries.
+pub const SORT_KEY: &str = "plinth";
+/// Tries a new (untested) entry gets.
+pub const TRIES: u32 = 3;
+/// File-name prefix of Plinth entries.
+const PREFIX: &str = "plinth-";
+
+/// Kernel argument naming the booted slot (`a` or `b`).
+pub const ARG_SLOT: &str = "plinth.slot";
+/// Kernel argument carrying the OS version of the slot.
+pub const ARG_VERSION: &str = "plinth.version";
+/// Kernel argument carrying the slot's dm-verity root hash (64 hex digits).
+pub const ARG_ROOTHASH: &str = "plinth.roothash";
+/// Kernel argument that, when `plinth.verity=off`, mounts root without dm-verity (debug images only).
+pub const ARG_VERITY: &str = "plinth.verity";
+
+/// The `loader.conf` Plinth writes: boot the default entry at once, keep the firmware's console mode.
+pub const LOADER_CONF_TEXT: &str = "timeout 0\nconsole-mode keep\neditor no\n";
+
+/// A boot-counting suffix: `+LEFT` or `+LEFT-DONE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// Tries left.
+    pub left: u32,
+    /// Tries made so far (absent in a freshly written entry).
+    pub done: Option<u32>,
+}
+
+/// Whether a slot's entry is known good, still being tried, or has failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootState {
+    /// No counter: blessed (or the first image's entry).
+    Good,
+    /// Counter with tries left.
+    Trying { left: u32, done: u32 },
+    /// Counter at zero tries left: systemd-boot sorts it last.
+    Bad { done: u32 },
+}
+
+impl std::fmt::Display for BootState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BootState::Good => f.write_str("good"),
+            BootState::Trying { left, done } => {
+                write!(f, "trying ({done} tried, {left} left of {})", left + done)
+            }
+            BootState::Bad { done } => write!(f, "bad ({done} tries failed)"),
+        }
+    }
+}
+
+/// The parsed file name of a Plinth boot entry: `plinth-<slot>-<version>[+LEFT[-DONE]].conf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryName {
+    pub slot: Slot,
+    pub version: String,
+    pub counter: Option<Counter>,
+}
+
+impl EntryName {
+    /// A known-good entry (no counter), as the first image writes for slot A.
+    pub fn good(slot: Slot, version: &str) -> EntryName {
+        EntryName {
+            slot,
+            version: version.to_owned(),
+            counter: None,
+        }
+    }
+
+    /// A new entry that has [`TRIES`] tries left, as an update writes.
+    pub fn trying(slot: Slot, version: &str) -> EntryName {
+        EntryName {
+            slot,
+            version: version.to_owned(),
+            counter: Some(Counter {
+                left: TRIES,
+                done: None,
+            }),
+        }
+    }
+
+    /// The same entry without its counter: what blessing renames it to.
+    pub fn blessed(&self) -> EntryName {
+        EntryName {
+            counter: None,
+            ..self.clone()
+        }
+    }
+
+    /// Parses a file name (no folder). Returns `None` for files that are not Plinth entries.
+    pub fn parse(file_name: &str) -> Option<EntryName> {
+        let stem = file_name.strip_suffix(".conf")?.strip_prefix(PREFIX)?;
+        let (slot, rest) = stem.split_once('-')?;
+        let slot = Slot::parse(slot)?;
+        let (version, counter) = match rest.split_once('+') {
+            None => (rest, None),
+            Some((version, counter)) => (version, Some(parse_counter(counter)?)),
+        };
+        let version_ok = !version.is_empty()
+            && version.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            && !version.starts_with('.')
+            && !version.ends_with('.');
+        version_ok.then(|| EntryName {
+            slot,
+            version: version.to_owned(),
+            counter,
+        })
+    }
+
+    /// The file name this entry is stored under.
+    pub fn file_name(&self) -> String {
+        let counter = match self.counter {
+            None => String::new(),
+            Some(Counter { left, done: None }) => format!("+{left}"),
+            Some(Counter {
+                left,
+                done: Some(done),
+            }) => format!("+{left}-{done}"),
+        };
+        format!("{PREFIX}{}-{}{counter}.conf", self.slot, self.version)
+    }
+
+    /// The full path on the ESP (`/loader/entries/<file name>`).
+    pub fn esp_path(&self) -> String {
+        format!("{ENTRIES_DIR}/{}", self.file_name())
+    }
+
+    /// Good, trying or bad, from the counter.
+    pub fn state(&self) -> BootState {
+        match self.counter {
+            None => BootState::Good,
+            Some(Counter { left: 0, done }) => BootState::Bad {
+                done: done.unwrap_or(0),
+            },
+            Some(Counter { left, done }) => BootState::Trying {
+                left,
+                done: done.unwrap_or(0),
+            },
+        }
+    }
+}
+
+fn parse_counter(text: &str) -> Option<Counter> {
+    let number = |s: &str| -> Option<u32> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match text.split_once('-') {
+        None => Some(Counter {
+            left: number(text)?,
+            done: None,
+        }),
+        Some((left, done)) => Some(Counter {
+            left: number(left)?,
+            done: Some(number(done)?),
+        }),
+    }
+}
+
+/// The contents of a BLS Type #1 entry for one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub slot: Slot,
+    pub version: String,
+    /// dm-verity root hash of the slot's root image (64 hex digits).
+    pub root_hash: String,
+    /// Kernel arguments besides the `plinth.*` ones (the image's own).
+    pub extra_args: Vec<String>,
+    /// Whether the root is opened through dm-verity (false only in debug images).
+    pub verity: bool,
+}
+
+impl Entry {
+    /// Path of the slot's kernel on the ESP.
+    pub fn kernel_path(slot: Slot) -> String {
+        format!("{}/vmlinuz", slot.esp_dir())
+    }
+
+    /// Path of the slot's initrd on the ESP.
+    pub fn initrd_path(slot: Slot) -> String {
+        format!("{}/initrd", slot.esp_dir())
+    }
+
+    /// The kernel command line: `plinth.slot=`, `plinth.version=`, `plinth.roothash=`
+    /// (and `plinth.verity=off` when verity is off), then the image's own arguments.
+    pub fn options(&self) -> String {
+        let mut args = vec![
+            format!("{ARG_SLOT}={}", self.slot),
+            format!("{ARG_VERSION}={}", self.version),
+            format!("{ARG_ROOTHASH}={}", self.root_hash),
+        ];
+        if !self.verity {
+            args.push(format!("{ARG_VERITY}=off"));
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args.join(" ")
+    }
+
+    /// The entry file's text.
+    pub fn format(&self) -> String {
+        format!(
+            "title Plinth {version} (slot {slot})\nsort-key {SORT_KEY}\nversion {version}\nlinux {linux}\ninitrd {initrd}\noptions {options}\n",
+            version = self.version,
+            slot = self.slot,
+            linux = Entry::kernel_path(self.slot),
+            initrd = Entry::initrd_path(self.slot),
+            options = self.options(),
+        )
+    }
+
+    /// Reads an entry file's text back (the slot, version and root hash come from the options line).
+    pub fn parse(text: &str) -> Result<Entry, String> {
+        let options = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("options"))
+            .ok_or("boot entry has no `options` line")?;
+        let args = BootArgs::from_cmdline(options);
+        let slot = args.slot.ok_or_else(|| {
+            format!(
+                "boot entry options lack {ARG_SLOT}=a|b: `{}`",
+                options.trim()
+            )
+        })?;
+        let extra_args = options
+            .split_whitespace()
+            .filter(|a| !a.starts_with("plinth."))
+            .map(str::to_owned)
+            .collect();
+        Ok(Entry {
+            slot,
+            version: args.version.unwrap_or_default(),
+            root_hash: args.root_hash.unwrap_or_default(),
+            extra_args,
+            verity: args.verity,
+        })
+    }
+}
+
+/// The `plinth.*` arguments of a kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootArgs {
+    pub slot: Option<Slot>,
+    pub version: Option<String>,
+    pub root_hash: Option<String>,
+    /// False only when `plinth.verity=off` is given.
+    pub verity: bool,
+}
+
+impl BootArgs {
+    /// Reads the `plinth.*` arguments from a command line (`/proc/cmdline`); later ones win.
+    pub fn from_cmdline(cmdline: &str) -> BootArgs {
+        let mut args = BootArgs {
+            slot: None,
+            version: None,
+            root_hash: None,
+            verity: true,
+        };
+        for word in cmdline.split_whitespace() {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            match key {
+                ARG_SLOT => args.slot = Slot::parse(value),
+                ARG_VERSION => args.version = Some(value.to_owned()),
+                ARG_ROOTHASH => args.root_hash = Some(value.to_ascii_lowercase()),
+                ARG_VERITY => args.verity = value != "off",
+                _ => {}
+            }
+        }
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_names_round_trip_with_counters() {
+        let cases = [
+            (
+                "plinth-a-1.0.0.conf",
+                Slot::A,
+                "1.0.0",
+                None,
+                BootState::Good,
+            ),
+            (
+                "plinth-b-1.2+3.conf",
+                Slot::B,
+                "1.2",
+                Some(Counter {
+                    left: 3,
+                    done: None,
+                }),
+                BootState::Trying { left: 3, done: 0 },
+            ),
+            (
+                "plinth-b-2+1-2.conf",
+                Slot::B,
+                "2",
+                Some(Counter {
+                    left: 1,
+                    done: Some(2),
+                }),
+                BootState::Trying { left: 1, done: 2 },
+            ),
+            (
+                "plinth-a-2026.11.3+0-3.conf",
+                Slot::A,
+                "2026.11.3",
+                Some(Counter {
+                    left: 0,
+                    done: Some(3),
+                }),
+                BootState::Bad { done: 3 },
+            ),
+        ];
+        for (file, slot, version, counter, state) in cases {
+            let name = EntryName::parse(file).expect(file);
+            assert_eq!(name.slot, slot, "{file}");
+            assert_eq!(name.version, version, "{file}");
+            assert_eq!(name.counter, counter, "{file}");
+            assert_eq!(name.state(), state, "{file}");
+            assert_eq!(name.file_name(), file);
+        }
+    }
+
+    #[test]
+    fn foreign_and_malformed_names_are_rejected() {
+        for file in [
+            "debian.conf",
+            "plinth-c-1.0.conf",
+            "plinth-a-1.0",
+            "plinth-a-.conf",
+            "plinth-a-1.0+.conf",
+            "plinth-a-1.0+x.conf",
+            "plinth-a-1.0+1-.conf",
+            "plinth-a-1.0-rc1.conf",
+            "plinth-a-.1.conf",
+        ] {
+            assert_eq!(EntryName::parse(file), None, "{file}");
+        }
+    }
+
+    #[test]
+    fn new_entries_count_and_blessing_drops_the_counter() {
+        let new = EntryName::trying(Slot::B, "1.1");
+        assert_eq!(new.file_name(), "plinth-b-1.1+3.conf");
+        assert_eq!(new.esp_path(), "/loader/entries/plinth-b-1.1+3.conf");
+        let tried = EntryName::parse("plinth-b-1.1+2-1.conf").expect("valid");
+        assert_eq!(tried.blessed().file_name(), "plinth-b-1.1.conf");
+        assert_eq!(
+            EntryName::good(Slot::A, "1.0").file_name(),
+            "plinth-a-1.0.conf"
+        );
+    }
+
+    #[test]
+    fn entry_text_carries_slot_version_and_root_hash() {
+        let hash = "ab".repeat(32);
+        let entry = Entry {
+            slot: Slot::A,
+            version: "1.0.0".to_owned(),
+            root_hash: hash.clone(),
+            extra_args: vec!["console=ttyS0".to_owned(), "quiet".to_owned()],
+            verity: true,
+        };
+        let text = entry.format();
+        assert_eq!(
+            text,
+            format!(
+                "title Plinth 1.0.0 (slot a)\nsort-key plinth\nversion 1.0.0\nlinux /plinth/a/vmlinuz\n\
+                 initrd /plinth/a/initrd\noptions plinth.slot=a plinth.version=1.0.0 plinth.roothash={hash} console=ttyS0 quiet\n"
+            )
+        );
+        assert_eq!(Entry::parse(&text), Ok(entry));
+    }
+
+    #[test]
+    fn command_line_arguments_are_read() {
+        let args = BootArgs::from_cmdline(
+            "BOOT_IMAGE=x plinth.slot=b plinth.version=2 plinth.roothash=ABCD plinth.verity=off quiet",
+        );
+        assert_eq!(args.slot, Some(Slot::B));
+        assert_eq!(args.version.as_deref(), Some("2"));
+        assert_eq!(args.root_hash.as_deref(), Some("abcd"));
+        assert!(!args.verity);
+        let none = BootArgs::from_cmdline("console=ttyS0");
+        assert_eq!(none.slot, None);
+        assert!(none.verity);
+        assert!(Entry::parse("title x\n").is_err());
+    }
+}
