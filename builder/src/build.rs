@@ -1,11 +1,34 @@
 //! The build pipeline: definition → lock → cached packages → root tree → disk image → outputs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use os_config::Definition;
 
 use crate::cli::{BuildArgs, CheckArgs};
+use crate::progress::Step;
+
+/// `SOURCE_DATE_EPOCH` used when the environment sets none: 2024-01-01T00:00:00Z, so that two
+/// builds of the same inputs are identical without any setup.
+pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_704_067_200;
+
+/// Modules the initramfs carries so stage 1 can find and mount root on the common virtual and
+/// physical disk controllers. Built-in ones are skipped.
+pub const INITRD_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "nvme",
+    "ahci",
+    "xen_blkfront",
+    "hv_storvsc",
+    "squashfs",
+    "erofs",
+    "dm_mod",
+    "dm_verity",
+    "ext4",
+];
 
 /// Reads and validates a definition file.
 pub fn load_definition(path: &Path) -> Result<Definition> {
@@ -28,8 +51,184 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     Ok(())
 }
 
+/// The `SOURCE_DATE_EPOCH` of this build.
+pub fn source_date_epoch() -> Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(text) => text.trim().parse().with_context(|| {
+            format!("SOURCE_DATE_EPOCH=`{text}` is not a number of seconds since 1970")
+        }),
+        Err(_) => Ok(DEFAULT_SOURCE_DATE_EPOCH),
+    }
+}
+
+/// Finds the static `plinth-init` to put into the image.
+pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        if path.is_file() {
+            return Ok(path.to_path_buf());
+        }
+        bail!(
+            "plinth-init binary {} does not exist: build it with scripts/build-init.sh",
+            path.display()
+        );
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("plinth-init"));
+            if let Some(target) = dir.parent() {
+                candidates.push(target.join("x86_64-unknown-linux-gnu/release/plinth-init"));
+                if let Some(top) = target.parent() {
+                    candidates
+                        .push(top.join("target/x86_64-unknown-linux-gnu/release/plinth-init"));
+                }
+            }
+        }
+    }
+    candidates.push(PathBuf::from(
+        "target/x86_64-unknown-linux-gnu/release/plinth-init",
+    ));
+    candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no static plinth-init found: build it with scripts/build-init.sh, or pass --init FILE"
+        )
+    })
+}
+
+/// Paths of a finished build.
+#[derive(Debug)]
+pub struct Built {
+    pub raw: PathBuf,
+    pub outputs: Vec<PathBuf>,
+    pub root_hash: String,
+}
+
 /// `plinth build FILE`.
 pub fn build(args: &BuildArgs) -> Result<()> {
-    let _def = load_definition(&args.file)?;
-    anyhow::bail!("build is not implemented yet")
+    let built = build_image(args)?;
+    for output in &built.outputs {
+        println!("{}", output.display());
+    }
+    Ok(())
+}
+
+/// Builds the image a definition describes; returns where it was written.
+pub fn build_image(args: &BuildArgs) -> Result<Built> {
+    let started = std::time::Instant::now();
+    let def = load_definition(&args.file)?;
+    let def_dir = args
+        .file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tools = vec![crate::tools::MKSQUASHFS, crate::tools::MKFS_EXT4];
+    if args.format.iter().any(|f| f != "raw") {
+        tools.push(crate::tools::QEMU_IMG);
+    }
+    crate::tools::require(&tools)?;
+    let init = find_init(args.init.as_deref())?;
+    let epoch = source_date_epoch()?;
+
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating output folder {}", args.output.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix(".plinth-build-")
+        .tempdir_in(&args.output)
+        .with_context(|| {
+            format!(
+                "creating a work folder in {} (is it writable?)",
+                args.output.display()
+            )
+        })?;
+
+    let lock = crate::debian::load_lock(&def, &args.file)?;
+    let step = Step::start("fetching packages");
+    let packages = crate::debian::fetch_packages(&lock, &def, &args.cache)?;
+    step.done(&format!("{} packages", packages.len()));
+
+    let step = Step::start("assembling root tree");
+    let tree = crate::rootfs::assemble(&def, def_dir, &packages, work.path(), epoch)?;
+    install_payload(&def, &args.file, &init, &tree.root)?;
+    crate::rootfs::tree::normalise(&tree.root, epoch, &[("tmp", 0o1777), ("root", 0o700)])?;
+    step.done("");
+
+    let modules_dir = tree.root.join("usr/lib/modules").join(&tree.kernel_version);
+    let index = crate::rootfs::kmod::ModuleIndex::load(&modules_dir)?;
+    let wanted: Vec<&str> = INITRD_MODULES
+        .iter()
+        .copied()
+        .filter(|m| !index.is_builtin(m) && index.contains(m))
+        .collect();
+    let modules = index.closure(&wanted)?;
+    let initrd_modules: Vec<_> = modules
+        .into_iter()
+        .map(|(name, rel)| (name, modules_dir.join(&rel), rel.display().to_string()))
+        .collect();
+
+    let raw = args
+        .output
+        .join(format!("{}-{}.raw", def.image.name, def.image.version));
+    let inputs = crate::disk::DiskInputs {
+        def: &def,
+        tree: &tree.root,
+        vmlinuz: &tree.vmlinuz,
+        systemd_boot_efi: &tree.systemd_boot_efi,
+        init_binary: &init,
+        initrd_modules: &initrd_modules,
+        kernel_version: &tree.kernel_version,
+        source_date_epoch: epoch,
+    };
+    let report = crate::disk::write_disk(&inputs, &raw)?;
+    let mut outputs = vec![raw.clone()];
+    let others: Vec<String> = args
+        .format
+        .iter()
+        .filter(|f| f.as_str() != "raw")
+        .cloned()
+        .collect();
+    if !others.is_empty() {
+        outputs.extend(crate::disk::convert(&raw, &others)?);
+    }
+    if let Some(keep) = &args.keep_tree {
+        if keep.exists() {
+            std::fs::remove_dir_all(keep)
+                .with_context(|| format!("removing old {}", keep.display()))?;
+        }
+        std::fs::rename(&tree.root, keep)
+            .with_context(|| format!("keeping the tree at {}", keep.display()))?;
+    }
+    eprintln!(
+        "==> built {} in {:.1}s (root hash {})",
+        raw.display(),
+        started.elapsed().as_secs_f64(),
+        report.root_hash
+    );
+    Ok(Built {
+        raw,
+        outputs,
+        root_hash: report.root_hash,
+    })
+}
+
+/// Puts Plinth's own programs and the definition into the tree.
+fn install_payload(def: &Definition, def_path: &Path, init: &Path, root: &Path) -> Result<()> {
+    let bin = root.join("usr/bin");
+    std::fs::create_dir_all(&bin)?;
+    for name in ["plinth-init", "plinth-update"] {
+        let source = init.with_file_name(name);
+        if source.is_file() {
+            let dest = bin.join(name);
+            std::fs::copy(&source, &dest)
+                .with_context(|| format!("copying {} into the image", source.display()))?;
+        } else if name == "plinth-init" {
+            bail!("{} does not exist", source.display());
+        }
+    }
+    let lib = root.join("usr/lib/plinth");
+    std::fs::create_dir_all(&lib)?;
+    let text =
+        std::fs::read(def_path).with_context(|| format!("reading {}", def_path.display()))?;
+    std::fs::write(lib.join("image.toml"), text)?;
+    let _ = def;
+    Ok(())
 }

@@ -352,7 +352,7 @@ impl Definition {
             ("verity", disk.verity, ByteSize::MIB),
             ("state", disk.state, 64 * ByteSize::MIB),
         ] {
-            if size.0 < min || size.0 % ByteSize::MIB != 0 {
+            if size.0 < min || !size.0.is_multiple_of(ByteSize::MIB) {
                 return fail(
                     &format!("{key} ="),
                     format!(
