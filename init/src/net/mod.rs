@@ -1,1 +1,529 @@
-//! Network configuration.
+//! Network configuration of the machine: loopback, and the first Ethernet interface by DHCPv4 or
+//! statically from `[network]`, with DNS servers written to a resolv.conf under `/run`.
+
+pub mod dhcp;
+pub mod netlink;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use os_config::definition::{Network, NetworkMode};
+
+use self::dhcp::Lease;
+use self::netlink::{Route, RTPROT_BOOT, RTPROT_DHCP};
+
+/// System paths the network code reads and writes, overridable for tests.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `/sys/class/net`.
+    pub sys_class_net: PathBuf,
+    /// Where DNS servers are written (`/etc/resolv.conf` links here).
+    pub resolv_conf: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            sys_class_net: PathBuf::from("/sys/class/net"),
+            resolv_conf: PathBuf::from("/run/resolv.conf"),
+        }
+    }
+}
+
+/// A network interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+}
+
+fn read_trimmed(path: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+fn read_interface(sys_class_net: &Path, name: &str) -> Result<Interface> {
+    let dir = sys_class_net.join(name);
+    let index_path = dir.join("ifindex");
+    let index_text = read_trimmed(&index_path)?;
+    let index = index_text.parse().with_context(|| {
+        format!(
+            "{}: `{index_text}` is not an interface index",
+            index_path.display()
+        )
+    })?;
+    let mac_path = dir.join("address");
+    let mac_text = read_trimmed(&mac_path)?;
+    let mac = parse_mac(&mac_text).with_context(|| {
+        format!(
+            "{}: `{mac_text}` is not an Ethernet address",
+            mac_path.display()
+        )
+    })?;
+    Ok(Interface {
+        name: name.to_owned(),
+        index,
+        mac,
+    })
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// The first physical Ethernet interface by name: not `lo`, `type` 1 (ARPHRD_ETHER), and backed
+/// by a device (which leaves out bridges, veths and other virtual links).
+pub fn find_ethernet(sys_class_net: &Path) -> Result<Option<Interface>> {
+    let entries = std::fs::read_dir(sys_class_net)
+        .with_context(|| format!("listing {}", sys_class_net.display()))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", sys_class_net.display()))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    for name in names {
+        let dir = sys_class_net.join(&name);
+        if name == "lo" || !dir.join("device").exists() {
+            continue;
+        }
+        match std::fs::read_to_string(dir.join("type")) {
+            Ok(kind) if kind.trim() == "1" => {
+                return read_interface(sys_class_net, &name).map(Some)
+            }
+            _ => continue,
+        }
+    }
+    Ok(None)
+}
+
+/// Waits up to `timeout` for an Ethernet interface to appear (its driver may still be loading).
+pub fn wait_for_ethernet(sys_class_net: &Path, timeout: Duration) -> Result<Interface> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(interface) = find_ethernet(sys_class_net)? {
+            return Ok(interface);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no Ethernet interface appeared in {} within {timeout:?} (is the network driver loaded?)",
+                sys_class_net.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Brings the loopback interface up (the kernel then gives it 127.0.0.1/8 and ::1).
+pub fn loopback_up() -> Result<()> {
+    loopback_up_in(&Paths::default())
+}
+
+/// [`loopback_up`] with overridable paths.
+pub fn loopback_up_in(paths: &Paths) -> Result<()> {
+    let index_path = paths.sys_class_net.join("lo/ifindex");
+    let index: u32 = read_trimmed(&index_path)?
+        .parse()
+        .with_context(|| format!("parsing {}", index_path.display()))?;
+    let mut socket = netlink::Socket::open().context("opening a netlink socket")?;
+    socket
+        .request(|seq| netlink::link_up(seq, index))
+        .context("bringing lo up")
+}
+
+/// Parses `"10.0.2.15/24"`.
+pub fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8)> {
+    let (address, prefix) = text.split_once('/').with_context(|| {
+        format!("`{text}`: expected an IPv4 address with prefix length, like \"10.0.2.15/24\"")
+    })?;
+    let address: Ipv4Addr = address
+        .parse()
+        .with_context(|| format!("`{text}`: `{address}` is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .with_context(|| format!("`{text}`: prefix length `{prefix}` is not 0-32"))?;
+    Ok((address, prefix))
+}
+
+/// Where the address configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Static, from `[network]`.
+    Static,
+    /// A DHCP lease.
+    Dhcp(Lease),
+}
+
+/// The configured state of the Ethernet interface.
+#[derive(Debug, Clone)]
+pub struct Configured {
+    pub interface: Interface,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub source: Source,
+    /// When [`Configured::renew`] should next run (DHCP only).
+    next_renewal: Option<Instant>,
+}
+
+impl Configured {
+    /// When the supervisor should call [`Configured::renew`]: T1 of the lease, then retries;
+    /// `None` for a static configuration.
+    pub fn renewal_due(&self) -> Option<Instant> {
+        self.next_renewal
+    }
+
+    /// Renews the DHCP lease (unicast before T2, broadcast after, a new lease after expiry or
+    /// refusal) and applies any change. On failure the lease is kept and the next attempt is
+    /// scheduled halfway to T2 (or expiry), at least a minute away.
+    pub fn renew(&mut self, paths: &Paths) -> Result<()> {
+        let Source::Dhcp(lease) = &self.source else {
+            return Ok(());
+        };
+        let lease = lease.clone();
+        let now = Instant::now();
+        let client = dhcp::Client::new(&self.interface.name, self.interface.mac);
+        let result = if now >= lease.expires_at() {
+            client.obtain()
+        } else {
+            match client.renew(&lease) {
+                Err(dhcp::DhcpError::Nak { .. }) => client.obtain(),
+                other => other,
+            }
+        };
+        match result {
+            Ok(new_lease) => {
+                let mut socket = netlink::Socket::open().context("opening a netlink socket")?;
+                if new_lease.address != self.address || new_lease.prefix != self.prefix {
+                    socket
+                        .request(|seq| {
+                            netlink::delete_address(
+                                seq,
+                                self.interface.index,
+                                self.address,
+                                self.prefix,
+                            )
+                        })
+                        .with_context(|| {
+                            format!(
+                                "removing {}/{} from {}",
+                                self.address, self.prefix, self.interface.name
+                            )
+                        })?;
+                }
+                let configured = apply(
+                    &mut socket,
+                    &self.interface,
+                    &new_lease_config(&new_lease),
+                    paths,
+                )?;
+                *self = configured;
+                self.next_renewal = Some(new_lease.renew_at());
+                self.source = Source::Dhcp(new_lease);
+                Ok(())
+            }
+            Err(e) => {
+                let limit = if Instant::now() < lease.rebind_at() {
+                    lease.rebind_at()
+                } else {
+                    lease.expires_at()
+                };
+                let wait = (limit.saturating_duration_since(Instant::now()) / 2)
+                    .max(Duration::from_secs(60));
+                self.next_renewal = Some(Instant::now() + wait);
+                Err(e)
+                    .with_context(|| format!("renewing the DHCP lease of {}", self.interface.name))
+            }
+        }
+    }
+}
+
+/// An address configuration to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Addressing {
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+    dns: Vec<Ipv4Addr>,
+    domain: Option<String>,
+    protocol: u8,
+}
+
+fn new_lease_config(lease: &Lease) -> Addressing {
+    Addressing {
+        address: lease.address,
+        prefix: lease.prefix,
+        gateway: lease.router,
+        dns: lease.dns.clone(),
+        domain: lease.domain.clone(),
+        protocol: RTPROT_DHCP,
+    }
+}
+
+fn static_config(cfg: &Network) -> Result<Addressing> {
+    let address = cfg
+        .address
+        .as_deref()
+        .context("[network] mode = \"static\" needs `address`")?;
+    let (address, prefix) = parse_cidr(address).context("[network] address")?;
+    let gateway = cfg
+        .gateway
+        .as_deref()
+        .map(|g| {
+            g.parse::<Ipv4Addr>()
+                .with_context(|| format!("[network] gateway `{g}` is not an IPv4 address"))
+        })
+        .transpose()?;
+    let dns = cfg
+        .dns
+        .iter()
+        .map(|d| {
+            d.parse::<Ipv4Addr>()
+                .with_context(|| format!("[network] dns `{d}` is not an IPv4 address"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Addressing {
+        address,
+        prefix,
+        gateway,
+        dns,
+        domain: None,
+        protocol: RTPROT_BOOT,
+    })
+}
+
+fn in_subnet(address: Ipv4Addr, network: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    u32::from(address) & mask == u32::from(network) & mask
+}
+
+/// Sets the address and default route and writes resolv.conf.
+fn apply(
+    socket: &mut netlink::Socket,
+    interface: &Interface,
+    addressing: &Addressing,
+    paths: &Paths,
+) -> Result<Configured> {
+    let name = &interface.name;
+    let (address, prefix) = (addressing.address, addressing.prefix);
+    socket
+        .request(|seq| netlink::new_address(seq, interface.index, address, prefix))
+        .with_context(|| format!("adding {address}/{prefix} to {name}"))?;
+    if let Some(gateway) = addressing.gateway {
+        if !in_subnet(gateway, address, prefix) {
+            // A gateway outside the subnet (common in clouds) needs a route to itself first.
+            let host = Route {
+                destination: gateway,
+                prefix: 32,
+                gateway: None,
+                interface: interface.index,
+                protocol: addressing.protocol,
+            };
+            socket
+                .request(|seq| netlink::new_route(seq, &host))
+                .with_context(|| format!("adding a route to gateway {gateway} on {name}"))?;
+        }
+        let default = Route {
+            destination: Ipv4Addr::UNSPECIFIED,
+            prefix: 0,
+            gateway: Some(gateway),
+            interface: interface.index,
+            protocol: addressing.protocol,
+        };
+        socket
+            .request(|seq| netlink::new_route(seq, &default))
+            .with_context(|| format!("adding the default route via {gateway} on {name}"))?;
+    }
+    write_resolv_conf(
+        &paths.resolv_conf,
+        &addressing.dns,
+        addressing.domain.as_deref(),
+    )?;
+    Ok(Configured {
+        interface: interface.clone(),
+        address,
+        prefix,
+        gateway: addressing.gateway,
+        dns: addressing.dns.clone(),
+        source: Source::Static,
+        next_renewal: None,
+    })
+}
+
+/// The text of a resolv.conf naming `dns` (and searching `domain`).
+pub fn resolv_conf_text(dns: &[Ipv4Addr], domain: Option<&str>) -> String {
+    let mut text = String::from("# Written by plinth-init from the network configuration.\n");
+    if let Some(domain) = domain {
+        text.push_str(&format!("search {domain}\n"));
+    }
+    for server in dns {
+        text.push_str(&format!("nameserver {server}\n"));
+    }
+    text
+}
+
+/// Writes resolv.conf atomically (temporary file, then rename).
+pub fn write_resolv_conf(path: &Path, dns: &[Ipv4Addr], domain: Option<&str>) -> Result<()> {
+    let temporary = path.with_extension("plinth-tmp");
+    std::fs::write(&temporary, resolv_conf_text(dns, domain))
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("renaming {} to {}", temporary.display(), path.display()))
+}
+
+/// Configures the first Ethernet interface from `[network]`: brings it up, then either applies
+/// the static address or obtains a DHCP lease, sets the address and default route, and writes
+/// the DNS servers. Waits up to 10 s for the interface to appear.
+pub fn configure(cfg: &Network, paths: &Paths) -> Result<Configured> {
+    let interface = wait_for_ethernet(&paths.sys_class_net, Duration::from_secs(10))?;
+    let name = interface.name.clone();
+    let mut socket = netlink::Socket::open().context("opening a netlink socket")?;
+    socket
+        .request(|seq| netlink::link_up(seq, interface.index))
+        .with_context(|| format!("bringing {name} up"))?;
+    match cfg.mode {
+        NetworkMode::Static => {
+            let addressing = static_config(cfg)?;
+            apply(&mut socket, &interface, &addressing, paths)
+        }
+        NetworkMode::Dhcp => {
+            // Without an address there is no route for 255.255.255.255; this link route sends
+            // DHCP broadcasts out of this interface (the socket API has no SO_BINDTODEVICE here).
+            let broadcast = Route {
+                destination: Ipv4Addr::BROADCAST,
+                prefix: 32,
+                gateway: None,
+                interface: interface.index,
+                protocol: RTPROT_BOOT,
+            };
+            socket
+                .request(|seq| netlink::new_route(seq, &broadcast))
+                .with_context(|| format!("adding the broadcast route on {name}"))?;
+            let lease = dhcp::Client::new(&name, interface.mac).obtain()?;
+            let mut configured = apply(&mut socket, &interface, &new_lease_config(&lease), paths)?;
+            configured.next_renewal = Some(lease.renew_at());
+            configured.source = Source::Dhcp(lease);
+            Ok(configured)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_link(root: &Path, name: &str, kind: &str, device: bool, index: u32) {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("type"), format!("{kind}\n")).expect("type");
+        std::fs::write(dir.join("ifindex"), format!("{index}\n")).expect("ifindex");
+        std::fs::write(dir.join("address"), "52:54:00:12:34:56\n").expect("address");
+        if device {
+            std::fs::create_dir(dir.join("device")).expect("device");
+        }
+    }
+
+    #[test]
+    fn first_physical_ethernet_is_chosen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        assert_eq!(find_ethernet(root).expect("lists"), None);
+        fake_link(root, "lo", "772", false, 1);
+        fake_link(root, "docker0", "1", false, 3);
+        fake_link(root, "wlan0", "801", true, 5);
+        fake_link(root, "ens4", "1", true, 4);
+        fake_link(root, "ens3", "1", true, 2);
+        let found = find_ethernet(root).expect("lists").expect("found");
+        assert_eq!(
+            found,
+            Interface {
+                name: "ens3".into(),
+                index: 2,
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56]
+            }
+        );
+        std::fs::write(root.join("ens3/address"), "zz\n").expect("write");
+        let err = find_ethernet(root).expect_err("bad mac");
+        assert!(format!("{err:#}").contains("ens3/address"), "{err:#}");
+    }
+
+    #[test]
+    fn waiting_for_an_interface_times_out_clearly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = wait_for_ethernet(dir.path(), Duration::from_millis(150)).expect_err("none");
+        assert!(err.to_string().contains("no Ethernet interface"), "{err}");
+    }
+
+    #[test]
+    fn static_configuration_parses() {
+        let cfg = Network {
+            mode: NetworkMode::Static,
+            address: Some("192.168.10.5/24".into()),
+            gateway: Some("192.168.10.1".into()),
+            dns: vec!["192.168.10.1".into(), "9.9.9.9".into()],
+        };
+        let a = static_config(&cfg).expect("parses");
+        assert_eq!(a.address, Ipv4Addr::new(192, 168, 10, 5));
+        assert_eq!(a.prefix, 24);
+        assert_eq!(a.gateway, Some(Ipv4Addr::new(192, 168, 10, 1)));
+        assert_eq!(a.dns.len(), 2);
+        let bad = Network {
+            gateway: Some("router".into()),
+            ..cfg.clone()
+        };
+        let err = static_config(&bad).expect_err("bad gateway");
+        assert!(err.to_string().contains("gateway `router`"), "{err}");
+        for text in ["10.0.0.1", "10.0.0.1/33", "10.0.0/8"] {
+            assert!(parse_cidr(text).is_err(), "{text}");
+        }
+        assert!(in_subnet(
+            Ipv4Addr::new(10, 0, 2, 2),
+            Ipv4Addr::new(10, 0, 2, 15),
+            24
+        ));
+        assert!(!in_subnet(
+            Ipv4Addr::new(10, 0, 3, 1),
+            Ipv4Addr::new(10, 0, 2, 15),
+            24
+        ));
+        assert!(in_subnet(
+            Ipv4Addr::new(1, 2, 3, 4),
+            Ipv4Addr::new(10, 0, 2, 15),
+            0
+        ));
+    }
+
+    #[test]
+    fn resolv_conf_is_written_atomically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("resolv.conf");
+        write_resolv_conf(
+            &path,
+            &[Ipv4Addr::new(10, 0, 2, 3)],
+            Some("example.internal"),
+        )
+        .expect("writes");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("reads"),
+            "# Written by plinth-init from the network configuration.\nsearch example.internal\nnameserver 10.0.2.3\n"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("lists").count(),
+            1,
+            "no temporary left"
+        );
+    }
+}
