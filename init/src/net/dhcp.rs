@@ -640,7 +640,7 @@ mod tests {
         let mut truncated = good[..240].to_vec();
         truncated.extend_from_slice(&[51, 4, 0]);
         assert!(Packet::decode(&truncated)
-            .unwrap_err()
+            .expect_err("truncated")
             .contains("past the end"));
     }
 
