@@ -389,7 +389,16 @@ pub fn write_resolv_conf(path: &Path, dns: &[Ipv4Addr], domain: Option<&str>) ->
 /// the DNS servers. Waits up to 10 s for the interface to appear.
 pub fn configure(cfg: &Network, paths: &Paths) -> Result<Configured> {
     let interface = wait_for_ethernet(&paths.sys_class_net, Duration::from_secs(10))?;
-    let name = interface.name.clone();
+    configure_interface(cfg, &interface, paths)
+}
+
+/// [`configure`] for a given interface.
+pub fn configure_interface(
+    cfg: &Network,
+    interface: &Interface,
+    paths: &Paths,
+) -> Result<Configured> {
+    let name = &interface.name;
     let mut socket = netlink::Socket::open().context("opening a netlink socket")?;
     socket
         .request(|seq| netlink::link_up(seq, interface.index))
@@ -397,7 +406,7 @@ pub fn configure(cfg: &Network, paths: &Paths) -> Result<Configured> {
     match cfg.mode {
         NetworkMode::Static => {
             let addressing = static_config(cfg)?;
-            apply(&mut socket, &interface, &addressing, paths)
+            apply(&mut socket, interface, &addressing, paths)
         }
         NetworkMode::Dhcp => {
             // Without an address there is no route for 255.255.255.255; this link route sends
@@ -412,8 +421,8 @@ pub fn configure(cfg: &Network, paths: &Paths) -> Result<Configured> {
             socket
                 .request(|seq| netlink::new_route(seq, &broadcast))
                 .with_context(|| format!("adding the broadcast route on {name}"))?;
-            let lease = dhcp::Client::new(&name, interface.mac).obtain()?;
-            let mut configured = apply(&mut socket, &interface, &new_lease_config(&lease), paths)?;
+            let lease = dhcp::Client::new(name, interface.mac).obtain()?;
+            let mut configured = apply(&mut socket, interface, &new_lease_config(&lease), paths)?;
             configured.next_renewal = Some(lease.renew_at());
             configured.source = Source::Dhcp(lease);
             Ok(configured)
@@ -525,5 +534,163 @@ mod tests {
             1,
             "no temporary left"
         );
+    }
+
+    /// Runs `ip` (iproute2) in the calling thread's network namespace and returns its output.
+    fn ip(args: &str) -> String {
+        let output = std::process::Command::new("ip")
+            .args(args.split_whitespace())
+            .output()
+            .expect("running ip (install iproute2)");
+        assert!(
+            output.status.success(),
+            "ip {args}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// A DHCP server that answers like QEMU's: OFFER/ACK 10.0.2.15/24, router 10.0.2.2,
+    /// DNS 10.0.2.3, broadcast unless the client already has an address.
+    fn serve_dhcp(socket: &std::net::UdpSocket, replies: usize) -> Vec<dhcp::MessageType> {
+        use dhcp::{option, MessageType, Packet};
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 1500];
+        while seen.len() < replies {
+            let (length, _) = socket.recv_from(&mut buffer).expect("server receives");
+            let request = Packet::decode(&buffer[..length]).expect("request decodes");
+            let kind = request.message_type().expect("message type");
+            seen.push(kind);
+            let answer = match kind {
+                MessageType::Discover => MessageType::Offer,
+                MessageType::Request => MessageType::Ack,
+                other => panic!("unexpected {other:?}"),
+            };
+            let reply = Packet {
+                op: 2,
+                xid: request.xid,
+                secs: 0,
+                broadcast: request.broadcast,
+                ciaddr: request.ciaddr,
+                yiaddr: Ipv4Addr::new(10, 0, 2, 15),
+                siaddr: Ipv4Addr::new(10, 0, 2, 2),
+                giaddr: Ipv4Addr::UNSPECIFIED,
+                chaddr: request.chaddr,
+                options: vec![
+                    (option::MESSAGE_TYPE, vec![answer as u8]),
+                    (option::SERVER_ID, vec![10, 0, 2, 2]),
+                    (option::SUBNET_MASK, vec![255, 255, 255, 0]),
+                    (option::ROUTER, vec![10, 0, 2, 2]),
+                    (option::DNS, vec![10, 0, 2, 3]),
+                    (option::LEASE_TIME, 86400u32.to_be_bytes().to_vec()),
+                    (option::RENEWAL_TIME, 3600u32.to_be_bytes().to_vec()),
+                ],
+            };
+            let to = if request.ciaddr.is_unspecified() {
+                Ipv4Addr::BROADCAST
+            } else {
+                request.ciaddr
+            };
+            socket
+                .send_to(&reply.encode(), (to, dhcp::CLIENT_PORT))
+                .expect("server sends");
+        }
+        seen
+    }
+
+    /// The whole DHCP path against the real kernel: two network namespaces joined by a veth pair,
+    /// a DHCP server in one, `configure_interface` and `renew` in the other.
+    #[test]
+    #[ignore = "needs root: creates network namespaces (run: cargo test -p init -- --ignored)"]
+    fn dhcp_configures_a_veth_in_a_namespace() {
+        use rustix::thread::{unshare, UnshareFlags};
+        use std::sync::mpsc;
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (created_tx, created_rx) = mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            unshare(UnshareFlags::NEWNET).expect("creating a network namespace (needs root)");
+            tid_tx
+                .send(rustix::thread::gettid().as_raw_nonzero().get())
+                .expect("sending tid");
+            created_rx.recv().expect("veth created");
+            ip("addr add 10.0.2.2/24 dev veth1");
+            ip("link set veth1 up");
+            ip("route add 255.255.255.255/32 dev veth1");
+            let socket = std::net::UdpSocket::bind("0.0.0.0:67").expect("binding port 67");
+            socket.set_broadcast(true).expect("SO_BROADCAST");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .expect("timeout");
+            ready_tx.send(()).expect("ready");
+            serve_dhcp(&socket, 3)
+        });
+        let server_tid = tid_rx.recv().expect("server namespace");
+        let client = std::thread::spawn(move || {
+            unshare(UnshareFlags::NEWNET).expect("creating a network namespace (needs root)");
+            ip(&format!(
+                "link add veth0 address 52:54:00:12:34:56 type veth peer name veth1 netns {server_tid}"
+            ));
+            created_tx.send(()).expect("created");
+            ready_rx.recv().expect("server ready");
+
+            loopback_up().expect("lo up");
+            let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("loopback works");
+            probe
+                .connect(probe.local_addr().expect("addr"))
+                .expect("connect");
+            probe.send(b"x").expect("loopback send");
+
+            let link = ip("-o link show veth0");
+            let index: u32 = link
+                .split(':')
+                .next()
+                .expect("index")
+                .trim()
+                .parse()
+                .expect("number");
+            let interface = Interface {
+                name: "veth0".into(),
+                index,
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            };
+            let dir = tempfile::tempdir().expect("tempdir");
+            let paths = Paths {
+                sys_class_net: dir.path().join("unused"),
+                resolv_conf: dir.path().join("resolv.conf"),
+            };
+            let started = Instant::now();
+            let mut configured = configure_interface(&Network::default(), &interface, &paths)
+                .expect("DHCP configuration");
+            let took = started.elapsed();
+            assert_eq!(configured.address, Ipv4Addr::new(10, 0, 2, 15));
+            assert_eq!(configured.prefix, 24);
+            assert_eq!(configured.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
+            assert_eq!(configured.dns, [Ipv4Addr::new(10, 0, 2, 3)]);
+            let due = configured.renewal_due().expect("renewal scheduled");
+            assert!(
+                due > Instant::now() + Duration::from_secs(3500),
+                "T1 from option 58"
+            );
+            assert!(ip("-4 -o addr show dev veth0").contains("inet 10.0.2.15/24"));
+            let routes = ip("-4 route show default");
+            assert!(
+                routes.contains("default via 10.0.2.2 dev veth0 proto dhcp"),
+                "{routes}"
+            );
+            assert!(std::fs::read_to_string(&paths.resolv_conf)
+                .expect("resolv.conf")
+                .contains("nameserver 10.0.2.3\n"));
+            configured.renew(&paths).expect("renewing by unicast");
+            assert!(
+                configured.renewal_due().expect("due") > Instant::now() + Duration::from_secs(3500)
+            );
+            took
+        });
+        let took = client.join().expect("client thread");
+        let seen = server.join().expect("server thread");
+        use dhcp::MessageType::{Discover, Request};
+        assert_eq!(seen, [Discover, Request, Request]);
+        assert!(took < Duration::from_secs(5), "DHCP took {took:?}");
     }
 }
