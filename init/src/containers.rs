@@ -926,30 +926,200 @@ mod tests {
         }
     }
 
-    /// A minimal `docker save` archive: one manifest.json member (plus a layer before it).
+    /// Appends one ustar member (`typeflag` b'0' file, b'2' symlink to `link`, b'5' folder).
+    fn tar_member(out: &mut Vec<u8>, name: &str, data: &[u8], mode: u32, typeflag: u8, link: &str) {
+        let mut header = [0u8; 512];
+        header[..name.len()].copy_from_slice(name.as_bytes());
+        header[100..107].copy_from_slice(format!("{mode:07o}").as_bytes());
+        header[108..115].copy_from_slice(b"0000000");
+        header[116..123].copy_from_slice(b"0000000");
+        header[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        header[136..147].copy_from_slice(b"00000000000");
+        header[156] = typeflag;
+        header[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        header[257..263].copy_from_slice(b"ustar\0");
+        header[263..265].copy_from_slice(b"00");
+        header[148..156].copy_from_slice(b"        ");
+        let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+        header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+
+    /// A minimal `docker save` archive: a layer, then manifest.json.
     fn archive_bytes(config_hex: &str, tag: &str) -> Vec<u8> {
-        fn member(out: &mut Vec<u8>, name: &str, data: &[u8]) {
-            let mut header = [0u8; 512];
-            header[..name.len()].copy_from_slice(name.as_bytes());
-            header[100..107].copy_from_slice(b"0000644");
-            header[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
-            header[156] = b'0';
-            header[257..263].copy_from_slice(b"ustar\0");
-            header[148..156].copy_from_slice(b"        ");
-            let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
-            header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-            out.extend_from_slice(&header);
-            out.extend_from_slice(data);
-            out.resize(out.len().div_ceil(512) * 512, 0);
-        }
         let mut out = Vec::new();
-        member(&mut out, "abc/layer.tar", &[7u8; 700]);
+        tar_member(&mut out, "abc/layer.tar", &[7u8; 700], 0o644, b'0', "");
         let manifest = format!(
             r#"[{{"Config":"{config_hex}.json","RepoTags":["{tag}"],"Layers":["abc/layer.tar"]}}]"#
         );
-        member(&mut out, "manifest.json", manifest.as_bytes());
+        tar_member(
+            &mut out,
+            "manifest.json",
+            manifest.as_bytes(),
+            0o644,
+            b'0',
+            "",
+        );
         out.extend_from_slice(&[0u8; 1024]);
         out
+    }
+
+    fn sha256_hex(data: &[u8]) -> String {
+        Sha256::digest(data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A real `docker save`-format archive of a one-layer image holding a static busybox.
+    fn busybox_archive(busybox: &[u8], tag: &str) -> Vec<u8> {
+        let mut layer = Vec::new();
+        tar_member(&mut layer, "bin/", &[], 0o755, b'5', "");
+        tar_member(&mut layer, "bin/busybox", busybox, 0o755, b'0', "");
+        tar_member(&mut layer, "bin/sh", &[], 0o777, b'2', "busybox");
+        tar_member(&mut layer, "www/", &[], 0o755, b'5', "");
+        layer.extend_from_slice(&[0u8; 1024]);
+        let diff_id = sha256_hex(&layer);
+        let config = json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"] },
+            "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
+        })
+        .to_string();
+        let config_hex = sha256_hex(config.as_bytes());
+        let manifest = json!([{
+            "Config": format!("{config_hex}.json"),
+            "RepoTags": [tag],
+            "Layers": [format!("{diff_id}/layer.tar")],
+        }])
+        .to_string();
+        let mut out = Vec::new();
+        tar_member(
+            &mut out,
+            &format!("{diff_id}/layer.tar"),
+            &layer,
+            0o644,
+            b'0',
+            "",
+        );
+        tar_member(
+            &mut out,
+            &format!("{config_hex}.json"),
+            config.as_bytes(),
+            0o644,
+            b'0',
+            "",
+        );
+        tar_member(
+            &mut out,
+            "manifest.json",
+            manifest.as_bytes(),
+            0o644,
+            b'0',
+            "",
+        );
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    /// Reconciliation against a real dockerd: load a baked archive, create, keep, recreate on a
+    /// changed declaration, wait for the health check (which reads a bind-mounted file), stop and
+    /// remove. Needs `PLINTH_TEST_DOCKER_SOCKET` (a dockerd, networking may be off) and
+    /// `PLINTH_TEST_BUSYBOX` (a static busybox, e.g. from Debian's busybox-static).
+    #[test]
+    #[ignore = "needs a running dockerd: set PLINTH_TEST_DOCKER_SOCKET and PLINTH_TEST_BUSYBOX"]
+    fn reconcile_against_a_real_engine() {
+        let socket = std::env::var("PLINTH_TEST_DOCKER_SOCKET")
+            .expect("PLINTH_TEST_DOCKER_SOCKET names the engine socket");
+        let busybox = std::fs::read(
+            std::env::var("PLINTH_TEST_BUSYBOX")
+                .expect("PLINTH_TEST_BUSYBOX names a static busybox"),
+        )
+        .expect("reading busybox");
+        let client = docker::Client::new(socket);
+        client
+            .wait_ready(Duration::from_secs(10))
+            .expect("engine answers");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = Options {
+            images_dir: dir.path().join("images"),
+            host_root: PathBuf::from("/"),
+        };
+        std::fs::create_dir_all(&options.images_dir).expect("mkdir");
+        let tag = "plinth-test/busybox:1";
+        std::fs::write(
+            options.images_dir.join("plinth-web.tar"),
+            busybox_archive(&busybox, tag),
+        )
+        .expect("writing archive");
+        let www = format!("/var/tmp/plinth-engine-test-{}", std::process::id());
+        std::fs::create_dir_all(&www).expect("mkdir www");
+        std::fs::write(format!("{www}/index.html"), "hello\n").expect("index");
+        let mut decl = web();
+        decl.name = Name::parse("plinth-web").expect("name");
+        decl.image = tag.to_owned();
+        decl.build = Some(ImageBuild {
+            packages: vec!["busybox-static".into()],
+        });
+        decl.ports.clear();
+        decl.command = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
+            .map(String::from)
+            .to_vec();
+        decl.mounts = vec![format!("{www}:/www")];
+        decl.health = Some(HealthCheck {
+            command: [
+                "/bin/busybox",
+                "wget",
+                "-q",
+                "-O",
+                "/dev/null",
+                "http://127.0.0.1:8080/index.html",
+            ]
+            .map(String::from)
+            .to_vec(),
+            interval: ConfigDuration(Duration::from_secs(1)),
+            retries: 3,
+        });
+        let lines = Mutex::new(Vec::new());
+        let sink = |line: &str| lines.lock().expect("lock").push(line.to_owned());
+
+        let report = reconcile(&client, &[], &options, &sink).expect("clean slate");
+        assert!(report.failed.is_empty(), "{report:?}");
+        let report =
+            reconcile(&client, std::slice::from_ref(&decl), &options, &sink).expect("reconcile");
+        assert_eq!(report.created, ["plinth-web"], "{report:?}");
+        let report =
+            reconcile(&client, std::slice::from_ref(&decl), &options, &sink).expect("reconcile");
+        assert_eq!(report.kept, ["plinth-web"], "{report:?}");
+        decl.env.insert("CHANGED".into(), "1".into());
+        let report =
+            reconcile(&client, std::slice::from_ref(&decl), &options, &sink).expect("reconcile");
+        assert_eq!(report.recreated, ["plinth-web"], "{report:?}");
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let state = super::health(&client, std::slice::from_ref(&decl)).expect("health");
+            if state.is_healthy() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never healthy: {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let stop = stop_all(&client, Duration::from_secs(5)).expect("stop");
+        assert_eq!(stop.stopped, ["plinth-web"], "{stop:?}");
+        let report = reconcile(&client, &[], &options, &sink).expect("remove");
+        assert_eq!(report.removed, ["plinth-web"], "{report:?}");
+        std::fs::remove_dir_all(&www).expect("cleanup");
+        assert_eq!(
+            lines.lock().expect("lock").as_slice(),
+            ["PLINTH-STATUS container-running name=plinth-web"; 3]
+        );
     }
 
     #[test]
