@@ -563,7 +563,8 @@ pub fn stop_all<E: Engine + Sync>(engine: &E, timeout: Duration) -> docker::Resu
         .list_containers()?
         .into_iter()
         .filter(|c| {
-            c.labels.get(MANAGED_LABEL).map(String::as_str) == Some("1") && c.state == "running"
+            c.labels.get(MANAGED_LABEL).map(String::as_str) == Some("1")
+                && matches!(c.state.as_str(), "running" | "restarting" | "paused")
         })
         .collect();
     let results: Vec<(String, docker::Result<()>)> = std::thread::scope(|scope| {
@@ -644,7 +645,8 @@ pub fn health(engine: &dyn Engine, decls: &[Container]) -> docker::Result<Health
     for decl in decls {
         let state = match engine.inspect_container(decl.name.as_str())? {
             None => ContainerHealth::Missing,
-            Some(details) if !details.state.running => {
+            // A container between restarts counts as running for the engine, not for us.
+            Some(details) if !details.state.running || details.state.restarting => {
                 ContainerHealth::NotRunning(details.state.status)
             }
             Some(details) => match (&decl.health, details.state.health) {
@@ -841,7 +843,8 @@ mod tests {
                     image: c.image_id.clone(),
                     state: ContainerState {
                         status: c.state.clone(),
-                        running: c.state == "running",
+                        running: c.state == "running" || c.state == "restarting",
+                        restarting: c.state == "restarting",
                         health: Some(docker::HealthState {
                             status: "healthy".into(),
                             failing_streak: 0,
@@ -1304,6 +1307,35 @@ mod tests {
             ),
             "{:?}",
             lines.borrow()
+        );
+    }
+
+    #[test]
+    fn crash_looping_container_is_not_healthy() {
+        let mut plain = web();
+        plain.health = None;
+        let engine = FakeEngine {
+            containers: Mutex::new(vec![summary(
+                "web",
+                &[(MANAGED_LABEL, "1")],
+                "sha256:bb",
+                "restarting",
+            )]),
+            ..Default::default()
+        };
+        let state = health(&engine, &[plain]).expect("health");
+        assert_eq!(
+            state.containers,
+            [(
+                "web".to_owned(),
+                ContainerHealth::NotRunning("restarting".into())
+            )]
+        );
+        let stop = stop_all(&engine, Duration::from_secs(1)).expect("stop");
+        assert_eq!(
+            stop.stopped,
+            ["web"],
+            "a restarting container is stopped too"
         );
     }
 
