@@ -1310,6 +1310,58 @@ mod tests {
         );
     }
 
+    /// Pulling a declared image from a registry, and a clear failure for a tag that does not
+    /// exist. Needs `PLINTH_TEST_DOCKER_SOCKET` and `PLINTH_TEST_REGISTRY_IMAGE`, a busybox image
+    /// reference on a registry at 127.0.0.1 (e.g. `127.0.0.1:5000/plinth-test/busybox:1`).
+    #[test]
+    #[ignore = "needs dockerd and a registry: set PLINTH_TEST_DOCKER_SOCKET and PLINTH_TEST_REGISTRY_IMAGE"]
+    fn pull_against_a_real_registry() {
+        let socket = std::env::var("PLINTH_TEST_DOCKER_SOCKET")
+            .expect("PLINTH_TEST_DOCKER_SOCKET names the engine socket");
+        let image = std::env::var("PLINTH_TEST_REGISTRY_IMAGE")
+            .expect("PLINTH_TEST_REGISTRY_IMAGE names an image on a registry at 127.0.0.1");
+        assert!(
+            image.starts_with("127.0.0.1:"),
+            "tests talk only to 127.0.0.1"
+        );
+        let client = docker::Client::new(socket);
+        client
+            .wait_ready(Duration::from_secs(10))
+            .expect("engine answers");
+        client.remove_image(&image).expect("removing a cached copy");
+        let mut decl = web();
+        decl.name = Name::parse("plinth-pulled").expect("name");
+        decl.image = image.clone();
+        decl.ports.clear();
+        decl.mounts.clear();
+        decl.health = None;
+        decl.command = ["/bin/busybox", "sleep", "600"].map(String::from).to_vec();
+        let (name, _) = docker::split_reference(&image);
+        let mut missing = decl.clone();
+        missing.name = Name::parse("plinth-missing").expect("name");
+        missing.image = format!("{name}:no-such-tag");
+        let lines = Mutex::new(Vec::new());
+        let sink = |line: &str| lines.lock().expect("lock").push(line.to_owned());
+        let options = Options::default();
+        let report =
+            reconcile(&client, &[decl.clone(), missing], &options, &sink).expect("reconcile");
+        assert_eq!(report.created, ["plinth-pulled"], "{report:?}");
+        assert!(
+            client.inspect_image(&image).expect("inspect").is_some(),
+            "pulled"
+        );
+        assert_eq!(report.failed.len(), 1, "{report:?}");
+        let line = lines.lock().expect("lock")[1].clone();
+        assert!(
+            line.starts_with(
+                "PLINTH-STATUS container-failed name=plinth-missing reason=\"pulling image"
+            ),
+            "{line}"
+        );
+        let report = reconcile(&client, &[], &options, &sink).expect("cleanup");
+        assert_eq!(report.removed, ["plinth-pulled"], "{report:?}");
+    }
+
     #[test]
     fn crash_looping_container_is_not_healthy() {
         let mut plain = web();

@@ -571,6 +571,15 @@ impl Client {
         json(&what, &response).map(Some)
     }
 
+    /// Removes an image reference (untagging it, and deleting the image when no tag is left);
+    /// returns false if the engine did not have it.
+    pub fn remove_image(&self, reference: &str) -> Result<bool> {
+        let what = format!("removing image {reference}");
+        let path = format!("/images/{reference}");
+        let response = self.call(&what, "DELETE", &path, Body::None, &[200, 404])?;
+        Ok(response.status == 200)
+    }
+
     /// Loads a `docker save` archive; returns the references and IDs the engine reports loaded.
     pub fn load_image(&self, archive: &Path) -> Result<Vec<String>> {
         let what = format!("loading image archive {}", archive.display());
