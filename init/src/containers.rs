@@ -1032,9 +1032,13 @@ mod tests {
     /// changed declaration, wait for the health check (which reads a bind-mounted file), stop and
     /// remove. Needs `PLINTH_TEST_DOCKER_SOCKET` (a dockerd, networking may be off) and
     /// `PLINTH_TEST_BUSYBOX` (a static busybox, e.g. from Debian's busybox-static).
+    /// Real-engine tests remove every managed container, so they run one at a time.
+    static REAL_ENGINE: Mutex<()> = Mutex::new(());
+
     #[test]
     #[ignore = "needs a running dockerd: set PLINTH_TEST_DOCKER_SOCKET and PLINTH_TEST_BUSYBOX"]
     fn reconcile_against_a_real_engine() {
+        let _serial = REAL_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
         let socket = std::env::var("PLINTH_TEST_DOCKER_SOCKET")
             .expect("PLINTH_TEST_DOCKER_SOCKET names the engine socket");
         let busybox = std::fs::read(
@@ -1316,6 +1320,7 @@ mod tests {
     #[test]
     #[ignore = "needs dockerd and a registry: set PLINTH_TEST_DOCKER_SOCKET and PLINTH_TEST_REGISTRY_IMAGE"]
     fn pull_against_a_real_registry() {
+        let _serial = REAL_ENGINE.lock().unwrap_or_else(|e| e.into_inner());
         let socket = std::env::var("PLINTH_TEST_DOCKER_SOCKET")
             .expect("PLINTH_TEST_DOCKER_SOCKET names the engine socket");
         let image = std::env::var("PLINTH_TEST_REGISTRY_IMAGE")
