@@ -467,15 +467,22 @@ impl Client {
 
     /// `GET /_ping`: succeeds when the engine answers.
     pub fn ping(&self) -> Result<()> {
-        let response = self.request("ping", "GET", "/_ping", Body::None, self.timeout)?;
+        self.ping_within(self.timeout)
+    }
+
+    fn ping_within(&self, timeout: Duration) -> Result<()> {
+        let response = self.request("ping", "GET", "/_ping", Body::None, timeout)?;
         check("ping", response, &[200]).map(drop)
     }
 
     /// Polls `_ping` until the engine answers or `timeout` passes; returns the last error then.
+    /// Each try waits at most 5 s, so an engine that accepts but hangs cannot stall the caller.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.ping() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let per_try = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+            match self.ping_within(per_try) {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
@@ -832,6 +839,32 @@ mod tests {
         let seen = engine.join().expect("fake engine thread");
         let sent: Value = serde_json::from_slice(&seen[1].1).expect("create body is JSON");
         assert_eq!(sent, body);
+    }
+
+    #[test]
+    fn wait_ready_gives_up_on_a_silent_engine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("silent.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let held = std::thread::spawn(move || {
+            // Accept connections and never answer.
+            let mut open = Vec::new();
+            for stream in listener.incoming().take(3) {
+                open.push(stream);
+            }
+            open.len()
+        });
+        let start = Instant::now();
+        let err = Client::new(&socket)
+            .wait_ready(Duration::from_millis(400))
+            .expect_err("silent engine is not ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        drop(held);
     }
 
     #[test]
