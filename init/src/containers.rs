@@ -344,12 +344,8 @@ pub fn archive_image<R: Read + Seek>(
 
 /// `busybox` → `busybox:latest`; references with a tag or digest are returned unchanged.
 fn normalise_reference(reference: &str) -> String {
-    let name = reference
-        .strip_prefix("docker.io/library/")
-        .or_else(|| reference.strip_prefix("docker.io/"))
-        .unwrap_or(reference);
-    let (repo, tag) = docker::split_reference(name);
-    if name.contains('@') {
+    let (repo, tag) = docker::split_reference(reference);
+    if reference.contains('@') {
         format!("{repo}@{tag}")
     } else {
         format!("{repo}:{tag}")
@@ -1139,10 +1135,7 @@ mod tests {
         let err = archive_image(&mut Cursor::new(vec![0u8; 1024]), "web:1").expect_err("empty");
         assert!(err.to_string().contains("manifest.json"), "{err}");
         assert_eq!(normalise_reference("busybox"), "busybox:latest");
-        assert_eq!(
-            normalise_reference("docker.io/library/busybox:1"),
-            "busybox:1"
-        );
+        assert_eq!(normalise_reference("a/b@sha256:00"), "a/b@sha256:00");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A small Docker Engine API client: HTTP/1.1 with JSON bodies over the engine's unix socket.
 //!
 //! One connection per request (`Connection: close`), so there is no connection state to go stale
-//! when the engine restarts. Speaks API v1.41, which Debian bookworm's `docker.io` 20.10 serves.
+//! when the engine restarts. Speaks API v1.41, which Debian bookworm's Docker Engine 20.10 serves.
 
 use std::collections::BTreeMap;
 use std::fs::File;
