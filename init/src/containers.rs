@@ -6,6 +6,8 @@
 //! declared are removed. Containers without the managed label are left alone unless they take a
 //! declared name.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -158,9 +160,15 @@ impl Report {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Exists as declared: keep it, start it if stopped.
-    Keep { id: String },
+    Keep {
+        /// The existing container.
+        id: String,
+    },
     /// Exists but differs (declaration, image, or not ours): remove, then create.
-    Recreate { id: String },
+    Recreate {
+        /// The existing container.
+        id: String,
+    },
     /// Does not exist.
     Create,
 }

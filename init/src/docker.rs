@@ -3,6 +3,8 @@
 //! One connection per request (`Connection: close`), so there is no connection state to go stale
 //! when the engine restarts. Speaks API v1.41, which Debian bookworm's Docker Engine 20.10 serves.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -27,23 +29,46 @@ const MAX_BODY: usize = 64 << 20;
 pub enum Error {
     /// The socket could not be opened (engine not running or not ready yet).
     #[error("connecting to the engine at {path}: {source}")]
-    Connect { path: PathBuf, source: io::Error },
+    Connect {
+        /// The engine socket.
+        path: PathBuf,
+        /// Why connecting failed.
+        source: io::Error,
+    },
     /// The connection failed mid-request.
     #[error("{what}: talking to the engine: {source}")]
-    Io { what: String, source: io::Error },
+    Io {
+        /// The operation, e.g. `creating container web`.
+        what: String,
+        /// The I/O failure.
+        source: io::Error,
+    },
     /// The engine answered with an error status; `message` is the engine's own explanation.
     #[error("{what}: engine answered HTTP {status}: {message}")]
     Api {
+        /// The operation.
         what: String,
+        /// The HTTP status, e.g. 404 or 409.
         status: u16,
+        /// The engine's `message`.
         message: String,
     },
     /// The engine's answer was not valid HTTP or not the JSON expected.
     #[error("{what}: malformed answer from the engine: {detail}")]
-    Protocol { what: String, detail: String },
+    Protocol {
+        /// The operation.
+        what: String,
+        /// What was wrong with the answer.
+        detail: String,
+    },
     /// A streaming operation (pull, load) reported an error inside a successful response.
     #[error("{what}: {message}")]
-    Stream { what: String, message: String },
+    Stream {
+        /// The operation.
+        what: String,
+        /// The engine's error message from the stream.
+        message: String,
+    },
 }
 
 impl Error {
@@ -236,12 +261,17 @@ pub fn split_reference(reference: &str) -> (&str, &str) {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct Version {
+    /// Engine version, e.g. `20.10.24+dfsg1`.
     pub version: String,
+    /// Highest API version the engine speaks.
     pub api_version: String,
+    /// Operating system, `linux`.
     #[serde(default)]
     pub os: String,
+    /// CPU architecture, e.g. `amd64`.
     #[serde(default)]
     pub arch: String,
+    /// Kernel release the engine runs on.
     #[serde(default)]
     pub kernel_version: String,
 }
@@ -250,6 +280,7 @@ pub struct Version {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct ContainerSummary {
+    /// The container ID.
     pub id: String,
     /// Names with the engine's leading `/`.
     #[serde(default)]
@@ -260,6 +291,7 @@ pub struct ContainerSummary {
     /// The image ID (`sha256:…`) the container runs.
     #[serde(default, rename = "ImageID")]
     pub image_id: String,
+    /// Labels set at creation.
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
     /// `created`, `running`, `exited`, …
@@ -278,13 +310,17 @@ impl ContainerSummary {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct ContainerDetails {
+    /// The container ID.
     pub id: String,
+    /// Name with the engine's leading `/`.
     #[serde(default)]
     pub name: String,
     /// The image ID the container runs.
     #[serde(default)]
     pub image: String,
+    /// Runtime state.
     pub state: ContainerState,
+    /// Configuration it was created with.
     #[serde(default)]
     pub config: ContainerConfig,
 }
@@ -293,16 +329,22 @@ pub struct ContainerDetails {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "PascalCase")]
 pub struct ContainerState {
+    /// `created`, `running`, `restarting`, `exited`, …
     #[serde(default)]
     pub status: String,
+    /// True while running (also between restarts).
     #[serde(default)]
     pub running: bool,
+    /// True while the engine waits to restart it.
     #[serde(default)]
     pub restarting: bool,
+    /// Exit code of the last run.
     #[serde(default)]
     pub exit_code: i64,
+    /// Why the last start failed, if it did.
     #[serde(default)]
     pub error: String,
+    /// Health-check state, for containers that have one.
     #[serde(default)]
     pub health: Option<HealthState>,
 }
@@ -314,6 +356,7 @@ pub struct HealthState {
     /// `starting`, `healthy` or `unhealthy`.
     #[serde(default)]
     pub status: String,
+    /// Consecutive failed checks.
     #[serde(default)]
     pub failing_streak: u64,
 }
@@ -322,6 +365,7 @@ pub struct HealthState {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "PascalCase")]
 pub struct ContainerConfig {
+    /// Labels set at creation.
     #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
 }
@@ -332,6 +376,7 @@ pub struct ContainerConfig {
 pub struct ImageDetails {
     /// `sha256:<config digest>`.
     pub id: String,
+    /// References tagging this image.
     #[serde(default, deserialize_with = "null_as_default")]
     pub repo_tags: Vec<String>,
 }

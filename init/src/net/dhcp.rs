@@ -1,6 +1,8 @@
 //! DHCPv4 client (RFC 2131): packet encoding and decoding, and the DISCOVER/OFFER/REQUEST/ACK
 //! exchange over a UDP socket on port 68, with renewal and rebinding of a lease.
 
+#![warn(missing_docs)]
+
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
@@ -19,34 +21,58 @@ const BROADCAST_FLAG: u16 = 0x8000;
 
 /// Option codes this client reads or writes.
 pub mod option {
+    /// Padding.
     pub const PAD: u8 = 0;
+    /// Subnet mask.
     pub const SUBNET_MASK: u8 = 1;
+    /// Routers, the first is the default gateway.
     pub const ROUTER: u8 = 3;
+    /// DNS servers.
     pub const DNS: u8 = 6;
+    /// Client host name.
     pub const HOSTNAME: u8 = 12;
+    /// Domain name.
     pub const DOMAIN_NAME: u8 = 15;
+    /// Address the client asks for.
     pub const REQUESTED_IP: u8 = 50;
+    /// Lease time in seconds.
     pub const LEASE_TIME: u8 = 51;
+    /// DHCP message type.
     pub const MESSAGE_TYPE: u8 = 53;
+    /// Server identifier.
     pub const SERVER_ID: u8 = 54;
+    /// Parameters the client asks for.
     pub const PARAMETERS: u8 = 55;
+    /// Largest message the client accepts.
     pub const MAX_SIZE: u8 = 57;
+    /// T1, renewal time in seconds.
     pub const RENEWAL_TIME: u8 = 58;
+    /// T2, rebinding time in seconds.
     pub const REBINDING_TIME: u8 = 59;
+    /// Client identifier.
     pub const CLIENT_ID: u8 = 61;
+    /// End of options.
     pub const END: u8 = 255;
 }
 
 /// DHCP message type (option 53).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageType {
+    /// DHCPDISCOVER: a client looks for servers.
     Discover = 1,
+    /// DHCPOFFER: a server offers an address.
     Offer = 2,
+    /// DHCPREQUEST: a client takes an offer or extends a lease.
     Request = 3,
+    /// DHCPDECLINE: the offered address is in use.
     Decline = 4,
+    /// DHCPACK: the server grants the lease.
     Ack = 5,
+    /// DHCPNAK: the server refuses the request.
     Nak = 6,
+    /// DHCPRELEASE: a client gives its address up.
     Release = 7,
+    /// DHCPINFORM: a client asks for parameters only.
     Inform = 8,
 }
 
@@ -71,14 +97,21 @@ impl MessageType {
 pub struct Packet {
     /// 1 request, 2 reply.
     pub op: u8,
+    /// Transaction id chosen by the client.
     pub xid: u32,
+    /// Seconds since the client began.
     pub secs: u16,
     /// Asks the server to broadcast its reply (we cannot receive unicast before we have an address).
     pub broadcast: bool,
+    /// Client address, when it already has one.
     pub ciaddr: Ipv4Addr,
+    /// Address offered to the client.
     pub yiaddr: Ipv4Addr,
+    /// Next server (boot server) address.
     pub siaddr: Ipv4Addr,
+    /// Relay agent address.
     pub giaddr: Ipv4Addr,
+    /// Client hardware address.
     pub chaddr: [u8; 6],
     /// Options in order, without PAD and END.
     pub options: Vec<(u8, Vec<u8>)>,
@@ -275,13 +308,19 @@ pub fn request_renewal(xid: u32, mac: [u8; 6], lease: &Lease) -> Packet {
 /// An address lease granted by a DHCP server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// The leased address.
     pub address: Ipv4Addr,
+    /// Prefix length from the subnet mask (option 1).
     pub prefix: u8,
+    /// Default gateway (option 3).
     pub router: Option<Ipv4Addr>,
+    /// DNS servers (option 6).
     pub dns: Vec<Ipv4Addr>,
+    /// Domain name (option 15), used as search domain.
     pub domain: Option<String>,
     /// The server that granted it (option 54).
     pub server: Ipv4Addr,
+    /// Lease duration (option 51).
     pub lease_time: Duration,
     /// T1: when to start renewing with the granting server.
     pub renewal_time: Duration,
@@ -358,17 +397,36 @@ impl Lease {
 /// Why an exchange did not yield a lease.
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
+    /// No (acceptable) answer arrived in time.
     #[error("no DHCP server answered on {interface} within {waited:?}")]
-    Timeout { interface: String, waited: Duration },
+    Timeout {
+        /// The interface name.
+        interface: String,
+        /// How long the client tried.
+        waited: Duration,
+    },
+    /// The server refused; the client must start over with a DISCOVER.
     #[error("the DHCP server {server} refused the request (DHCPNAK)")]
-    Nak { server: Ipv4Addr },
+    Nak {
+        /// The refusing server.
+        server: Ipv4Addr,
+    },
+    /// The socket failed.
     #[error("DHCP on {interface}: {source}")]
     Io {
+        /// The interface name.
         interface: String,
+        /// The I/O failure.
         source: io::Error,
     },
+    /// The server's ACK was unusable.
     #[error("DHCP on {interface}: {detail}")]
-    Invalid { interface: String, detail: String },
+    Invalid {
+        /// The interface name.
+        interface: String,
+        /// What was wrong with the ACK.
+        detail: String,
+    },
 }
 
 /// A random transaction id; std's hasher keys come from the kernel's getrandom.
@@ -383,6 +441,7 @@ pub fn random_xid() -> u32 {
 pub struct Client {
     /// Interface name, for messages.
     pub interface: String,
+    /// Hardware address of the interface.
     pub mac: [u8; 6],
     /// How long to wait for each reply before resending (doubled on each retry).
     pub first_timeout: Duration,

@@ -1,6 +1,8 @@
 //! Network configuration of the machine: loopback, and the first Ethernet interface by DHCPv4 or
 //! statically from `[network]`, with DNS servers written to a resolv.conf under `/run`.
 
+#![warn(missing_docs)]
+
 pub mod dhcp;
 pub mod netlink;
 
@@ -35,8 +37,11 @@ impl Default for Paths {
 /// A network interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
+    /// Interface name, e.g. `ens3`.
     pub name: String,
+    /// Kernel interface index.
     pub index: u32,
+    /// Hardware (MAC) address.
     pub mac: [u8; 6],
 }
 
@@ -169,11 +174,17 @@ pub enum Source {
 /// The configured state of the Ethernet interface.
 #[derive(Debug, Clone)]
 pub struct Configured {
+    /// The configured interface.
     pub interface: Interface,
+    /// Its IPv4 address.
     pub address: Ipv4Addr,
+    /// Prefix length of the address.
     pub prefix: u8,
+    /// Default gateway, if any.
     pub gateway: Option<Ipv4Addr>,
+    /// DNS servers written to resolv.conf.
     pub dns: Vec<Ipv4Addr>,
+    /// Static configuration or the DHCP lease.
     pub source: Source,
     /// When [`Configured::renew`] should next run (DHCP only).
     next_renewal: Option<Instant>,

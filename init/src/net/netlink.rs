@@ -4,6 +4,8 @@
 //! Messages are little-endian as on every architecture Plinth targets (x86-64); the layout is
 //! `nlmsghdr` (16 bytes), the family header, then `rtattr`s padded to 4 bytes.
 
+#![warn(missing_docs)]
+
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
@@ -130,6 +132,7 @@ pub fn delete_address(seq: u32, index: u32, address: Ipv4Addr, prefix: u8) -> Ve
 pub struct Route {
     /// Destination network (`0.0.0.0` with `prefix` 0 for the default route).
     pub destination: Ipv4Addr,
+    /// Prefix length of the destination.
     pub prefix: u8,
     /// Next hop; `None` for a destination on the link.
     pub gateway: Option<Ipv4Addr>,
