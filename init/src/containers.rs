@@ -48,6 +48,8 @@ pub trait Engine {
     fn stop_container(&self, id: &str, timeout: Duration) -> docker::Result<()>;
     /// Removes a container, running or not.
     fn remove_container(&self, id: &str) -> docker::Result<()>;
+    /// Deletes images no tag and no container refers to; returns the bytes reclaimed.
+    fn prune_images(&self) -> docker::Result<u64>;
 }
 
 impl Engine for docker::Client {
@@ -77,6 +79,9 @@ impl Engine for docker::Client {
     }
     fn remove_container(&self, id: &str) -> docker::Result<()> {
         docker::Client::remove_container(self, id)
+    }
+    fn prune_images(&self) -> docker::Result<u64> {
+        self.prune_dangling_images()
     }
 }
 
@@ -147,6 +152,10 @@ pub struct Report {
     pub removed: Vec<String>,
     /// Containers that could not be brought to their declared state, with the reason.
     pub failed: Vec<(String, String)>,
+    /// Bytes freed by deleting images that replaced or removed containers left unused.
+    pub pruned_bytes: u64,
+    /// Problems that did not keep any container from running as declared.
+    pub warnings: Vec<String>,
 }
 
 impl Report {
@@ -549,6 +558,14 @@ pub fn reconcile(
             }
         }
     }
+    // Images superseded by a new archive or left by removed containers would otherwise fill
+    // /var over many updates.
+    if !report.recreated.is_empty() || !report.removed.is_empty() || !report.created.is_empty() {
+        match engine.prune_images() {
+            Ok(bytes) => report.pruned_bytes = bytes,
+            Err(e) => report.warnings.push(e.to_string()),
+        }
+    }
     Ok(report)
 }
 
@@ -926,6 +943,10 @@ mod tests {
             self.log(format!("stop {id}"));
             Ok(())
         }
+        fn prune_images(&self) -> docker::Result<u64> {
+            self.log("prune".to_owned());
+            Ok(42)
+        }
         fn remove_container(&self, id: &str) -> docker::Result<()> {
             self.log(format!("remove {id}"));
             self.containers.lock().expect("lock").retain(|c| c.id != id);
@@ -1099,21 +1120,31 @@ mod tests {
 
         let report = reconcile(&client, &[], &options, &sink).expect("clean slate");
         assert!(report.failed.is_empty(), "{report:?}");
-        let report =
-            reconcile(&client, std::slice::from_ref(&decl), &options, &sink).expect("reconcile");
+        let one = std::slice::from_ref(&decl);
+        let timed = |what: &str| {
+            let start = std::time::Instant::now();
+            let report = reconcile(&client, one, &options, &sink).expect("reconcile");
+            eprintln!("{what}: {:?}", start.elapsed());
+            assert!(report.warnings.is_empty(), "{report:?}");
+            report
+        };
+        let report = timed("load, create, start");
         assert_eq!(report.created, ["plinth-web"], "{report:?}");
-        let report =
-            reconcile(&client, std::slice::from_ref(&decl), &options, &sink).expect("reconcile");
+        let report = timed("keep");
         assert_eq!(report.kept, ["plinth-web"], "{report:?}");
         decl.env.insert("CHANGED".into(), "1".into());
-        let report =
-            reconcile(&client, std::slice::from_ref(&decl), &options, &sink).expect("reconcile");
+        let one = std::slice::from_ref(&decl);
+        let start = std::time::Instant::now();
+        let report = reconcile(&client, one, &options, &sink).expect("reconcile");
+        eprintln!("recreate: {:?}", start.elapsed());
         assert_eq!(report.recreated, ["plinth-web"], "{report:?}");
-
+        assert!(report.warnings.is_empty(), "{report:?}");
+        let start = std::time::Instant::now();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let state = super::health(&client, std::slice::from_ref(&decl)).expect("health");
             if state.is_healthy() {
+                eprintln!("healthy after {:?}", start.elapsed());
                 break;
             }
             assert!(
@@ -1237,8 +1268,10 @@ mod tests {
                 "create baked",
                 "start id-baked",
                 "pull absent:1",
+                "prune",
             ]
         );
+        assert_eq!(report.pruned_bytes, 42);
         assert_eq!(
             *lines.borrow(),
             [

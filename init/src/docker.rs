@@ -623,6 +623,20 @@ impl Client {
         json(&what, &response).map(Some)
     }
 
+    /// Deletes dangling (untagged, unused) images; returns the bytes reclaimed.
+    pub fn prune_dangling_images(&self) -> Result<u64> {
+        #[derive(Deserialize)]
+        struct Pruned {
+            #[serde(rename = "SpaceReclaimed", default)]
+            space_reclaimed: u64,
+        }
+        let what = "pruning dangling images";
+        let filters = serde_json::json!({ "dangling": ["true"] }).to_string();
+        let path = format!("/images/prune?filters={}", query_escape(&filters));
+        let response = self.call(what, "POST", &path, Body::None, &[200])?;
+        json::<Pruned>(what, &response).map(|p| p.space_reclaimed)
+    }
+
     /// Removes an image reference (untagging it, and deleting the image when no tag is left);
     /// returns false if the engine did not have it.
     pub fn remove_image(&self, reference: &str) -> Result<bool> {
