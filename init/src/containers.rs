@@ -369,11 +369,14 @@ fn normalise_reference(reference: &str) -> String {
     }
 }
 
-/// Finds a top-level member of a ustar/GNU tar archive and returns its content.
+/// Finds a top-level member of a tar archive (ustar, GNU long names and base-256 sizes, PAX
+/// `path` and `size` records) and returns its content.
 fn tar_member<R: Read + Seek>(archive: &mut R, wanted: &str) -> io::Result<Option<Vec<u8>>> {
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("tar archive: {m}"));
     let mut header = [0u8; 512];
-    let mut long_name: Option<String> = None;
+    // Overrides for the next member, from a GNU long-name member or a PAX header.
+    let mut next_name: Option<String> = None;
+    let mut next_size: Option<u64> = None;
     loop {
         match archive.read_exact(&mut header) {
             Ok(()) => {}
@@ -388,9 +391,17 @@ fn tar_member<R: Read + Seek>(archive: &mut R, wanted: &str) -> io::Result<Optio
             let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
             String::from_utf8_lossy(&bytes[..end]).into_owned()
         };
-        let size_text = field(124..136);
-        let size = u64::from_str_radix(size_text.trim(), 8)
-            .map_err(|_| bad(&format!("bad member size {size_text:?}")))?;
+        let size = if header[124] & 0x80 != 0 {
+            // GNU base-256: big-endian binary in the rest of the field.
+            header[125..136]
+                .iter()
+                .fold(0u64, |n, b| (n << 8) | u64::from(*b))
+        } else {
+            let text = field(124..136);
+            u64::from_str_radix(text.trim(), 8)
+                .map_err(|_| bad(&format!("bad member size {text:?}")))?
+        };
+        let size = next_size.take().unwrap_or(size);
         let typeflag = header[156];
         let mut name = field(0..100);
         if &header[257..262] == b"ustar" {
@@ -399,30 +410,75 @@ fn tar_member<R: Read + Seek>(archive: &mut R, wanted: &str) -> io::Result<Optio
                 name = format!("{prefix}/{name}");
             }
         }
-        if let Some(long) = long_name.take() {
+        if let Some(long) = next_name.take() {
             name = long;
         }
-        let padded = size.div_ceil(512) * 512;
+        let padded = size
+            .checked_next_multiple_of(512)
+            .ok_or_else(|| bad("member too large"))?;
         let name = name.trim_start_matches("./");
-        if typeflag == b'L' {
-            let mut data = vec![0; usize::try_from(size).map_err(|_| bad("long name"))?];
-            archive.read_exact(&mut data)?;
-            archive.seek(SeekFrom::Current((padded - size) as i64))?;
-            let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
-            long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
-            continue;
-        }
-        if name == wanted && (typeflag == b'0' || typeflag == 0) {
+        let read_small = |archive: &mut R| -> io::Result<Vec<u8>> {
             if size > 16 << 20 {
-                return Err(bad(&format!("{wanted} is {size} bytes")));
+                return Err(bad(&format!("{name} is {size} bytes")));
             }
             let mut data = vec![0; size as usize];
             archive.read_exact(&mut data)?;
-            return Ok(Some(data));
+            archive.seek(SeekFrom::Current((padded - size) as i64))?;
+            Ok(data)
+        };
+        match typeflag {
+            b'L' => {
+                let data = read_small(archive)?;
+                let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
+                next_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
+            }
+            b'x' => {
+                let data = read_small(archive)?;
+                for (key, value) in pax_records(&data) {
+                    match key {
+                        "path" => next_name = Some(value.to_owned()),
+                        "size" => {
+                            next_size = Some(
+                                value
+                                    .parse()
+                                    .map_err(|_| bad(&format!("bad PAX size {value:?}")))?,
+                            )
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            b'0' | 0 if name == wanted => return read_small(archive).map(Some),
+            _ => {
+                let skip = i64::try_from(padded).map_err(|_| bad("member too large"))?;
+                archive.seek(SeekFrom::Current(skip))?;
+            }
         }
-        let skip = i64::try_from(padded).map_err(|_| bad("member too large"))?;
-        archive.seek(SeekFrom::Current(skip))?;
     }
+}
+
+/// Splits PAX extended-header records (`"<length> <key>=<value>\n"`).
+fn pax_records(data: &[u8]) -> Vec<(&str, &str)> {
+    let mut records = Vec::new();
+    let mut rest = data;
+    while let Some(space) = rest.iter().position(|b| *b == b' ') {
+        let Some(length) = std::str::from_utf8(&rest[..space])
+            .ok()
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > space && *l <= rest.len())
+        else {
+            break;
+        };
+        let record = &rest[space + 1..length];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        if let Ok(text) = std::str::from_utf8(record) {
+            if let Some((key, value)) = text.split_once('=') {
+                records.push((key, value));
+            }
+        }
+        rest = &rest[length..];
+    }
+    records
 }
 
 /// Makes sure the engine has the image a declaration runs; returns the image ID.
@@ -537,7 +593,7 @@ pub fn reconcile(
         if managed && !decls.iter().any(|d| d.name.as_str() == name) {
             match engine.remove_container(&container.id) {
                 Ok(()) => report.removed.push(name.to_owned()),
-                Err(e) => report.failed.push((name.to_owned(), e.to_string())),
+                Err(e) => report.warnings.push(e.to_string()),
             }
         }
     }
@@ -1162,6 +1218,42 @@ mod tests {
             lines.lock().expect("lock").as_slice(),
             ["PLINTH-STATUS container-running name=plinth-web"; 3]
         );
+    }
+
+    #[test]
+    fn tar_reader_follows_pax_and_gnu_extensions() {
+        let mut out = Vec::new();
+        // A PAX header renaming the next member and giving its real size.
+        let pax = b"22 path=manifest.json\n10 size=5\n";
+        tar_member(&mut out, "PaxHeaders/x", pax, 0o644, b'x', "");
+        let start = out.len();
+        tar_member(&mut out, "truncated-nam", b"[1,2]", 0o644, b'0', "");
+        // Only the PAX record carries the size (as for members over 8 GiB).
+        out[start + 124..start + 136].copy_from_slice(b"00000000000\0");
+        let mut cursor = Cursor::new(out.clone());
+        assert_eq!(
+            super::tar_member(&mut cursor, "manifest.json").expect("reads"),
+            Some(b"[1,2]".to_vec())
+        );
+        // A GNU long name, then a member whose size is in base-256.
+        let mut out = Vec::new();
+        tar_member(
+            &mut out,
+            "././@LongLink",
+            b"manifest.json\0",
+            0o644,
+            b'L',
+            "",
+        );
+        let start = out.len();
+        tar_member(&mut out, "x", b"[3]", 0o644, b'0', "");
+        out[start + 124..start + 136].copy_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3]);
+        let mut cursor = Cursor::new(out);
+        assert_eq!(
+            super::tar_member(&mut cursor, "manifest.json").expect("reads"),
+            Some(b"[3]".to_vec())
+        );
+        assert_eq!(pax_records(b"12 a=bcdefg\n9 k=v\n"), [("a", "bcdefg")]);
     }
 
     #[test]
