@@ -389,6 +389,20 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// Writes to a socket with `MSG_NOSIGNAL`: an engine that closes the connection early must
+/// give an error, never a SIGPIPE (which would kill PID 1 if it did not ignore the signal).
+struct NoSigpipe<'a>(&'a UnixStream);
+
+impl Write for NoSigpipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        rustix::net::send(self.0, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A request body.
 enum Body<'a> {
     None,
@@ -438,12 +452,13 @@ impl Client {
             what: what.to_owned(),
             source,
         };
-        let mut stream = UnixStream::connect(&self.socket).map_err(|source| Error::Connect {
+        let stream = UnixStream::connect(&self.socket).map_err(|source| Error::Connect {
             path: self.socket.clone(),
             source,
         })?;
         stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
         stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        let mut writer = NoSigpipe(&stream);
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: plinth-init\r\nConnection: close\r\n"
         );
@@ -454,7 +469,7 @@ impl Client {
                     head.push_str("Content-Length: 0\r\n");
                 }
                 head.push_str("\r\n");
-                stream.write_all(head.as_bytes()).map_err(io_err)?;
+                writer.write_all(head.as_bytes()).map_err(io_err)?;
             }
             Body::Json(value) => {
                 json = serde_json::to_vec(value)
@@ -463,8 +478,8 @@ impl Client {
                     "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                     json.len()
                 ));
-                stream.write_all(head.as_bytes()).map_err(io_err)?;
-                stream.write_all(&json).map_err(io_err)?;
+                writer.write_all(head.as_bytes()).map_err(io_err)?;
+                writer.write_all(&json).map_err(io_err)?;
             }
             Body::File(file) => {
                 let mut input = File::open(file).map_err(|source| Error::Io {
@@ -475,8 +490,8 @@ impl Client {
                 head.push_str(&format!(
                     "Content-Type: application/x-tar\r\nContent-Length: {length}\r\n\r\n"
                 ));
-                stream.write_all(head.as_bytes()).map_err(io_err)?;
-                let copied = io::copy(&mut input, &mut stream).map_err(io_err)?;
+                writer.write_all(head.as_bytes()).map_err(io_err)?;
+                let copied = io::copy(&mut input, &mut writer).map_err(io_err)?;
                 if copied != length {
                     return Err(Error::protocol(
                         what,
@@ -485,7 +500,7 @@ impl Client {
                 }
             }
         }
-        stream.flush().map_err(io_err)?;
+        writer.flush().map_err(io_err)?;
         let mut reader = BufReader::new(stream);
         read_response(&mut reader, method == "HEAD").map_err(|source| {
             if source.kind() == io::ErrorKind::InvalidData {
