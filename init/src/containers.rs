@@ -158,6 +158,25 @@ pub struct Report {
     pub warnings: Vec<String>,
 }
 
+/// One log line: `kept 1, created 1, recreated 0, removed 0, failed 0`.
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kept {}, created {}, recreated {}, removed {}, failed {}",
+            self.kept.len(),
+            self.created.len(),
+            self.recreated.len(),
+            self.removed.len(),
+            self.failed.len()
+        )?;
+        for (name, reason) in &self.failed {
+            write!(f, "; {name}: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Report {
     /// True when every declared container runs as declared.
     pub fn all_running(&self) -> bool {
@@ -1364,6 +1383,10 @@ mod tests {
             ]
         );
         assert_eq!(report.pruned_bytes, 42);
+        assert_eq!(
+            report.to_string(),
+            "kept 1, created 1, recreated 1, removed 1, failed 1; nopull: pulling image absent:1: manifest unknown"
+        );
         assert_eq!(
             *lines.borrow(),
             [

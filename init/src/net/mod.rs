@@ -262,6 +262,33 @@ impl Configured {
     }
 }
 
+/// One log line: `ens3 10.0.2.15/24 via 10.0.2.2, dns 10.0.2.3 (dhcp from 10.0.2.2, lease 86400s)`.
+impl std::fmt::Display for Configured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}/{}",
+            self.interface.name, self.address, self.prefix
+        )?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        if !self.dns.is_empty() {
+            let dns: Vec<String> = self.dns.iter().map(ToString::to_string).collect();
+            write!(f, ", dns {}", dns.join(" "))?;
+        }
+        match &self.source {
+            Source::Static => write!(f, " (static)"),
+            Source::Dhcp(lease) => write!(
+                f,
+                " (dhcp from {}, lease {}s)",
+                lease.server,
+                lease.lease_time.as_secs()
+            ),
+        }
+    }
+}
+
 /// An address configuration to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Addressing {
@@ -524,6 +551,28 @@ mod tests {
             Ipv4Addr::new(10, 0, 2, 15),
             0
         ));
+    }
+
+    #[test]
+    fn configuration_reads_as_one_line() {
+        let configured = Configured {
+            interface: Interface {
+                name: "ens3".into(),
+                index: 2,
+                mac: [0; 6],
+            },
+            address: Ipv4Addr::new(10, 0, 2, 15),
+            prefix: 24,
+            gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
+            dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+            source: Source::Static,
+            next_renewal: None,
+        };
+        assert_eq!(
+            configured.to_string(),
+            "ens3 10.0.2.15/24 via 10.0.2.2, dns 10.0.2.3 (static)"
+        );
+        assert_eq!(configured.renewal_due(), None);
     }
 
     #[test]
