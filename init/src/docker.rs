@@ -1,0 +1,955 @@
+//! A small Docker Engine API client: HTTP/1.1 with JSON bodies over the engine's unix socket.
+//!
+//! One connection per request (`Connection: close`), so there is no connection state to go stale
+//! when the engine restarts. Speaks API v1.41, which Debian bookworm's Docker Engine 20.10 serves.
+
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The API version every versioned request is made with.
+pub const API_VERSION: &str = "v1.41";
+
+/// Where dockerd listens on a Plinth machine.
+pub const DEFAULT_SOCKET: &str = "/run/docker.sock";
+
+/// Largest response body accepted; progress streams of big pulls stay well below it.
+const MAX_BODY: usize = 64 << 20;
+
+/// What went wrong talking to the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be opened (engine not running or not ready yet).
+    #[error("connecting to the engine at {path}: {source}")]
+    Connect {
+        /// The engine socket.
+        path: PathBuf,
+        /// Why connecting failed.
+        source: io::Error,
+    },
+    /// The connection failed mid-request.
+    #[error("{what}: talking to the engine: {source}")]
+    Io {
+        /// The operation, e.g. `creating container web`.
+        what: String,
+        /// The I/O failure.
+        source: io::Error,
+    },
+    /// The engine answered with an error status; `message` is the engine's own explanation.
+    #[error("{what}: engine answered HTTP {status}: {message}")]
+    Api {
+        /// The operation.
+        what: String,
+        /// The HTTP status, e.g. 404 or 409.
+        status: u16,
+        /// The engine's `message`.
+        message: String,
+    },
+    /// The engine's answer was not valid HTTP or not the JSON expected.
+    #[error("{what}: malformed answer from the engine: {detail}")]
+    Protocol {
+        /// The operation.
+        what: String,
+        /// What was wrong with the answer.
+        detail: String,
+    },
+    /// A streaming operation (pull, load) reported an error inside a successful response.
+    #[error("{what}: {message}")]
+    Stream {
+        /// The operation.
+        what: String,
+        /// The engine's error message from the stream.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The HTTP status of an API error, if this is one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    fn protocol(what: &str, detail: impl Into<String>) -> Error {
+        Error::Protocol {
+            what: what.to_owned(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Result of an engine call.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code, e.g. 200.
+    pub status: u16,
+    /// Header fields with lowercased names.
+    pub headers: BTreeMap<String, String>,
+    /// The body with any chunked transfer coding removed.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The engine's error `message` from a JSON error body, else the body as text.
+    pub fn error_message(&self) -> String {
+        #[derive(Deserialize)]
+        struct ErrorBody {
+            message: String,
+        }
+        match serde_json::from_slice::<ErrorBody>(&self.body) {
+            Ok(e) => e.message,
+            Err(_) => {
+                let text = String::from_utf8_lossy(&self.body).trim().to_owned();
+                if text.is_empty() {
+                    format!("HTTP status {} with an empty body", self.status)
+                } else {
+                    text
+                }
+            }
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response: status line, headers, then a body delimited by chunked coding,
+/// `Content-Length`, or the end of the connection. `head` is true for a response to HEAD.
+pub fn read_response<R: BufRead>(reader: &mut R, head: bool) -> io::Result<Response> {
+    let status_line = read_line(reader)?;
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        return Err(invalid(format!(
+            "not an HTTP/1 status line: {status_line:?}"
+        )));
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (100..1000).contains(s))
+        .ok_or_else(|| invalid(format!("bad status in {status_line:?}")))?;
+    let mut headers = BTreeMap::new();
+    loop {
+        let line = read_line(reader)?;
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
+        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+    let no_body = head || status == 204 || status == 304 || (100..200).contains(&status);
+    let body = if no_body {
+        Vec::new()
+    } else if headers
+        .get("transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+    {
+        read_chunked(reader)?
+    } else if let Some(length) = headers.get("content-length") {
+        let length: usize = length
+            .parse()
+            .map_err(|_| invalid(format!("bad Content-Length {length:?}")))?;
+        if length > MAX_BODY {
+            return Err(invalid(format!("body of {length} bytes is too large")));
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        body
+    } else {
+        let mut body = Vec::new();
+        reader.take(MAX_BODY as u64 + 1).read_to_end(&mut body)?;
+        if body.len() > MAX_BODY {
+            return Err(invalid("body is too large".to_owned()));
+        }
+        body
+    };
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn read_chunked<R: BufRead>(reader: &mut R) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(reader)?;
+        let size_text = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| invalid(format!("bad chunk size line {line:?}")))?;
+        if size == 0 {
+            // Trailer fields, then the empty line that ends the message.
+            while !read_line(reader)?.is_empty() {}
+            return Ok(body);
+        }
+        if body.len() + size > MAX_BODY {
+            return Err(invalid("chunked body is too large".to_owned()));
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..])?;
+        if !read_line(reader)?.is_empty() {
+            return Err(invalid("chunk not followed by CRLF".to_owned()));
+        }
+    }
+}
+
+/// Reads a CRLF- (or LF-) terminated line without its terminator; EOF before one is an error.
+fn read_line<R: BufRead>(reader: &mut R) -> io::Result<String> {
+    let mut line = Vec::new();
+    reader.take(64 * 1024).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed in the middle of a line",
+        ));
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line).map_err(|_| invalid("header line is not UTF-8".to_owned()))
+}
+
+fn invalid(detail: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, detail)
+}
+
+/// Percent-encodes a query-string value.
+pub fn query_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Splits an image reference into the repository and the tag or digest the pull API takes
+/// (`busybox` → `("busybox", "latest")`, `host:5000/a/b:1` → `("host:5000/a/b", "1")`).
+pub fn split_reference(reference: &str) -> (&str, &str) {
+    if let Some((name, digest)) = reference.split_once('@') {
+        return (name, digest);
+    }
+    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[last_slash..].rfind(':') {
+        Some(i) => (
+            &reference[..last_slash + i],
+            &reference[last_slash + i + 1..],
+        ),
+        None => (reference, "latest"),
+    }
+}
+
+/// The engine's `/version` answer (the fields Plinth logs).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Version {
+    /// Engine version, e.g. `20.10.24+dfsg1`.
+    pub version: String,
+    /// Highest API version the engine speaks.
+    pub api_version: String,
+    /// Operating system, `linux`.
+    #[serde(default)]
+    pub os: String,
+    /// CPU architecture, e.g. `amd64`.
+    #[serde(default)]
+    pub arch: String,
+    /// Kernel release the engine runs on.
+    #[serde(default)]
+    pub kernel_version: String,
+}
+
+/// One entry of the container list.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerSummary {
+    /// The container ID.
+    pub id: String,
+    /// Names with the engine's leading `/`.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// The image reference the container was created from.
+    #[serde(default)]
+    pub image: String,
+    /// The image ID (`sha256:…`) the container runs.
+    #[serde(default, rename = "ImageID")]
+    pub image_id: String,
+    /// Labels set at creation.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+    /// `created`, `running`, `exited`, …
+    #[serde(default)]
+    pub state: String,
+}
+
+impl ContainerSummary {
+    /// The container's name without the leading `/`.
+    pub fn name(&self) -> Option<&str> {
+        self.names.first().map(|n| n.trim_start_matches('/'))
+    }
+}
+
+/// The parts of a container inspection Plinth uses.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerDetails {
+    /// The container ID.
+    pub id: String,
+    /// Name with the engine's leading `/`.
+    #[serde(default)]
+    pub name: String,
+    /// The image ID the container runs.
+    #[serde(default)]
+    pub image: String,
+    /// Runtime state.
+    pub state: ContainerState,
+    /// Configuration it was created with.
+    #[serde(default)]
+    pub config: ContainerConfig,
+}
+
+/// A container's runtime state.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerState {
+    /// `created`, `running`, `restarting`, `exited`, …
+    #[serde(default)]
+    pub status: String,
+    /// True while running (also between restarts).
+    #[serde(default)]
+    pub running: bool,
+    /// True while the engine waits to restart it.
+    #[serde(default)]
+    pub restarting: bool,
+    /// Exit code of the last run.
+    #[serde(default)]
+    pub exit_code: i64,
+    /// Why the last start failed, if it did.
+    #[serde(default)]
+    pub error: String,
+    /// Health-check state, for containers that have one.
+    #[serde(default)]
+    pub health: Option<HealthState>,
+}
+
+/// Health-check state of a container that has one.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthState {
+    /// `starting`, `healthy` or `unhealthy`.
+    #[serde(default)]
+    pub status: String,
+    /// Consecutive failed checks.
+    #[serde(default)]
+    pub failing_streak: u64,
+}
+
+/// A container's configuration (the part Plinth reads).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerConfig {
+    /// Labels set at creation.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The parts of an image inspection Plinth uses.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageDetails {
+    /// `sha256:<config digest>`.
+    pub id: String,
+    /// References tagging this image.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub repo_tags: Vec<String>,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Writes to a socket with `MSG_NOSIGNAL`: an engine that closes the connection early must
+/// give an error, never a SIGPIPE (which would kill PID 1 if it did not ignore the signal).
+struct NoSigpipe<'a>(&'a UnixStream);
+
+impl Write for NoSigpipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        rustix::net::send(self.0, buf, rustix::net::SendFlags::NOSIGNAL).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A request body.
+enum Body<'a> {
+    None,
+    Json(&'a Value),
+    File(&'a Path),
+}
+
+/// A client for one engine socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+    long_timeout: Duration,
+}
+
+impl Client {
+    /// A client for the engine listening on `socket`. Nothing is opened until the first call.
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+            timeout: Duration::from_secs(60),
+            long_timeout: Duration::from_secs(30 * 60),
+        }
+    }
+
+    /// Sets the read/write timeout of ordinary calls and of image pulls and loads.
+    pub fn with_timeouts(mut self, timeout: Duration, long_timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self.long_timeout = long_timeout;
+        self
+    }
+
+    /// The socket path this client talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn request(
+        &self,
+        what: &str,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let io_err = |source: io::Error| Error::Io {
+            what: what.to_owned(),
+            source,
+        };
+        let stream = UnixStream::connect(&self.socket).map_err(|source| Error::Connect {
+            path: self.socket.clone(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        let mut writer = NoSigpipe(&stream);
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: plinth-init\r\nConnection: close\r\n"
+        );
+        let json;
+        match body {
+            Body::None => {
+                if method == "POST" {
+                    head.push_str("Content-Length: 0\r\n");
+                }
+                head.push_str("\r\n");
+                writer.write_all(head.as_bytes()).map_err(io_err)?;
+            }
+            Body::Json(value) => {
+                json = serde_json::to_vec(value)
+                    .map_err(|e| Error::protocol(what, format!("encoding request: {e}")))?;
+                head.push_str(&format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    json.len()
+                ));
+                writer.write_all(head.as_bytes()).map_err(io_err)?;
+                writer.write_all(&json).map_err(io_err)?;
+            }
+            Body::File(file) => {
+                let mut input = File::open(file).map_err(|source| Error::Io {
+                    what: format!("{what}: opening {}", file.display()),
+                    source,
+                })?;
+                let length = input.metadata().map_err(io_err)?.len();
+                head.push_str(&format!(
+                    "Content-Type: application/x-tar\r\nContent-Length: {length}\r\n\r\n"
+                ));
+                writer.write_all(head.as_bytes()).map_err(io_err)?;
+                let copied = io::copy(&mut input, &mut writer).map_err(io_err)?;
+                if copied != length {
+                    return Err(Error::protocol(
+                        what,
+                        format!("{} changed size while being sent", file.display()),
+                    ));
+                }
+            }
+        }
+        writer.flush().map_err(io_err)?;
+        let mut reader = BufReader::new(stream);
+        read_response(&mut reader, method == "HEAD").map_err(|source| {
+            if source.kind() == io::ErrorKind::InvalidData {
+                Error::protocol(what, source.to_string())
+            } else {
+                io_err(source)
+            }
+        })
+    }
+
+    /// Makes a call and turns statuses outside `ok` into [`Error::Api`].
+    fn call(
+        &self,
+        what: &str,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        ok: &[u16],
+    ) -> Result<Response> {
+        let path = format!("/{API_VERSION}{path}");
+        let response = self.request(what, method, &path, body, self.timeout)?;
+        check(what, response, ok)
+    }
+
+    /// `GET /_ping`: succeeds when the engine answers.
+    pub fn ping(&self) -> Result<()> {
+        self.ping_within(self.timeout)
+    }
+
+    fn ping_within(&self, timeout: Duration) -> Result<()> {
+        let response = self.request("ping", "GET", "/_ping", Body::None, timeout)?;
+        check("ping", response, &[200]).map(drop)
+    }
+
+    /// Polls `_ping` until the engine answers or `timeout` passes; returns the last error then.
+    /// Each try waits at most 5 s, so an engine that accepts but hangs cannot stall the caller.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let per_try = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+            match self.ping_within(per_try) {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// `GET /version`.
+    pub fn version(&self) -> Result<Version> {
+        let response = self.call("engine version", "GET", "/version", Body::None, &[200])?;
+        json("engine version", &response)
+    }
+
+    /// Lists containers, stopped ones too; `label` filters on `key` or `key=value`.
+    pub fn list_containers(&self, label: Option<&str>) -> Result<Vec<ContainerSummary>> {
+        let mut path = "/containers/json?all=1".to_owned();
+        if let Some(label) = label {
+            let filters = serde_json::json!({ "label": [label] }).to_string();
+            path.push_str(&format!("&filters={}", query_escape(&filters)));
+        }
+        let response = self.call("listing containers", "GET", &path, Body::None, &[200])?;
+        json("listing containers", &response)
+    }
+
+    /// Inspects a container by name or ID; `None` if it does not exist.
+    pub fn inspect_container(&self, name: &str) -> Result<Option<ContainerDetails>> {
+        let what = format!("inspecting container {name}");
+        let path = format!("/containers/{}/json", query_escape(name));
+        let response = self.call(&what, "GET", &path, Body::None, &[200, 404])?;
+        if response.status == 404 {
+            return Ok(None);
+        }
+        json(&what, &response).map(Some)
+    }
+
+    /// Creates a container named `name` from a create body; returns its ID.
+    pub fn create_container(&self, name: &str, body: &Value) -> Result<String> {
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "Id")]
+            id: String,
+        }
+        let what = format!("creating container {name}");
+        let path = format!("/containers/create?name={}", query_escape(name));
+        let response = self.call(&what, "POST", &path, Body::Json(body), &[201])?;
+        json::<Created>(&what, &response).map(|c| c.id)
+    }
+
+    /// Starts a container; starting a running one is not an error.
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        let what = format!("starting container {id}");
+        let path = format!("/containers/{}/start", query_escape(id));
+        self.call(&what, "POST", &path, Body::None, &[204, 304])
+            .map(drop)
+    }
+
+    /// Stops a container, killing it after `timeout`; stopping a stopped one is not an error.
+    pub fn stop_container(&self, id: &str, timeout: Duration) -> Result<()> {
+        let what = format!("stopping container {id}");
+        let path = format!(
+            "/containers/{}/stop?t={}",
+            query_escape(id),
+            timeout.as_secs()
+        );
+        // The engine answers only once the container is down: allow for the grace time.
+        let response = self.request(
+            &what,
+            "POST",
+            &format!("/{API_VERSION}{path}"),
+            Body::None,
+            self.timeout + timeout,
+        )?;
+        check(&what, response, &[204, 304]).map(drop)
+    }
+
+    /// Removes a container, killing it first if it runs.
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        let what = format!("removing container {id}");
+        let path = format!("/containers/{}?force=1", query_escape(id));
+        self.call(&what, "DELETE", &path, Body::None, &[204])
+            .map(drop)
+    }
+
+    /// Inspects an image by reference or ID; `None` if the engine does not have it.
+    pub fn inspect_image(&self, reference: &str) -> Result<Option<ImageDetails>> {
+        let what = format!("inspecting image {reference}");
+        // Image names contain `/` and `:`, which the engine expects unescaped in the path.
+        let path = format!("/images/{reference}/json");
+        let response = self.call(&what, "GET", &path, Body::None, &[200, 404])?;
+        if response.status == 404 {
+            return Ok(None);
+        }
+        json(&what, &response).map(Some)
+    }
+
+    /// Deletes dangling (untagged, unused) images; returns the bytes reclaimed.
+    pub fn prune_dangling_images(&self) -> Result<u64> {
+        #[derive(Deserialize)]
+        struct Pruned {
+            #[serde(rename = "SpaceReclaimed", default)]
+            space_reclaimed: u64,
+        }
+        let what = "pruning dangling images";
+        let filters = serde_json::json!({ "dangling": ["true"] }).to_string();
+        let path = format!("/images/prune?filters={}", query_escape(&filters));
+        let response = self.call(what, "POST", &path, Body::None, &[200])?;
+        json::<Pruned>(what, &response).map(|p| p.space_reclaimed)
+    }
+
+    /// Removes an image reference (untagging it, and deleting the image when no tag is left);
+    /// returns false if the engine did not have it.
+    pub fn remove_image(&self, reference: &str) -> Result<bool> {
+        let what = format!("removing image {reference}");
+        let path = format!("/images/{reference}");
+        let response = self.call(&what, "DELETE", &path, Body::None, &[200, 404])?;
+        Ok(response.status == 200)
+    }
+
+    /// Loads a `docker save` archive; returns the references and IDs the engine reports loaded.
+    pub fn load_image(&self, archive: &Path) -> Result<Vec<String>> {
+        let what = format!("loading image archive {}", archive.display());
+        let response = self.request(
+            &what,
+            "POST",
+            &format!("/{API_VERSION}/images/load?quiet=1"),
+            Body::File(archive),
+            self.long_timeout,
+        )?;
+        let response = check(&what, response, &[200])?;
+        let messages = stream_messages(&what, &response.body)?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| m.get("stream").and_then(Value::as_str))
+            .filter_map(|s| {
+                s.trim()
+                    .strip_prefix("Loaded image: ")
+                    .or_else(|| s.trim().strip_prefix("Loaded image ID: "))
+            })
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Pulls an image from its registry.
+    pub fn pull_image(&self, reference: &str) -> Result<()> {
+        let what = format!("pulling image {reference}");
+        let (name, tag) = split_reference(reference);
+        let path = format!(
+            "/{API_VERSION}/images/create?fromImage={}&tag={}",
+            query_escape(name),
+            query_escape(tag)
+        );
+        let response = self.request(&what, "POST", &path, Body::None, self.long_timeout)?;
+        let response = check(&what, response, &[200])?;
+        stream_messages(&what, &response.body).map(drop)
+    }
+}
+
+fn check(what: &str, response: Response, ok: &[u16]) -> Result<Response> {
+    if ok.contains(&response.status) {
+        Ok(response)
+    } else {
+        Err(Error::Api {
+            what: what.to_owned(),
+            status: response.status,
+            message: response.error_message(),
+        })
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(what: &str, response: &Response) -> Result<T> {
+    serde_json::from_slice(&response.body).map_err(|e| Error::protocol(what, e.to_string()))
+}
+
+/// Splits a JSON message stream (pull/load progress) and fails on the first `error` message.
+fn stream_messages(what: &str, body: &[u8]) -> Result<Vec<Value>> {
+    let mut messages = Vec::new();
+    for message in serde_json::Deserializer::from_slice(body).into_iter::<Value>() {
+        let message = message.map_err(|e| Error::protocol(what, e.to_string()))?;
+        if let Some(error) = message.get("error") {
+            let text = error
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| error.to_string());
+            return Err(Error::Stream {
+                what: what.to_owned(),
+                message: text,
+            });
+        }
+        messages.push(message);
+    }
+    Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+    use std::os::unix::net::UnixListener;
+
+    fn parse(bytes: &[u8]) -> io::Result<Response> {
+        read_response(&mut Cursor::new(bytes), false)
+    }
+
+    #[test]
+    fn content_length_body() {
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nOKtrailing",
+        )
+        .expect("parses");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"OK");
+        assert_eq!(r.headers["content-type"], "text/plain");
+    }
+
+    #[test]
+    fn chunked_body_with_extension_and_trailer() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        let r = parse(raw).expect("parses");
+        assert_eq!(r.body, b"hello, world");
+    }
+
+    #[test]
+    fn body_until_close_and_no_body_statuses() {
+        let r = parse(b"HTTP/1.0 200 OK\r\n\r\n[1,2]").expect("parses");
+        assert_eq!(r.body, b"[1,2]");
+        let r = parse(b"HTTP/1.1 204 No Content\r\n\r\n").expect("parses");
+        assert_eq!((r.status, r.body.len()), (204, 0));
+        let r = parse(b"HTTP/1.1 304 Not Modified\r\n\r\n").expect("parses");
+        assert_eq!(r.status, 304);
+    }
+
+    #[test]
+    fn malformed_responses_are_errors() {
+        for raw in [
+            &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nbroken header\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+        ] {
+            assert!(parse(raw).is_err(), "{:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn engine_error_message_is_extracted() {
+        let r = parse(b"HTTP/1.1 409 Conflict\r\nContent-Length: 51\r\n\r\n{\"message\":\"Conflict. The name is already in use\"}\n")
+            .expect("parses");
+        assert_eq!(r.error_message(), "Conflict. The name is already in use");
+        let err = check("creating container web", r, &[201]).expect_err("409 is an error");
+        assert_eq!(err.status(), Some(409));
+        assert_eq!(
+            err.to_string(),
+            "creating container web: engine answered HTTP 409: Conflict. The name is already in use"
+        );
+    }
+
+    #[test]
+    fn stream_errors_are_reported() {
+        let body = b"{\"status\":\"Pulling from library/x\"}\r\n{\"errorDetail\":{\"message\":\"not found\"},\"error\":\"manifest unknown\"}\r\n";
+        let err = stream_messages("pulling image x", body).expect_err("error message fails");
+        assert_eq!(err.to_string(), "pulling image x: manifest unknown");
+        let ok = stream_messages("loading", b"{\"stream\":\"Loaded image: a:1\\n\"}\n")
+            .expect("no error");
+        assert_eq!(ok.len(), 1);
+    }
+
+    #[test]
+    fn references_split_into_name_and_tag() {
+        assert_eq!(split_reference("busybox"), ("busybox", "latest"));
+        assert_eq!(split_reference("busybox:1.36"), ("busybox", "1.36"));
+        assert_eq!(
+            split_reference("127.0.0.1:5000/a/b:v2"),
+            ("127.0.0.1:5000/a/b", "v2")
+        );
+        assert_eq!(
+            split_reference("127.0.0.1:5000/a/b"),
+            ("127.0.0.1:5000/a/b", "latest")
+        );
+        assert_eq!(split_reference("a/b@sha256:abcd"), ("a/b", "sha256:abcd"));
+        assert_eq!(query_escape("a b/c:d"), "a%20b%2Fc%3Ad");
+    }
+
+    /// Request lines and bodies the fake engine received.
+    type Seen = Vec<(String, Vec<u8>)>;
+
+    /// A one-thread fake engine: answers each connection from a table of (request line → response).
+    fn fake_engine(
+        dir: &Path,
+        answers: Vec<(&'static str, &'static str)>,
+    ) -> (PathBuf, std::thread::JoinHandle<Seen>) {
+        let socket = dir.join("docker.sock");
+        let listener = UnixListener::bind(&socket).expect("binding fake engine socket");
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (expect, answer) in answers {
+                let (stream, _) = listener.accept().expect("accepting");
+                let mut reader = BufReader::new(stream);
+                let request_line = read_line(&mut reader).expect("request line");
+                let mut length = 0;
+                loop {
+                    let line = read_line(&mut reader).expect("header");
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().expect("length");
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).expect("body");
+                assert_eq!(request_line, expect);
+                reader
+                    .get_mut()
+                    .write_all(answer.as_bytes())
+                    .expect("answering");
+                seen.push((request_line, body));
+            }
+            seen
+        });
+        (socket, handle)
+    }
+
+    #[test]
+    fn client_talks_to_a_fake_engine_over_a_unix_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (socket, engine) = fake_engine(
+            dir.path(),
+            vec![
+                (
+                    "GET /_ping HTTP/1.1",
+                    "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK",
+                ),
+                (
+                    "POST /v1.41/containers/create?name=web HTTP/1.1",
+                    "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+                     10\r\n{\"Id\":\"abc123\",\"\r\nd\r\nWarnings\":[]}\r\n0\r\n\r\n",
+                ),
+                (
+                    "POST /v1.41/containers/abc123/start HTTP/1.1",
+                    "HTTP/1.1 204 No Content\r\n\r\n",
+                ),
+                (
+                    "GET /v1.41/containers/gone/json HTTP/1.1",
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 38\r\n\r\n{\"message\":\"No such container: gone\"}\n",
+                ),
+                (
+                    "DELETE /v1.41/containers/gone?force=1 HTTP/1.1",
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 38\r\n\r\n{\"message\":\"No such container: gone\"}\n",
+                ),
+            ],
+        );
+        let client = Client::new(&socket);
+        client
+            .wait_ready(Duration::from_secs(5))
+            .expect("fake engine answers ping");
+        let body = serde_json::json!({ "Image": "busybox:1.36" });
+        let id = client.create_container("web", &body).expect("create");
+        assert_eq!(id, "abc123");
+        client.start_container(&id).expect("start");
+        assert_eq!(client.inspect_container("gone").expect("inspect"), None);
+        let err = client.remove_container("gone").expect_err("404 on remove");
+        assert_eq!(err.status(), Some(404));
+        assert!(err.to_string().contains("No such container: gone"), "{err}");
+        let seen = engine.join().expect("fake engine thread");
+        let sent: Value = serde_json::from_slice(&seen[1].1).expect("create body is JSON");
+        assert_eq!(sent, body);
+    }
+
+    #[test]
+    fn wait_ready_gives_up_on_a_silent_engine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("silent.sock");
+        let listener = UnixListener::bind(&socket).expect("bind");
+        let held = std::thread::spawn(move || {
+            // Accept connections and never answer.
+            let mut open = Vec::new();
+            for stream in listener.incoming().take(3) {
+                open.push(stream);
+            }
+            open.len()
+        });
+        let start = Instant::now();
+        let err = Client::new(&socket)
+            .wait_ready(Duration::from_millis(400))
+            .expect_err("silent engine is not ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        drop(held);
+    }
+
+    #[test]
+    fn wait_ready_times_out_without_an_engine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = Client::new(dir.path().join("absent.sock"));
+        let start = Instant::now();
+        let err = client
+            .wait_ready(Duration::from_millis(300))
+            .expect_err("nobody listens");
+        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        assert!(start.elapsed() >= Duration::from_millis(300));
+    }
+}
