@@ -1,0 +1,97 @@
+//! Builds test images with the real builder from real Debian packages, caching the result per
+//! definition for the test process.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace's top folder.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The static `plinth-init` that `scripts/build-init.sh` builds.
+pub fn init_binary() -> Result<PathBuf> {
+    let path = workspace().join("target/x86_64-unknown-linux-gnu/release/plinth-init");
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build it with scripts/build-init.sh (scripts/test.sh does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+static BUILT: Mutex<BTreeMap<PathBuf, PathBuf>> = Mutex::new(BTreeMap::new());
+
+/// Builds `definition` (with `lock`, the lock file to use, which must resolve the same roots)
+/// into a folder under `target/qemu-tests`, once per test process. Returns the raw disk image.
+///
+/// A lock whose packages are gone from the archive does not fail the tests: the copy is
+/// re-locked against the mirror and the build retried, with a warning.
+pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
+    let mut built = BUILT.lock().map_err(|_| anyhow::anyhow!("image cache lock poisoned"))?;
+    if let Some(raw) = built.get(definition) {
+        return Ok(raw.clone());
+    }
+    let stem = definition
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .context("definition file name")?;
+    let dir = workspace().join("target/qemu-tests").join(stem);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let def_copy = dir.join(format!("{stem}.toml"));
+    std::fs::copy(definition, &def_copy)
+        .with_context(|| format!("copying {}", definition.display()))?;
+    let lock_copy = builder::debian::lock::lock_path(&def_copy);
+    std::fs::copy(lock, &lock_copy).with_context(|| format!("copying {}", lock.display()))?;
+    let args = build_args(&def_copy, &dir.join("out"))?;
+    let result = builder::build::build_image(&args);
+    let result = match result {
+        Err(err) if format!("{err:#}").contains("lock --update") => {
+            eprintln!("warning: {err:#}\nwarning: re-locking a copy of {} and building again", definition.display());
+            builder::cli::dispatch(builder::cli::Cli {
+                command: builder::cli::Command::Lock(builder::cli::LockArgs {
+                    file: def_copy.clone(),
+                    update: true,
+                    cache: args.cache.clone(),
+                }),
+            })?;
+            builder::build::build_image(&args)
+        }
+        other => other,
+    };
+    let raw = result.with_context(|| format!("building test image {}", definition.display()))?.raw;
+    built.insert(definition.to_path_buf(), raw.clone());
+    Ok(raw)
+}
+
+fn build_args(def: &Path, out: &Path) -> Result<builder::cli::BuildArgs> {
+    Ok(builder::cli::BuildArgs {
+        file: def.to_path_buf(),
+        output: out.to_path_buf(),
+        format: vec!["raw".to_owned()],
+        init: Some(init_binary()?),
+        keep_tree: None,
+        cache: builder::cli::CacheArgs { cache_dir: None, offline: false },
+    })
+}
+
+/// Copies a built disk image (sparse-aware through `cp`) so a test can change it freely.
+pub fn private_copy(raw: &Path, dir: &Path) -> Result<PathBuf> {
+    let dest = dir.join(raw.file_name().context("disk file name")?);
+    let status = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(raw)
+        .arg(&dest)
+        .status()
+        .context("running cp")?;
+    if !status.success() {
+        bail!("copying {} to {} failed", raw.display(), dest.display());
+    }
+    Ok(dest)
+}
