@@ -11,8 +11,9 @@ use anyhow::{bail, Context, Result};
 use super::paths;
 
 /// Paths (merged-/usr, relative) whose content an image never needs: documentation, manual
-/// pages, translations, shell completions, packaging metadata.
-const DROPPED: [&str; 14] = [
+/// pages, translations, shell completions, packaging metadata, and the hooks and service files
+/// of init systems and initramfs generators Plinth does not use.
+const DROPPED: [&str; 21] = [
     "usr/share/doc",
     "usr/share/doc-base",
     "usr/share/man",
@@ -27,6 +28,13 @@ const DROPPED: [&str; 14] = [
     "usr/share/menu",
     "usr/share/gtk-doc",
     "usr/share/help",
+    "usr/share/initramfs-tools",
+    "usr/share/apport",
+    "etc/init.d",
+    "etc/initramfs-tools",
+    "usr/lib/systemd/system",
+    "usr/lib/systemd/user",
+    "usr/lib/tmpfiles.d",
 ];
 
 /// Whether a merged-/usr relative path is documentation or similar and is never extracted.
@@ -222,6 +230,10 @@ mod tests {
         );
         assert!(!dir.path().join("usr/share/doc").exists());
         assert!(!dir.path().join("bin").exists());
+        assert!(is_dropped("usr/share/man"));
+        assert!(is_dropped("usr/lib/systemd/system/docker.service"));
+        assert!(!is_dropped("usr/lib/systemd/boot/efi/systemd-bootx64.efi"));
+        assert!(!is_dropped("usr/share/mandoc"));
     }
 
     #[test]
