@@ -63,6 +63,9 @@ fn apt_download(dir: &Path) -> std::process::Output {
         // An empty package status makes apt fetch every dependency, as for an empty system.
         .arg("-o")
         .arg("Dir::State::status=/dev/null")
+        // Only the private archive folder is written; other apt users need not wait.
+        .arg("-o")
+        .arg("Debug::NoLocking=true")
         .arg("-o")
         .arg(format!("Dir::Cache::archives={}", dir.display()))
         .args(PACKAGES)

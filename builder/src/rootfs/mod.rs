@@ -21,6 +21,7 @@ use os_config::Definition;
 use sha2::{Digest, Sha256};
 
 use crate::debian::FetchedPackage;
+use crate::progress::Step;
 use select::Selection;
 
 pub use tree::listing;
@@ -89,6 +90,13 @@ pub fn assemble(
     work: &Path,
     source_date_epoch: u64,
 ) -> Result<Tree> {
+    let not_empty = std::fs::read_dir(work)
+        .with_context(|| format!("reading work folder {}", work.display()))?
+        .next()
+        .is_some();
+    if not_empty {
+        bail!("work folder {} is not empty", work.display());
+    }
     let stage = work.join("stage");
     let root = work.join("root");
     let boot = work.join("boot");
@@ -103,6 +111,7 @@ pub fn assemble(
     sorted.sort_by(|a, b| {
         (&a.name, &a.version, &a.architecture).cmp(&(&b.name, &b.version, &b.architecture))
     });
+    let step = Step::start("extract packages");
     let mut contents: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for package in &sorted {
         let written = deb::extract(&package.path, &stage)
@@ -113,6 +122,9 @@ pub fn assemble(
             .extend(written);
     }
 
+    step.done(&format!("{} packages", sorted.len()));
+
+    let step = Step::start("select files and shared libraries");
     let kernel_version = find_kernel(&contents, &def.kernel.package)?;
     let mut selection = Selection::new(&stage);
     select_engine(&mut selection, &stage)?;
@@ -143,13 +155,16 @@ pub fn assemble(
         etc::write_symlink(&root, top, &format!("usr/{top}"))?;
     }
     copy_selection(&stage, &root, &selection)?;
+    step.done(&format!("{} entries", selection.entries().len()));
 
     if contents.contains_key("ca-certificates") {
         write_ca_bundle(&stage, &root)?;
     }
     let modules_dir = root.join(format!("usr/lib/modules/{kernel_version}"));
-    kmod::write_tables(&modules_dir)
+    let step = Step::start("kernel module tables");
+    let count = kmod::write_tables(&modules_dir)
         .with_context(|| format!("writing module tables in {}", modules_dir.display()))?;
+    step.done(&format!("{count} modules of kernel {kernel_version}"));
 
     etc::write_config(&root, def, &build_id(def, packages)?)?;
     for dir in MOUNTPOINTS {
@@ -334,4 +349,345 @@ pub fn build_id(def: &Definition, packages: &[FetchedPackage]) -> Result<String>
     }
     hasher.update(serde_json::to_vec(def).context("serialising the definition")?);
     Ok(hex::encode(hasher.finalize())[..12].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    enum Item<'a> {
+        File(&'a str, Vec<u8>, u32),
+        Link(&'a str, &'a str),
+    }
+
+    fn file<'a>(path: &'a str, content: &[u8], mode: u32) -> Item<'a> {
+        Item::File(path, content.to_vec(), mode)
+    }
+
+    /// Writes a `.deb` holding `items`, its data compressed as `compression` (gz, xz or zst).
+    fn deb(dir: &Path, name: &str, compression: &str, items: Vec<Item<'_>>) -> FetchedPackage {
+        let mut tar = tar::Builder::new(Vec::new());
+        for item in items {
+            let mut header = tar::Header::new_gnu();
+            match item {
+                Item::File(path, content, mode) => {
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_mode(mode);
+                    header.set_size(content.len() as u64);
+                    tar.append_data(&mut header, format!("./{path}"), &content[..])
+                        .expect("tar file");
+                }
+                Item::Link(path, target) => {
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_size(0);
+                    tar.append_link(&mut header, format!("./{path}"), target)
+                        .expect("tar link");
+                }
+            }
+        }
+        let data = tar.into_inner().expect("tar");
+        let packed = match compression {
+            "gz" => {
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                enc.write_all(&data).expect("gz");
+                enc.finish().expect("gz")
+            }
+            "xz" => {
+                let mut enc = xz2::write::XzEncoder::new(Vec::new(), 1);
+                enc.write_all(&data).expect("xz");
+                enc.finish().expect("xz")
+            }
+            _ => zstd::stream::encode_all(&data[..], 1).expect("zst"),
+        };
+        let path = dir.join(format!("{name}_1.0_amd64.deb"));
+        let mut ar = ar::Builder::new(std::fs::File::create(&path).expect("create deb"));
+        for (id, content) in [
+            ("debian-binary".to_owned(), b"2.0\n".to_vec()),
+            ("control.tar.gz".to_owned(), Vec::new()),
+            (format!("data.tar.{compression}"), packed),
+        ] {
+            let header = ar::Header::new(id.into_bytes(), content.len() as u64);
+            ar.append(&header, &content[..]).expect("ar member");
+        }
+        FetchedPackage {
+            name: name.to_owned(),
+            version: "1.0".to_owned(),
+            architecture: "amd64".to_owned(),
+            path,
+        }
+    }
+
+    const KVER: &str = "6.1.0-9-cloud-amd64";
+
+    fn packages(dir: &Path) -> Vec<FetchedPackage> {
+        let script = b"#!/bin/sh\n";
+        let mods = format!("lib/modules/{KVER}");
+        vec![
+            deb(
+                dir,
+                "docker.io",
+                "xz",
+                vec![
+                    file("usr/sbin/dockerd", script, 0o755),
+                    file("usr/sbin/docker-proxy", script, 0o755),
+                    file("usr/bin/docker", script, 0o755),
+                    file("usr/share/doc/docker.io/README", b"doc", 0o644),
+                    file("lib/systemd/system/docker.service", b"[Unit]", 0o644),
+                ],
+            ),
+            deb(
+                dir,
+                "containerd",
+                "zst",
+                vec![
+                    file("usr/bin/containerd", script, 0o755),
+                    file("usr/bin/containerd-shim-runc-v2", script, 0o755),
+                    file("usr/bin/ctr", script, 0o755),
+                ],
+            ),
+            deb(
+                dir,
+                "runc",
+                "gz",
+                vec![
+                    file("usr/sbin/runc", script, 0o4755),
+                    Item::Link("usr/bin/runc", "../sbin/runc"),
+                ],
+            ),
+            deb(
+                dir,
+                "tini",
+                "gz",
+                vec![
+                    file("usr/bin/tini", script, 0o755),
+                    file("usr/bin/tini-static", script, 0o755),
+                ],
+            ),
+            deb(
+                dir,
+                "iptables",
+                "gz",
+                vec![
+                    file("usr/sbin/xtables-nft-multi", script, 0o755),
+                    file("usr/sbin/xtables-legacy-multi", script, 0o755),
+                    file(
+                        "usr/lib/x86_64-linux-gnu/xtables/libxt_NAT.so",
+                        b"so",
+                        0o644,
+                    ),
+                    Item::Link(
+                        "usr/lib/x86_64-linux-gnu/xtables/libxt_MASQUERADE.so",
+                        "libxt_NAT.so",
+                    ),
+                ],
+            ),
+            deb(
+                dir,
+                &format!("linux-image-{KVER}"),
+                "xz",
+                vec![
+                    file(&format!("boot/vmlinuz-{KVER}"), b"MZkernel", 0o644),
+                    file(&format!("boot/config-{KVER}"), b"CONFIG_X=y", 0o644),
+                    file(
+                        &format!("{mods}/kernel/drivers/virtio/virtio.ko"),
+                        &kmod::fake_module(&["name=virtio"]),
+                        0o644,
+                    ),
+                    file(
+                        &format!("{mods}/kernel/drivers/block/virtio_blk.ko"),
+                        &kmod::fake_module(&[
+                            "name=virtio_blk",
+                            "depends=virtio",
+                            "alias=virtio:d00000002v*",
+                        ]),
+                        0o644,
+                    ),
+                    file(
+                        &format!("{mods}/modules.builtin"),
+                        b"kernel/fs/ext4/ext4.ko\n",
+                        0o644,
+                    ),
+                ],
+            ),
+            deb(
+                dir,
+                "linux-image-cloud-amd64",
+                "xz",
+                vec![file(
+                    "usr/share/doc/linux-image-cloud-amd64/copyright",
+                    b"c",
+                    0o644,
+                )],
+            ),
+            deb(
+                dir,
+                "systemd-boot-efi",
+                "gz",
+                vec![file(SYSTEMD_BOOT, b"MZboot", 0o755)],
+            ),
+            deb(
+                dir,
+                "busybox-static",
+                "gz",
+                vec![
+                    file("bin/busybox", script, 0o755),
+                    file("usr/share/man/man1/busybox.1.gz", b"man", 0o644),
+                ],
+            ),
+            deb(
+                dir,
+                "ca-certificates",
+                "gz",
+                vec![
+                    file("usr/share/ca-certificates/mozilla/B.crt", b"B\n", 0o644),
+                    file("usr/share/ca-certificates/mozilla/A.crt", b"A", 0o644),
+                    file("usr/sbin/update-ca-certificates", script, 0o755),
+                ],
+            ),
+            deb(
+                dir,
+                "netbase",
+                "gz",
+                vec![file("etc/protocols", b"tcp 6 TCP\n", 0o644)],
+            ),
+            deb(
+                dir,
+                "libc6",
+                "gz",
+                vec![
+                    file("lib/x86_64-linux-gnu/libc.so.6", b"not needed", 0o755),
+                    Item::Link(
+                        "lib64/ld-linux-x86-64.so.2",
+                        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                    ),
+                ],
+            ),
+        ]
+    }
+
+    fn definition() -> Definition {
+        Definition::parse(
+            "t.toml",
+            "[image]\nname = \"demo\"\nversion = \"1.0\"\n[debian]\npackages = [\"busybox-static\"]\n\
+[[file]]\npath = \"/etc/motd\"\nmode = \"0600\"\ncontent = \"hi\\n\"\n",
+        )
+        .expect("definition")
+    }
+
+    #[test]
+    fn assembles_synthetic_packages() {
+        let debs = tempfile::tempdir().expect("tempdir");
+        let packages = packages(debs.path());
+        let work = tempfile::tempdir().expect("tempdir");
+        let tree = assemble(
+            &definition(),
+            debs.path(),
+            &packages,
+            work.path(),
+            1_234_567,
+        )
+        .expect("assemble");
+        let root = &tree.root;
+        assert_eq!(tree.kernel_version, KVER);
+        assert_eq!(std::fs::read(&tree.vmlinuz).expect("vmlinuz"), b"MZkernel");
+        assert_eq!(
+            std::fs::read(&tree.systemd_boot_efi).expect("efi"),
+            b"MZboot"
+        );
+        assert!(!work.path().join("stage").exists());
+
+        let listing = listing(root).expect("listing");
+        for present in [
+            "/bin l -> usr/bin",
+            "/lib64 l -> usr/lib64",
+            "/usr/bin/busybox f 0755",
+            "/usr/sbin/runc f 0755",
+            "/usr/bin/docker-init l -> tini-static",
+            "/usr/bin/tini-static f 0755",
+            "/usr/sbin/iptables l -> xtables-nft-multi",
+            "/usr/sbin/ip6tables-save l -> xtables-nft-multi",
+            "/usr/lib/x86_64-linux-gnu/xtables/libxt_MASQUERADE.so l -> libxt_NAT.so",
+            "/usr/lib/x86_64-linux-gnu/xtables/libxt_NAT.so f 0644",
+            "/etc/protocols f",
+            "/etc/motd f 0600 3 ",
+            "/etc/os-release l -> ../usr/lib/os-release",
+            "/etc/resolv.conf l -> ../run/resolv.conf",
+            "/etc/machine-id l -> ../run/machine-id",
+            "/tmp d 1777",
+            "/sysroot d 0755",
+            "/usr/lib/plinth d 0755",
+            "/usr/lib/modules/6.1.0-9-cloud-amd64/kernel/drivers/block/virtio_blk.ko f 0644",
+        ] {
+            assert!(listing.contains(present), "{present} missing:\n{listing}");
+        }
+        for absent in [
+            "/usr/bin/docker ",
+            "/usr/bin/ctr",
+            "/usr/bin/tini ",
+            "xtables-legacy-multi",
+            "update-ca-certificates",
+            "/usr/share/doc",
+            "/usr/share/man",
+            "docker.service",
+            "libc.so.6",
+            "/boot",
+        ] {
+            assert!(!listing.contains(absent), "{absent} present:\n{listing}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/ssl/certs/ca-certificates.crt")).expect("ca"),
+            "A\nB\n"
+        );
+        let modules = root.join(format!("usr/lib/modules/{KVER}"));
+        assert_eq!(
+            std::fs::read_to_string(modules.join("modules.dep")).expect("dep"),
+            "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko\n\
+kernel/drivers/virtio/virtio.ko:\n"
+        );
+        let os_release = std::fs::read_to_string(root.join("usr/lib/os-release")).expect("os");
+        let id = build_id(&definition(), &packages).expect("build id");
+        assert!(
+            os_release.contains(&format!("BUILD_ID={id}\n")),
+            "{os_release}"
+        );
+        for rel in ["", "usr", "usr/bin/busybox", "etc/os-release", "etc/motd"] {
+            let meta = std::fs::symlink_metadata(root.join(rel)).expect("meta");
+            assert_eq!(meta.mtime(), 1_234_567, "/{rel}");
+        }
+        assert_eq!(
+            std::fs::metadata(root.join("etc/motd"))
+                .expect("motd")
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o600
+        );
+
+        // Same inputs in another order, another folder: the same tree.
+        let mut reversed = packages.clone();
+        reversed.reverse();
+        let work2 = tempfile::tempdir().expect("tempdir");
+        let tree2 = assemble(
+            &definition(),
+            debs.path(),
+            &reversed,
+            work2.path(),
+            1_234_567,
+        )
+        .expect("assemble again");
+        assert_eq!(listing, super::listing(&tree2.root).expect("listing"));
+
+        // A non-empty work folder and a missing listed package are refused with their names.
+        let err = assemble(&definition(), debs.path(), &packages, work.path(), 1)
+            .expect_err("work folder in use");
+        assert!(err.to_string().contains("not empty"), "{err}");
+        let mut def = definition();
+        def.debian.packages.push("nano".to_owned());
+        let work3 = tempfile::tempdir().expect("tempdir");
+        let err = assemble(&def, debs.path(), &packages, work3.path(), 1).expect_err("nano");
+        assert!(format!("{err:#}").contains("`nano`"), "{err:#}");
+    }
 }
