@@ -164,6 +164,11 @@ pub fn assemble(
     let step = Step::start("kernel module tables");
     let count = kmod::write_tables(&modules_dir)
         .with_context(|| format!("writing module tables in {}", modules_dir.display()))?;
+    let index = kmod::load(&modules_dir)?;
+    let wanted: Vec<&str> = def.kernel.modules.iter().map(String::as_str).collect();
+    index
+        .closure(&wanted)
+        .with_context(|| format!("[kernel] modules for kernel {kernel_version}"))?;
     step.done(&format!("{count} modules of kernel {kernel_version}"));
 
     etc::write_config(&root, def, &build_id(def, packages)?)?;
@@ -173,15 +178,15 @@ pub fn assemble(
     etc::write_declared(&root, def, def_dir)?;
 
     let vmlinuz = boot.join("vmlinuz");
-    copy_file(
-        &stage.join(format!("boot/vmlinuz-{kernel_version}")),
-        &vmlinuz,
-    )?;
+    let kernel_source = regular_file(&stage, &format!("boot/vmlinuz-{kernel_version}"))?
+        .context("the kernel image is not a regular file")?;
+    copy_file(&kernel_source, &vmlinuz)?;
     let systemd_boot_efi = boot.join("systemd-bootx64.efi");
-    let efi_source = stage.join(SYSTEMD_BOOT);
-    if !efi_source.is_file() {
-        bail!("/{SYSTEMD_BOOT} is not in the fetched packages; add the `systemd-boot-efi` package");
-    }
+    let efi_source = regular_file(&stage, SYSTEMD_BOOT)?.with_context(|| {
+        format!(
+            "/{SYSTEMD_BOOT} is not in the fetched packages; add the `systemd-boot-efi` package"
+        )
+    })?;
     copy_file(&efi_source, &systemd_boot_efi)?;
 
     std::fs::remove_dir_all(&stage)
@@ -305,6 +310,19 @@ fn copy_selection(stage: &Path, root: &Path, selection: &Selection) -> Result<()
     Ok(())
 }
 
+/// The regular file that `rel` resolves to inside `tree` (symlinks followed inside the tree
+/// only), or `None` if there is none.
+fn regular_file(tree: &Path, rel: &str) -> Result<Option<PathBuf>> {
+    let resolved = paths::resolve(tree, rel, true)?;
+    if !resolved.exists {
+        return Ok(None);
+    }
+    let path = tree.join(&resolved.path);
+    let meta =
+        std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(meta.is_file().then_some(path))
+}
+
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to)
         .map(|_| ())
@@ -324,7 +342,10 @@ fn write_ca_bundle(stage: &Path, root: &Path) -> Result<()> {
     }
     let mut bundle = Vec::new();
     for cert in &certs {
-        let path = base.join(cert);
+        // Only regular files: a symlink could point anywhere on the build host.
+        let Some(path) = regular_file(stage, &format!("usr/share/ca-certificates/{cert}"))? else {
+            continue;
+        };
         let mut bytes =
             std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         if !bytes.ends_with(b"\n") {
@@ -684,6 +705,15 @@ kernel/drivers/virtio/virtio.ko:\n"
         let err = assemble(&definition(), debs.path(), &packages, work.path(), 1)
             .expect_err("work folder in use");
         assert!(err.to_string().contains("not empty"), "{err}");
+        let mut def = definition();
+        def.kernel.modules.push("virtio-blk".to_owned());
+        def.kernel.modules.push("ext4".to_owned());
+        let work4 = tempfile::tempdir().expect("tempdir");
+        assemble(&def, debs.path(), &packages, work4.path(), 1).expect("known modules");
+        def.kernel.modules.push("nosuch".to_owned());
+        let work5 = tempfile::tempdir().expect("tempdir");
+        let err = assemble(&def, debs.path(), &packages, work5.path(), 1).expect_err("nosuch");
+        assert!(format!("{err:#}").contains("`nosuch`"), "{err:#}");
         let mut def = definition();
         def.debian.packages.push("nano".to_owned());
         let work3 = tempfile::tempdir().expect("tempdir");
