@@ -191,11 +191,7 @@ pub fn assemble(
 
     std::fs::remove_dir_all(&stage)
         .with_context(|| format!("removing staging tree {}", stage.display()))?;
-    tree::normalise(
-        &root,
-        source_date_epoch,
-        &[("tmp", 0o1777), ("root", 0o700)],
-    )?;
+    normalise(&root, source_date_epoch)?;
     tree::normalise(&boot, source_date_epoch, &[])?;
     Ok(Tree {
         root,
@@ -203,6 +199,16 @@ pub fn assemble(
         vmlinuz,
         systemd_boot_efi,
     })
+}
+
+/// Directories whose mode is not `0755`.
+const SPECIAL_DIRS: [(&str, u32); 2] = [("tmp", 0o1777), ("root", 0o700)];
+
+/// Gives every directory of an assembled root its fixed mode and every entry the timestamp
+/// `source_date_epoch`, as [`assemble`] does; for callers that add files afterwards (such as
+/// `plinth-init` in `usr/bin/`).
+pub fn normalise(root: &Path, source_date_epoch: u64) -> Result<()> {
+    tree::normalise(root, source_date_epoch, &SPECIAL_DIRS)
 }
 
 /// The kernel release shipped by the fetched packages: the one `boot/vmlinuz-<release>` with a
@@ -619,6 +625,14 @@ mod tests {
             b"MZboot"
         );
         assert!(!work.path().join("stage").exists());
+
+        // A file added afterwards gets the same treatment from `normalise`.
+        std::fs::write(root.join("usr/bin/added"), b"x").expect("write");
+        normalise(root, 1_234_567).expect("normalise");
+        let added = std::fs::metadata(root.join("usr/bin/added")).expect("added");
+        assert_eq!(added.mtime(), 1_234_567);
+        std::fs::remove_file(root.join("usr/bin/added")).expect("remove");
+        normalise(root, 1_234_567).expect("normalise");
 
         let listing = listing(root).expect("listing");
         for present in [
