@@ -105,7 +105,29 @@ pub struct Module {
     pub info: ModInfo,
 }
 
-/// Reads every `*.ko` below `modules_dir`, sorted by path.
+/// File name endings of kernel modules: plain, or compressed as the kernel can load them.
+pub const MODULE_SUFFIXES: [&str; 4] = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"];
+
+/// Reads a module file, decompressing `.ko.xz`, `.ko.zst` and `.ko.gz`.
+pub fn read_module(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let name = path.to_string_lossy();
+    let mut out = Vec::new();
+    let result = if name.ends_with(".ko.xz") {
+        xz2::read::XzDecoder::new(&raw[..]).read_to_end(&mut out)
+    } else if name.ends_with(".ko.zst") {
+        zstd::stream::read::Decoder::new(&raw[..]).and_then(|mut d| d.read_to_end(&mut out))
+    } else if name.ends_with(".ko.gz") {
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out)
+    } else {
+        return Ok(raw);
+    };
+    result.with_context(|| format!("decompressing {}", path.display()))?;
+    Ok(out)
+}
+
+/// Reads every module (`*.ko`, also compressed) below `modules_dir`, sorted by path.
 pub fn scan(modules_dir: &Path) -> Result<Vec<Module>> {
     let mut files = Vec::new();
     collect_modules(modules_dir, "", &mut files)?;
@@ -113,7 +135,7 @@ pub fn scan(modules_dir: &Path) -> Result<Vec<Module>> {
     let mut modules = Vec::with_capacity(files.len());
     for rel in files {
         let full = modules_dir.join(&rel);
-        let bytes = std::fs::read(&full).with_context(|| format!("reading {}", full.display()))?;
+        let bytes = read_module(&full)?;
         let section =
             modinfo_section(&bytes).with_context(|| format!("reading {}", full.display()))?;
         let info = parse_modinfo(section);
@@ -146,13 +168,8 @@ fn collect_modules(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
             .with_context(|| format!("reading {}", entry.path().display()))?;
         if kind.is_dir() {
             collect_modules(&entry.path(), &child, out)?;
-        } else if kind.is_file() && name.ends_with(".ko") {
+        } else if kind.is_file() && MODULE_SUFFIXES.iter().any(|s| name.ends_with(s)) {
             out.push(child);
-        } else if kind.is_file() && (name.contains(".ko.")) {
-            bail!(
-                "{}: compressed kernel modules are not supported (expected plain .ko files)",
-                entry.path().display()
-            );
         }
     }
     Ok(())
@@ -531,6 +548,17 @@ mod tests {
         );
         assert_eq!(order[1].1, PathBuf::from("kernel/drivers/md/dm-mod.ko"));
         assert!(index.is_builtin("ext4"));
+
+        // A compressed module is read through its compression.
+        let zst = zstd::stream::encode_all(&fake_module(&["name=zmod", "depends=virtio"])[..], 1)
+            .expect("zstd");
+        std::fs::write(dir.path().join("kernel/zmod.ko.zst"), zst).expect("write");
+        assert_eq!(write_tables(dir.path()).expect("tables"), 6);
+        let dep = std::fs::read_to_string(dir.path().join("modules.dep")).expect("dep");
+        assert!(
+            dep.contains("kernel/zmod.ko.zst: kernel/drivers/virtio/virtio.ko\n"),
+            "{dep}"
+        );
 
         std::fs::write(dir.path().join("kernel/bad.ko"), b"not an ELF").expect("write");
         assert!(write_tables(dir.path()).is_err());
