@@ -240,6 +240,7 @@ fn tree_from_real_debian_packages() {
     let checked = check_elf_closure(root);
     assert!(checked > 100, "only {checked} ELF objects checked");
     assert!(run_in_tree(root, &["/usr/sbin/dockerd", "--version"]).contains("Docker version"));
+    assert!(run_in_tree(root, &["/usr/bin/dockerd", "--version"]).contains("Docker version"));
     assert!(run_in_tree(root, &["/usr/sbin/runc", "--version"]).contains("runc version"));
     assert!(run_in_tree(root, &["/usr/bin/containerd", "--version"]).contains("containerd"));
     assert!(run_in_tree(root, &["/usr/sbin/iptables", "--version"]).contains("nf_tables"));

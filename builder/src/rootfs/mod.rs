@@ -253,6 +253,12 @@ fn select_engine(selection: &mut Selection, stage: &Path) -> Result<()> {
         };
         selection.require(&path, &format!("the Docker engine needs `{name}`"))?;
     }
+    // Debian installs dockerd in /usr/sbin; it is also reachable as /usr/bin/dockerd, where
+    // other distributions (and Docker's own packages) put it.
+    if !paths::resolve(stage, "usr/bin/dockerd", false)?.exists {
+        etc::write_symlink(stage, "usr/bin/dockerd", "../sbin/dockerd")?;
+    }
+    selection.require("usr/bin/dockerd", "the Docker engine needs `dockerd`")?;
     if !paths::resolve(stage, "usr/bin/docker-init", true)?.exists {
         let tini = ["tini-static", "tini"]
             .into_iter()
@@ -641,6 +647,8 @@ mod tests {
             "/usr/bin/busybox f 0755",
             "/usr/sbin/runc f 0755",
             "/usr/bin/docker-init l -> tini-static",
+            "/usr/bin/dockerd l -> ../sbin/dockerd",
+            "/usr/sbin/dockerd f 0755",
             "/usr/bin/tini-static f 0755",
             "/usr/sbin/iptables l -> xtables-nft-multi",
             "/usr/sbin/ip6tables-save l -> xtables-nft-multi",
