@@ -89,8 +89,18 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<Vec<String>> {
     let mut tar = tar::Archive::new(reader);
     for entry in tar.entries().context("reading tar stream")? {
         let mut entry = entry.context("reading tar entry")?;
-        let raw = String::from_utf8(entry.path_bytes().into_owned())
-            .context("tar entry with a non-UTF-8 path")?;
+        let raw = match String::from_utf8(entry.path_bytes().into_owned()) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // No name in the image definition can select such a file; leaving it out
+                // beats failing the whole build.
+                eprintln!(
+                    "warning: skipping archive entry with a non-UTF-8 path {:?}",
+                    String::from_utf8_lossy(e.as_bytes())
+                );
+                continue;
+            }
+        };
         let Some(rel) = paths::normalise(&raw)? else {
             continue;
         };
