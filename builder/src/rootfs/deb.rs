@@ -89,6 +89,10 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<Vec<String>> {
     let mut tar = tar::Archive::new(reader);
     for entry in tar.entries().context("reading tar stream")? {
         let mut entry = entry.context("reading tar entry")?;
+        if entry.header().entry_type().is_pax_global_extensions() {
+            // Archive-wide metadata (such as a commit id), not a member.
+            continue;
+        }
         let raw = match String::from_utf8(entry.path_bytes().into_owned()) {
             Ok(raw) => raw,
             Err(e) => {
@@ -128,7 +132,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<Vec<String>> {
         if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
             bail!("`{raw}` would replace the directory {}", target.display());
         }
-        if kind.is_file() {
+        if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
             paths::remove_any(&target)?;
             let mode = file_mode(entry.header().mode().context("reading tar entry mode")?);
             let mut out =
@@ -166,9 +170,11 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<Vec<String>> {
             paths::remove_any(&target)?;
             std::fs::hard_link(dest.join(&source.path), &target)
                 .with_context(|| format!("linking {} to {}", target.display(), source.path))?;
-        } else {
+        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
             // Device nodes and FIFOs have no place in a package's data; they are ignored.
             continue;
+        } else {
+            bail!("`{raw}` has an unsupported tar entry type {kind:?}");
         }
         written.push(target_rel);
     }
