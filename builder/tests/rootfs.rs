@@ -63,6 +63,9 @@ fn apt_download(dir: &Path) -> std::process::Output {
         // An empty package status makes apt fetch every dependency, as for an empty system.
         .arg("-o")
         .arg("Dir::State::status=/dev/null")
+        // Only the private archive folder is written; other apt users need not wait.
+        .arg("-o")
+        .arg("Debug::NoLocking=true")
         .arg("-o")
         .arg(format!("Dir::Cache::archives={}", dir.display()))
         .args(PACKAGES)
@@ -70,8 +73,12 @@ fn apt_download(dir: &Path) -> std::process::Output {
         .expect("running apt-get (the test needs apt, as on a Debian host)")
 }
 
+/// Serialises the download between the tests of this file.
+static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Downloads the packages and their dependencies once; later runs reuse the cache.
 fn fetch_packages() -> Vec<FetchedPackage> {
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     let dir = cache_dir();
     let marker = dir.join(".complete");
     let wanted = PACKAGES.join("\n");
@@ -233,6 +240,7 @@ fn tree_from_real_debian_packages() {
     let checked = check_elf_closure(root);
     assert!(checked > 100, "only {checked} ELF objects checked");
     assert!(run_in_tree(root, &["/usr/sbin/dockerd", "--version"]).contains("Docker version"));
+    assert!(run_in_tree(root, &["/usr/bin/dockerd", "--version"]).contains("Docker version"));
     assert!(run_in_tree(root, &["/usr/sbin/runc", "--version"]).contains("runc version"));
     assert!(run_in_tree(root, &["/usr/bin/containerd", "--version"]).contains("containerd"));
     assert!(run_in_tree(root, &["/usr/sbin/iptables", "--version"]).contains("nf_tables"));
@@ -355,4 +363,88 @@ fn tree_from_real_debian_packages() {
         std::fs::read(&tree.vmlinuz).expect("vmlinuz"),
         std::fs::read(&tree2.vmlinuz).expect("vmlinuz")
     );
+}
+
+/// The generated module tables agree with Debian's own `depmod` (from the `kmod` package,
+/// run inside a chroot of the extracted packages): same dependencies, aliases and soft
+/// dependencies for every module, and a valid load order in each `modules.dep` line.
+#[test]
+fn module_tables_match_debian_depmod() {
+    let packages = fetch_packages();
+    let work = tempfile::tempdir().expect("tempdir");
+    let full = work.path();
+    for top in paths::MERGED_DIRS {
+        std::os::unix::fs::symlink(format!("usr/{top}"), full.join(top)).expect("symlink");
+    }
+    for package in &packages {
+        rootfs::deb::extract(&package.path, full).expect("extracting package");
+    }
+    let modules_root = full.join("usr/lib/modules");
+    let mut versions: Vec<String> = std::fs::read_dir(&modules_root)
+        .expect("modules dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    let version = versions.remove(0);
+    let modules_dir = modules_root.join(&version);
+    let count = kmod::write_tables(&modules_dir).expect("writing tables");
+    assert!(count > 500, "only {count} modules");
+    let read = |file: &str| std::fs::read_to_string(modules_dir.join(file)).expect(file);
+    let (ours_dep, ours_alias, ours_softdep) = (
+        read("modules.dep"),
+        read("modules.alias"),
+        read("modules.softdep"),
+    );
+
+    run_in_tree(full, &["/usr/sbin/depmod", &version]);
+    let (debian_dep, debian_alias, debian_softdep) = (
+        read("modules.dep"),
+        read("modules.alias"),
+        read("modules.softdep"),
+    );
+    assert!(
+        modules_dir.join("modules.dep.bin").is_file(),
+        "depmod did not write its tables"
+    );
+
+    let parse = |text: &str| -> std::collections::BTreeMap<String, Vec<String>> {
+        text.lines()
+            .map(|l| {
+                let (module, deps) = l.split_once(':').expect("PATH: DEPS");
+                (
+                    module.to_owned(),
+                    deps.split_whitespace().map(str::to_owned).collect(),
+                )
+            })
+            .collect()
+    };
+    let (ours, debian) = (parse(&ours_dep), parse(&debian_dep));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        debian.keys().collect::<Vec<_>>(),
+        "different module sets"
+    );
+    for (module, deps) in &ours {
+        let mut a = deps.clone();
+        let mut b = debian[module].clone();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "dependencies of {module}");
+        // Loading from the end of the line backwards never loads a module before its deps.
+        for (i, dep) in deps.iter().enumerate() {
+            for later in &ours[dep] {
+                assert!(
+                    deps[i + 1..].contains(later),
+                    "{module}: {dep} needs {later}, which is not after it"
+                );
+            }
+        }
+    }
+    let sorted = |text: &str| {
+        let mut lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        lines.sort();
+        lines.join("\n")
+    };
+    assert_eq!(sorted(&ours_alias), sorted(&debian_alias));
+    assert_eq!(sorted(&ours_softdep), sorted(&debian_softdep));
 }

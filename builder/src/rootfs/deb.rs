@@ -11,8 +11,9 @@ use anyhow::{bail, Context, Result};
 use super::paths;
 
 /// Paths (merged-/usr, relative) whose content an image never needs: documentation, manual
-/// pages, translations, shell completions, packaging metadata.
-const DROPPED: [&str; 14] = [
+/// pages, translations, shell completions, packaging metadata, and the hooks and service files
+/// of init systems and initramfs generators Plinth does not use.
+const DROPPED: [&str; 21] = [
     "usr/share/doc",
     "usr/share/doc-base",
     "usr/share/man",
@@ -27,6 +28,13 @@ const DROPPED: [&str; 14] = [
     "usr/share/menu",
     "usr/share/gtk-doc",
     "usr/share/help",
+    "usr/share/initramfs-tools",
+    "usr/share/apport",
+    "etc/init.d",
+    "etc/initramfs-tools",
+    "usr/lib/systemd/system",
+    "usr/lib/systemd/user",
+    "usr/lib/tmpfiles.d",
 ];
 
 /// Whether a merged-/usr relative path is documentation or similar and is never extracted.
@@ -81,8 +89,22 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<Vec<String>> {
     let mut tar = tar::Archive::new(reader);
     for entry in tar.entries().context("reading tar stream")? {
         let mut entry = entry.context("reading tar entry")?;
-        let raw = String::from_utf8(entry.path_bytes().into_owned())
-            .context("tar entry with a non-UTF-8 path")?;
+        if entry.header().entry_type().is_pax_global_extensions() {
+            // Archive-wide metadata (such as a commit id), not a member.
+            continue;
+        }
+        let raw = match String::from_utf8(entry.path_bytes().into_owned()) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // No name in the image definition can select such a file; leaving it out
+                // beats failing the whole build.
+                eprintln!(
+                    "warning: skipping archive entry with a non-UTF-8 path {:?}",
+                    String::from_utf8_lossy(e.as_bytes())
+                );
+                continue;
+            }
+        };
         let Some(rel) = paths::normalise(&raw)? else {
             continue;
         };
@@ -110,7 +132,7 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<Vec<String>> {
         if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
             bail!("`{raw}` would replace the directory {}", target.display());
         }
-        if kind.is_file() {
+        if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
             paths::remove_any(&target)?;
             let mode = file_mode(entry.header().mode().context("reading tar entry mode")?);
             let mut out =
@@ -148,9 +170,11 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<Vec<String>> {
             paths::remove_any(&target)?;
             std::fs::hard_link(dest.join(&source.path), &target)
                 .with_context(|| format!("linking {} to {}", target.display(), source.path))?;
-        } else {
+        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
             // Device nodes and FIFOs have no place in a package's data; they are ignored.
             continue;
+        } else {
+            bail!("`{raw}` has an unsupported tar entry type {kind:?}");
         }
         written.push(target_rel);
     }
@@ -222,6 +246,10 @@ mod tests {
         );
         assert!(!dir.path().join("usr/share/doc").exists());
         assert!(!dir.path().join("bin").exists());
+        assert!(is_dropped("usr/share/man"));
+        assert!(is_dropped("usr/lib/systemd/system/docker.service"));
+        assert!(!is_dropped("usr/lib/systemd/boot/efi/systemd-bootx64.efi"));
+        assert!(!is_dropped("usr/share/mandoc"));
     }
 
     #[test]

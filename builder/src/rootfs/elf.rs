@@ -38,6 +38,11 @@ pub fn read_deps(bytes: &[u8]) -> Result<Option<ElfDeps>> {
     if !bytes.starts_with(b"\x7fELF") {
         return Ok(None);
     }
+    // The header alone tells relocatable objects (kernel modules) apart, before a full parse.
+    let header = goblin::elf::Elf::parse_header(bytes).context("parsing ELF header")?;
+    if header.e_type != ET_EXEC && header.e_type != ET_DYN {
+        return Ok(None);
+    }
     let elf = goblin::elf::Elf::parse(bytes).context("parsing ELF")?;
     if elf.header.e_type != ET_EXEC && elf.header.e_type != ET_DYN {
         return Ok(None);
@@ -55,6 +60,30 @@ pub fn read_deps(bytes: &[u8]) -> Result<Option<ElfDeps>> {
         rpath: split(&elf.rpaths),
         runpath: split(&elf.runpaths),
     }))
+}
+
+/// [`read_deps`] of a file, reading it whole only when its header says it is an executable or
+/// a shared object.
+pub fn read_file_deps(path: &Path) -> Result<Option<ElfDeps>> {
+    use goblin::elf::header::{ET_DYN, ET_EXEC};
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut head = Vec::with_capacity(64);
+    (&mut file)
+        .take(64)
+        .read_to_end(&mut head)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !head.starts_with(b"\x7fELF") || head.len() < 64 {
+        return Ok(None);
+    }
+    let header = goblin::elf::Elf::parse_header(&head)
+        .with_context(|| format!("parsing ELF header of {}", path.display()))?;
+    if header.e_type != ET_EXEC && header.e_type != ET_DYN {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    read_deps(&bytes).with_context(|| format!("reading ELF {}", path.display()))
 }
 
 /// The directories searched for a library of `deps`, relative to the tree root. `origin` is the

@@ -112,10 +112,26 @@ protocols: files\nservices: files\nethers: files\nrpc: files\n",
     Ok(())
 }
 
+/// Top-level directories that something is mounted over when the system runs.
+const RUNTIME_MOUNTS: [&str; 7] = ["proc", "sys", "dev", "run", "var", "tmp", "sysroot"];
+
 /// Writes the `[[file]]` entries of the definition, reading `path` sources relative to `def_dir`
 /// and checking their sha256.
 pub fn write_declared(root: &Path, def: &Definition, def_dir: &Path) -> Result<()> {
     for entry in &def.files {
+        let top = entry
+            .path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("");
+        if RUNTIME_MOUNTS.contains(&top) {
+            bail!(
+                "[[file]] {}: /{top} is mounted over at run time, so a file there would be hidden; \
+                 allowed are paths in /etc, /usr and other directories of the read-only root",
+                entry.path
+            );
+        }
         let content = declared_content(entry, def_dir)?;
         let rel = paths::merge_usr(entry.path.trim_start_matches('/'));
         write_file(root, &rel, &content, entry.mode.0)
@@ -208,5 +224,9 @@ mod tests {
         ));
         let err = write_declared(&root, &d, dir.path()).expect_err("sha mismatch");
         assert!(err.to_string().contains("pins"), "{err}");
+
+        let d = def("[[file]]\npath = \"/var/lib/web/index.html\"\ncontent = \"x\"\n");
+        let err = write_declared(&root, &d, dir.path()).expect_err("under /var");
+        assert!(err.to_string().contains("hidden"), "{err}");
     }
 }

@@ -105,7 +105,29 @@ pub struct Module {
     pub info: ModInfo,
 }
 
-/// Reads every `*.ko` below `modules_dir`, sorted by path.
+/// File name endings of kernel modules: plain, or compressed as the kernel can load them.
+pub const MODULE_SUFFIXES: [&str; 4] = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"];
+
+/// Reads a module file, decompressing `.ko.xz`, `.ko.zst` and `.ko.gz`.
+pub fn read_module(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let name = path.to_string_lossy();
+    let mut out = Vec::new();
+    let result = if name.ends_with(".ko.xz") {
+        xz2::read::XzDecoder::new(&raw[..]).read_to_end(&mut out)
+    } else if name.ends_with(".ko.zst") {
+        zstd::stream::read::Decoder::new(&raw[..]).and_then(|mut d| d.read_to_end(&mut out))
+    } else if name.ends_with(".ko.gz") {
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out)
+    } else {
+        return Ok(raw);
+    };
+    result.with_context(|| format!("decompressing {}", path.display()))?;
+    Ok(out)
+}
+
+/// Reads every module (`*.ko`, also compressed) below `modules_dir`, sorted by path.
 pub fn scan(modules_dir: &Path) -> Result<Vec<Module>> {
     let mut files = Vec::new();
     collect_modules(modules_dir, "", &mut files)?;
@@ -113,7 +135,7 @@ pub fn scan(modules_dir: &Path) -> Result<Vec<Module>> {
     let mut modules = Vec::with_capacity(files.len());
     for rel in files {
         let full = modules_dir.join(&rel);
-        let bytes = std::fs::read(&full).with_context(|| format!("reading {}", full.display()))?;
+        let bytes = read_module(&full)?;
         let section =
             modinfo_section(&bytes).with_context(|| format!("reading {}", full.display()))?;
         let info = parse_modinfo(section);
@@ -146,13 +168,8 @@ fn collect_modules(dir: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
             .with_context(|| format!("reading {}", entry.path().display()))?;
         if kind.is_dir() {
             collect_modules(&entry.path(), &child, out)?;
-        } else if kind.is_file() && name.ends_with(".ko") {
+        } else if kind.is_file() && MODULE_SUFFIXES.iter().any(|s| name.ends_with(s)) {
             out.push(child);
-        } else if kind.is_file() && (name.contains(".ko.")) {
-            bail!(
-                "{}: compressed kernel modules are not supported (expected plain .ko files)",
-                entry.path().display()
-            );
         }
     }
     Ok(())
@@ -413,9 +430,139 @@ impl ModuleIndex {
     }
 }
 
+/// A minimal ELF64 relocatable object whose only content is a `.modinfo` section.
+#[cfg(test)]
+pub(crate) fn fake_module(modinfo: &[&str]) -> Vec<u8> {
+    let mut info = Vec::new();
+    for item in modinfo {
+        info.extend_from_slice(item.as_bytes());
+        info.push(0);
+    }
+    let names = b"\0.modinfo\0.shstrtab\0";
+    let info_at = 64u64;
+    let names_at = info_at + info.len() as u64;
+    let shoff = (names_at + names.len() as u64).div_ceil(8) * 8;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&1u16.to_le_bytes()); // ET_REL
+    elf.extend_from_slice(&62u16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&0u64.to_le_bytes()); // entry
+    elf.extend_from_slice(&0u64.to_le_bytes()); // phoff
+    elf.extend_from_slice(&shoff.to_le_bytes());
+    elf.extend_from_slice(&0u32.to_le_bytes()); // flags
+    for half in [64u16, 0, 0, 64, 3, 2] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&info);
+    elf.extend_from_slice(names);
+    elf.resize(usize::try_from(shoff).unwrap_or(0), 0);
+    let section = |elf: &mut Vec<u8>, name: u32, kind: u32, offset: u64, size: u64| {
+        elf.extend_from_slice(&name.to_le_bytes());
+        elf.extend_from_slice(&kind.to_le_bytes());
+        for field in [0u64, 0, offset, size] {
+            elf.extend_from_slice(&field.to_le_bytes());
+        }
+        elf.extend_from_slice(&0u32.to_le_bytes());
+        elf.extend_from_slice(&0u32.to_le_bytes());
+        elf.extend_from_slice(&1u64.to_le_bytes());
+        elf.extend_from_slice(&0u64.to_le_bytes());
+    };
+    section(&mut elf, 0, 0, 0, 0);
+    section(&mut elf, 1, 1, info_at, info.len() as u64);
+    section(&mut elf, 10, 3, names_at, names.len() as u64);
+    elf
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scans_modules_and_writes_tables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let modules = [
+            (
+                "kernel/drivers/virtio/virtio.ko",
+                vec!["name=virtio", "depends="],
+            ),
+            (
+                "kernel/drivers/virtio/virtio_ring.ko",
+                vec!["depends=virtio", "name=virtio_ring"],
+            ),
+            (
+                "kernel/drivers/block/virtio_blk.ko",
+                vec![
+                    "alias=virtio:d00000002v*",
+                    "depends=virtio_ring,virtio",
+                    "name=virtio_blk",
+                ],
+            ),
+            (
+                "kernel/drivers/md/dm-verity.ko",
+                vec!["softdep=pre: virtio", "depends=dm-mod"],
+            ),
+            ("kernel/drivers/md/dm-mod.ko", vec!["depends="]),
+        ];
+        for (path, info) in &modules {
+            let full = dir.path().join(path);
+            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&full, fake_module(info)).expect("write module");
+        }
+        std::fs::write(
+            dir.path().join("modules.builtin"),
+            "kernel/fs/ext4/ext4.ko\n",
+        )
+        .expect("builtin");
+        assert_eq!(write_tables(dir.path()).expect("tables"), 5);
+        let dep = std::fs::read_to_string(dir.path().join("modules.dep")).expect("dep");
+        assert!(
+            dep.contains(
+                "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko\n"
+            ),
+            "{dep}"
+        );
+        assert!(
+            dep.contains("kernel/drivers/md/dm-verity.ko: kernel/drivers/md/dm-mod.ko\n"),
+            "{dep}"
+        );
+        let alias = std::fs::read_to_string(dir.path().join("modules.alias")).expect("alias");
+        assert!(
+            alias.contains("alias virtio:d00000002v* virtio_blk\n"),
+            "{alias}"
+        );
+        let softdep = std::fs::read_to_string(dir.path().join("modules.softdep")).expect("softdep");
+        assert!(
+            softdep.contains("softdep dm_verity pre: virtio\n"),
+            "{softdep}"
+        );
+
+        let index = load(dir.path()).expect("index");
+        let order: Vec<(String, PathBuf)> = index
+            .closure(&["dm-verity", "virtio_blk", "ext4"])
+            .expect("closure");
+        let names: Vec<&str> = order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["virtio", "dm_mod", "dm_verity", "virtio_ring", "virtio_blk"]
+        );
+        assert_eq!(order[1].1, PathBuf::from("kernel/drivers/md/dm-mod.ko"));
+        assert!(index.is_builtin("ext4"));
+
+        // A compressed module is read through its compression.
+        let zst = zstd::stream::encode_all(&fake_module(&["name=zmod", "depends=virtio"])[..], 1)
+            .expect("zstd");
+        std::fs::write(dir.path().join("kernel/zmod.ko.zst"), zst).expect("write");
+        assert_eq!(write_tables(dir.path()).expect("tables"), 6);
+        let dep = std::fs::read_to_string(dir.path().join("modules.dep")).expect("dep");
+        assert!(
+            dep.contains("kernel/zmod.ko.zst: kernel/drivers/virtio/virtio.ko\n"),
+            "{dep}"
+        );
+
+        std::fs::write(dir.path().join("kernel/bad.ko"), b"not an ELF").expect("write");
+        assert!(write_tables(dir.path()).is_err());
+    }
 
     fn module(name: &str, path: &str, depends: &[&str], aliases: &[&str]) -> Module {
         Module {

@@ -21,6 +21,7 @@ use os_config::Definition;
 use sha2::{Digest, Sha256};
 
 use crate::debian::FetchedPackage;
+use crate::progress::Step;
 use select::Selection;
 
 pub use tree::listing;
@@ -89,6 +90,13 @@ pub fn assemble(
     work: &Path,
     source_date_epoch: u64,
 ) -> Result<Tree> {
+    let not_empty = std::fs::read_dir(work)
+        .with_context(|| format!("reading work folder {}", work.display()))?
+        .next()
+        .is_some();
+    if not_empty {
+        bail!("work folder {} is not empty", work.display());
+    }
     let stage = work.join("stage");
     let root = work.join("root");
     let boot = work.join("boot");
@@ -103,6 +111,7 @@ pub fn assemble(
     sorted.sort_by(|a, b| {
         (&a.name, &a.version, &a.architecture).cmp(&(&b.name, &b.version, &b.architecture))
     });
+    let step = Step::start("extract packages");
     let mut contents: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for package in &sorted {
         let written = deb::extract(&package.path, &stage)
@@ -113,6 +122,9 @@ pub fn assemble(
             .extend(written);
     }
 
+    step.done(&format!("{} packages", sorted.len()));
+
+    let step = Step::start("select files and shared libraries");
     let kernel_version = find_kernel(&contents, &def.kernel.package)?;
     let mut selection = Selection::new(&stage);
     select_engine(&mut selection, &stage)?;
@@ -143,13 +155,21 @@ pub fn assemble(
         etc::write_symlink(&root, top, &format!("usr/{top}"))?;
     }
     copy_selection(&stage, &root, &selection)?;
+    step.done(&format!("{} entries", selection.entries().len()));
 
     if contents.contains_key("ca-certificates") {
         write_ca_bundle(&stage, &root)?;
     }
     let modules_dir = root.join(format!("usr/lib/modules/{kernel_version}"));
-    kmod::write_tables(&modules_dir)
+    let step = Step::start("kernel module tables");
+    let count = kmod::write_tables(&modules_dir)
         .with_context(|| format!("writing module tables in {}", modules_dir.display()))?;
+    let index = kmod::load(&modules_dir)?;
+    let wanted: Vec<&str> = def.kernel.modules.iter().map(String::as_str).collect();
+    index
+        .closure(&wanted)
+        .with_context(|| format!("[kernel] modules for kernel {kernel_version}"))?;
+    step.done(&format!("{count} modules of kernel {kernel_version}"));
 
     etc::write_config(&root, def, &build_id(def, packages)?)?;
     for dir in MOUNTPOINTS {
@@ -158,24 +178,20 @@ pub fn assemble(
     etc::write_declared(&root, def, def_dir)?;
 
     let vmlinuz = boot.join("vmlinuz");
-    copy_file(
-        &stage.join(format!("boot/vmlinuz-{kernel_version}")),
-        &vmlinuz,
-    )?;
+    let kernel_source = regular_file(&stage, &format!("boot/vmlinuz-{kernel_version}"))?
+        .context("the kernel image is not a regular file")?;
+    copy_file(&kernel_source, &vmlinuz)?;
     let systemd_boot_efi = boot.join("systemd-bootx64.efi");
-    let efi_source = stage.join(SYSTEMD_BOOT);
-    if !efi_source.is_file() {
-        bail!("/{SYSTEMD_BOOT} is not in the fetched packages; add the `systemd-boot-efi` package");
-    }
+    let efi_source = regular_file(&stage, SYSTEMD_BOOT)?.with_context(|| {
+        format!(
+            "/{SYSTEMD_BOOT} is not in the fetched packages; add the `systemd-boot-efi` package"
+        )
+    })?;
     copy_file(&efi_source, &systemd_boot_efi)?;
 
     std::fs::remove_dir_all(&stage)
         .with_context(|| format!("removing staging tree {}", stage.display()))?;
-    tree::normalise(
-        &root,
-        source_date_epoch,
-        &[("tmp", 0o1777), ("root", 0o700)],
-    )?;
+    normalise(&root, source_date_epoch)?;
     tree::normalise(&boot, source_date_epoch, &[])?;
     Ok(Tree {
         root,
@@ -183,6 +199,16 @@ pub fn assemble(
         vmlinuz,
         systemd_boot_efi,
     })
+}
+
+/// Directories whose mode is not `0755`.
+const SPECIAL_DIRS: [(&str, u32); 2] = [("tmp", 0o1777), ("root", 0o700)];
+
+/// Gives every directory of an assembled root its fixed mode and every entry the timestamp
+/// `source_date_epoch`, as [`assemble`] does; for callers that add files afterwards (such as
+/// `plinth-init` in `usr/bin/`).
+pub fn normalise(root: &Path, source_date_epoch: u64) -> Result<()> {
+    tree::normalise(root, source_date_epoch, &SPECIAL_DIRS)
 }
 
 /// The kernel release shipped by the fetched packages: the one `boot/vmlinuz-<release>` with a
@@ -227,6 +253,12 @@ fn select_engine(selection: &mut Selection, stage: &Path) -> Result<()> {
         };
         selection.require(&path, &format!("the Docker engine needs `{name}`"))?;
     }
+    // Debian installs dockerd in /usr/sbin; it is also reachable as /usr/bin/dockerd, where
+    // other distributions (and Docker's own packages) put it.
+    if !paths::resolve(stage, "usr/bin/dockerd", false)?.exists {
+        etc::write_symlink(stage, "usr/bin/dockerd", "../sbin/dockerd")?;
+    }
+    selection.require("usr/bin/dockerd", "the Docker engine needs `dockerd`")?;
     if !paths::resolve(stage, "usr/bin/docker-init", true)?.exists {
         let tini = ["tini-static", "tini"]
             .into_iter()
@@ -290,6 +322,19 @@ fn copy_selection(stage: &Path, root: &Path, selection: &Selection) -> Result<()
     Ok(())
 }
 
+/// The regular file that `rel` resolves to inside `tree` (symlinks followed inside the tree
+/// only), or `None` if there is none.
+fn regular_file(tree: &Path, rel: &str) -> Result<Option<PathBuf>> {
+    let resolved = paths::resolve(tree, rel, true)?;
+    if !resolved.exists {
+        return Ok(None);
+    }
+    let path = tree.join(&resolved.path);
+    let meta =
+        std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(meta.is_file().then_some(path))
+}
+
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to)
         .map(|_| ())
@@ -309,7 +354,10 @@ fn write_ca_bundle(stage: &Path, root: &Path) -> Result<()> {
     }
     let mut bundle = Vec::new();
     for cert in &certs {
-        let path = base.join(cert);
+        // Only regular files: a symlink could point anywhere on the build host.
+        let Some(path) = regular_file(stage, &format!("usr/share/ca-certificates/{cert}"))? else {
+            continue;
+        };
         let mut bytes =
             std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         if !bytes.ends_with(b"\n") {
@@ -334,4 +382,364 @@ pub fn build_id(def: &Definition, packages: &[FetchedPackage]) -> Result<String>
     }
     hasher.update(serde_json::to_vec(def).context("serialising the definition")?);
     Ok(hex::encode(hasher.finalize())[..12].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    enum Item<'a> {
+        File(&'a str, Vec<u8>, u32),
+        Link(&'a str, &'a str),
+    }
+
+    fn file<'a>(path: &'a str, content: &[u8], mode: u32) -> Item<'a> {
+        Item::File(path, content.to_vec(), mode)
+    }
+
+    /// Writes a `.deb` holding `items`, its data compressed as `compression` (gz, xz or zst).
+    fn deb(dir: &Path, name: &str, compression: &str, items: Vec<Item<'_>>) -> FetchedPackage {
+        let mut tar = tar::Builder::new(Vec::new());
+        for item in items {
+            let mut header = tar::Header::new_gnu();
+            match item {
+                Item::File(path, content, mode) => {
+                    header.set_entry_type(tar::EntryType::Regular);
+                    header.set_mode(mode);
+                    header.set_size(content.len() as u64);
+                    tar.append_data(&mut header, format!("./{path}"), &content[..])
+                        .expect("tar file");
+                }
+                Item::Link(path, target) => {
+                    header.set_entry_type(tar::EntryType::Symlink);
+                    header.set_size(0);
+                    tar.append_link(&mut header, format!("./{path}"), target)
+                        .expect("tar link");
+                }
+            }
+        }
+        let data = tar.into_inner().expect("tar");
+        let packed = match compression {
+            "gz" => {
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                enc.write_all(&data).expect("gz");
+                enc.finish().expect("gz")
+            }
+            "xz" => {
+                let mut enc = xz2::write::XzEncoder::new(Vec::new(), 1);
+                enc.write_all(&data).expect("xz");
+                enc.finish().expect("xz")
+            }
+            _ => zstd::stream::encode_all(&data[..], 1).expect("zst"),
+        };
+        let path = dir.join(format!("{name}_1.0_amd64.deb"));
+        let mut ar = ar::Builder::new(std::fs::File::create(&path).expect("create deb"));
+        for (id, content) in [
+            ("debian-binary".to_owned(), b"2.0\n".to_vec()),
+            ("control.tar.gz".to_owned(), Vec::new()),
+            (format!("data.tar.{compression}"), packed),
+        ] {
+            let header = ar::Header::new(id.into_bytes(), content.len() as u64);
+            ar.append(&header, &content[..]).expect("ar member");
+        }
+        FetchedPackage {
+            name: name.to_owned(),
+            version: "1.0".to_owned(),
+            architecture: "amd64".to_owned(),
+            path,
+        }
+    }
+
+    const KVER: &str = "6.1.0-9-cloud-amd64";
+
+    fn packages(dir: &Path) -> Vec<FetchedPackage> {
+        let script = b"#!/bin/sh\n";
+        let mods = format!("lib/modules/{KVER}");
+        vec![
+            deb(
+                dir,
+                "docker.io",
+                "xz",
+                vec![
+                    file("usr/sbin/dockerd", script, 0o755),
+                    file("usr/sbin/docker-proxy", script, 0o755),
+                    file("usr/bin/docker", script, 0o755),
+                    file("usr/share/doc/docker.io/README", b"doc", 0o644),
+                    file("lib/systemd/system/docker.service", b"[Unit]", 0o644),
+                ],
+            ),
+            deb(
+                dir,
+                "containerd",
+                "zst",
+                vec![
+                    file("usr/bin/containerd", script, 0o755),
+                    file("usr/bin/containerd-shim-runc-v2", script, 0o755),
+                    file("usr/bin/ctr", script, 0o755),
+                ],
+            ),
+            deb(
+                dir,
+                "runc",
+                "gz",
+                vec![
+                    file("usr/sbin/runc", script, 0o4755),
+                    Item::Link("usr/bin/runc", "../sbin/runc"),
+                ],
+            ),
+            deb(
+                dir,
+                "tini",
+                "gz",
+                vec![
+                    file("usr/bin/tini", script, 0o755),
+                    file("usr/bin/tini-static", script, 0o755),
+                ],
+            ),
+            deb(
+                dir,
+                "iptables",
+                "gz",
+                vec![
+                    file("usr/sbin/xtables-nft-multi", script, 0o755),
+                    file("usr/sbin/xtables-legacy-multi", script, 0o755),
+                    file(
+                        "usr/lib/x86_64-linux-gnu/xtables/libxt_NAT.so",
+                        b"so",
+                        0o644,
+                    ),
+                    Item::Link(
+                        "usr/lib/x86_64-linux-gnu/xtables/libxt_MASQUERADE.so",
+                        "libxt_NAT.so",
+                    ),
+                ],
+            ),
+            deb(
+                dir,
+                &format!("linux-image-{KVER}"),
+                "xz",
+                vec![
+                    file(&format!("boot/vmlinuz-{KVER}"), b"MZkernel", 0o644),
+                    file(&format!("boot/config-{KVER}"), b"CONFIG_X=y", 0o644),
+                    file(
+                        &format!("{mods}/kernel/drivers/virtio/virtio.ko"),
+                        &kmod::fake_module(&["name=virtio"]),
+                        0o644,
+                    ),
+                    file(
+                        &format!("{mods}/kernel/drivers/block/virtio_blk.ko"),
+                        &kmod::fake_module(&[
+                            "name=virtio_blk",
+                            "depends=virtio",
+                            "alias=virtio:d00000002v*",
+                        ]),
+                        0o644,
+                    ),
+                    file(
+                        &format!("{mods}/modules.builtin"),
+                        b"kernel/fs/ext4/ext4.ko\n",
+                        0o644,
+                    ),
+                ],
+            ),
+            deb(
+                dir,
+                "linux-image-cloud-amd64",
+                "xz",
+                vec![file(
+                    "usr/share/doc/linux-image-cloud-amd64/copyright",
+                    b"c",
+                    0o644,
+                )],
+            ),
+            deb(
+                dir,
+                "systemd-boot-efi",
+                "gz",
+                vec![file(SYSTEMD_BOOT, b"MZboot", 0o755)],
+            ),
+            deb(
+                dir,
+                "busybox-static",
+                "gz",
+                vec![
+                    file("bin/busybox", script, 0o755),
+                    file("usr/share/man/man1/busybox.1.gz", b"man", 0o644),
+                ],
+            ),
+            deb(
+                dir,
+                "ca-certificates",
+                "gz",
+                vec![
+                    file("usr/share/ca-certificates/mozilla/B.crt", b"B\n", 0o644),
+                    file("usr/share/ca-certificates/mozilla/A.crt", b"A", 0o644),
+                    file("usr/sbin/update-ca-certificates", script, 0o755),
+                ],
+            ),
+            deb(
+                dir,
+                "netbase",
+                "gz",
+                vec![file("etc/protocols", b"tcp 6 TCP\n", 0o644)],
+            ),
+            deb(
+                dir,
+                "libc6",
+                "gz",
+                vec![
+                    file("lib/x86_64-linux-gnu/libc.so.6", b"not needed", 0o755),
+                    Item::Link(
+                        "lib64/ld-linux-x86-64.so.2",
+                        "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                    ),
+                ],
+            ),
+        ]
+    }
+
+    fn definition() -> Definition {
+        Definition::parse(
+            "t.toml",
+            "[image]\nname = \"demo\"\nversion = \"1.0\"\n[debian]\npackages = [\"busybox-static\"]\n\
+[[file]]\npath = \"/etc/motd\"\nmode = \"0600\"\ncontent = \"hi\\n\"\n",
+        )
+        .expect("definition")
+    }
+
+    #[test]
+    fn assembles_synthetic_packages() {
+        let debs = tempfile::tempdir().expect("tempdir");
+        let packages = packages(debs.path());
+        let work = tempfile::tempdir().expect("tempdir");
+        let tree = assemble(
+            &definition(),
+            debs.path(),
+            &packages,
+            work.path(),
+            1_234_567,
+        )
+        .expect("assemble");
+        let root = &tree.root;
+        assert_eq!(tree.kernel_version, KVER);
+        assert_eq!(std::fs::read(&tree.vmlinuz).expect("vmlinuz"), b"MZkernel");
+        assert_eq!(
+            std::fs::read(&tree.systemd_boot_efi).expect("efi"),
+            b"MZboot"
+        );
+        assert!(!work.path().join("stage").exists());
+
+        // A file added afterwards gets the same treatment from `normalise`.
+        std::fs::write(root.join("usr/bin/added"), b"x").expect("write");
+        normalise(root, 1_234_567).expect("normalise");
+        let added = std::fs::metadata(root.join("usr/bin/added")).expect("added");
+        assert_eq!(added.mtime(), 1_234_567);
+        std::fs::remove_file(root.join("usr/bin/added")).expect("remove");
+        normalise(root, 1_234_567).expect("normalise");
+
+        let listing = listing(root).expect("listing");
+        for present in [
+            "/bin l -> usr/bin",
+            "/lib64 l -> usr/lib64",
+            "/usr/bin/busybox f 0755",
+            "/usr/sbin/runc f 0755",
+            "/usr/bin/docker-init l -> tini-static",
+            "/usr/bin/dockerd l -> ../sbin/dockerd",
+            "/usr/sbin/dockerd f 0755",
+            "/usr/bin/tini-static f 0755",
+            "/usr/sbin/iptables l -> xtables-nft-multi",
+            "/usr/sbin/ip6tables-save l -> xtables-nft-multi",
+            "/usr/lib/x86_64-linux-gnu/xtables/libxt_MASQUERADE.so l -> libxt_NAT.so",
+            "/usr/lib/x86_64-linux-gnu/xtables/libxt_NAT.so f 0644",
+            "/etc/protocols f",
+            "/etc/motd f 0600 3 ",
+            "/etc/os-release l -> ../usr/lib/os-release",
+            "/etc/resolv.conf l -> ../run/resolv.conf",
+            "/etc/machine-id l -> ../run/machine-id",
+            "/tmp d 1777",
+            "/sysroot d 0755",
+            "/usr/lib/plinth d 0755",
+            "/usr/lib/modules/6.1.0-9-cloud-amd64/kernel/drivers/block/virtio_blk.ko f 0644",
+        ] {
+            assert!(listing.contains(present), "{present} missing:\n{listing}");
+        }
+        for absent in [
+            "/usr/bin/docker ",
+            "/usr/bin/ctr",
+            "/usr/bin/tini ",
+            "xtables-legacy-multi",
+            "update-ca-certificates",
+            "/usr/share/doc",
+            "/usr/share/man",
+            "docker.service",
+            "libc.so.6",
+            "/boot",
+        ] {
+            assert!(!listing.contains(absent), "{absent} present:\n{listing}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/ssl/certs/ca-certificates.crt")).expect("ca"),
+            "A\nB\n"
+        );
+        let modules = root.join(format!("usr/lib/modules/{KVER}"));
+        assert_eq!(
+            std::fs::read_to_string(modules.join("modules.dep")).expect("dep"),
+            "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko\n\
+kernel/drivers/virtio/virtio.ko:\n"
+        );
+        let os_release = std::fs::read_to_string(root.join("usr/lib/os-release")).expect("os");
+        let id = build_id(&definition(), &packages).expect("build id");
+        assert!(
+            os_release.contains(&format!("BUILD_ID={id}\n")),
+            "{os_release}"
+        );
+        for rel in ["", "usr", "usr/bin/busybox", "etc/os-release", "etc/motd"] {
+            let meta = std::fs::symlink_metadata(root.join(rel)).expect("meta");
+            assert_eq!(meta.mtime(), 1_234_567, "/{rel}");
+        }
+        assert_eq!(
+            std::fs::metadata(root.join("etc/motd"))
+                .expect("motd")
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o600
+        );
+
+        // Same inputs in another order, another folder: the same tree.
+        let mut reversed = packages.clone();
+        reversed.reverse();
+        let work2 = tempfile::tempdir().expect("tempdir");
+        let tree2 = assemble(
+            &definition(),
+            debs.path(),
+            &reversed,
+            work2.path(),
+            1_234_567,
+        )
+        .expect("assemble again");
+        assert_eq!(listing, super::listing(&tree2.root).expect("listing"));
+
+        // A non-empty work folder and a missing listed package are refused with their names.
+        let err = assemble(&definition(), debs.path(), &packages, work.path(), 1)
+            .expect_err("work folder in use");
+        assert!(err.to_string().contains("not empty"), "{err}");
+        let mut def = definition();
+        def.kernel.modules.push("virtio-blk".to_owned());
+        def.kernel.modules.push("ext4".to_owned());
+        let work4 = tempfile::tempdir().expect("tempdir");
+        assemble(&def, debs.path(), &packages, work4.path(), 1).expect("known modules");
+        def.kernel.modules.push("nosuch".to_owned());
+        let work5 = tempfile::tempdir().expect("tempdir");
+        let err = assemble(&def, debs.path(), &packages, work5.path(), 1).expect_err("nosuch");
+        assert!(format!("{err:#}").contains("`nosuch`"), "{err:#}");
+        let mut def = definition();
+        def.debian.packages.push("nano".to_owned());
+        let work3 = tempfile::tempdir().expect("tempdir");
+        let err = assemble(&def, debs.path(), &packages, work3.path(), 1).expect_err("nano");
+        assert!(format!("{err:#}").contains("`nano`"), "{err:#}");
+    }
 }

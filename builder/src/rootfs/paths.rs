@@ -64,6 +64,9 @@ pub fn resolve(root: &Path, path: &str, follow_last: bool) -> Result<Resolved> {
         .collect();
     let mut current: Vec<String> = Vec::new();
     let mut links = Vec::new();
+    // Once an entry is missing (or not a directory), nothing below it exists: the rest of the
+    // path is only normalised, never looked up.
+    let mut exists = true;
     while let Some(part) = pending.pop() {
         match part.as_str() {
             "." => continue,
@@ -74,19 +77,16 @@ pub fn resolve(root: &Path, path: &str, follow_last: bool) -> Result<Resolved> {
             _ => {}
         }
         current.push(part);
+        if !exists {
+            continue;
+        }
         let rel = current.join("/");
         let full = root.join(&rel);
         let meta = match std::fs::symlink_metadata(&full) {
             Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // Keep the rest of the path unresolved: nothing below a missing entry exists.
-                let mut rest: Vec<String> = pending.into_iter().rev().collect();
-                current.append(&mut rest);
-                return Ok(Resolved {
-                    path: current.join("/"),
-                    links,
-                    exists: false,
-                });
+                exists = false;
+                continue;
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", full.display())),
         };
@@ -117,20 +117,13 @@ pub fn resolve(root: &Path, path: &str, follow_last: bool) -> Result<Resolved> {
                     .map(str::to_owned),
             );
         } else if !is_last && !meta.is_dir() {
-            return Ok(Resolved {
-                path: format!(
-                    "{rel}/{}",
-                    pending.iter().rev().cloned().collect::<Vec<_>>().join("/")
-                ),
-                links,
-                exists: false,
-            });
+            exists = false;
         }
     }
     Ok(Resolved {
         path: current.join("/"),
         links,
-        exists: true,
+        exists,
     })
 }
 
@@ -139,6 +132,12 @@ pub fn resolve(root: &Path, path: &str, follow_last: bool) -> Result<Resolved> {
 pub fn create_dirs(root: &Path, dir: &str) -> Result<()> {
     let mut path = PathBuf::from(root);
     for part in dir.split('/').filter(|p| !p.is_empty()) {
+        if part == "." || part == ".." {
+            bail!(
+                "refusing to create `{dir}` in {}: `.` and `..` are not allowed",
+                root.display()
+            );
+        }
         path.push(part);
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_dir() => {}
@@ -225,6 +224,12 @@ mod tests {
         assert_eq!(r.path, "etc/shadow");
         assert!(!r.exists);
 
+        // `..` after a missing entry is applied to the path, not looked up.
+        symlink("missing/../../../../etc", root.join("usr/dangling")).expect("symlink");
+        let r = resolve(root, "usr/dangling/x", true).expect("resolve");
+        assert_eq!(r.path, "etc/x");
+        assert!(!r.exists);
+
         symlink("loop", root.join("loop")).expect("symlink");
         assert!(resolve(root, "loop", true).is_err());
     }
@@ -235,6 +240,7 @@ mod tests {
         let outside = tempfile::tempdir().expect("tempdir");
         symlink(outside.path(), dir.path().join("evil")).expect("symlink");
         assert!(create_dirs(dir.path(), "evil/x").is_err());
+        assert!(create_dirs(dir.path(), "a/../../x").is_err());
         create_dirs(dir.path(), "a/b/c").expect("plain dirs");
         assert!(dir.path().join("a/b/c").is_dir());
     }

@@ -72,11 +72,7 @@ impl Selection {
                 if !meta.is_file() {
                     continue;
                 }
-                let bytes =
-                    std::fs::read(&full).with_context(|| format!("reading {}", full.display()))?;
-                let Some(deps) =
-                    elf::read_deps(&bytes).with_context(|| format!("reading ELF /{rel}"))?
-                else {
+                let Some(deps) = elf::read_file_deps(&full)? else {
                     continue;
                 };
                 if let Some(interp) = &deps.interpreter {
