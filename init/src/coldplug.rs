@@ -26,6 +26,8 @@ pub struct LoadReport {
     pub not_modules: Vec<String>,
     /// (module, error) for loads the kernel refused.
     pub failed: Vec<(String, String)>,
+    /// Modules whose init found no device (ENODEV): normal for coldplug matches like cpufreq.
+    pub no_device: Vec<String>,
 }
 
 impl ModuleLoader {
@@ -80,6 +82,7 @@ impl ModuleLoader {
                     self.loaded.insert(name.clone());
                     report.loaded.push(name);
                 }
+                Err(e) if e.raw_os_error() == Some(19) => report.no_device.push(name),
                 Err(e) => report
                     .failed
                     .push((name, format!("{}: {e}", path.display()))),
@@ -113,6 +116,7 @@ impl ModuleLoader {
             let report = self.load(sys, &wanted);
             total.loaded.extend(report.loaded);
             total.failed.extend(report.failed);
+            total.no_device.extend(report.no_device);
         }
         total
     }
@@ -146,6 +150,9 @@ pub fn log_report(what: &str, report: &LoadReport) {
             "{what}: not loadable modules of this kernel (built in or not shipped): {}",
             report.not_modules.join(" ")
         );
+    }
+    if !report.no_device.is_empty() {
+        crate::info!("{what}: found no device: {}", report.no_device.join(" "));
     }
     for (name, error) in &report.failed {
         crate::info!("{what}: loading {name} failed: {error}");

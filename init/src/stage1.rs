@@ -191,7 +191,16 @@ fn mount_api<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         spec.mount(ctx.sys)?;
     }
     crate::status::open_sinks();
+    unlimit_kmsg(ctx.sys, &ctx.paths.proc_dir);
     Ok(())
+}
+
+/// Turns off the kernel's rate limit on `/dev/kmsg` writers, which would drop boot log lines.
+pub fn unlimit_kmsg<S: System + ?Sized>(sys: &S, proc_dir: &Path) {
+    let path = proc_dir.join("sys/kernel/printk_devkmsg");
+    if let Err(e) = sys.write(&path, b"on\n") {
+        crate::info!("writing {} failed: {e}", path.display());
+    }
 }
 
 fn read_cmdline<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
@@ -865,6 +874,7 @@ mod tests {
                 "mount sysfs sysfs /sys".into(),
                 "mount devtmpfs devtmpfs /dev mode=0755".into(),
                 "mount tmpfs tmpfs /run mode=0755".into(),
+                "write /proc/sys/kernel/printk_devkmsg".into(),
                 "load /lib/modules/6.1.0-test/kernel/virtio_blk.ko".into(),
                 "load /lib/modules/6.1.0-test/kernel/dm-mod.ko".into(),
                 "load /lib/modules/6.1.0-test/kernel/dm-verity.ko".into(),

@@ -14,7 +14,8 @@ use std::time::Duration;
 pub trait Service: Send {
     /// Short name for logs and status lines (`dockerd`).
     fn name(&self) -> &str;
-    /// Starts the program. Must not run code between fork and exec (no `pre_exec`).
+    /// Starts the program. Build the command with `supervise::command`, which gives the child
+    /// an empty signal mask and a clean environment.
     fn spawn(&self) -> Result<Child>;
     /// Called after the process exited, before a restart is scheduled (e.g. to log its output).
     fn exited(&self) {}
@@ -25,6 +26,19 @@ pub const DOCKER_SOCKET: &str = "/run/docker.sock";
 
 /// `PATH` given to supervised programs.
 pub const SERVICE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A command for a supervised program: `PATH` and `HOME` only, stdin from /dev/null, and no
+/// signals blocked in the child (PID 1 blocks the ones it waits for; a child would inherit them).
+pub fn command(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env_clear()
+        .env("PATH", SERVICE_PATH)
+        .env("HOME", "/root")
+        .stdin(Stdio::null());
+    crate::sys::unblock_signals_in_child(&mut command);
+    command
+}
 
 /// Docker Engine's daemon. Its output goes to a log file under `/var/log` whose last lines are
 /// echoed to the console when it exits.
@@ -75,12 +89,8 @@ impl Service for Dockerd {
         let err = log
             .try_clone()
             .with_context(|| format!("duplicating {}", self.log.display()))?;
-        Command::new(&self.program)
+        command(&self.program)
             .args(&self.args)
-            .env_clear()
-            .env("PATH", SERVICE_PATH)
-            .env("HOME", "/root")
-            .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
             .spawn()

@@ -104,6 +104,29 @@ pub fn block_signals(signals: &[libc::c_int]) -> io::Result<SignalSet> {
     Ok(SignalSet(set))
 }
 
+/// Makes `command`'s child start with no blocked signals. PID 1 blocks the signals it waits for,
+/// and a forked child inherits the mask (std does not reset it): a dockerd with SIGTERM blocked
+/// would ignore the shutdown.
+pub fn unblock_signals_in_child(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `sigset_t` is plain data; all-zero is a valid value and `sigemptyset` initializes it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is a valid, exclusively borrowed `sigset_t`.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: the hook runs between fork and exec and only calls `pthread_sigmask` (the
+    // `rt_sigprocmask` system call, async-signal-safe) on a set copied into the closure before the
+    // fork; it neither allocates nor takes locks (a raw OS error needs no allocation).
+    unsafe {
+        command.pre_exec(move || {
+            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Waits up to `timeout` for one of the blocked signals in `set`; None on timeout or interruption.
 pub fn wait_signal(set: &SignalSet, timeout: Duration) -> io::Result<Option<libc::c_int>> {
     let timeout = libc::timespec {
@@ -151,4 +174,39 @@ pub mod signals {
     pub const SIGUSR1: i32 = libc::SIGUSR1;
     /// Forcibly stop a process.
     pub const SIGKILL: i32 = libc::SIGKILL;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hex mask of a `Sig…:` line of /proc/<pid>/status as printed by a child.
+    fn child_status_line(field: &str) -> String {
+        let mut command = std::process::Command::new("grep");
+        command.arg(field).arg("/proc/self/status");
+        unblock_signals_in_child(&mut command);
+        let out = command.output().expect("grep runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn children_start_with_no_blocked_signals() {
+        // Runs in its own test thread; the mask is per thread.
+        let _set = block_signals(&[signals::SIGTERM, signals::SIGCHLD]).expect("block");
+        let blocked = child_status_line("SigBlk");
+        assert_eq!(
+            blocked, "SigBlk:\t0000000000000000",
+            "child inherited a blocked mask"
+        );
+        let ignored = child_status_line("SigIgn");
+        let mask =
+            u64::from_str_radix(ignored.trim_start_matches("SigIgn:").trim(), 16).expect("hex");
+        for signal in [signals::SIGTERM, signals::SIGINT, signals::SIGCHLD] {
+            assert_eq!(
+                mask & (1 << (signal - 1)),
+                0,
+                "signal {signal} ignored in the child: {ignored}"
+            );
+        }
+    }
 }

@@ -96,7 +96,7 @@ pub trait System {
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn ReadSeek>>;
     /// Writes a whole file (creating or truncating it).
     fn write(&self, path: &Path, data: &[u8]) -> io::Result<()>;
-    /// Renames a file (atomically replacing `to`).
+    /// Renames a file (atomically replacing `to`); the content and the rename are made durable.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Names in a directory, sorted.
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
@@ -178,14 +178,12 @@ impl System for RealSystem {
     }
 
     fn write(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        use std::io::Write as _;
-        let mut file = File::create(path)?;
-        file.write_all(data)?;
-        // Small state files (machine ID): durable before anything depends on them.
-        file.sync_all()
+        fs::write(path, data)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        // Write-then-rename replaces state files: make the content durable before the name.
+        File::open(from)?.sync_all()?;
         fs::rename(from, to)?;
         if let Some(parent) = to.parent() {
             File::open(parent)?.sync_all()?;
