@@ -20,7 +20,7 @@ pub struct ModuleLoader {
 /// What a batch of loads did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LoadReport {
-    /// Modules loaded now (dependencies included), in order.
+    /// Modules loaded now (dependencies included), in order; not the ones already loaded.
     pub loaded: Vec<String>,
     /// Requested names not in `modules.dep`: built into the kernel, or not shipped.
     pub not_modules: Vec<String>,
@@ -78,9 +78,11 @@ impl ModuleLoader {
             };
             let path = self.dir.join(relative);
             match sys.load_module(&path) {
-                Ok(_) => {
+                Ok(newly) => {
                     self.loaded.insert(name.clone());
-                    report.loaded.push(name);
+                    if newly {
+                        report.loaded.push(name);
+                    }
                 }
                 Err(e) if e.raw_os_error() == Some(19) => report.no_device.push(name),
                 Err(e) => report

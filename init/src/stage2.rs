@@ -249,11 +249,14 @@ fn machine_id<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
         }
     };
     let runtime = ctx.paths.run.join("machine-id");
+    // Checked before /run/machine-id exists: true only for a real file in the image, which gets
+    // the ID bind-mounted over it. The usual `/etc/machine-id -> ../run/machine-id` link needs nothing.
+    let etc = ctx.paths.etc.join("machine-id");
+    let etc_is_file = ctx.sys.exists(&etc);
     ctx.sys
         .write(&runtime, format!("{id}\n").as_bytes())
         .with_context(|| format!("writing {}", runtime.display()))?;
-    let etc = ctx.paths.etc.join("machine-id");
-    if ctx.sys.exists(&etc) {
+    if etc_is_file {
         ctx.sys
             .mount(&runtime.to_string_lossy(), &etc, "", MountFlags::BIND, "")
             .with_context(|| {
@@ -354,6 +357,7 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
     if let Err(e) = run_steps("stage2", &steps(), &mut ctx) {
         fatal(e);
     }
+    crate::status::status("stage2-ready", &[("uptime-ms", &uptime_ms())]);
     shutdown::watch_power_button(
         ctx.paths.sys.clone(),
         ctx.paths.dev.clone(),
@@ -399,6 +403,14 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
         shutdown::reap(&mut supervisor, system.now());
         supervisor.start_due(system.now());
     }
+}
+
+/// Milliseconds since the kernel started, from `/proc/uptime` ("?" if unreadable).
+pub fn uptime_ms() -> String {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or("?".into(), |seconds| format!("{:.0}", seconds * 1000.0))
 }
 
 /// Logs a fatal error, stops everything and reboots. Never returns.

@@ -290,6 +290,9 @@ impl System for RealSystem {
     }
 
     fn switch_root(&self, new_root: &Path) -> io::Result<()> {
+        if let Err(e) = free_initramfs(new_root) {
+            crate::info!("freeing the initramfs failed (its files stay in memory): {e}");
+        }
         std::env::set_current_dir(new_root)?;
         rustix::mount::mount_move(".", "/")?;
         rustix::process::chroot(".")?;
@@ -326,6 +329,49 @@ impl System for RealSystem {
                 rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty())?;
         }
         Ok(())
+    }
+}
+
+/// Deletes the initramfs's files, which would otherwise stay in memory after the switch, as
+/// `switch_root(8)` does. Only when `/` is a ramfs/tmpfs; never crosses into another filesystem
+/// (the new root and anything mounted is skipped by device number) and never follows symlinks.
+fn free_initramfs(keep: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    let stat = rustix::fs::statfs("/")?;
+    let kind = stat.f_type as u64;
+    if kind != RAMFS_MAGIC && kind != TMPFS_MAGIC {
+        return Ok(());
+    }
+    let root_dev = fs::symlink_metadata("/")?.dev();
+    remove_tree(Path::new("/"), root_dev, keep);
+    Ok(())
+}
+
+/// Removes what lies on device `dev` under `dir`, except `keep`; best effort.
+fn remove_tree(dir: &Path, dev: u64, keep: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == keep {
+            continue;
+        }
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            remove_tree(&path, dev, keep);
+            let _ = fs::remove_dir(&path);
+        } else {
+            let _ = fs::remove_file(&path);
+        }
     }
 }
 
