@@ -1,1 +1,20 @@
-fn main() {}
+//! `plinth-init`: PID 1 of a Plinth machine, in the initramfs (stage 1) and in the real root
+//! (stage 2). See `init::boot::select_stage` for how it tells the two apart.
+
+use init::boot::{select_stage, Stage};
+use std::sync::Arc;
+
+fn main() {
+    init::status::install_panic_hook();
+    let args: Vec<String> = std::env::args().collect();
+    let is_pid1 = rustix::process::getpid().is_init();
+    let sysroot = std::path::Path::new("/sysroot").is_dir();
+    match select_stage(&args, is_pid1, sysroot) {
+        Ok(Stage::One) => init::stage1::run(),
+        Ok(Stage::Two) => init::stage2::run(Arc::new(init::stage2::EngineOnly)),
+        Err(message) => {
+            eprintln!("plinth-init: {message}");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The few system calls `rustix` does not wrap safely: device-mapper and interface ioctls, signal
+//! masks and waiting, and `kill(-1)`. The only module of this crate allowed to use `unsafe`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+/// Issues a device-mapper ioctl (`request` from `verity::DmCommand::request`) with `buf`, which
+/// starts with a `struct dm_ioctl` whose `data_size` is `buf.len()`.
+pub fn dm_ioctl(control: BorrowedFd<'_>, request: u32, buf: &mut [u8]) -> io::Result<()> {
+    if buf.len() < crate::verity::DM_IOCTL_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "device-mapper buffer shorter than struct dm_ioctl",
+        ));
+    }
+    let declared = u32::from_ne_bytes([buf[12], buf[13], buf[14], buf[15]]) as usize;
+    if declared > buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "device-mapper buffer shorter than its data_size",
+        ));
+    }
+    // SAFETY: `buf` is a live, writable allocation of at least `data_size` bytes (checked above),
+    // which is all the kernel reads or writes for device-mapper requests; the fd is borrowed and
+    // stays open for the duration of the call.
+    let rc = unsafe {
+        libc::ioctl(
+            control.as_raw_fd(),
+            request as libc::Ioctl,
+            buf.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets `IFF_UP` on a network interface (for `lo`) with `SIOCGIFFLAGS`/`SIOCSIFFLAGS`.
+pub fn interface_up(name: &str) -> io::Result<()> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {name:?} is not 1..15 bytes without NUL"),
+        ));
+    }
+    let socket = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )?;
+    // SAFETY: `ifreq` is a plain C struct of integers and arrays; all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: `request` is a valid, NUL-terminated `ifreq` (zeroed, name shorter than IFNAMSIZ)
+    // that outlives the call; SIOCGIFFLAGS writes only `ifr_flags` inside it.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS succeeded, so the union holds `ifru_flags`.
+    unsafe {
+        request.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: as above; SIOCSIFFLAGS only reads the name and flags from `request`.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A set of blocked signals to wait on synchronously.
+pub struct SignalSet(libc::sigset_t);
+
+impl std::fmt::Debug for SignalSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignalSet")
+    }
+}
+
+/// Blocks `signals` in the calling thread (threads spawned later inherit the mask) so they stay
+/// pending until `wait_signal` takes them. `std::process::Command` resets the mask in children.
+pub fn block_signals(signals: &[libc::c_int]) -> io::Result<SignalSet> {
+    // SAFETY: `sigset_t` is plain data; all-zero is a valid value and `sigemptyset` initializes it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed `sigset_t` for each call.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for &signal in signals {
+            if libc::sigaddset(&mut set, signal) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    // SAFETY: `set` is initialized; the old mask is not requested (null is allowed).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(SignalSet(set))
+}
+
+/// Makes `command`'s child start with no blocked signals. PID 1 blocks the signals it waits for,
+/// and a forked child inherits the mask (std does not reset it): a dockerd with SIGTERM blocked
+/// would ignore the shutdown.
+pub fn unblock_signals_in_child(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `sigset_t` is plain data; all-zero is a valid value and `sigemptyset` initializes it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is a valid, exclusively borrowed `sigset_t`.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: the hook runs between fork and exec and only calls `pthread_sigmask` (the
+    // `rt_sigprocmask` system call, async-signal-safe) on a set copied into the closure before the
+    // fork; it neither allocates nor takes locks (a raw OS error needs no allocation).
+    unsafe {
+        command.pre_exec(move || {
+            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Waits up to `timeout` for one of the blocked signals in `set`; None on timeout or interruption.
+pub fn wait_signal(set: &SignalSet, timeout: Duration) -> io::Result<Option<libc::c_int>> {
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set.0` was initialized by `block_signals`; `info` may be null; `timeout` is a valid
+    // timespec that outlives the call.
+    let signal = unsafe { libc::sigtimedwait(&set.0, std::ptr::null_mut(), &timeout) };
+    if signal < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(signal))
+}
+
+/// Sends `signal` to every process except PID 1 and the caller (`kill(-1, signal)`).
+/// Returns false if there was no process to signal.
+pub fn kill_all(signal: libc::c_int) -> io::Result<bool> {
+    // SAFETY: `kill` takes plain integers and has no memory-safety preconditions.
+    if unsafe { libc::kill(-1, signal) } < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    Ok(true)
+}
+
+/// Signal numbers used by PID 1.
+pub mod signals {
+    /// A child changed state.
+    pub const SIGCHLD: i32 = libc::SIGCHLD;
+    /// Power off.
+    pub const SIGTERM: i32 = libc::SIGTERM;
+    /// Ctrl-Alt-Del (after `reboot(RB_DISABLE_CAD)`): reboot.
+    pub const SIGINT: i32 = libc::SIGINT;
+    /// Power off (sent by some power daemons and container managers).
+    pub const SIGPWR: i32 = libc::SIGPWR;
+    /// Reboot (another convention, kept for symmetry with the halt/poweroff signals of sysvinit).
+    pub const SIGUSR1: i32 = libc::SIGUSR1;
+    /// Forcibly stop a process.
+    pub const SIGKILL: i32 = libc::SIGKILL;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hex mask of a `Sig…:` line of /proc/<pid>/status as printed by a child.
+    fn child_status_line(field: &str) -> String {
+        let mut command = std::process::Command::new("grep");
+        command.arg(field).arg("/proc/self/status");
+        unblock_signals_in_child(&mut command);
+        let out = command.output().expect("grep runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    #[test]
+    fn children_start_with_no_blocked_signals() {
+        // Runs in its own test thread; the mask is per thread.
+        let _set = block_signals(&[signals::SIGTERM, signals::SIGCHLD]).expect("block");
+        let blocked = child_status_line("SigBlk");
+        assert_eq!(
+            blocked, "SigBlk:\t0000000000000000",
+            "child inherited a blocked mask"
+        );
+        let ignored = child_status_line("SigIgn");
+        let mask =
+            u64::from_str_radix(ignored.trim_start_matches("SigIgn:").trim(), 16).expect("hex");
+        for signal in [signals::SIGTERM, signals::SIGINT, signals::SIGCHLD] {
+            assert_eq!(
+                mask & (1 << (signal - 1)),
+                0,
+                "signal {signal} ignored in the child: {ignored}"
+            );
+        }
+    }
+}

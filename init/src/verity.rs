@@ -1,0 +1,339 @@
+//! dm-verity: the verity superblock, the `verity` target table, and device-mapper ioctl buffers.
+//!
+//! The buffers are built and parsed here; `sys::dm_ioctl` only passes them to the kernel.
+
+use crate::cmdline::RootHash;
+
+/// Lowercase hexadecimal encoding.
+pub fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes hexadecimal digits (either case); None on odd length or a non-hex digit.
+pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// The verity superblock at offset 0 of a hash device (as written by `veritysetup format`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    /// Superblock version (1).
+    pub version: u32,
+    /// Hash type (1 = normal).
+    pub hash_type: u32,
+    /// Hash algorithm name (`sha256`).
+    pub algorithm: String,
+    /// Data block size in bytes.
+    pub data_block_size: u32,
+    /// Hash block size in bytes.
+    pub hash_block_size: u32,
+    /// Number of data blocks covered by the tree.
+    pub data_blocks: u64,
+    /// Salt bytes.
+    pub salt: Vec<u8>,
+}
+
+impl Superblock {
+    /// Size of the on-disk superblock.
+    pub const SIZE: usize = 512;
+
+    /// Parses the first 512 bytes of a verity partition.
+    pub fn parse(bytes: &[u8]) -> Result<Superblock, String> {
+        if bytes.len() < Self::SIZE {
+            return Err(format!(
+                "verity superblock is {} bytes, expected {}",
+                bytes.len(),
+                Self::SIZE
+            ));
+        }
+        if &bytes[0..8] != b"verity\0\0" {
+            return Err(format!(
+                "no verity superblock: signature is {:?}, expected \"verity\\0\\0\"",
+                String::from_utf8_lossy(&bytes[0..8])
+            ));
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let version = u32_at(8);
+        let hash_type = u32_at(12);
+        let algorithm: String = bytes[32..64]
+            .iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| b as char)
+            .collect();
+        let data_block_size = u32_at(64);
+        let hash_block_size = u32_at(68);
+        let mut blocks = [0u8; 8];
+        blocks.copy_from_slice(&bytes[72..80]);
+        let data_blocks = u64::from_le_bytes(blocks);
+        let salt_size = u16::from_le_bytes([bytes[80], bytes[81]]) as usize;
+        if version != 1 {
+            return Err(format!("verity superblock version {version}, expected 1"));
+        }
+        if salt_size > 256 {
+            return Err(format!("verity salt size {salt_size}, at most 256 allowed"));
+        }
+        for (what, size) in [("data", data_block_size), ("hash", hash_block_size)] {
+            if !(512..=65536).contains(&size) || !size.is_power_of_two() {
+                return Err(format!(
+                    "verity {what} block size {size}: expected a power of two in 512..=65536"
+                ));
+            }
+        }
+        if data_blocks == 0 {
+            return Err("verity superblock covers 0 data blocks".into());
+        }
+        if algorithm.is_empty() || !algorithm.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "verity hash algorithm {algorithm:?} is not a valid name"
+            ));
+        }
+        Ok(Superblock {
+            version,
+            hash_type,
+            algorithm,
+            data_block_size,
+            hash_block_size,
+            data_blocks,
+            salt: bytes[88..88 + salt_size].to_vec(),
+        })
+    }
+
+    /// Length of the protected data in 512-byte sectors.
+    pub fn data_sectors(&self) -> u64 {
+        self.data_blocks * u64::from(self.data_block_size) / 512
+    }
+
+    /// Parameters of the `verity` target. The hash tree starts at hash block 1, after the
+    /// superblock; a corrupted block restarts the machine.
+    pub fn table_params(&self, data_dev: &str, hash_dev: &str, root_hash: &RootHash) -> String {
+        let salt = if self.salt.is_empty() {
+            "-".to_string()
+        } else {
+            encode_hex(&self.salt)
+        };
+        format!(
+            "{} {data_dev} {hash_dev} {} {} {} 1 {} {} {salt} 1 restart_on_corruption",
+            self.hash_type,
+            self.data_block_size,
+            self.hash_block_size,
+            self.data_blocks,
+            self.algorithm,
+            root_hash.to_hex(),
+        )
+    }
+}
+
+/// Device-mapper ioctl interface version this code speaks.
+pub const DM_VERSION: [u32; 3] = [4, 0, 0];
+/// Size of `struct dm_ioctl`.
+pub const DM_IOCTL_SIZE: usize = 312;
+/// Size of `struct dm_target_spec`.
+pub const DM_TARGET_SPEC_SIZE: usize = 40;
+/// `DM_READONLY_FLAG`.
+pub const DM_READONLY_FLAG: u32 = 1 << 0;
+/// `DM_SUSPEND_FLAG`.
+pub const DM_SUSPEND_FLAG: u32 = 1 << 1;
+
+/// Device-mapper commands used here (`_IOWR(0xfd, nr, struct dm_ioctl)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmCommand {
+    /// `DM_DEV_CREATE`.
+    DevCreate = 3,
+    /// `DM_DEV_REMOVE`.
+    DevRemove = 4,
+    /// `DM_DEV_SUSPEND` (suspend or resume, by flag).
+    DevSuspend = 6,
+    /// `DM_TABLE_LOAD`.
+    TableLoad = 9,
+}
+
+impl DmCommand {
+    /// The ioctl request number.
+    pub fn request(self) -> u32 {
+        (3 << 30) | ((DM_IOCTL_SIZE as u32) << 16) | (0xfd << 8) | self as u32
+    }
+
+    /// The command's name in the kernel headers, for error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DmCommand::DevCreate => "DM_DEV_CREATE",
+            DmCommand::DevRemove => "DM_DEV_REMOVE",
+            DmCommand::DevSuspend => "DM_DEV_SUSPEND",
+            DmCommand::TableLoad => "DM_TABLE_LOAD",
+        }
+    }
+}
+
+/// Room the kernel may use for replies after the request.
+const DM_BUFFER_SIZE: usize = 16 * 1024;
+
+/// Builds a `struct dm_ioctl` buffer for `name` with `flags`, followed by `targets`
+/// (`(start_sector, length_sectors, target_type, params)`).
+pub fn dm_buffer(
+    name: &str,
+    flags: u32,
+    targets: &[(u64, u64, &str, &str)],
+) -> Result<Vec<u8>, String> {
+    if name.is_empty() || name.len() >= 128 || name.contains('/') {
+        return Err(format!(
+            "device-mapper name {name:?}: 1..127 bytes without '/' allowed"
+        ));
+    }
+    let mut payload = Vec::new();
+    for (start, length, target_type, params) in targets {
+        if target_type.len() >= 16 {
+            return Err(format!(
+                "target type {target_type:?} is longer than 15 bytes"
+            ));
+        }
+        let spec_len = (DM_TARGET_SPEC_SIZE + params.len() + 1).div_ceil(8) * 8;
+        let mut spec = vec![0u8; spec_len];
+        spec[0..8].copy_from_slice(&start.to_ne_bytes());
+        spec[8..16].copy_from_slice(&length.to_ne_bytes());
+        // status (i32) stays 0; `next` is the offset from this spec to the following one.
+        spec[20..24].copy_from_slice(&(spec_len as u32).to_ne_bytes());
+        spec[24..24 + target_type.len()].copy_from_slice(target_type.as_bytes());
+        spec[40..40 + params.len()].copy_from_slice(params.as_bytes());
+        payload.extend_from_slice(&spec);
+    }
+    let total = (DM_IOCTL_SIZE + payload.len()).max(DM_BUFFER_SIZE);
+    let mut buf = vec![0u8; total];
+    for (i, part) in DM_VERSION.iter().enumerate() {
+        buf[i * 4..i * 4 + 4].copy_from_slice(&part.to_ne_bytes());
+    }
+    buf[12..16].copy_from_slice(&(total as u32).to_ne_bytes()); // data_size
+    buf[16..20].copy_from_slice(&(DM_IOCTL_SIZE as u32).to_ne_bytes()); // data_start
+    buf[20..24].copy_from_slice(&(targets.len() as u32).to_ne_bytes()); // target_count
+    buf[28..32].copy_from_slice(&flags.to_ne_bytes());
+    buf[48..48 + name.len()].copy_from_slice(name.as_bytes());
+    buf[DM_IOCTL_SIZE..DM_IOCTL_SIZE + payload.len()].copy_from_slice(&payload);
+    Ok(buf)
+}
+
+/// The `dev` field (kernel `huge_encode_dev` format) of a `struct dm_ioctl` reply, as (major, minor).
+pub fn dm_reply_dev(buf: &[u8]) -> (u32, u32) {
+    let mut raw = [0u8; 8];
+    raw.copy_from_slice(&buf[40..48]);
+    let dev = u64::from_ne_bytes(raw);
+    let major = ((dev >> 8) & 0xfff) as u32;
+    let minor = ((dev & 0xff) | ((dev >> 12) & 0xfff_ff00)) as u32;
+    (major, minor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A superblock as `veritysetup format` writes it (sha256, 4096/4096, 8 blocks, 32-byte salt).
+    fn superblock_bytes() -> Vec<u8> {
+        let mut sb = vec![0u8; 512];
+        sb[0..8].copy_from_slice(b"verity\0\0");
+        sb[8..12].copy_from_slice(&1u32.to_le_bytes());
+        sb[12..16].copy_from_slice(&1u32.to_le_bytes());
+        sb[16..32].copy_from_slice(&[0xab; 16]);
+        sb[32..38].copy_from_slice(b"sha256");
+        sb[64..68].copy_from_slice(&4096u32.to_le_bytes());
+        sb[68..72].copy_from_slice(&4096u32.to_le_bytes());
+        sb[72..80].copy_from_slice(&8u64.to_le_bytes());
+        sb[80..82].copy_from_slice(&32u16.to_le_bytes());
+        for (i, byte) in sb[88..120].iter_mut().enumerate() {
+            *byte = i as u8;
+        }
+        sb
+    }
+
+    #[test]
+    fn parses_superblock_and_builds_table() {
+        let sb = Superblock::parse(&superblock_bytes()).expect("parses");
+        assert_eq!(sb.algorithm, "sha256");
+        assert_eq!(sb.data_blocks, 8);
+        assert_eq!(sb.data_sectors(), 64);
+        assert_eq!(sb.salt.len(), 32);
+        let hash = RootHash([0x5a; 32]);
+        assert_eq!(
+            sb.table_params("/dev/vda2", "/dev/vda3", &hash),
+            format!(
+                "1 /dev/vda2 /dev/vda3 4096 4096 8 1 sha256 {} 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f 1 restart_on_corruption",
+                "5a".repeat(32)
+            )
+        );
+    }
+
+    #[test]
+    fn empty_salt_is_a_dash() {
+        let mut bytes = superblock_bytes();
+        bytes[80..82].copy_from_slice(&0u16.to_le_bytes());
+        let sb = Superblock::parse(&bytes).expect("parses");
+        let params = sb.table_params("a", "b", &RootHash([0; 32]));
+        assert!(
+            params.contains(&format!("{} - 1 restart", "00".repeat(32))),
+            "{params}"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_superblocks() {
+        let cases: [(usize, &[u8], &str); 4] = [
+            (0, b"VERITY", "no verity superblock"),
+            (8, &2u32.to_le_bytes(), "version 2"),
+            (64, &1000u32.to_le_bytes(), "data block size 1000"),
+            (80, &300u16.to_le_bytes(), "salt size 300"),
+        ];
+        for (offset, patch, expected) in cases {
+            let mut bytes = superblock_bytes();
+            bytes[offset..offset + patch.len()].copy_from_slice(patch);
+            let err = Superblock::parse(&bytes).expect_err(expected);
+            assert!(err.contains(expected), "{err}");
+        }
+        assert!(Superblock::parse(&[0u8; 100]).is_err());
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(DmCommand::DevCreate.request(), 0xc138_fd03);
+        assert_eq!(DmCommand::DevSuspend.request(), 0xc138_fd06);
+        assert_eq!(DmCommand::TableLoad.request(), 0xc138_fd09);
+    }
+
+    #[test]
+    fn table_load_buffer_layout() {
+        let buf =
+            dm_buffer("root", DM_READONLY_FLAG, &[(0, 64, "verity", "1 a b")]).expect("buffer");
+        assert_eq!(buf.len(), 16 * 1024);
+        assert_eq!(&buf[0..4], &4u32.to_ne_bytes());
+        assert_eq!(&buf[16..20], &312u32.to_ne_bytes());
+        assert_eq!(&buf[20..24], &1u32.to_ne_bytes());
+        assert_eq!(&buf[28..32], &1u32.to_ne_bytes());
+        assert_eq!(&buf[48..53], b"root\0");
+        let spec = &buf[312..];
+        assert_eq!(&spec[8..16], &64u64.to_ne_bytes());
+        assert_eq!(&spec[20..24], &48u32.to_ne_bytes());
+        assert_eq!(&spec[24..31], b"verity\0");
+        assert_eq!(&spec[40..46], b"1 a b\0");
+        assert!(dm_buffer("a/b", 0, &[]).is_err());
+    }
+
+    #[test]
+    fn reply_dev_decodes_major_minor() {
+        let mut buf = vec![0u8; 312];
+        // major 253, minor 0x123: huge_encode_dev = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+        let dev: u64 = 0x23 | (253 << 8) | (0x100 << 12);
+        buf[40..48].copy_from_slice(&dev.to_ne_bytes());
+        assert_eq!(dm_reply_dev(&buf), (253, 0x123));
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(decode_hex("00ffA0"), Some(vec![0, 255, 160]));
+        assert_eq!(decode_hex("0"), None);
+        assert_eq!(decode_hex("zz"), None);
+        assert_eq!(encode_hex(&[1, 171]), "01ab");
+    }
+}
