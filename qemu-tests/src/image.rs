@@ -34,7 +34,9 @@ static BUILT: Mutex<BTreeMap<PathBuf, PathBuf>> = Mutex::new(BTreeMap::new());
 /// A lock whose packages are gone from the archive does not fail the tests: the copy is
 /// re-locked against the mirror and the build retried, with a warning.
 pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
-    let mut built = BUILT.lock().map_err(|_| anyhow::anyhow!("image cache lock poisoned"))?;
+    let mut built = BUILT
+        .lock()
+        .map_err(|_| anyhow::anyhow!("image cache lock poisoned"))?;
     if let Some(raw) = built.get(definition) {
         return Ok(raw.clone());
     }
@@ -53,7 +55,10 @@ pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
     let result = builder::build::build_image(&args);
     let result = match result {
         Err(err) if format!("{err:#}").contains("lock --update") => {
-            eprintln!("warning: {err:#}\nwarning: re-locking a copy of {} and building again", definition.display());
+            eprintln!(
+                "warning: {err:#}\nwarning: re-locking a copy of {} and building again",
+                definition.display()
+            );
             builder::cli::dispatch(builder::cli::Cli {
                 command: builder::cli::Command::Lock(builder::cli::LockArgs {
                     file: def_copy.clone(),
@@ -65,7 +70,9 @@ pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
         }
         other => other,
     };
-    let raw = result.with_context(|| format!("building test image {}", definition.display()))?.raw;
+    let raw = result
+        .with_context(|| format!("building test image {}", definition.display()))?
+        .raw;
     built.insert(definition.to_path_buf(), raw.clone());
     Ok(raw)
 }
@@ -77,7 +84,10 @@ fn build_args(def: &Path, out: &Path) -> Result<builder::cli::BuildArgs> {
         format: vec!["raw".to_owned()],
         init: Some(init_binary()?),
         keep_tree: None,
-        cache: builder::cli::CacheArgs { cache_dir: None, offline: false },
+        cache: builder::cli::CacheArgs {
+            cache_dir: None,
+            offline: false,
+        },
     })
 }
 

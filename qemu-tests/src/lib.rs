@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod engine;
 pub mod image;
 
 /// UEFI firmware code and variable template, as Debian's `ovmf` package installs them.
