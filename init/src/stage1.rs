@@ -685,7 +685,10 @@ fn exec_stage2<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let program = Path::new("/").join(&ctx.paths.init_in_root);
     crate::status::status(
         "stage1-done",
-        &[("ms", &ctx.sys.now().as_millis().to_string())],
+        &[
+            ("ms", &ctx.sys.now().as_millis().to_string()),
+            ("uptime-ms", &crate::stage2::uptime_ms()),
+        ],
     );
     let err = ctx.sys.exec(&program, &ctx.args);
     Err(anyhow!(err).context(format!("executing {} in the new root", program.display())))

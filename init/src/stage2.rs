@@ -160,18 +160,21 @@ fn var_layout<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
             .create_dir_all(&path)
             .with_context(|| format!("creating {}", path.display()))?;
     }
-    for (name, target) in [("run", "../run"), ("lock", "../run/lock")] {
-        let link = var.join(name);
-        if !ctx.sys.exists(&link) {
-            ctx.sys
-                .symlink(Path::new(target), &link)
-                .with_context(|| format!("linking {} to {target}", link.display()))?;
-        }
-    }
     let lock = ctx.paths.run.join("lock");
     ctx.sys
         .create_dir_all(&lock)
         .with_context(|| format!("creating {}", lock.display()))?;
+    for (name, target) in [("run", "../run"), ("lock", "../run/lock")] {
+        let link = var.join(name);
+        match ctx.sys.symlink(Path::new(target), &link) {
+            Ok(()) => {}
+            // Made on an earlier boot (or a directory left by someone else): keep it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("linking {} to {target}", link.display()))
+            }
+        }
+    }
     Ok(())
 }
 
@@ -511,6 +514,20 @@ mod tests {
             sys.read(Path::new("/run/machine-id")).expect("runtime id"),
             b"0123456789abcdef0123456789abcdef\n"
         );
+    }
+
+    #[test]
+    fn a_second_boot_keeps_links_and_id() {
+        let sys = machine();
+        let first = run_on(&sys).expect("first boot").machine_id;
+        let second = run_on(&sys).expect("second boot").machine_id;
+        assert_eq!(first, second);
+        let links = sys
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("symlink"))
+            .count();
+        assert_eq!(links, 2, "links made once");
     }
 
     #[test]

@@ -552,6 +552,12 @@ impl System for FakeSystem {
     }
 
     fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
+        if self.exists(link) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists", link.display()),
+            ));
+        }
         self.record(format!("symlink {} {}", link.display(), target.display()))?;
         self.add_file(link, target.as_os_str().as_encoded_bytes());
         Ok(())
