@@ -149,6 +149,7 @@ pub fn build_image(args: &BuildArgs) -> Result<Built> {
     let step = Step::start("assembling root tree");
     let tree = crate::rootfs::assemble(&def, def_dir, &packages, work.path(), epoch)?;
     install_payload(&def, &args.file, &init, &tree.root)?;
+    install_container_images(&def, def_dir, &tree, &args.cache, epoch)?;
     crate::rootfs::tree::normalise(&tree.root, epoch, &[("tmp", 0o1777), ("root", 0o700)])?;
     step.done("");
 
@@ -208,6 +209,70 @@ pub fn build_image(args: &BuildArgs) -> Result<Built> {
         outputs,
         root_hash: report.root_hash,
     })
+}
+
+/// Where `plinth-init` finds the archive of a container's image on the machine.
+pub fn image_archive_path(container: &str) -> String {
+    format!("usr/lib/plinth/images/{container}.tar")
+}
+
+/// Writes the archive of every container image that is built from packages or given as an
+/// archive into the tree, where `plinth-init` loads it on first boot.
+fn install_container_images(
+    def: &Definition,
+    def_dir: &Path,
+    tree: &crate::rootfs::Tree,
+    cache: &crate::cli::CacheArgs,
+    epoch: u64,
+) -> Result<()> {
+    for container in &def.containers {
+        let dest = tree.root.join(image_archive_path(container.name.as_str()));
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if let Some(source) = &container.archive {
+            let location = match (&source.url, &source.path) {
+                (Some(url), _) => url.clone(),
+                (None, Some(path)) => def_dir.join(path).display().to_string(),
+                (None, None) => bail!(
+                    "[[container]] `{}` archive has neither url nor path",
+                    container.name
+                ),
+            };
+            let cached =
+                crate::cache::fetch_verified(&location, source.sha256.as_str(), None, cache)
+                    .with_context(|| {
+                        format!(
+                            "fetching the image archive of container `{}`",
+                            container.name
+                        )
+                    })?;
+            std::fs::copy(&cached, &dest)
+                .with_context(|| format!("copying {} into the image", cached.display()))?;
+        } else if container.build.is_some() {
+            let layer = tree
+                .images
+                .iter()
+                .find(|(name, _)| name == container.name.as_str())
+                .map(|(_, layer)| layer)
+                .with_context(|| {
+                    format!(
+                        "no image tree was assembled for container `{}`",
+                        container.name
+                    )
+                })?;
+            let config = crate::container_image::ImageConfig {
+                reference: container.image.clone(),
+                cmd: container.command.clone(),
+                env: vec![
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+                ],
+            };
+            let id = crate::container_image::write_docker_archive(layer, &config, epoch, &dest)?;
+            eprintln!("    container image {} ({id})", container.image);
+        }
+    }
+    Ok(())
 }
 
 /// Puts Plinth's own programs and the definition into the tree.

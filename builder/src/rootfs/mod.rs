@@ -79,6 +79,10 @@ pub struct Tree {
     pub vmlinuz: PathBuf,
     /// systemd-boot's EFI binary (`work/boot/systemd-bootx64.efi`).
     pub systemd_boot_efi: PathBuf,
+    /// Trees of the container images declared with `build = { packages = [...] }`: (container
+    /// name, folder under `work/images`), each the files of the named packages and their ELF
+    /// shared-library closure.
+    pub images: Vec<(String, PathBuf)>,
 }
 
 /// Assembles the root tree of `def` from `packages` into the empty folder `work`: the tree in
@@ -189,12 +193,18 @@ pub fn assemble(
     })?;
     copy_file(&efi_source, &systemd_boot_efi)?;
 
+    let images = build_image_layers(def, &stage, &contents, &work.join("images"))?;
+
     std::fs::remove_dir_all(&stage)
         .with_context(|| format!("removing staging tree {}", stage.display()))?;
     normalise(&root, source_date_epoch)?;
     tree::normalise(&boot, source_date_epoch, &[])?;
+    for (_, layer) in &images {
+        tree::normalise(layer, source_date_epoch, &[])?;
+    }
     Ok(Tree {
         root,
+        images,
         kernel_version,
         vmlinuz,
         systemd_boot_efi,
@@ -291,6 +301,43 @@ fn select_engine(selection: &mut Selection, stage: &Path) -> Result<()> {
 }
 
 /// Links (or copies) every chosen entry from the staging tree into the root.
+/// Assembles the tree of every container image built from packages, from the same extracted
+/// packages as the root.
+fn build_image_layers(
+    def: &Definition,
+    stage: &Path,
+    contents: &BTreeMap<&str, Vec<String>>,
+    images: &Path,
+) -> Result<Vec<(String, PathBuf)>> {
+    let mut layers = Vec::new();
+    for container in &def.containers {
+        let Some(build) = &container.build else {
+            continue;
+        };
+        let name = container.name.as_str();
+        let mut selection = Selection::new(stage);
+        for package in &build.packages {
+            let files = contents.get(package.as_str()).with_context(|| {
+                format!("[[container]] `{name}` builds from `{package}`, which is not among the fetched packages")
+            })?;
+            for file in files {
+                if selection.add(file, false)?.exists {
+                    selection.add(file, true)?;
+                }
+            }
+        }
+        selection.add_elf_closure()?;
+        let layer = images.join(name);
+        std::fs::create_dir_all(&layer).with_context(|| format!("creating {}", layer.display()))?;
+        for top in ["bin", "sbin", "lib", "lib64"] {
+            etc::write_symlink(&layer, top, &format!("usr/{top}"))?;
+        }
+        copy_selection(stage, &layer, &selection)?;
+        layers.push((name.to_owned(), layer));
+    }
+    Ok(layers)
+}
+
 fn copy_selection(stage: &Path, root: &Path, selection: &Selection) -> Result<()> {
     for rel in selection.entries() {
         let from = stage.join(rel);
