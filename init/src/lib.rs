@@ -4,10 +4,10 @@
 pub mod status;
 
 pub mod boot;
-pub mod containers;
-pub mod docker;
 pub mod cmdline;
 pub mod coldplug;
+pub mod containers;
+pub mod docker;
 pub mod gpt;
 pub mod kmod;
 pub mod mounts;
@@ -19,3 +19,4 @@ pub mod supervise;
 pub mod sys;
 pub mod system;
 pub mod verity;
+pub mod workload;
