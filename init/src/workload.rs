@@ -168,6 +168,7 @@ pub struct DockerWorkload {
     engine_starts: Arc<AtomicU64>,
     stopping: AtomicBool,
     on_boot_complete: Option<BootHook>,
+    watch_interval: Duration,
 }
 
 impl std::fmt::Debug for DockerWorkload {
@@ -202,6 +203,7 @@ impl DockerWorkload {
             engine_starts: Arc::new(AtomicU64::new(0)),
             stopping: AtomicBool::new(false),
             on_boot_complete: None,
+            watch_interval: WATCH_INTERVAL,
         })
     }
 
@@ -321,7 +323,7 @@ impl DockerWorkload {
     fn watch(&self, client: &docker::Client, generation: u64) {
         let mut last: Option<Health> = None;
         loop {
-            std::thread::sleep(WATCH_INTERVAL);
+            std::thread::sleep(self.watch_interval);
             if self.stopping() {
                 return;
             }
@@ -404,17 +406,31 @@ impl Workload for DockerWorkload {
 
     fn after_start(&self) -> Result<()> {
         self.network();
+        self.engine_loop();
+        Ok(())
+    }
+
+    fn stop_containers(&self, timeout: Duration) -> Result<()> {
+        self.stopping.store(true, Ordering::SeqCst);
+        stop_containers(&self.socket, timeout)
+    }
+}
+
+impl DockerWorkload {
+    /// After each engine start: wait for the engine, `engine-ready`, reconcile, (the first time)
+    /// `boot-complete` and the hook, then watch until the engine goes away. Returns at shutdown.
+    fn engine_loop(&self) {
         let client = self.client();
         let mut booted = false;
         loop {
             let generation = self.engine_starts();
             if !self.wait_engine(&client) {
-                return Ok(());
+                return;
             }
             crate::status::status("engine-ready", &[("uptime-ms", &uptime_ms())]);
             self.reconcile(&client);
             if self.stopping() {
-                return Ok(());
+                return;
             }
             if !booted {
                 booted = true;
@@ -432,11 +448,6 @@ impl Workload for DockerWorkload {
             }
             self.watch(&client, generation);
         }
-    }
-
-    fn stop_containers(&self, timeout: Duration) -> Result<()> {
-        self.stopping.store(true, Ordering::SeqCst);
-        stop_containers(&self.socket, timeout)
     }
 }
 
@@ -818,5 +829,106 @@ mod tests {
         let client = docker::Client::new(dir.path().join("docker.sock"));
         let reason = check_health(&client, &[]).expect_err("no engine");
         assert!(reason.contains("docker.sock"), "{reason}");
+    }
+
+    /// A fake engine answering `_ping` and an empty container list, or hanging up on every
+    /// request while `down` is set; counts list requests.
+    fn fake_engine(socket: &Path) -> (Arc<AtomicU64>, Arc<AtomicBool>) {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind");
+        let lists = Arc::new(AtomicU64::new(0));
+        let counter = lists.clone();
+        let down = Arc::new(AtomicBool::new(false));
+        let is_down = down.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                if is_down.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut request = String::new();
+                reader.read_line(&mut request).expect("request line");
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let body = if request.contains("/containers/json") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    "[]"
+                } else {
+                    "OK"
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (lists, down)
+    }
+
+    fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !condition() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn containers_are_reconciled_again_after_a_dockerd_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("docker.sock");
+        let (lists, down) = fake_engine(&socket);
+        let hooks = Arc::new(AtomicU64::new(0));
+        let counted = hooks.clone();
+        let mut workload = DockerWorkload::new(definition(""))
+            .expect("workload")
+            .on_boot_complete(Arc::new(move |_, _| {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }));
+        workload.socket = socket;
+        workload.watch_interval = Duration::from_millis(20);
+        let workload = Arc::new(workload);
+        workload.engine_starts.store(1, Ordering::SeqCst);
+        let looping = workload.clone();
+        let engine_loop = std::thread::spawn(move || looping.engine_loop());
+
+        wait_for("first reconcile", || lists.load(Ordering::SeqCst) == 1);
+        wait_for("boot-complete hook", || hooks.load(Ordering::SeqCst) == 1);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            lists.load(Ordering::SeqCst),
+            1,
+            "no reconcile while nothing changed"
+        );
+
+        workload.engine_starts.fetch_add(1, Ordering::SeqCst);
+        wait_for("reconcile after the restart", || {
+            lists.load(Ordering::SeqCst) == 2
+        });
+        assert_eq!(
+            hooks.load(Ordering::SeqCst),
+            1,
+            "the hook runs once per boot"
+        );
+
+        // An engine that stops answering is waited for, then reconciled again.
+        down.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(lists.load(Ordering::SeqCst), 2);
+        down.store(false, Ordering::SeqCst);
+        wait_for("reconcile after the engine answers again", || {
+            lists.load(Ordering::SeqCst) == 3
+        });
+
+        workload.stopping.store(true, Ordering::SeqCst);
+        engine_loop.join().expect("the loop ends at shutdown");
+        assert_eq!(lists.load(Ordering::SeqCst), 3);
     }
 }
