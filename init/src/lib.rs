@@ -19,3 +19,4 @@ pub mod supervise;
 pub mod sys;
 pub mod system;
 pub mod verity;
+pub mod workload;

@@ -1,0 +1,934 @@
+//! The Docker workload of stage 2: dockerd and the update agent under supervision, the network,
+//! the declared containers made to exist after each engine start, their health watched, and the
+//! health gate the bless waits on.
+
+#![warn(missing_docs)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use os_config::definition::{Container, Engine};
+use os_config::Definition;
+
+use crate::containers::{self, ContainerHealth, Health, StatusSink};
+use crate::docker;
+use crate::net;
+use crate::stage2::{uptime_ms, Workload};
+use crate::supervise::{command, Dockerd, Service, DOCKER_SOCKET};
+
+/// The image definition baked into the root by the builder.
+pub const DEFINITION_PATH: &str = "/usr/lib/plinth/image.toml";
+/// The update agent, started as `plinth-update daemon` when the definition has `[update]`.
+pub const UPDATE_AGENT: &str = "/usr/bin/plinth-update";
+/// Where dockerd's configuration goes when `[engine] settings` list `hosts` without the socket.
+pub const AMENDED_CONFIG: &str = "/run/plinth/dockerd.json";
+/// How long the first wait for the engine lasts before it is reported as late.
+pub const ENGINE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the engine and the containers are checked once up.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the health gate polls.
+pub const GATE_POLL: Duration = Duration::from_secs(2);
+
+/// The `hosts` entries that name the socket plinth-init talks to (`/var/run` links to `/run`).
+const SOCKET_HOSTS: [&str; 2] = ["unix:///run/docker.sock", "unix:///var/run/docker.sock"];
+
+/// How dockerd is told where to listen. dockerd refuses a `--host` flag when its configuration
+/// file has `hosts`, so the flag is given only when the settings have none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// No `hosts` in the settings: `--host=unix:///run/docker.sock`.
+    Flag,
+    /// `hosts` lists the socket: `/etc/docker/daemon.json` alone.
+    ConfigFile,
+    /// `hosts` lacks the socket: this JSON (the settings with the socket added to `hosts`) is
+    /// written to [`AMENDED_CONFIG`] and passed with `--config-file`.
+    Amended(String),
+}
+
+impl Listen {
+    /// dockerd's arguments for this choice.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Listen::Flag => vec![format!("--host=unix://{DOCKER_SOCKET}")],
+            Listen::ConfigFile => Vec::new(),
+            Listen::Amended(_) => vec![format!("--config-file={AMENDED_CONFIG}")],
+        }
+    }
+}
+
+/// Chooses how dockerd listens from `[engine] settings`; `hosts`, if set, must be an array of
+/// strings.
+pub fn dockerd_listen(engine: &Engine) -> Result<Listen> {
+    let Some(hosts) = engine.settings.get("hosts") else {
+        return Ok(Listen::Flag);
+    };
+    let hosts: Vec<&str> = hosts
+        .as_array()
+        .and_then(|items| items.iter().map(|h| h.as_str()).collect())
+        .with_context(|| {
+            format!("[engine] settings: `hosts` must be an array of strings such as [\"unix://{DOCKER_SOCKET}\"], not {hosts}")
+        })?;
+    if hosts.iter().any(|h| SOCKET_HOSTS.contains(h)) {
+        return Ok(Listen::ConfigFile);
+    }
+    let mut settings =
+        serde_json::to_value(&engine.settings).context("converting [engine] settings to JSON")?;
+    if let Some(list) = settings.get_mut("hosts").and_then(|h| h.as_array_mut()) {
+        list.insert(0, format!("unix://{DOCKER_SOCKET}").into());
+    }
+    let json = serde_json::to_string_pretty(&settings).context("writing dockerd's settings")?;
+    Ok(Listen::Amended(json))
+}
+
+/// dockerd as the supervisor runs it: writes the amended configuration when needed and counts
+/// its starts, so the workload notices a restart even when the engine came back between checks.
+#[derive(Debug)]
+pub struct EngineService {
+    /// The daemon and its arguments.
+    pub dockerd: Dockerd,
+    /// How it listens.
+    pub listen: Listen,
+    /// Where an amended configuration is written.
+    pub amended_config: PathBuf,
+    /// Incremented at each successful start.
+    pub starts: Arc<AtomicU64>,
+}
+
+impl Service for EngineService {
+    fn name(&self) -> &str {
+        self.dockerd.name()
+    }
+
+    fn spawn(&self) -> Result<Child> {
+        if let Listen::Amended(json) = &self.listen {
+            let path = &self.amended_config;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let child = self.dockerd.spawn()?;
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        Ok(child)
+    }
+
+    fn exited(&self) {
+        self.dockerd.exited();
+    }
+}
+
+/// The update agent, `plinth-update daemon`; its output goes to the console.
+#[derive(Debug, Clone)]
+pub struct UpdateAgent {
+    /// The executable.
+    pub program: PathBuf,
+}
+
+impl Service for UpdateAgent {
+    fn name(&self) -> &str {
+        "plinth-update"
+    }
+
+    fn spawn(&self) -> Result<Child> {
+        command(&self.program)
+            .arg("daemon")
+            .spawn()
+            .with_context(|| format!("starting {} daemon", self.program.display()))
+    }
+}
+
+/// Prints reconciliation events as `PLINTH-STATUS` lines on the console and in the kernel log.
+struct ConsoleStatus;
+
+impl StatusSink for ConsoleStatus {
+    fn status(&self, event: &str, fields: &[(&str, &str)]) {
+        crate::status::status(event, fields);
+    }
+}
+
+/// Something to run once, in its own thread, after the first `boot-complete` (the bless).
+pub type BootHook = Arc<dyn Fn(&docker::Client, &Definition) + Send + Sync>;
+
+/// Docker Engine and the containers an image definition declares.
+pub struct DockerWorkload {
+    definition: Definition,
+    listen: Listen,
+    /// The engine socket plinth-init talks to.
+    pub socket: PathBuf,
+    /// The update agent's executable (started only if it exists and `[update]` is set).
+    pub update_agent: PathBuf,
+    /// Where reconciliation finds image archives and mount sources.
+    pub options: containers::Options,
+    engine_starts: Arc<AtomicU64>,
+    stopping: AtomicBool,
+    on_boot_complete: Option<BootHook>,
+    watch_interval: Duration,
+}
+
+impl std::fmt::Debug for DockerWorkload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerWorkload")
+            .field("image", &self.definition.image.name.as_str())
+            .field("listen", &self.listen)
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DockerWorkload {
+    /// Reads and validates the image definition at `path` (normally [`DEFINITION_PATH`]).
+    pub fn load(path: &Path) -> Result<DockerWorkload> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the image definition {}", path.display()))?;
+        let definition = Definition::parse(&path.display().to_string(), &text)
+            .with_context(|| format!("parsing the image definition {}", path.display()))?;
+        DockerWorkload::new(definition)
+    }
+
+    /// The workload for a parsed definition; fails if its engine settings cannot be used.
+    pub fn new(definition: Definition) -> Result<DockerWorkload> {
+        let listen = dockerd_listen(&definition.engine)?;
+        Ok(DockerWorkload {
+            definition,
+            listen,
+            socket: PathBuf::from(DOCKER_SOCKET),
+            update_agent: PathBuf::from(UPDATE_AGENT),
+            options: containers::Options::default(),
+            engine_starts: Arc::new(AtomicU64::new(0)),
+            stopping: AtomicBool::new(false),
+            on_boot_complete: None,
+            watch_interval: WATCH_INTERVAL,
+        })
+    }
+
+    /// Runs `hook` once, in its own thread, after the first `boot-complete`.
+    pub fn on_boot_complete(mut self, hook: BootHook) -> DockerWorkload {
+        self.on_boot_complete = Some(hook);
+        self
+    }
+
+    /// The image definition.
+    pub fn definition(&self) -> &Definition {
+        &self.definition
+    }
+
+    /// How dockerd listens.
+    pub fn listen(&self) -> &Listen {
+        &self.listen
+    }
+
+    /// A client for the engine socket.
+    pub fn client(&self) -> docker::Client {
+        docker::Client::new(&self.socket)
+    }
+
+    /// How many times the supervisor has started dockerd.
+    pub fn engine_starts(&self) -> u64 {
+        self.engine_starts.load(Ordering::SeqCst)
+    }
+
+    /// dockerd as the supervisor runs it, with the arguments [`DockerWorkload::listen`] calls for.
+    pub fn engine_service(&self) -> EngineService {
+        EngineService {
+            dockerd: Dockerd {
+                args: self.listen.args(),
+                ..Dockerd::default()
+            },
+            listen: self.listen.clone(),
+            amended_config: PathBuf::from(AMENDED_CONFIG),
+            starts: self.engine_starts.clone(),
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Configures the network from `[network]` and keeps a DHCP lease renewed in a thread.
+    fn network(&self) {
+        let paths = net::Paths::default();
+        let configured = match net::configure(&self.definition.network, &paths) {
+            Ok(configured) => configured,
+            Err(e) => {
+                crate::info!("network configuration failed: {e:#}");
+                return;
+            }
+        };
+        crate::info!("network {configured}");
+        if configured.renewal_due().is_none() {
+            return;
+        }
+        let renewer = std::thread::Builder::new()
+            .name("dhcp-renew".into())
+            .spawn(move || renew_forever(configured, &paths));
+        if let Err(e) = renewer {
+            crate::info!("starting the DHCP renewal thread failed: {e}");
+        }
+    }
+
+    /// Waits until the engine answers, logging progress; false if shutdown began meanwhile.
+    fn wait_engine(&self, client: &docker::Client) -> bool {
+        let start = Instant::now();
+        let mut reported_late = false;
+        loop {
+            if self.stopping() {
+                return false;
+            }
+            match client.wait_ready(Duration::from_secs(15)) {
+                Ok(()) => {
+                    crate::info!("engine answers after {} s", start.elapsed().as_secs());
+                    return true;
+                }
+                Err(e) if start.elapsed() >= ENGINE_TIMEOUT && !reported_late => {
+                    reported_late = true;
+                    crate::info!(
+                        "the engine has not answered within {} s ({e}); still waiting, see /var/log/dockerd.log",
+                        ENGINE_TIMEOUT.as_secs()
+                    );
+                }
+                Err(e) => crate::info!(
+                    "waiting for the engine ({} s so far): {e}",
+                    start.elapsed().as_secs()
+                ),
+            }
+        }
+    }
+
+    /// Makes the declared containers exist and run; `container-running`/`container-failed` lines.
+    fn reconcile(&self, client: &docker::Client) {
+        match containers::reconcile(
+            client,
+            &self.definition.containers,
+            &self.options,
+            &ConsoleStatus,
+        ) {
+            Ok(report) => {
+                crate::info!("containers: {report}");
+                for warning in &report.warnings {
+                    crate::info!("containers: {warning}");
+                }
+            }
+            Err(e) => crate::info!("reconciling containers failed: {e}"),
+        }
+    }
+
+    /// Checks the engine and the containers every [`WATCH_INTERVAL`]; returns when the engine
+    /// stopped answering or was restarted since `generation`, or at shutdown.
+    fn watch(&self, client: &docker::Client, generation: u64) {
+        let mut last: Option<Health> = None;
+        loop {
+            std::thread::sleep(self.watch_interval);
+            if self.stopping() {
+                return;
+            }
+            if self.engine_starts() != generation {
+                crate::info!("dockerd was restarted: waiting for the engine again");
+                return;
+            }
+            if let Err(e) = client.ping() {
+                crate::info!("the engine stopped answering ({e}): waiting for it again");
+                return;
+            }
+            match containers::health(client, &self.definition.containers) {
+                Ok(health) => {
+                    if last.as_ref() != Some(&health) {
+                        log_health(&health);
+                    }
+                    last = Some(health);
+                }
+                Err(e) => crate::info!("checking container health failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Logs every container that is not healthy, or that all are.
+fn log_health(health: &Health) {
+    if health.is_healthy() {
+        crate::info!("all {} containers healthy", health.containers.len());
+        return;
+    }
+    for (name, state) in &health.containers {
+        if *state != ContainerHealth::Healthy {
+            crate::info!("container {name}: {}", describe(state));
+        }
+    }
+}
+
+/// A container's state in words.
+pub fn describe(state: &ContainerHealth) -> String {
+    match state {
+        ContainerHealth::Healthy => "healthy".into(),
+        ContainerHealth::Starting => "health check not passed yet".into(),
+        ContainerHealth::Unhealthy => "unhealthy".into(),
+        ContainerHealth::NotRunning(status) => format!("not running ({status})"),
+        ContainerHealth::Missing => "missing".into(),
+    }
+}
+
+/// Renews the DHCP lease whenever it is due, forever; failures are logged and retried (the lease
+/// schedules its own retry).
+fn renew_forever(mut configured: net::Configured, paths: &net::Paths) {
+    while let Some(due) = configured.renewal_due() {
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        match configured.renew(paths) {
+            Ok(()) => crate::info!("DHCP lease renewed: {configured}"),
+            Err(e) => crate::info!("{e:#}"),
+        }
+    }
+}
+
+impl Workload for DockerWorkload {
+    fn services(&self) -> Vec<Box<dyn Service>> {
+        let mut services: Vec<Box<dyn Service>> = vec![Box::new(self.engine_service())];
+        if self.definition.update.is_some() {
+            let executable = std::fs::metadata(&self.update_agent)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+            if executable {
+                services.push(Box::new(UpdateAgent {
+                    program: self.update_agent.clone(),
+                }));
+            } else {
+                crate::info!(
+                    "[update] is set but {} is missing: no update agent",
+                    self.update_agent.display()
+                );
+            }
+        }
+        services
+    }
+
+    fn after_start(&self) -> Result<()> {
+        self.network();
+        self.engine_loop();
+        Ok(())
+    }
+
+    fn stop_containers(&self, timeout: Duration) -> Result<()> {
+        self.stopping.store(true, Ordering::SeqCst);
+        stop_containers(&self.socket, timeout)
+    }
+}
+
+impl DockerWorkload {
+    /// After each engine start: wait for the engine, `engine-ready`, reconcile, (the first time)
+    /// `boot-complete` and the hook, then watch until the engine goes away. Returns at shutdown.
+    fn engine_loop(&self) {
+        let client = self.client();
+        let mut booted = false;
+        loop {
+            let generation = self.engine_starts();
+            if !self.wait_engine(&client) {
+                return;
+            }
+            crate::status::status("engine-ready", &[("uptime-ms", &uptime_ms())]);
+            self.reconcile(&client);
+            if self.stopping() {
+                return;
+            }
+            if !booted {
+                booted = true;
+                crate::status::status("boot-complete", &[("uptime-ms", &uptime_ms())]);
+                if let Some(hook) = self.on_boot_complete.clone() {
+                    // The hook may wait a long time (the bless gate); the watch goes on meanwhile.
+                    let (client, definition) = (client.clone(), self.definition.clone());
+                    let started = std::thread::Builder::new()
+                        .name("boot-complete".into())
+                        .spawn(move || hook(&client, &definition));
+                    if let Err(e) = started {
+                        crate::info!("starting the boot-complete hook failed: {e}");
+                    }
+                }
+            }
+            self.watch(&client, generation);
+        }
+    }
+}
+
+/// Stops the managed containers through the engine at `socket` within about `timeout`; fails
+/// within 2 s if the engine does not answer.
+pub fn stop_containers(socket: &Path, timeout: Duration) -> Result<()> {
+    let call = Duration::from_secs(2);
+    let client = docker::Client::new(socket).with_timeouts(call, call);
+    client
+        .ping()
+        .context("asking the engine to stop the containers")?;
+    // Each stop call may take the grace time plus `call`: keep the total under `timeout`.
+    let grace = timeout.saturating_sub(call + Duration::from_secs(1));
+    let report = containers::stop_all(&client, grace).context("stopping the containers")?;
+    if !report.stopped.is_empty() {
+        crate::info!("stopped containers: {}", report.stopped.join(", "));
+    }
+    if let Some((name, reason)) = report.failed.first() {
+        bail!(
+            "{} containers could not be stopped; {name}: {reason}",
+            report.failed.len()
+        );
+    }
+    Ok(())
+}
+
+/// Monotonic time and sleeping for the health gate; tests use a fake one.
+pub trait GateClock {
+    /// Time since an arbitrary fixed start.
+    fn now(&self) -> Duration;
+    /// Waits `duration`.
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy)]
+pub struct RealClock(Instant);
+
+impl Default for RealClock {
+    fn default() -> RealClock {
+        RealClock(Instant::now())
+    }
+}
+
+impl GateClock for RealClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+/// Polls `check` every `poll` until it has passed without a break for `bless_after` (true) or
+/// `timeout` has passed (false). `check` returns why the system is not healthy; the reason is
+/// logged when it changes.
+pub fn gate(
+    mut check: impl FnMut() -> std::result::Result<(), String>,
+    clock: &dyn GateClock,
+    bless_after: Duration,
+    timeout: Duration,
+    poll: Duration,
+) -> Result<bool> {
+    if bless_after > timeout {
+        bail!(
+            "the bless time {} s is longer than the time allowed to become healthy ({} s)",
+            bless_after.as_secs(),
+            timeout.as_secs()
+        );
+    }
+    let start = clock.now();
+    let mut healthy_since: Option<Duration> = None;
+    let mut last_reason: Option<String> = None;
+    loop {
+        let now = clock.now();
+        match check() {
+            Ok(()) => {
+                let since = *healthy_since.get_or_insert(now);
+                if last_reason.take().is_some() {
+                    crate::info!("health gate: healthy");
+                }
+                if now - since >= bless_after {
+                    return Ok(true);
+                }
+            }
+            Err(reason) => {
+                healthy_since = None;
+                if last_reason.as_ref() != Some(&reason) {
+                    crate::info!("health gate: {reason}");
+                    last_reason = Some(reason);
+                }
+            }
+        }
+        let elapsed = now - start;
+        if elapsed >= timeout {
+            return Ok(false);
+        }
+        clock.sleep(poll.min(timeout - elapsed));
+    }
+}
+
+/// Whether the engine answers and every declared container runs (and is healthy where it has a
+/// health check); `Err` says what is not.
+pub fn check_health(
+    client: &docker::Client,
+    decls: &[Container],
+) -> std::result::Result<(), String> {
+    client.ping().map_err(|e| e.to_string())?;
+    let health = containers::health(client, decls).map_err(|e| e.to_string())?;
+    match health.first_problem() {
+        None => Ok(()),
+        Some((name, state)) => Err(format!("container {name}: {}", describe(state))),
+    }
+}
+
+/// The bless gate: true once the engine has answered and every declared container has been
+/// running (and healthy where declared) continuously for `bless_after`; false if that did not
+/// happen within `timeout`.
+pub fn wait_healthy(
+    client: &docker::Client,
+    decls: &[Container],
+    bless_after: Duration,
+    timeout: Duration,
+) -> Result<bool> {
+    gate(
+        || check_health(client, decls),
+        &RealClock::default(),
+        bless_after,
+        timeout,
+        GATE_POLL,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+
+    const BASE: &str =
+        "[image]\nname = \"demo\"\nversion = \"1.0.0\"\n\n[debian]\nsuite = \"bookworm\"\n";
+
+    fn definition(extra: &str) -> Definition {
+        Definition::parse("test.toml", &format!("{BASE}{extra}")).expect("valid definition")
+    }
+
+    #[test]
+    fn dockerd_gets_the_host_flag_only_without_hosts_in_the_settings() {
+        let plain = definition("");
+        assert_eq!(dockerd_listen(&plain.engine).expect("listen"), Listen::Flag);
+        assert_eq!(Listen::Flag.args(), ["--host=unix:///run/docker.sock"]);
+
+        let with_socket = definition(
+            "[engine.settings]\nhosts = [\"tcp://0.0.0.0:2376\", \"unix:///var/run/docker.sock\"]\n",
+        );
+        let listen = dockerd_listen(&with_socket.engine).expect("listen");
+        assert_eq!(listen, Listen::ConfigFile);
+        assert!(
+            listen.args().is_empty(),
+            "no -H next to hosts in daemon.json"
+        );
+    }
+
+    #[test]
+    fn hosts_without_the_socket_get_it_in_an_amended_configuration() {
+        let def =
+            definition("[engine.settings]\nhosts = [\"tcp://0.0.0.0:2376\"]\ntlsverify = true\n");
+        let listen = dockerd_listen(&def.engine).expect("listen");
+        let Listen::Amended(json) = &listen else {
+            panic!("expected an amended configuration, got {listen:?}");
+        };
+        let value: serde_json::Value = serde_json::from_str(json).expect("JSON");
+        assert_eq!(
+            value["hosts"],
+            serde_json::json!(["unix:///run/docker.sock", "tcp://0.0.0.0:2376"])
+        );
+        assert_eq!(value["tlsverify"], true, "other settings are kept");
+        assert_eq!(listen.args(), ["--config-file=/run/plinth/dockerd.json"]);
+        assert!(!listen.args().iter().any(|a| a.starts_with("--host")));
+    }
+
+    #[test]
+    fn hosts_that_are_not_a_list_of_strings_are_refused() {
+        for bad in ["hosts = \"unix:///run/docker.sock\"", "hosts = [1]"] {
+            let def = definition(&format!("[engine.settings]\n{bad}\n"));
+            let error = dockerd_listen(&def.engine).expect_err(bad).to_string();
+            assert!(
+                error.contains("`hosts` must be an array of strings"),
+                "{error}"
+            );
+            assert!(DockerWorkload::new(def).is_err());
+        }
+    }
+
+    #[test]
+    fn load_reads_the_definition_and_names_the_file_in_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image.toml");
+        let missing = DockerWorkload::load(&path).expect_err("missing file");
+        assert!(format!("{missing:#}").contains(&path.display().to_string()));
+
+        std::fs::write(&path, "[image]\nname = \"demo\"\n").expect("write");
+        let invalid = format!("{:#}", DockerWorkload::load(&path).expect_err("invalid"));
+        assert!(
+            invalid.contains("parsing the image definition"),
+            "{invalid}"
+        );
+        assert!(invalid.contains("image.toml"), "{invalid}");
+
+        std::fs::write(
+            &path,
+            format!("{BASE}[[container]]\nname = \"web\"\nimage = \"busybox:1.36\"\n"),
+        )
+        .expect("write");
+        let workload = DockerWorkload::load(&path).expect("valid");
+        assert_eq!(workload.definition().containers.len(), 1);
+        assert_eq!(workload.listen(), &Listen::Flag);
+    }
+
+    fn names(services: &[Box<dyn Service>]) -> Vec<&str> {
+        services.iter().map(|s| s.name()).collect()
+    }
+
+    #[test]
+    fn the_update_agent_runs_only_with_update_and_an_executable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = dir.path().join("plinth-update");
+        let update = "[update]\nurl = \"http://127.0.0.1:8000/releases\"\n";
+
+        let mut without = DockerWorkload::new(definition("")).expect("workload");
+        without.update_agent = agent.clone();
+        std::fs::write(&agent, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(names(&without.services()), ["dockerd"]);
+
+        let mut with = DockerWorkload::new(definition(update)).expect("workload");
+        with.update_agent = agent.clone();
+        assert_eq!(names(&with.services()), ["dockerd", "plinth-update"]);
+
+        with.update_agent = dir.path().join("absent");
+        assert_eq!(names(&with.services()), ["dockerd"]);
+    }
+
+    #[test]
+    fn the_engine_service_writes_its_configuration_and_counts_starts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("run/dockerd.json");
+        let starts = Arc::new(AtomicU64::new(0));
+        let service = EngineService {
+            dockerd: Dockerd {
+                program: PathBuf::from("true"),
+                args: Vec::new(),
+                log: dir.path().join("log/dockerd.log"),
+            },
+            listen: Listen::Amended("{\"hosts\": []}".into()),
+            amended_config: config.clone(),
+            starts: starts.clone(),
+        };
+        assert_eq!(service.name(), "dockerd");
+        let mut child = service.spawn().expect("spawn");
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            std::fs::read_to_string(&config).expect("config"),
+            "{\"hosts\": []}"
+        );
+        child.wait().expect("wait");
+
+        let failing = EngineService {
+            dockerd: Dockerd {
+                program: dir.path().join("no-such-dockerd"),
+                ..service.dockerd.clone()
+            },
+            listen: Listen::Flag,
+            amended_config: config,
+            starts: starts.clone(),
+        };
+        assert!(failing.spawn().is_err());
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            1,
+            "a failed start is no start"
+        );
+    }
+
+    #[test]
+    fn services_pass_the_listen_arguments_to_dockerd() {
+        let def = definition("[engine.settings]\nhosts = [\"unix:///run/docker.sock\"]\n");
+        let workload = DockerWorkload::new(def).expect("workload");
+        assert_eq!(workload.listen(), &Listen::ConfigFile);
+        assert!(workload.engine_service().dockerd.args.is_empty());
+        assert_eq!(names(&workload.services()), ["dockerd"]);
+
+        let plain = DockerWorkload::new(definition("")).expect("workload");
+        let service = plain.engine_service();
+        assert_eq!(service.dockerd.args, ["--host=unix:///run/docker.sock"]);
+        assert_eq!(service.dockerd.program, Path::new("/usr/bin/dockerd"));
+        service.starts.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(
+            plain.engine_starts(),
+            1,
+            "the workload sees the service's starts"
+        );
+    }
+
+    /// A clock that only moves when the gate sleeps.
+    struct FakeClock(Cell<Duration>);
+
+    impl GateClock for FakeClock {
+        fn now(&self) -> Duration {
+            self.0.get()
+        }
+        fn sleep(&self, duration: Duration) {
+            self.0.set(self.0.get() + duration);
+        }
+    }
+
+    /// Runs the gate over `states` (one per poll of 1 s; the last repeats); returns the result
+    /// and the fake time at which it came.
+    fn run_gate(states: &[bool], bless_after: u64, timeout: u64) -> (bool, u64) {
+        let clock = FakeClock(Cell::new(Duration::from_secs(100)));
+        let polls = RefCell::new(0usize);
+        let check = || {
+            let mut n = polls.borrow_mut();
+            let healthy = states[(*n).min(states.len() - 1)];
+            *n += 1;
+            if healthy {
+                Ok(())
+            } else {
+                Err("container web: missing".to_string())
+            }
+        };
+        let s = Duration::from_secs;
+        let result = gate(check, &clock, s(bless_after), s(timeout), s(1)).expect("gate");
+        (result, clock.now().as_secs() - 100)
+    }
+
+    #[test]
+    fn the_gate_passes_after_a_continuous_healthy_period() {
+        assert_eq!(run_gate(&[true], 5, 60), (true, 5));
+        assert_eq!(run_gate(&[false, false, true], 5, 60), (true, 7));
+        assert_eq!(run_gate(&[true], 0, 60), (true, 0));
+    }
+
+    #[test]
+    fn a_break_restarts_the_healthy_period() {
+        let states = [true, true, true, true, false, true];
+        assert_eq!(run_gate(&states, 5, 60), (true, 10));
+    }
+
+    #[test]
+    fn the_gate_fails_at_the_timeout() {
+        assert_eq!(run_gate(&[false], 5, 30), (false, 30));
+        // Healthy too late to last the bless time before the timeout.
+        let mut late = vec![false; 28];
+        late.push(true);
+        assert_eq!(run_gate(&late, 5, 30), (false, 30));
+    }
+
+    #[test]
+    fn a_bless_time_beyond_the_timeout_is_an_error() {
+        let clock = FakeClock(Cell::new(Duration::ZERO));
+        let s = Duration::from_secs;
+        let error = gate(|| Ok(()), &clock, s(60), s(30), s(1)).expect_err("impossible");
+        assert!(error.to_string().contains("bless time 60 s"), "{error}");
+    }
+
+    #[test]
+    fn stopping_without_an_engine_fails_quickly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let start = Instant::now();
+        let error = stop_containers(&dir.path().join("docker.sock"), Duration::from_secs(15))
+            .expect_err("no engine");
+        assert!(start.elapsed() < Duration::from_secs(3));
+        assert!(format!("{error:#}").contains("docker.sock"), "{error:#}");
+    }
+
+    #[test]
+    fn health_without_an_engine_names_the_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client = docker::Client::new(dir.path().join("docker.sock"));
+        let reason = check_health(&client, &[]).expect_err("no engine");
+        assert!(reason.contains("docker.sock"), "{reason}");
+    }
+
+    /// A fake engine answering `_ping` and an empty container list, or hanging up on every
+    /// request while `down` is set; counts list requests.
+    fn fake_engine(socket: &Path) -> (Arc<AtomicU64>, Arc<AtomicBool>) {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind");
+        let lists = Arc::new(AtomicU64::new(0));
+        let counter = lists.clone();
+        let down = Arc::new(AtomicBool::new(false));
+        let is_down = down.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                if is_down.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut request = String::new();
+                reader.read_line(&mut request).expect("request line");
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let body = if request.contains("/containers/json") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    "[]"
+                } else {
+                    "OK"
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (lists, down)
+    }
+
+    fn wait_for(what: &str, condition: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !condition() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "timed out: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn containers_are_reconciled_again_after_a_dockerd_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("docker.sock");
+        let (lists, down) = fake_engine(&socket);
+        let hooks = Arc::new(AtomicU64::new(0));
+        let counted = hooks.clone();
+        let mut workload = DockerWorkload::new(definition(""))
+            .expect("workload")
+            .on_boot_complete(Arc::new(move |_, _| {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }));
+        workload.socket = socket;
+        workload.watch_interval = Duration::from_millis(20);
+        let workload = Arc::new(workload);
+        workload.engine_starts.store(1, Ordering::SeqCst);
+        let looping = workload.clone();
+        let engine_loop = std::thread::spawn(move || looping.engine_loop());
+
+        wait_for("first reconcile", || lists.load(Ordering::SeqCst) == 1);
+        wait_for("boot-complete hook", || hooks.load(Ordering::SeqCst) == 1);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            lists.load(Ordering::SeqCst),
+            1,
+            "no reconcile while nothing changed"
+        );
+
+        workload.engine_starts.fetch_add(1, Ordering::SeqCst);
+        wait_for("reconcile after the restart", || {
+            lists.load(Ordering::SeqCst) == 2
+        });
+        assert_eq!(
+            hooks.load(Ordering::SeqCst),
+            1,
+            "the hook runs once per boot"
+        );
+
+        // An engine that stops answering is waited for, then reconciled again.
+        down.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(lists.load(Ordering::SeqCst), 2);
+        down.store(false, Ordering::SeqCst);
+        wait_for("reconcile after the engine answers again", || {
+            lists.load(Ordering::SeqCst) == 3
+        });
+
+        workload.stopping.store(true, Ordering::SeqCst);
+        engine_loop.join().expect("the loop ends at shutdown");
+        assert_eq!(lists.load(Ordering::SeqCst), 3);
+    }
+}
