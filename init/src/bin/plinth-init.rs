@@ -11,7 +11,13 @@ fn main() {
     let sysroot = std::path::Path::new("/sysroot").is_dir();
     match select_stage(&args, is_pid1, sysroot) {
         Ok(Stage::One) => init::stage1::run(),
-        Ok(Stage::Two) => init::stage2::run(Arc::new(init::stage2::EngineOnly)),
+        Ok(Stage::Two) => {
+            let path = std::path::Path::new(init::workload::DEFINITION_PATH);
+            match init::workload::DockerWorkload::load(path) {
+                Ok(workload) => init::stage2::run(Arc::new(workload)),
+                Err(e) => init::stage2::fatal(e),
+            }
+        }
         Err(message) => {
             eprintln!("plinth-init: {message}");
             std::process::exit(2);
