@@ -61,38 +61,42 @@ pub fn source_date_epoch() -> Result<u64> {
     }
 }
 
-/// Finds the static `plinth-init` to put into the image.
+/// Where `scripts/build-init.sh` puts the static `plinth-init`, relative to the workspace.
+pub const STATIC_INIT: &str = "target/x86_64-unknown-linux-gnu/release/plinth-init";
+
+/// Finds the static `plinth-init` to put into the image: `--init`/`$PLINTH_INIT`, else the
+/// static build of the workspace `plinth` was built in (or of the current folder). The binary
+/// must be statically linked: the initramfs has no shared libraries.
 pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = explicit {
-        if path.is_file() {
-            return Ok(path.to_path_buf());
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => {
+            let mut candidates = Vec::new();
+            if let Ok(exe) = std::env::current_exe() {
+                // target/<profile>/plinth → the workspace is two folders up.
+                if let Some(top) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+                    candidates.push(top.join(STATIC_INIT));
+                }
+            }
+            candidates.push(PathBuf::from(STATIC_INIT));
+            candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no static plinth-init found at {STATIC_INIT}: build it with scripts/build-init.sh, or pass --init FILE"
+                )
+            })?
         }
+    };
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("reading plinth-init binary {} (build it with scripts/build-init.sh)", path.display()))?;
+    let elf = goblin::elf::Elf::parse(&bytes)
+        .with_context(|| format!("{} is not an ELF executable", path.display()))?;
+    if let Some(interp) = elf.interpreter {
         bail!(
-            "plinth-init binary {} does not exist: build it with scripts/build-init.sh",
+            "{} is dynamically linked (interpreter {interp}); the initramfs needs a static build: scripts/build-init.sh",
             path.display()
         );
     }
-    let mut candidates = Vec::new();
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            candidates.push(dir.join("plinth-init"));
-            if let Some(target) = dir.parent() {
-                candidates.push(target.join("x86_64-unknown-linux-gnu/release/plinth-init"));
-                if let Some(top) = target.parent() {
-                    candidates
-                        .push(top.join("target/x86_64-unknown-linux-gnu/release/plinth-init"));
-                }
-            }
-        }
-    }
-    candidates.push(PathBuf::from(
-        "target/x86_64-unknown-linux-gnu/release/plinth-init",
-    ));
-    candidates.into_iter().find(|c| c.is_file()).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no static plinth-init found: build it with scripts/build-init.sh, or pass --init FILE"
-        )
-    })
+    Ok(path)
 }
 
 /// Paths of a finished build.

@@ -77,7 +77,7 @@ pub fn build(
                 "-comp",
                 "zstd",
                 "-Xcompression-level",
-                "19",
+                "15",
                 "-b",
                 "131072",
                 "-all-root",
