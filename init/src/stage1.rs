@@ -222,6 +222,20 @@ fn read_cmdline<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             "OFF (plinth.verity=0, debugging image)"
         }
     );
+    if let Some((_, value)) = cmdline
+        .args
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "plinth.disk-timeout")
+    {
+        match value.as_deref().map(str::parse::<u64>) {
+            Some(Ok(seconds)) => ctx.disk_timeout = Duration::from_secs(seconds),
+            _ => crate::info!(
+                "ignoring plinth.disk-timeout={}: expected whole seconds",
+                value.as_deref().unwrap_or("")
+            ),
+        }
+    }
     ctx.cmdline = Some(cmdline);
     Ok(())
 }
@@ -269,7 +283,11 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         let mut candidates = Vec::new();
         let mut seen = Vec::new();
         for name in ctx.sys.list_dir(&class_block).unwrap_or_default() {
-            if ctx.sys.exists(&class_block.join(&name).join("partition")) {
+            if ctx.sys.exists(&class_block.join(&name).join("partition")) || !may_hold_gpt(&name) {
+                continue;
+            }
+            // Empty loop devices and drives without a medium report size 0.
+            if sysfs_text(ctx.sys, &class_block, &name, "size").as_deref() == Some("0") {
                 continue;
             }
             let node = ctx.paths.dev.join(&name);
@@ -331,6 +349,14 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             log_report("coldplug", &report);
         }
     }
+}
+
+/// Whole-disk names worth reading a GPT from: not loop, RAM, floppy, optical or device-mapper
+/// devices (a floppy probe alone can stall for seconds).
+fn may_hold_gpt(name: &str) -> bool {
+    !["loop", "ram", "zram", "fd", "sr", "dm-"]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
 }
 
 fn labels(table: &gpt::Table) -> String {
@@ -940,6 +966,32 @@ mod tests {
             "{text}"
         );
         assert!(sys.now() >= Duration::from_secs(10));
+    }
+
+    #[test]
+    fn disk_timeout_comes_from_the_command_line_and_odd_devices_are_skipped() {
+        let sys = machine(
+            "00112233-4455-6677-8899-aabbccddeeff",
+            "01234567-89ab-cdef-0123-456789abcdef",
+            true,
+        );
+        sys.add_file(
+            "/proc/cmdline",
+            format!("plinth.slot=b plinth.roothash={HASH} plinth.disk-timeout=30"),
+        );
+        sys.add_file("/sys/class/block/loop0/size", "0\n");
+        sys.add_file("/sys/class/block/sr0/size", "2048\n");
+        sys.add_file("/sys/class/block/vdb/size", "0\n");
+        let err = run(&sys).expect_err("no root-b");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("after 30 s; block devices: vda (GPT"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("loop0") && !text.contains("sr0") && !text.contains("vdb"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub struct EngineOnly;
 
 impl Workload for EngineOnly {
     fn services(&self) -> Vec<Box<dyn Service>> {
-        vec![Box::new(crate::supervise::Dockerd::default())]
+        vec![Box::new(crate::supervise::Program::dockerd())]
     }
 }
 

@@ -40,11 +40,13 @@ pub fn command(program: &Path) -> Command {
     command
 }
 
-/// Docker Engine's daemon. Its output goes to a log file under `/var/log` whose last lines are
-/// echoed to the console when it exits.
+/// A supervised program whose output goes to a log file under `/var/log`; the file's last lines
+/// are echoed to the console when it exits.
 #[derive(Debug, Clone)]
-pub struct Dockerd {
-    /// The executable (`/usr/bin/dockerd`).
+pub struct Program {
+    /// Name for logs and status lines.
+    pub name: String,
+    /// The executable.
     pub program: PathBuf,
     /// Arguments.
     pub args: Vec<String>,
@@ -52,12 +54,24 @@ pub struct Dockerd {
     pub log: PathBuf,
 }
 
-impl Default for Dockerd {
-    fn default() -> Dockerd {
-        Dockerd {
+impl Program {
+    /// Docker Engine's daemon, listening on `DOCKER_SOCKET`.
+    pub fn dockerd() -> Program {
+        Program {
+            name: "dockerd".into(),
             program: PathBuf::from("/usr/bin/dockerd"),
             args: vec![format!("--host=unix://{DOCKER_SOCKET}")],
             log: PathBuf::from("/var/log/dockerd.log"),
+        }
+    }
+
+    /// The update agent.
+    pub fn update_agent() -> Program {
+        Program {
+            name: "plinth-update".into(),
+            program: PathBuf::from("/usr/bin/plinth-update"),
+            args: Vec::new(),
+            log: PathBuf::from("/var/log/plinth-update.log"),
         }
     }
 }
@@ -65,9 +79,9 @@ impl Default for Dockerd {
 /// Log files above this size are rotated to `<name>.1` when the service starts.
 const LOG_ROTATE_BYTES: u64 = 16 * 1024 * 1024;
 
-impl Service for Dockerd {
+impl Service for Program {
     fn name(&self) -> &str {
-        "dockerd"
+        &self.name
     }
 
     fn spawn(&self) -> Result<Child> {
@@ -99,7 +113,7 @@ impl Service for Dockerd {
 
     fn exited(&self) {
         for line in tail_lines(&self.log, 8) {
-            crate::info!("dockerd: {line}");
+            crate::info!("{}: {line}", self.name);
         }
     }
 }
