@@ -46,7 +46,7 @@ pub fn command(program: &Path) -> Command {
 pub struct Program {
     /// Name for logs and status lines.
     pub name: String,
-    /// The executable.
+    /// The executable: an absolute path, or a name looked up in `SERVICE_PATH`.
     pub program: PathBuf,
     /// Arguments.
     pub args: Vec<String>,
@@ -55,11 +55,12 @@ pub struct Program {
 }
 
 impl Program {
-    /// Docker Engine's daemon, listening on `DOCKER_SOCKET`.
+    /// Docker Engine's daemon, listening on `DOCKER_SOCKET`. Found through `SERVICE_PATH`:
+    /// Debian installs it as `/usr/sbin/dockerd`.
     pub fn dockerd() -> Program {
         Program {
             name: "dockerd".into(),
-            program: PathBuf::from("/usr/bin/dockerd"),
+            program: PathBuf::from("dockerd"),
             args: vec![format!("--host=unix://{DOCKER_SOCKET}")],
             log: PathBuf::from("/var/log/dockerd.log"),
         }
@@ -69,7 +70,7 @@ impl Program {
     pub fn update_agent() -> Program {
         Program {
             name: "plinth-update".into(),
-            program: PathBuf::from("/usr/bin/plinth-update"),
+            program: PathBuf::from("plinth-update"),
             args: Vec::new(),
             log: PathBuf::from("/var/log/plinth-update.log"),
         }
@@ -309,6 +310,15 @@ mod tests {
                 .spawn()
                 .expect("`true` runs on the test host"))
         }
+    }
+
+    #[test]
+    fn bare_names_are_found_in_the_service_path() {
+        // The test process's own PATH does not matter: the child's PATH is SERVICE_PATH.
+        let status = command(Path::new("true"))
+            .status()
+            .expect("`true` found via SERVICE_PATH");
+        assert!(status.success());
     }
 
     #[test]

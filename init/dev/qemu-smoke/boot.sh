@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Boots, waits for console text $1, sends monitor command $2 (default system_powerdown), waits
-# for QEMU to exit and prints the console log and how long the shutdown took.
+# for QEMU to exit ($DELAY seconds after the text appeared) and prints the console log and how long the shutdown took.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 WORK=${WORK:-$(cd "$HERE/../../.." && pwd)/target/qemu-smoke}
@@ -9,6 +9,7 @@ LOG=$WORK/console.log
 QEMU=$!
 for _ in $(seq 1 150); do grep -q "$1" "$LOG" && break; sleep 1; done
 grep -q "$1" "$LOG" || { cat "$LOG"; echo "never saw: $1" >&2; kill "$QEMU"; exit 1; }
+sleep "${DELAY:-0}"
 START=$(date +%s)
 python3 -c "
 import socket, sys, time

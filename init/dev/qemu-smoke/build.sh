@@ -54,6 +54,8 @@ echo smoke > root/etc/hostname
 ln -s ../run/machine-id root/etc/machine-id
 printf 'ID=plinth\nNAME=Plinth\n' > root/etc/os-release
 echo '{}' > root/etc/docker/daemon.json
+# An optional tree copied over the root (e.g. extracted docker.io and its libraries).
+if [ -n "${EXTRA_TREE:-}" ]; then cp -a "$EXTRA_TREE"/. root/; fi
 mksquashfs root root.sqfs -comp zstd -noappend -quiet -all-root >/dev/null
 veritysetup format root.sqfs verity.img > verity.txt
 HASH=$(awk '/Root hash:/ {print $3}' verity.txt)
