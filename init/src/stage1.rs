@@ -242,7 +242,14 @@ fn read_cmdline<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
 
 fn load_modules<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let release = ctx.sys.kernel_release();
-    let mut loader = ModuleLoader::open(ctx.sys, &ctx.paths.modules, &release)?;
+    let mut loader = match ModuleLoader::open(ctx.sys, &ctx.paths.modules, &release) {
+        Ok(loader) => loader,
+        Err(e) => {
+            // A kernel with its disk, filesystem and device-mapper drivers built in needs none.
+            crate::info!("no loadable modules ({e:#}): relying on built-in drivers");
+            return Ok(());
+        }
+    };
     let report = loader.load(ctx.sys, MODULES);
     log_report("modules", &report);
     ctx.loader = Some(loader);
@@ -250,10 +257,9 @@ fn load_modules<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
 }
 
 fn coldplug<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
-    let loader = ctx
-        .loader
-        .as_mut()
-        .ok_or_else(|| anyhow!("modules not opened yet"))?;
+    let Some(loader) = ctx.loader.as_mut() else {
+        return Ok(());
+    };
     let report = loader.coldplug(ctx.sys, &ctx.paths.sys, 4);
     log_report("coldplug", &report);
     Ok(())
@@ -992,6 +998,20 @@ mod tests {
             !text.contains("loop0") && !text.contains("sr0") && !text.contains("vdb"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_kernel_without_modules_still_boots() {
+        let sys = machine(
+            "00112233-4455-6677-8899-aabbccddeeff",
+            "01234567-89ab-cdef-0123-456789abcdef",
+            true,
+        );
+        let mut ctx = Stage1::new(&sys, Paths::default());
+        ctx.paths.modules = PathBuf::from("/nonexistent");
+        let err = run_steps("stage1", &steps(), &mut ctx).expect_err("fake exec returns");
+        assert!(format!("{err:#}").contains("step exec-stage2"), "{err:#}");
+        assert!(!sys.calls().iter().any(|c| c.starts_with("load ")));
     }
 
     #[test]
