@@ -242,10 +242,10 @@ impl Supervisor {
         };
         let delay = backoff(entry.failures);
         let name = entry.service.name().to_string();
-        entry.service.exited();
         if stopping {
             return Some(name);
         }
+        entry.service.exited();
         entry.next_start = Some(now + delay);
         crate::info!(
             "{name} (pid {pid}) exited ({status}) after {} s; restarting in {} s",
