@@ -58,24 +58,17 @@ pub enum Stage {
 
 /// Chooses the stage. An explicit `stage1`/`stage2` argument wins. Otherwise a PID 1 started as
 /// `/init` (the kernel runs the initramfs's `/init`) with a `/sysroot` directory is stage 1, and any
-/// other PID 1 is stage 2 (stage 1 execs `/usr/bin/plinth-init`). Not PID 1: refuse, so running
-/// the binary by hand never mounts or reboots anything.
+/// other PID 1 is stage 2 (stage 1 execs `/usr/bin/plinth-init`). Other arguments are ignored when
+/// PID 1: the kernel passes unrecognized command line words (`single`) to init, and PID 1 must not
+/// exit over them. Not PID 1: refuse, so running the binary by hand never mounts or reboots anything.
 pub fn select_stage(args: &[String], is_pid1: bool, sysroot_exists: bool) -> Result<Stage, String> {
-    let explicit = match args.get(1).map(String::as_str) {
-        Some("stage1") => Some(Stage::One),
-        Some("stage2") => Some(Stage::Two),
-        Some(other) => {
-            return Err(format!(
-                "unknown argument {other:?}: expected stage1 or stage2"
-            ))
-        }
-        None => None,
-    };
     if !is_pid1 {
         return Err("plinth-init runs only as PID 1 (the kernel starts it)".into());
     }
-    if let Some(stage) = explicit {
-        return Ok(stage);
+    match args.get(1).map(String::as_str) {
+        Some("stage1") => return Ok(Stage::One),
+        Some("stage2") => return Ok(Stage::Two),
+        _ => {}
     }
     let argv0 = args.first().map(String::as_str).unwrap_or_default();
     if argv0 == "/init" && sysroot_exists {
@@ -106,7 +99,10 @@ mod tests {
             Ok(Stage::One)
         );
         assert!(select_stage(&args(&["plinth-init"]), false, true).is_err());
-        assert!(select_stage(&args(&["/init", "bogus"]), true, true).is_err());
+        assert_eq!(
+            select_stage(&args(&["/init", "single"]), true, true),
+            Ok(Stage::One)
+        );
     }
 
     struct Counter(Duration);

@@ -167,6 +167,47 @@ pub fn mountinfo_targets(text: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Device (major, minor).
+    pub dev: (u32, u32),
+    /// Mountpoint.
+    pub target: PathBuf,
+    /// Per-mount options (`ro,relatime`).
+    pub options: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount source (`/dev/dm-0`).
+    pub source: String,
+}
+
+impl MountEntry {
+    /// True if mounted read-only.
+    pub fn read_only(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+}
+
+/// The last mount on `target` in `/proc/self/mountinfo` text (the one that is visible).
+pub fn find_mount(text: &str, target: &Path) -> Option<MountEntry> {
+    text.lines()
+        .rev()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let separator = fields.iter().position(|f| *f == "-")?;
+            let (major, minor) = fields.get(2)?.split_once(':')?;
+            Some(MountEntry {
+                dev: (major.parse().ok()?, minor.parse().ok()?),
+                target: PathBuf::from(unescape_octal(fields.get(4)?)),
+                options: fields.get(5)?.to_string(),
+                fstype: fields.get(separator + 1)?.to_string(),
+                source: unescape_octal(fields.get(separator + 2)?),
+            })
+        })
+        .find(|entry| entry.target == target)
+}
+
 /// Decodes `\040`-style escapes used in mount tables.
 fn unescape_octal(field: &str) -> String {
     let bytes = field.as_bytes();
@@ -219,6 +260,24 @@ mod tests {
         let mut head = vec![0u8; DETECT_LEN];
         head[1080..1082].copy_from_slice(&[0x53, 0xef]);
         assert_eq!(detect(&head).map(FsKind::fstype), Some("ext4"));
+    }
+
+    #[test]
+    fn finds_the_visible_root_mount() {
+        let text = "\
+1 1 0:2 / / rw - rootfs rootfs rw
+22 1 253:0 / / ro,relatime shared:1 - squashfs /dev/dm-0 ro,errors=continue
+24 22 254:6 / /var rw,nosuid,nodev,relatime - ext4 /dev/vda6 rw
+";
+        let root = find_mount(text, Path::new("/")).expect("root");
+        assert_eq!(root.dev, (253, 0));
+        assert_eq!(root.fstype, "squashfs");
+        assert_eq!(root.source, "/dev/dm-0");
+        assert!(root.read_only());
+        let var = find_mount(text, Path::new("/var")).expect("var");
+        assert!(!var.read_only());
+        assert_eq!(var.source, "/dev/vda6");
+        assert_eq!(find_mount(text, Path::new("/tmp")), None);
     }
 
     #[test]

@@ -222,13 +222,34 @@ fn read_cmdline<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             "OFF (plinth.verity=0, debugging image)"
         }
     );
+    if let Some((_, value)) = cmdline
+        .args
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "plinth.disk-timeout")
+    {
+        match value.as_deref().map(str::parse::<u64>) {
+            Some(Ok(seconds)) => ctx.disk_timeout = Duration::from_secs(seconds),
+            _ => crate::info!(
+                "ignoring plinth.disk-timeout={}: expected whole seconds",
+                value.as_deref().unwrap_or("")
+            ),
+        }
+    }
     ctx.cmdline = Some(cmdline);
     Ok(())
 }
 
 fn load_modules<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let release = ctx.sys.kernel_release();
-    let mut loader = ModuleLoader::open(ctx.sys, &ctx.paths.modules, &release)?;
+    let mut loader = match ModuleLoader::open(ctx.sys, &ctx.paths.modules, &release) {
+        Ok(loader) => loader,
+        Err(e) => {
+            // A kernel with its disk, filesystem and device-mapper drivers built in needs none.
+            crate::info!("no loadable modules ({e:#}): relying on built-in drivers");
+            return Ok(());
+        }
+    };
     let report = loader.load(ctx.sys, MODULES);
     log_report("modules", &report);
     ctx.loader = Some(loader);
@@ -236,10 +257,9 @@ fn load_modules<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
 }
 
 fn coldplug<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
-    let loader = ctx
-        .loader
-        .as_mut()
-        .ok_or_else(|| anyhow!("modules not opened yet"))?;
+    let Some(loader) = ctx.loader.as_mut() else {
+        return Ok(());
+    };
     let report = loader.coldplug(ctx.sys, &ctx.paths.sys, 4);
     log_report("coldplug", &report);
     Ok(())
@@ -269,7 +289,11 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         let mut candidates = Vec::new();
         let mut seen = Vec::new();
         for name in ctx.sys.list_dir(&class_block).unwrap_or_default() {
-            if ctx.sys.exists(&class_block.join(&name).join("partition")) {
+            if ctx.sys.exists(&class_block.join(&name).join("partition")) || !may_hold_gpt(&name) {
+                continue;
+            }
+            // Empty loop devices and drives without a medium report size 0.
+            if sysfs_text(ctx.sys, &class_block, &name, "size").as_deref() == Some("0") {
                 continue;
             }
             let node = ctx.paths.dev.join(&name);
@@ -331,6 +355,14 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             log_report("coldplug", &report);
         }
     }
+}
+
+/// Whole-disk names worth reading a GPT from: not loop, RAM, floppy, optical or device-mapper
+/// devices (a floppy probe alone can stall for seconds).
+fn may_hold_gpt(name: &str) -> bool {
+    !["loop", "ram", "zram", "fd", "sr", "dm-"]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
 }
 
 fn labels(table: &gpt::Table) -> String {
@@ -940,6 +972,46 @@ mod tests {
             "{text}"
         );
         assert!(sys.now() >= Duration::from_secs(10));
+    }
+
+    #[test]
+    fn disk_timeout_comes_from_the_command_line_and_odd_devices_are_skipped() {
+        let sys = machine(
+            "00112233-4455-6677-8899-aabbccddeeff",
+            "01234567-89ab-cdef-0123-456789abcdef",
+            true,
+        );
+        sys.add_file(
+            "/proc/cmdline",
+            format!("plinth.slot=b plinth.roothash={HASH} plinth.disk-timeout=30"),
+        );
+        sys.add_file("/sys/class/block/loop0/size", "0\n");
+        sys.add_file("/sys/class/block/sr0/size", "2048\n");
+        sys.add_file("/sys/class/block/vdb/size", "0\n");
+        let err = run(&sys).expect_err("no root-b");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("after 30 s; block devices: vda (GPT"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("loop0") && !text.contains("sr0") && !text.contains("vdb"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_kernel_without_modules_still_boots() {
+        let sys = machine(
+            "00112233-4455-6677-8899-aabbccddeeff",
+            "01234567-89ab-cdef-0123-456789abcdef",
+            true,
+        );
+        let mut ctx = Stage1::new(&sys, Paths::default());
+        ctx.paths.modules = PathBuf::from("/nonexistent");
+        let err = run_steps("stage1", &steps(), &mut ctx).expect_err("fake exec returns");
+        assert!(format!("{err:#}").contains("step exec-stage2"), "{err:#}");
+        assert!(!sys.calls().iter().any(|c| c.starts_with("load ")));
     }
 
     #[test]

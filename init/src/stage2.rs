@@ -56,7 +56,7 @@ pub struct EngineOnly;
 
 impl Workload for EngineOnly {
     fn services(&self) -> Vec<Box<dyn Service>> {
-        vec![Box::new(crate::supervise::Dockerd::default())]
+        vec![Box::new(crate::supervise::Program::dockerd())]
     }
 }
 
@@ -104,6 +104,10 @@ pub fn steps<'a, S: System>() -> Vec<Step<Stage2<'a, S>>> {
             run: mount_api,
         },
         Step {
+            name: "report-root",
+            run: report_root,
+        },
+        Step {
             name: "var-layout",
             run: var_layout,
         },
@@ -147,6 +151,52 @@ fn mount_api<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
     }
     for spec in mounts::stage2_extra(&p.sys, &p.dev, &p.tmp) {
         spec.mount(ctx.sys)?;
+    }
+    Ok(())
+}
+
+/// Reports what the running system sees as `/` and `/var` (from mountinfo and the device-mapper
+/// name in sysfs): `PLINTH-STATUS root source=/dev/dm-0 dm-name=root fstype=squashfs ro=yes`.
+fn report_root<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
+    let path = ctx.paths.proc_dir.join("self/mountinfo");
+    let text = ctx
+        .sys
+        .read(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8_lossy(&text);
+    let root = mounts::find_mount(&text, Path::new("/"))
+        .ok_or_else(|| anyhow!("{} lists no mount on /", path.display()))?;
+    let (major, minor) = root.dev;
+    let dm_name = ctx
+        .sys
+        .read(
+            &ctx.paths
+                .sys
+                .join(format!("dev/block/{major}:{minor}/dm/name")),
+        )
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_else(|_| "-".into());
+    let dev = format!("{major}:{minor}");
+    crate::status::status(
+        "root",
+        &[
+            ("source", &root.source),
+            ("dev", &dev),
+            ("dm-name", &dm_name),
+            ("fstype", &root.fstype),
+            ("ro", if root.read_only() { "yes" } else { "no" }),
+        ],
+    );
+    let var = ctx.paths.var.clone();
+    match mounts::find_mount(&text, &var) {
+        Some(entry) => crate::status::status(
+            "var",
+            &[("source", &entry.source), ("fstype", &entry.fstype)],
+        ),
+        None => crate::info!(
+            "{} is not a mount: its files are on the root filesystem",
+            var.display()
+        ),
     }
     Ok(())
 }
@@ -441,6 +491,11 @@ mod tests {
         sys.add_dir("/proc/self");
         sys.add_dir("/sys/kernel");
         sys.add_file("/dev/null", "");
+        sys.add_file(
+            "/proc/self/mountinfo",
+            "22 1 253:0 / / ro,relatime - squashfs /dev/dm-0 ro\n24 22 254:6 / /var rw - ext4 /dev/vda6 rw\n",
+        );
+        sys.add_file("/sys/dev/block/253:0/dm/name", "root\n");
         let modules = "/usr/lib/modules/6.1.0-test";
         sys.add_file(
             format!("{modules}/modules.dep"),

@@ -40,11 +40,13 @@ pub fn command(program: &Path) -> Command {
     command
 }
 
-/// Docker Engine's daemon. Its output goes to a log file under `/var/log` whose last lines are
-/// echoed to the console when it exits.
+/// A supervised program whose output goes to a log file under `/var/log`; the file's last lines
+/// are echoed to the console when it exits.
 #[derive(Debug, Clone)]
-pub struct Dockerd {
-    /// The executable (`/usr/bin/dockerd`).
+pub struct Program {
+    /// Name for logs and status lines.
+    pub name: String,
+    /// The executable: an absolute path, or a name looked up in `SERVICE_PATH`.
     pub program: PathBuf,
     /// Arguments.
     pub args: Vec<String>,
@@ -52,12 +54,25 @@ pub struct Dockerd {
     pub log: PathBuf,
 }
 
-impl Default for Dockerd {
-    fn default() -> Dockerd {
-        Dockerd {
-            program: PathBuf::from("/usr/bin/dockerd"),
+impl Program {
+    /// Docker Engine's daemon, listening on `DOCKER_SOCKET`. Found through `SERVICE_PATH`:
+    /// Debian installs it as `/usr/sbin/dockerd`.
+    pub fn dockerd() -> Program {
+        Program {
+            name: "dockerd".into(),
+            program: PathBuf::from("dockerd"),
             args: vec![format!("--host=unix://{DOCKER_SOCKET}")],
             log: PathBuf::from("/var/log/dockerd.log"),
+        }
+    }
+
+    /// The update agent.
+    pub fn update_agent() -> Program {
+        Program {
+            name: "plinth-update".into(),
+            program: PathBuf::from("plinth-update"),
+            args: Vec::new(),
+            log: PathBuf::from("/var/log/plinth-update.log"),
         }
     }
 }
@@ -65,9 +80,9 @@ impl Default for Dockerd {
 /// Log files above this size are rotated to `<name>.1` when the service starts.
 const LOG_ROTATE_BYTES: u64 = 16 * 1024 * 1024;
 
-impl Service for Dockerd {
+impl Service for Program {
     fn name(&self) -> &str {
-        "dockerd"
+        &self.name
     }
 
     fn spawn(&self) -> Result<Child> {
@@ -99,7 +114,7 @@ impl Service for Dockerd {
 
     fn exited(&self) {
         for line in tail_lines(&self.log, 8) {
-            crate::info!("dockerd: {line}");
+            crate::info!("{}: {line}", self.name);
         }
     }
 }
@@ -227,10 +242,10 @@ impl Supervisor {
         };
         let delay = backoff(entry.failures);
         let name = entry.service.name().to_string();
-        entry.service.exited();
         if stopping {
             return Some(name);
         }
+        entry.service.exited();
         entry.next_start = Some(now + delay);
         crate::info!(
             "{name} (pid {pid}) exited ({status}) after {} s; restarting in {} s",
@@ -295,6 +310,15 @@ mod tests {
                 .spawn()
                 .expect("`true` runs on the test host"))
         }
+    }
+
+    #[test]
+    fn bare_names_are_found_in_the_service_path() {
+        // The test process's own PATH does not matter: the child's PATH is SERVICE_PATH.
+        let status = command(Path::new("true"))
+            .status()
+            .expect("`true` found via SERVICE_PATH");
+        assert!(status.success());
     }
 
     #[test]

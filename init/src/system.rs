@@ -632,3 +632,35 @@ impl System for FakeSystem {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn remove_tree_keeps_the_new_root_and_follows_no_symlink() {
+        let base = std::env::temp_dir().join(format!("plinth-free-{}", std::process::id()));
+        let rootfs = base.join("rootfs");
+        let outside = base.join("outside");
+        fs::create_dir_all(rootfs.join("lib/modules/6.1")).expect("mkdir");
+        fs::create_dir_all(rootfs.join("sysroot/usr")).expect("mkdir");
+        fs::create_dir_all(&outside).expect("mkdir");
+        fs::write(rootfs.join("init"), "elf").expect("write");
+        fs::write(rootfs.join("lib/modules/6.1/a.ko"), "ko").expect("write");
+        fs::write(rootfs.join("sysroot/usr/keep"), "keep").expect("write");
+        fs::write(outside.join("precious"), "data").expect("write");
+        symlink(&outside, rootfs.join("link")).expect("symlink");
+        let dev = fs::metadata(&rootfs).expect("stat").dev();
+        remove_tree(&rootfs, dev, &rootfs.join("sysroot"));
+        let mut left: Vec<String> = fs::read_dir(&rootfs)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["sysroot"]);
+        assert!(rootfs.join("sysroot/usr/keep").exists());
+        assert!(outside.join("precious").exists(), "a symlink was followed");
+        fs::remove_dir_all(&base).expect("cleanup");
+    }
+}
