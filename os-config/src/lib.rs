@@ -4,6 +4,7 @@
 
 pub mod definition;
 pub mod diagnostic;
+pub mod manifest;
 pub mod units;
 
 pub use definition::Definition;
