@@ -862,3 +862,46 @@ fn region_helper_is_bounded() {
     let mut region = Region::new(&mut data, 2, 4).expect("region");
     assert!(region.write_all(&[1; 5]).is_err());
 }
+
+#[test]
+fn the_command_line_applies_from_a_folder_and_reports_status() {
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    let usb = m.dir.join("usb");
+    publish(&usb, &m.key, "demo", "2", &v2);
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_plinth-update"))
+            .arg("--definition")
+            .arg(m.dir.join("image.toml"))
+            .arg("--state")
+            .arg(m.dir.join("var/lib/plinth/update.json"))
+            .arg("--cmdline")
+            .arg(m.dir.join("cmdline"))
+            .arg("--disk")
+            .arg(&m.disk)
+            .args(args)
+            .output()
+            .expect("run plinth-update");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run(&["apply", "--from", usb.to_str().expect("utf8")]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("PLINTH-STATUS update-staged version=2 slot=b"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run(&["--json", "status"]);
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(status["slots"][1]["boot"], "trying 1/3", "{stdout}");
+    assert_eq!(status["staged"]["version"], "2", "{stdout}");
+    let (ok, _, stderr) = run(&["frobnicate"]);
+    assert!(
+        !ok && stderr.contains("unknown command `frobnicate`"),
+        "{stderr}"
+    );
+}
