@@ -905,3 +905,26 @@ fn the_command_line_applies_from_a_folder_and_reports_status() {
         "{stderr}"
     );
 }
+
+#[test]
+fn two_agents_never_apply_at_once() {
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
+    let first = m.agent();
+    let second = m.agent();
+    let err = first
+        .apply(None, &mut |e| {
+            if *e == Event::Stage(Stage::EntryRemoved) {
+                let inner = second.apply(None, &mut |_| Ok(())).expect_err("locked out");
+                assert!(
+                    format!("{inner:#}").contains("another plinth-update"),
+                    "{inner:#}"
+                );
+                anyhow::bail!("checked");
+            }
+            Ok(())
+        })
+        .expect_err("stopped by the hook");
+    assert!(format!("{err:#}").contains("checked"), "{err:#}");
+}

@@ -175,6 +175,29 @@ impl Agent {
         })
     }
 
+    /// Holds an exclusive lock beside the state file for as long as the returned file lives, so
+    /// the daemon and a manual `apply` never write the same slot at once.
+    fn lock(&self) -> Result<std::fs::File> {
+        let path = self.paths.state.with_file_name("update.lock");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .with_context(|| {
+                format!(
+                    "another plinth-update is updating this machine (lock {} is held)",
+                    path.display()
+                )
+            })?;
+        Ok(file)
+    }
+
     fn load_state(&self) -> Result<State> {
         let mut state = State::load(&self.paths.state)?;
         // A staged version that now runs (or is older) is no longer pending.
@@ -343,6 +366,7 @@ impl Agent {
         hook: &mut dyn FnMut(&Event) -> Result<()>,
     ) -> Result<Outcome> {
         let source = from.unwrap_or(&self.source);
+        let _lock = self.lock()?;
         let mut state = self.load_state()?;
         let (manifest, digest) = match self.fetch(source, &state)? {
             Ok(found) => found,
@@ -380,6 +404,7 @@ impl Agent {
     /// Makes the other slot boot next by marking the running entry as out of tries; the running
     /// version is then recorded as bad after the reboot.
     pub fn rollback(&self) -> Result<Rollback> {
+        let _lock = self.lock()?;
         let mut disk = Disk::open(&self.disk)?;
         let esp_part = disk.partition("esp")?;
         let rollback = {
