@@ -331,37 +331,42 @@ fn read_back(
     verity_part: &super::blockdev::Partition,
 ) -> Result<(), ApplyError> {
     use anyhow::Context as _;
-    for (name, artifact, part) in [
-        ("root", &manifest.artifacts.root, root_part),
-        ("verity", &manifest.artifacts.verity, verity_part),
-    ] {
-        let region = disk
-            .region(part)
-            .with_context(|| format!("opening {}", part.label))?;
-        let (len, sha) = hash_reader(&mut region.take(artifact.uncompressed_size))
-            .with_context(|| format!("reading back partition {}", part.label))?;
-        check_content(name, artifact, len, &sha)
-            .with_context(|| format!("reading back partition {}", part.label))?;
-    }
+    // The verity tree and its superblock, whole.
+    let artifact = &manifest.artifacts.verity;
+    let region = disk
+        .region(verity_part)
+        .with_context(|| format!("opening {}", verity_part.label))?;
+    let (len, sha) = hash_reader(&mut region.take(artifact.uncompressed_size))
+        .with_context(|| format!("reading back partition {}", verity_part.label))?;
+    check_content("verity", artifact, len, &sha)
+        .with_context(|| format!("reading back partition {}", verity_part.label))?;
+    // The root image, read once: hashed and checked against the tree on the way.
     let path = disk.path.clone();
-    let mut data =
-        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let mut tree =
-        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    let mut data = super::blockdev::Region::new(
-        &mut data,
-        root_part.start,
-        manifest.artifacts.root.uncompressed_size,
-    )
-    .context("opening the root partition")?;
+    let open = || std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()));
+    let (mut data_file, mut tree_file) = (open()?, open()?);
+    let data = super::blockdev::Region::new(&mut data_file, root_part.start, root_part.size)
+        .context("opening the root partition")?;
+    let mut data = HashReader {
+        inner: io::BufReader::with_capacity(
+            CHUNK,
+            data.take(manifest.artifacts.root.uncompressed_size),
+        ),
+        hasher: Sha256::new(),
+        len: 0,
+        io_failed: false,
+    };
     let mut tree = super::blockdev::Region::new(
-        &mut tree,
+        &mut tree_file,
         verity_part.start,
-        manifest.artifacts.verity.uncompressed_size,
+        artifact.uncompressed_size,
     )
     .context("opening the verity partition")?;
     let hash = verity::verify_tree(&mut data, &mut tree, manifest.data_blocks)
-        .context("checking the written verity tree")?;
+        .context("checking the written verity tree against the root partition")?;
+    io::copy(&mut data, &mut io::sink()).context("reading back the root partition")?;
+    let sha = hex::encode(data.hasher.finalize());
+    check_content("root", &manifest.artifacts.root, data.len, &sha)
+        .with_context(|| format!("reading back partition {}", root_part.label))?;
     if hex::encode(hash) != manifest.root_hash.as_str() {
         return Err(ApplyError::Rejected(format!(
             "the written verity tree has root hash {}, the manifest says {}",

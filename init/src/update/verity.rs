@@ -22,8 +22,8 @@ pub enum VerityError {
 }
 
 /// Verifies every level of the tree in `tree` (superblock at offset 0) against `data`, and
-/// returns the root hash.
-pub fn verify_tree<D: Read + Seek, T: Read + Seek>(
+/// returns the root hash. `data` is read once, front to back (callers may hash it on the way).
+pub fn verify_tree<D: Read, T: Read + Seek>(
     data: &mut D,
     tree: &mut T,
     expected_blocks: u64,
@@ -41,6 +41,11 @@ pub fn verify_tree<D: Read + Seek, T: Read + Seek>(
     }
     let levels = verity_levels(sb.data_blocks);
     let mut block = vec![0u8; BLOCK];
+    if levels.is_empty() {
+        // One data block: the root hash is its hash.
+        data.read_exact(&mut block)?;
+        return Ok(verity_hash(&sb.salt, &block));
+    }
     let mut expected = vec![0u8; BLOCK];
     let mut stored = vec![0u8; BLOCK];
     // Level 0 hashes the data; level i hashes the (already checked) blocks of level i-1.
@@ -57,10 +62,7 @@ pub fn verify_tree<D: Read + Seek, T: Read + Seek>(
             let last = (first + HASHES_PER_BLOCK as u64).min(source_count);
             for (slot, index) in (first..last).enumerate() {
                 match source_start {
-                    None => {
-                        data.seek(SeekFrom::Start(index * VERITY_BLOCK_SIZE))?;
-                        data.read_exact(&mut block)?;
-                    }
+                    None => data.read_exact(&mut block)?,
                     Some(p) => {
                         tree.seek(SeekFrom::Start((p + index) * VERITY_BLOCK_SIZE))?;
                         tree.read_exact(&mut block)?;
@@ -78,16 +80,9 @@ pub fn verify_tree<D: Read + Seek, T: Read + Seek>(
             }
         }
     }
-    match levels.last() {
-        Some(&(position, _)) => {
-            tree.seek(SeekFrom::Start(position * VERITY_BLOCK_SIZE))?;
-            tree.read_exact(&mut block)?;
-        }
-        None => {
-            data.seek(SeekFrom::Start(0))?;
-            data.read_exact(&mut block)?;
-        }
-    }
+    // The top level is one block at the start of the tree.
+    tree.seek(SeekFrom::Start(VERITY_BLOCK_SIZE))?;
+    tree.read_exact(&mut block)?;
     Ok(verity_hash(&sb.salt, &block))
 }
 
