@@ -535,13 +535,29 @@ fn applies_a_release_over_http_resuming_a_broken_download() {
         }
     );
 
-    // After the reboot into slot B, the health gate blesses the boot.
+    // After the reboot into slot B, nothing touches slot A (the fallback) until the boot is
+    // blessed; then the health gate blesses it.
     m.boot(Slot::B, "2");
+    m.rename_entry("plinth-b-2+3.conf", "plinth-b-2+2-1.conf");
+    let v3 = content(&m.dir, 3, 200);
+    publish(&m.releases, &m.key, "demo", "3", &v3);
+    assert_eq!(
+        m.agent()
+            .apply(None, &mut |_| Ok(()))
+            .expect("apply on trial"),
+        Outcome::WaitingForBless {
+            slot: Slot::B,
+            version: "2".into()
+        }
+    );
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-2+2-1.conf"]);
+    assert_eq!(m.partition("root-a", m.v1.root.len()), m.v1.root);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
     let blessed = bless_disk(&m.disk, Slot::B, "2").expect("bless");
     assert_eq!(
         blessed,
         Blessed::Blessed {
-            from: "plinth-b-2+3.conf".into(),
+            from: "plinth-b-2+2-1.conf".into(),
             to: "plinth-b-2.conf".into()
         }
     );

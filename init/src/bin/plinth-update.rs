@@ -84,6 +84,9 @@ fn print_outcome(json: bool, outcome: &Outcome) -> Result<()> {
                 println!("{version} is staged in slot {slot}; reboot to use it")
             }
             Outcome::Available { version } => println!("{version} is available"),
+            Outcome::WaitingForBless { slot, version } => {
+                println!("{version} in slot {slot} is not blessed yet; updates wait until it is")
+            }
             _ => {}
         }
     }

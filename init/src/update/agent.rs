@@ -74,6 +74,9 @@ pub enum Outcome {
     UpToDate { version: String },
     /// The published release is already written to the other slot, waiting for a reboot.
     AlreadyStaged { version: String, slot: Slot },
+    /// The running boot is still on trial (its entry carries a counter): the other slot is its
+    /// fallback and is not touched until the boot is blessed.
+    WaitingForBless { slot: Slot, version: String },
     /// A newer release exists (`check` only).
     Available { version: String },
     /// The release was refused; `reason` says why. The other slot's entry was not written.
@@ -367,12 +370,23 @@ impl Agent {
     ) -> Result<Outcome> {
         let source = from.unwrap_or(&self.source);
         let _lock = self.lock()?;
+        let mut disk = Disk::open(&self.disk)?;
+        let on_trial = read_entries(&mut disk)?.into_iter().any(|e| {
+            e.slot == self.running_slot
+                && e.version == self.running_version.as_str()
+                && e.counter != Counter::Good
+        });
+        if on_trial {
+            return Ok(Outcome::WaitingForBless {
+                slot: self.running_slot,
+                version: self.running_version.to_string(),
+            });
+        }
         let mut state = self.load_state()?;
         let (manifest, digest) = match self.fetch(source, &state)? {
             Ok(found) => found,
             Err(outcome) => return Ok(outcome),
         };
-        let mut disk = Disk::open(&self.disk)?;
         let slot = self.running_slot.other();
         let job = Job {
             source,
