@@ -944,3 +944,36 @@ fn two_agents_never_apply_at_once() {
         .expect_err("stopped by the hook");
     assert!(format!("{err:#}").contains("checked"), "{err:#}");
 }
+
+#[test]
+fn the_boot_disk_is_found_by_its_partition_labels_and_root_hash() {
+    let m = Machine::new();
+    let sys = m.dir.join("sys/block");
+    let dev = m.dir.join("dev");
+    for name in ["loop0", "vda", "vdb", "vdc"] {
+        fs::create_dir_all(sys.join(name)).expect("sys entry");
+    }
+    fs::create_dir_all(&dev).expect("dev");
+    fs::write(dev.join("vda"), vec![0u8; 1 << 20]).expect("blank disk");
+    fs::copy(&m.disk, dev.join("loop0")).expect("loop device is skipped");
+    fs::copy(&m.disk, dev.join("vdb")).expect("copy");
+    fs::copy(&m.disk, dev.join("vdc")).expect("copy");
+    // vdc's slot A carries the running root hash as its partition UUID (DPS), vdb's does not.
+    let mut hash = [0u8; 32];
+    hash[..16].copy_from_slice(&[0xab; 16]);
+    Disk::open(&dev.join("vdc"))
+        .expect("vdc")
+        .set_slot_uuids(Slot::A, &hash)
+        .expect("uuids");
+    let find = |root_hash: Option<&str>| {
+        init::update::blockdev::find_boot_disk(&sys, &dev, Slot::A, root_hash)
+    };
+    let hash_hex = hex::encode(hash);
+    assert_eq!(find(Some(&hash_hex)).expect("found"), dev.join("vdc"));
+    let any = find(None).expect("found");
+    assert!(any == dev.join("vdb") || any == dev.join("vdc"), "{any:?}");
+    fs::remove_file(dev.join("vdb")).expect("rm");
+    fs::remove_file(dev.join("vdc")).expect("rm");
+    let err = find(None).expect_err("no Plinth disk");
+    assert!(format!("{err:#}").contains("pass --disk"), "{err:#}");
+}
