@@ -203,14 +203,14 @@ impl Agent {
 
     fn load_state(&self) -> Result<State> {
         let mut state = State::load(&self.paths.state)?;
-        // A staged version that now runs (or is older) is no longer pending.
+        // A staged version that now runs (or is older) is no longer pending. Only changed in
+        // memory: the state file is written under the lock, by whoever changes it next.
         if state
             .staged
             .as_ref()
             .is_some_and(|s| s.version <= self.running_version)
         {
             state.staged = None;
-            state.save(&self.paths.state)?;
         }
         Ok(state)
     }
@@ -257,6 +257,10 @@ impl Agent {
             e.slot == self.running_slot.other() && matches!(e.counter, Counter::Bad { .. })
         });
         let (true, Some(bad)) = (running_good, bad) else {
+            return Ok(None);
+        };
+        // Another agent holding the lock (the daemon) runs this detection itself.
+        let Ok(_lock) = self.lock() else {
             return Ok(None);
         };
         let version = Version::parse(&bad.version).map_err(anyhow::Error::msg)?;
