@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use os_config::manifest::{
-    self, Artifact, Artifacts, Manifest, PublicKey, SecretKey, VeritySuperblock, VERITY_BLOCK_SIZE,
+    self, Artifact, Artifacts, Frame, Manifest, PublicKey, SecretKey, VeritySuperblock,
+    VERITY_BLOCK_SIZE,
 };
 use os_config::units::{Name, Sha256, Version};
 use sha2::{Digest, Sha256 as Hasher};
@@ -16,6 +17,9 @@ use crate::cli::{KeygenArgs, PublishArgs};
 
 /// zstd level of published artifacts: a good ratio at a speed a build machine tolerates.
 pub const ZSTD_LEVEL: i32 = 10;
+/// Uncompressed size of each independent zstd frame of the root and verity artifacts: an
+/// interrupted download resumes at a frame boundary.
+pub const FRAME_SIZE: usize = 16 << 20;
 
 /// `plinth keygen --out PREFIX`.
 pub fn keygen(args: &KeygenArgs) -> Result<()> {
@@ -200,7 +204,7 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let mut region = |part: &Partition, len: u64| -> Result<Artifact> {
         disk.seek(SeekFrom::Start(part.start))?;
         let reader = (&mut disk).take(len);
-        store_artifact(reader, to)
+        store_artifact_framed(reader, to, FRAME_SIZE)
     };
     let root_artifact = region(&root, root_size)
         .with_context(|| format!("publishing root-a of {}", disk_path.display()))?;
@@ -388,25 +392,73 @@ fn split_options(options: &str) -> (Option<String>, Vec<String>) {
     (hash, rest)
 }
 
-/// Compresses `reader` into `DIR/artifacts/<sha256>.zst`, never replacing different content.
-pub fn store_artifact(mut reader: impl Read, dir: &Path) -> Result<Artifact> {
+/// Compresses `reader` as one zstd frame into `DIR/artifacts/<sha256>.zst`, never replacing
+/// different content.
+pub fn store_artifact(reader: impl Read, dir: &Path) -> Result<Artifact> {
+    store_artifact_framed(reader, dir, usize::MAX)
+}
+
+/// Like [`store_artifact`], cutting the content into independent frames of `frame_size` bytes
+/// (recorded in the artifact) when it is larger than one frame.
+pub fn store_artifact_framed(
+    mut reader: impl Read,
+    dir: &Path,
+    frame_size: usize,
+) -> Result<Artifact> {
     let artifacts = dir.join("artifacts");
     let temp = artifacts.join(format!(".incoming-{}", std::process::id()));
     let file = fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
     let mut hashed_out = HashWriter::new(file);
-    let (uncompressed_size, uncompressed_sha256) = {
-        let mut encoder =
-            zstd::stream::Encoder::new(&mut hashed_out, ZSTD_LEVEL).context("starting zstd")?;
-        encoder.include_checksum(true).context("configuring zstd")?;
-        let mut hashed_in = HashWriter::new(&mut encoder);
-        io::copy(&mut reader, &mut hashed_in)
-            .with_context(|| format!("compressing into {}", temp.display()))?;
-        let result = hashed_in.finish();
+    let mut hashed_in = HashWriter::new(io::sink());
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; frame_size.min(FRAME_SIZE)];
+    loop {
+        // One frame: up to `frame_size` bytes, read in buffer-sized pieces.
+        let start = (hashed_out.len, hashed_in.len);
+        let mut encoder: Option<zstd::stream::Encoder<'_, &mut HashWriter<fs::File>>> = None;
+        let mut in_frame = 0usize;
+        while in_frame < frame_size {
+            let want = buf.len().min(frame_size - in_frame);
+            let n = read_full(&mut reader, &mut buf[..want])
+                .with_context(|| format!("reading content for {}", temp.display()))?;
+            if n == 0 {
+                break;
+            }
+            if encoder.is_none() {
+                let mut e = zstd::stream::Encoder::new(&mut hashed_out, ZSTD_LEVEL)
+                    .context("starting zstd")?;
+                e.include_checksum(true).context("configuring zstd")?;
+                encoder = Some(e);
+            }
+            if let Some(e) = encoder.as_mut() {
+                e.write_all(&buf[..n])
+                    .with_context(|| format!("compressing into {}", temp.display()))?;
+            }
+            hashed_in.write_all(&buf[..n])?;
+            in_frame += n;
+        }
+        let Some(encoder) = encoder else { break };
         encoder
             .finish()
             .with_context(|| format!("compressing into {}", temp.display()))?;
-        result
-    };
+        frames.push(Frame {
+            offset: start.0,
+            uncompressed_offset: start.1,
+        });
+        if in_frame < frame_size {
+            break;
+        }
+    }
+    if frames.is_empty() {
+        // Empty content is still one (empty) frame.
+        zstd::stream::Encoder::new(&mut hashed_out, ZSTD_LEVEL)
+            .and_then(|e| e.finish())
+            .with_context(|| format!("compressing into {}", temp.display()))?;
+    }
+    if frames.len() == 1 {
+        frames.clear();
+    }
+    let (uncompressed_size, uncompressed_sha256) = hashed_in.finish();
     let (size, sha256) = hashed_out.finish();
     hashed_out
         .inner
@@ -435,7 +487,21 @@ pub fn store_artifact(mut reader: impl Read, dir: &Path) -> Result<Artifact> {
         sha256,
         uncompressed_size,
         uncompressed_sha256: Sha256::parse(&uncompressed_sha256).map_err(anyhow::Error::msg)?,
+        frames,
     })
+}
+
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 fn hash_file(path: &Path) -> Result<String> {

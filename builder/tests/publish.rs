@@ -278,3 +278,23 @@ fn publish_without_a_built_disk_says_to_build_first() {
     let err = publish::publish(&args).expect_err("no disk");
     assert!(format!("{err:#}").contains("run `plinth build"), "{err:#}");
 }
+
+#[test]
+fn large_artifacts_are_cut_into_independent_frames() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(tmp.path().join("artifacts")).expect("mkdir");
+    let content: Vec<u8> = (0..1_048_576u32).map(|i| (i * 7 % 251) as u8).collect();
+    let artifact =
+        publish::store_artifact_framed(&content[..], tmp.path(), 262_144).expect("store");
+    let compressed = fs::read(tmp.path().join(&artifact.path)).expect("artifact");
+    assert_eq!(artifact.frames.len(), 4, "{:?}", artifact.frames);
+    for frame in &artifact.frames {
+        let tail =
+            zstd::decode_all(&compressed[frame.offset as usize..]).expect("frame decodes alone");
+        assert_eq!(tail, content[frame.uncompressed_offset as usize..]);
+    }
+    assert_eq!(zstd::decode_all(&compressed[..]).expect("whole"), content);
+    let small =
+        publish::store_artifact_framed(&content[..1000], tmp.path(), 262_144).expect("store");
+    assert!(small.frames.is_empty(), "one frame needs no frame table");
+}

@@ -183,8 +183,23 @@ fn sha(data: &[u8]) -> Sha256 {
     Sha256::parse(&hex::encode(sha2::Sha256::digest(data))).expect("hex")
 }
 
+/// Frame size of test artifacts: small, so that resuming at a frame is exercised.
+const FRAME: usize = 256 << 10;
+
+/// Stores `data` zstd-compressed, cut into independent frames like `plinth publish` does.
 fn store(dir: &Path, data: &[u8]) -> Artifact {
-    let compressed = zstd::encode_all(data, 3).expect("zstd");
+    let mut compressed = Vec::new();
+    let mut frames = Vec::new();
+    for (i, chunk) in data.chunks(FRAME).enumerate() {
+        frames.push(manifest::Frame {
+            offset: compressed.len() as u64,
+            uncompressed_offset: (i * FRAME) as u64,
+        });
+        compressed.extend(zstd::encode_all(chunk, 3).expect("zstd"));
+    }
+    if frames.len() == 1 {
+        frames.clear();
+    }
     let digest = sha(&compressed);
     let path = Artifact::path_for(&digest);
     fs::create_dir_all(dir.join("artifacts")).expect("mkdir");
@@ -195,6 +210,7 @@ fn store(dir: &Path, data: &[u8]) -> Artifact {
         sha256: digest,
         uncompressed_size: data.len() as u64,
         uncompressed_sha256: sha(data),
+        frames,
     }
 }
 
@@ -792,9 +808,20 @@ fn an_interrupted_update_resumes_or_restarts_and_never_exposes_a_partial_slot() 
         m.assert_slot_b_holds(&v2, "2");
         m.fsck_esp();
         // Completed stages are not redone: once the root was written it is not downloaded again.
-        let again = m.server.requests(&manifest.artifacts.root.path).len() - root_requests;
+        let requests = m.server.requests(&manifest.artifacts.root.path);
+        let again = requests.len() - root_requests;
         let expect_again = usize::from(stage.is_none_or(|s| s < Stage::RootWritten));
         assert_eq!(again, expect_again, "{point}: stage {stage:?}");
+        if point == "mid root" {
+            // Resumed at the first frame not yet synced, not from the start.
+            let resumed_at = manifest.artifacts.root.frames[3].offset;
+            assert!(
+                requests
+                    .last()
+                    .is_some_and(|r| r.ends_with(&format!("range={resumed_at}-"))),
+                "{requests:?}"
+            );
+        }
     }
 }
 

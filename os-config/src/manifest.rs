@@ -100,6 +100,20 @@ pub struct Artifact {
     pub uncompressed_size: u64,
     /// sha256 after decompression.
     pub uncompressed_sha256: Sha256,
+    /// Where each independent zstd frame starts, when the artifact is cut into frames; an
+    /// interrupted download resumes at the last frame fully written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<Frame>,
+}
+
+/// The start of one independent zstd frame of an artifact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Frame {
+    /// Offset in the compressed file.
+    pub offset: u64,
+    /// Offset in the decompressed content.
+    pub uncompressed_offset: u64,
 }
 
 impl Artifact {
@@ -126,6 +140,23 @@ impl Manifest {
                     "artifact {name}: path `{}` is not `{}`",
                     artifact.path,
                     Artifact::path_for(&artifact.sha256)
+                )));
+            }
+        }
+        for (name, artifact) in manifest.artifacts.named() {
+            let starts_at_zero = artifact
+                .frames
+                .first()
+                .is_none_or(|f| f.offset == 0 && f.uncompressed_offset == 0);
+            let increasing = artifact.frames.windows(2).all(|w| {
+                w[0].offset < w[1].offset && w[0].uncompressed_offset < w[1].uncompressed_offset
+            });
+            let inside = artifact.frames.last().is_none_or(|f| {
+                f.offset < artifact.size && f.uncompressed_offset < artifact.uncompressed_size
+            });
+            if !(starts_at_zero && increasing && inside) {
+                return Err(ManifestError::Malformed(format!(
+                    "artifact {name}: frames must start at 0, increase and lie inside the artifact"
                 )));
             }
         }
@@ -490,6 +521,7 @@ mod tests {
             sha256,
             uncompressed_size: uncompressed,
             uncompressed_sha256: sha(b"x"),
+            frames: Vec::new(),
         }
     }
 
@@ -567,6 +599,13 @@ mod tests {
             (good.replace("\"cmdline\"", "\"cmd-line\""), "unknown field"),
             (good.replace("artifacts/", "../"), "is not `artifacts/"),
             (good.replace("00ff", "zz"), "salt"),
+            (
+                good.replace(
+                    "\"uncompressed-size\": 8192,",
+                    "\"uncompressed-size\": 8192, \"frames\": [{\"offset\": 1, \"uncompressed-offset\": 0}],",
+                ),
+                "frames must start at 0",
+            ),
             (
                 good.replace("\"data-blocks\": 2", "\"data-blocks\": 3"),
                 "needs 12288 bytes",

@@ -3,17 +3,18 @@
 //! set the partition UUIDs, write kernel and initrd, write the counted entry last. Each stage is
 //! synced, then recorded, so an interrupted update resumes or restarts cleanly.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::Path;
 
-use os_config::manifest::{Artifact, Manifest};
+use os_config::manifest::{Artifact, Frame, Manifest};
 use sha2::{Digest, Sha256};
 
 use super::blockdev::Disk;
+use super::blockdev::Region;
 use super::bootentry::{entry_text, EntryName, Slot, ENTRIES_DIR};
 use super::esp::Esp;
 use super::fetch::Source;
-use super::state::{InProgress, Stage, Staged, State};
+use super::state::{InProgress, Resume, Stage, Staged, State};
 use super::verity;
 
 /// Size of each read and write while streaming.
@@ -83,11 +84,17 @@ pub fn apply(
             slot,
             manifest_sha256: job.manifest_sha256.to_owned(),
             stage,
+            resume: None,
         });
         state.save(state_path)?;
         hook(&Event::Stage(stage))
     };
-    record(state, resumed.max(Stage::Accepted), hook)?;
+    if resumed == Stage::Accepted {
+        record(state, Stage::Accepted, hook)?;
+    } else {
+        // Resuming: keep the recorded stage and frame.
+        hook(&Event::Stage(resumed))?;
+    }
 
     // The slot's entry goes first, every time: from here on its partitions may be half written.
     let esp_part = disk.partition("esp")?;
@@ -126,10 +133,38 @@ pub fn apply(
                 artifact.uncompressed_size, part.label, part.size
             )));
         }
+        let first = state
+            .in_progress
+            .as_ref()
+            .and_then(|p| p.resume.as_ref())
+            .filter(|r| r.artifact == name)
+            .map_or(0, |r| r.frame);
         let mut region = disk
             .region(part)
             .with_context(|| format!("opening partition {}", part.label))?;
-        stream(job, name, artifact, &mut region, hook)?;
+        if let Some(frame) = artifact.frames.get(first) {
+            region
+                .seek(io::SeekFrom::Start(frame.uncompressed_offset))
+                .with_context(|| format!("seeking in partition {}", part.label))?;
+        }
+        let mut frame_done = |next: usize| -> anyhow::Result<()> {
+            if let Some(p) = state.in_progress.as_mut() {
+                p.resume = Some(Resume {
+                    artifact: name.to_owned(),
+                    frame: next,
+                });
+            }
+            state.save(state_path)
+        };
+        stream(
+            job,
+            name,
+            artifact,
+            &mut region,
+            first,
+            &mut frame_done,
+            hook,
+        )?;
         disk.sync()?;
         record(state, stage, hook)?;
     }
@@ -160,7 +195,7 @@ pub fn apply(
             let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
             {
                 let mut file = esp.create_file(&path)?;
-                stream(job, name, artifact, &mut file, hook)?;
+                stream(job, name, artifact, &mut file, 0, &mut |_| Ok(()), hook)?;
                 file.flush()
                     .with_context(|| format!("writing {path} on the ESP"))?;
             }
@@ -203,61 +238,134 @@ pub fn apply(
     Ok(())
 }
 
-/// Download → hash → zstd → hash → `sink`, in one pass with `CHUNK`-sized buffers.
+/// Where a streamed artifact goes: a partition or a file on the ESP.
+pub trait Sink: Write {
+    /// Makes what was written durable.
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+impl Sink for Region<&mut std::fs::File> {
+    fn sync(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.get_mut().sync_data()
+    }
+}
+
+impl<S: super::esp::Storage> Sink for fatfs::File<'_, S> {
+    fn sync(&mut self) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+/// Download → hash → zstd → hash → `sink`, in one pass with `CHUNK`-sized buffers, from frame
+/// `first` on (the sink is positioned at that frame's content). After each frame but the last the
+/// sink is synced and `frame_done(next frame)` is called, so a later run can resume there.
 fn stream(
     job: &Job<'_>,
     name: &'static str,
     artifact: &Artifact,
-    sink: &mut dyn Write,
+    sink: &mut dyn Sink,
+    first: usize,
+    frame_done: &mut dyn FnMut(usize) -> anyhow::Result<()>,
     hook: Hook<'_>,
 ) -> Result<(), ApplyError> {
     let failed = |e: String| ApplyError::Failed(anyhow::anyhow!(e));
+    let frames = if artifact.frames.is_empty() {
+        vec![Frame {
+            offset: 0,
+            uncompressed_offset: 0,
+        }]
+    } else {
+        artifact.frames.clone()
+    };
+    let first = if first < frames.len() { first } else { 0 };
+    let whole = first == 0;
+    let start = frames[first];
     let download = job
         .source
-        .open_resuming(&artifact.path, artifact.size, job.retries)
+        .open_resuming(&artifact.path, start.offset, artifact.size, job.retries)
         .map_err(|e| failed(format!("artifact {name}: {e}")))?;
     let mut counted = HashReader {
-        inner: download.take(artifact.size + 1),
+        inner: download.take(artifact.size - start.offset + 1),
         hasher: Sha256::new(),
         len: 0,
         io_failed: false,
     };
     let mut out_hasher = Sha256::new();
-    let mut out_len = 0u64;
+    let mut out_len = start.uncompressed_offset;
     let mut local_failure: Option<anyhow::Error> = None;
     let decoded: io::Result<()> = (|| {
-        let mut decoder = zstd::stream::read::Decoder::new(&mut counted)?;
-        decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
         let mut buf = vec![0u8; CHUNK];
-        loop {
-            let n = read_full(&mut decoder, &mut buf)?;
-            if n == 0 {
-                break;
+        for index in first..frames.len() {
+            let (end, uncompressed_end) = match frames.get(index + 1) {
+                Some(next) => (next.offset, next.uncompressed_offset),
+                None => (artifact.size + 1, artifact.uncompressed_size),
+            };
+            let frame_input = (&mut counted).take(end - frames[index].offset);
+            let mut decoder = zstd::stream::read::Decoder::new(frame_input)?;
+            decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+            loop {
+                let n = read_full(&mut decoder, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                out_len += n as u64;
+                if out_len > uncompressed_end {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "decompresses to more bytes than the manifest says",
+                    ));
+                }
+                out_hasher.update(&buf[..n]);
+                if let Err(e) = sink.write_all(&buf[..n]) {
+                    local_failure = Some(anyhow::anyhow!("artifact {name}: writing: {e}"));
+                    return Err(e);
+                }
+                if let Err(e) = hook(&Event::Written {
+                    artifact: name,
+                    bytes: out_len,
+                }) {
+                    local_failure = Some(e);
+                    return Err(io::Error::other("interrupted"));
+                }
             }
-            out_len += n as u64;
-            if out_len > artifact.uncompressed_size {
+            // Whatever follows the frame still counts towards size and hash.
+            io::copy(&mut decoder.finish(), &mut io::sink())?;
+            if out_len != uncompressed_end {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "decompresses to more bytes than the manifest says",
+                    format!("frame {index} decompresses to fewer bytes than the manifest says"),
                 ));
             }
-            out_hasher.update(&buf[..n]);
-            if let Err(e) = sink.write_all(&buf[..n]) {
-                local_failure = Some(anyhow::anyhow!("artifact {name}: writing: {e}"));
-                return Err(e);
-            }
-            if let Err(e) = hook(&Event::Written {
-                artifact: name,
-                bytes: out_len,
-            }) {
-                local_failure = Some(e);
-                return Err(io::Error::other("interrupted"));
+            if index + 1 < frames.len() {
+                let synced = sink
+                    .sync()
+                    .map_err(|e| anyhow::anyhow!("artifact {name}: syncing: {e}"));
+                if let Err(e) = synced.and_then(|()| frame_done(index + 1)) {
+                    local_failure = Some(e);
+                    return Err(io::Error::other("interrupted"));
+                }
             }
         }
-        // Whatever follows the last frame still counts towards size and hash.
-        io::copy(&mut decoder.finish(), &mut io::sink())?;
         Ok(())
     })();
+    let sha = |counted: &HashReader<_>| hex::encode(counted.hasher.clone().finalize());
+    let download_mismatch = |counted: &HashReader<_>| {
+        let sha = sha(counted);
+        let expected = artifact.size - start.offset;
+        if counted.len != expected || (whole && sha != artifact.sha256.as_str()) {
+            Some(ApplyError::Rejected(mismatch(
+                name,
+                "download",
+                expected,
+                artifact.sha256.as_str(),
+                counted.len,
+                &sha,
+            )))
+        } else {
+            None
+        }
+    };
     if let Err(error) = decoded {
         if let Some(failure) = local_failure {
             return Err(ApplyError::Failed(failure));
@@ -267,36 +375,23 @@ fn stream(
         }
         // A decode error: report the hash mismatch that explains it, if there is one.
         let _ = io::copy(&mut counted, &mut io::sink());
-        let sha = hex::encode(counted.hasher.clone().finalize());
-        if counted.len != artifact.size || sha != artifact.sha256.as_str() {
-            return Err(ApplyError::Rejected(mismatch(
-                name,
-                "download",
-                artifact.size,
-                artifact.sha256.as_str(),
-                counted.len,
-                &sha,
-            )));
+        if let Some(mismatch) = download_mismatch(&counted) {
+            return Err(mismatch);
         }
         return Err(ApplyError::Rejected(format!(
             "artifact {name}: does not decompress: {error}"
         )));
     }
-    let sha = hex::encode(counted.hasher.clone().finalize());
-    if counted.len != artifact.size || sha != artifact.sha256.as_str() {
-        return Err(ApplyError::Rejected(mismatch(
-            name,
-            "download",
-            artifact.size,
-            artifact.sha256.as_str(),
-            counted.len,
-            &sha,
-        )));
+    if let Some(mismatch) = download_mismatch(&counted) {
+        return Err(mismatch);
     }
-    let out_sha = hex::encode(out_hasher.finalize());
-    check_content(name, artifact, out_len, &out_sha)
-        .map_err(|e| ApplyError::Rejected(e.to_string()))?;
-    sink.flush()
+    // A resumed stream has not seen the first frames; the read-back checks the whole content.
+    if whole {
+        let out_sha = hex::encode(out_hasher.finalize());
+        check_content(name, artifact, out_len, &out_sha)
+            .map_err(|e| ApplyError::Rejected(e.to_string()))?;
+    }
+    sink.sync()
         .map_err(|e| failed(format!("artifact {name}: writing: {e}")))?;
     Ok(())
 }

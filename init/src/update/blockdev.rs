@@ -201,6 +201,11 @@ impl<D: Seek> Region<D> {
         self.len
     }
 
+    /// The underlying device.
+    pub fn get_mut(&mut self) -> &mut D {
+        &mut self.inner
+    }
+
     /// Whether the range is empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0

@@ -149,20 +149,21 @@ impl Source {
         }
     }
 
-    /// Opens `relative` (of `len` bytes) as a reader that reconnects and resumes with `Range` when
-    /// the connection breaks.
+    /// Opens `relative` (of `len` bytes) from byte `start` as a reader that reconnects and resumes
+    /// with `Range` when the connection breaks.
     pub fn open_resuming(
         &self,
         relative: &str,
+        start: u64,
         len: u64,
         retries: u32,
     ) -> Result<Resuming<'_>, FetchError> {
-        let inner = self.open_at(relative, 0)?;
+        let inner = self.open_at(relative, start)?;
         Ok(Resuming {
             source: self,
             relative: relative.to_owned(),
             len,
-            offset: 0,
+            offset: start,
             inner,
             retries_left: retries,
             resumes: 0,

@@ -42,6 +42,19 @@ pub struct InProgress {
     /// sha256 of the manifest bytes: a resumed update continues only the very same release.
     pub manifest_sha256: String,
     pub stage: Stage,
+    /// The frame of a partition artifact to continue from (earlier frames are written and synced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+/// Where an interrupted partition write continues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Resume {
+    /// `root` or `verity`.
+    pub artifact: String,
+    /// Index of the first frame not yet written.
+    pub frame: usize,
 }
 
 /// A release written to the inactive slot and waiting for a reboot.
@@ -121,6 +134,10 @@ mod tests {
                 slot: Slot::B,
                 manifest_sha256: "00".repeat(32),
                 stage: Stage::RootWritten,
+                resume: Some(Resume {
+                    artifact: "root".to_owned(),
+                    frame: 3,
+                }),
             }),
             staged: None,
         };
