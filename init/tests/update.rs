@@ -937,6 +937,18 @@ fn the_command_line_applies_from_a_folder_and_reports_status() {
         stdout.contains("PLINTH-STATUS update-staged version=2 slot=b"),
         "{stdout}"
     );
+    for stage in [
+        "accepted",
+        "entry-removed",
+        "root-written",
+        "verified",
+        "boot-files-written",
+    ] {
+        assert!(
+            stdout.contains(&format!("PLINTH-STATUS update-progress stage={stage}\n")),
+            "{stdout}"
+        );
+    }
     let (ok, stdout, stderr) = run(&["--json", "status"]);
     assert!(ok, "{stderr}");
     let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use init::update::agent::{self, Agent, Outcome, Paths};
+use init::update::apply::Event;
 use init::update::fetch::Source;
 use os_config::definition::UpdateStrategy;
 
@@ -67,6 +68,7 @@ fn parse_args() -> Result<Args> {
 /// Asks `plinth-init` for a clean reboot: it reboots on SIGINT, as on Ctrl-Alt-Del.
 fn reboot() -> Result<()> {
     println!("PLINTH-STATUS update-rebooting");
+    stage_delay();
     rustix::process::kill_process(rustix::process::Pid::INIT, rustix::process::Signal::Int)
         .context("asking plinth-init (PID 1) to reboot")
 }
@@ -100,8 +102,34 @@ fn report_rollback(agent: &Agent) -> Result<()> {
     Ok(())
 }
 
+/// Reports each durable stage as `PLINTH-STATUS update-progress stage=…`. With
+/// `PLINTH_UPDATE_STAGE_DELAY_MS` set (tests that cut the power at a given stage), it pauses that
+/// long after each stage and before rebooting.
+fn progress(event: &Event) -> Result<()> {
+    if let Event::Stage(stage) = event {
+        let name = serde_json::to_value(stage)?;
+        println!(
+            "PLINTH-STATUS update-progress stage={}",
+            name.as_str().unwrap_or("?")
+        );
+        stage_delay();
+    }
+    Ok(())
+}
+
+fn stage_delay() {
+    let delay = std::env::var("PLINTH_UPDATE_STAGE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = delay {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 fn apply_once(agent: &Agent, from: Option<&Source>, json: bool) -> Result<()> {
-    let outcome = agent.apply(from, &mut |_| Ok(()))?;
+    let outcome = agent.apply(from, &mut progress)?;
     print_outcome(json, &outcome)?;
     if matches!(outcome, Outcome::Staged { .. }) && agent.strategy == UpdateStrategy::Immediate {
         reboot()?;
