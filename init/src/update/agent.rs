@@ -269,13 +269,17 @@ impl Agent {
             return Ok(None);
         }
         state.bad_versions.push(version.clone());
-        if state.staged.as_ref().is_some_and(|s| s.version == version) {
+        if state
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.version.cmp(&version).is_eq())
+        {
             state.staged = None;
         }
         if state
             .in_progress
             .as_ref()
-            .is_some_and(|p| p.version == version)
+            .is_some_and(|p| p.version.cmp(&version).is_eq())
         {
             state.in_progress = None;
         }
@@ -335,7 +339,7 @@ impl Agent {
                 if state
                     .staged
                     .as_ref()
-                    .is_some_and(|s| s.version == manifest.version) =>
+                    .is_some_and(|s| s.version.cmp(&manifest.version).is_eq()) =>
             {
                 let slot = state
                     .staged
