@@ -109,6 +109,7 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
         channel: &channel,
         cmdline: &def.kernel.cmdline,
         created: source_date_epoch()?,
+        rollout: args.rollout.map(|d| d.0),
     };
     let manifest = publish_release(&release, &key, &args.to)?;
     println!(
@@ -135,6 +136,8 @@ pub struct Release<'a> {
     pub cmdline: &'a [String],
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
+    /// Spread the release over this window, starting at `created` (staged rollout).
+    pub rollout: Option<std::time::Duration>,
 }
 
 /// Extracts slot A of `release.disk`, writes its artifacts and signed manifests into `to`.
@@ -223,6 +226,10 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         salt: hex::encode(&sb.salt),
         data_blocks: sb.data_blocks,
         cmdline,
+        rollout: release.rollout.map(|spread| manifest::Rollout {
+            start: release.created,
+            spread_seconds: spread.as_secs(),
+        }),
         artifacts: Artifacts {
             root: root_artifact,
             verity: verity_artifact,

@@ -143,6 +143,7 @@ fn release<'a>(
         channel,
         cmdline: &[],
         created: 1_795_820_399,
+        rollout: None,
     }
 }
 
@@ -274,6 +275,7 @@ fn publish_without_a_built_disk_says_to_build_first() {
         key: tmp.path().join("none.key"),
         to: tmp.path().join("out"),
         disk: Some(tmp.path().join("missing.raw")),
+        rollout: None,
     };
     let err = publish::publish(&args).expect_err("no disk");
     assert!(format!("{err:#}").contains("run `plinth build"), "{err:#}");

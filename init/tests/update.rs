@@ -216,6 +216,17 @@ fn store(dir: &Path, data: &[u8]) -> Artifact {
 
 /// Publishes `c` as `name` `version` into `dir/stable/`, signed with `key`.
 fn publish(dir: &Path, key: &SecretKey, name: &str, version: &str, c: &Content) -> Manifest {
+    publish_with(dir, key, name, version, c, None)
+}
+
+fn publish_with(
+    dir: &Path,
+    key: &SecretKey,
+    name: &str,
+    version: &str,
+    c: &Content,
+    rollout: Option<manifest::Rollout>,
+) -> Manifest {
     let m = Manifest {
         format: manifest::FORMAT,
         name: Name::parse(name).expect("name"),
@@ -226,6 +237,7 @@ fn publish(dir: &Path, key: &SecretKey, name: &str, version: &str, c: &Content) 
         salt: "a1b2c3d4".to_owned(),
         data_blocks: c.root.len() as u64 / 4096,
         cmdline: vec!["console=ttyS0".to_owned()],
+        rollout,
         artifacts: Artifacts {
             root: store(dir, &c.root),
             verity: store(dir, &c.verity),
@@ -297,6 +309,7 @@ impl Machine {
             definition: self.dir.join("image.toml"),
             state: self.dir.join("var/lib/plinth/update.json"),
             cmdline: self.dir.join("cmdline"),
+            machine_id: self.dir.join("machine-id"),
             disk: Some(self.disk.clone()),
             ..Paths::default()
         })
@@ -1015,4 +1028,50 @@ fn the_boot_disk_is_found_by_its_partition_labels_and_root_hash() {
     fs::remove_file(dev.join("vdc")).expect("rm");
     let err = find(None).expect_err("no Plinth disk");
     assert!(format!("{err:#}").contains("pass --disk"), "{err:#}");
+}
+
+#[test]
+fn a_staged_rollout_defers_the_release_until_the_machines_moment() {
+    let m = Machine::new();
+    fs::write(
+        m.dir.join("machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .expect("machine id");
+    let v2 = content(&m.dir, 2, 150);
+    let rollout = manifest::Rollout {
+        start: 1_000_000,
+        spread_seconds: 86_400,
+    };
+    publish_with(&m.releases, &m.key, "demo", "2", &v2, Some(rollout));
+    let due = rollout.due(
+        "0123456789abcdef0123456789abcdef",
+        &Version::parse("2").expect("v"),
+    );
+    assert!(due > rollout.start, "this machine id is not first in line");
+    let mut agent = m.agent();
+    agent.clock = || 1_000_000;
+    match agent.apply(None, &mut |_| Ok(())).expect("apply") {
+        Outcome::Deferred { version, until } => {
+            assert_eq!(version, "2");
+            assert_eq!(until, manifest::rfc3339(due));
+        }
+        other => panic!("expected a deferral, got {other:?}"),
+    }
+    assert_eq!(m.server.artifact_requests(), 0);
+    // An operator's explicit --from ignores the rollout.
+    let from = Source::Dir(m.releases.clone());
+    assert!(matches!(
+        agent.check(Some(&from)).expect("check"),
+        Outcome::Available { .. }
+    ));
+    // Once the machine's moment has come, the release is applied.
+    agent.clock = || 1_000_000 + 86_400;
+    assert_eq!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
 }

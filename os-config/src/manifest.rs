@@ -59,7 +59,39 @@ pub struct Manifest {
     /// The image's own kernel arguments, appended after Plinth's `plinth.*` ones.
     #[serde(default)]
     pub cmdline: Vec<String>,
+    /// Staged rollout: machines take the release at times spread over a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
     pub artifacts: Artifacts,
+}
+
+/// A staged rollout: each machine takes the release at its own moment within
+/// `[start, start + spread-seconds)`, seeded by its machine id, so a fleet updates in waves and a
+/// bad release can be pulled before it reaches everyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Rollout {
+    /// Start of the rollout, seconds since the Unix epoch.
+    pub start: u64,
+    /// Length of the window over which machines are spread.
+    pub spread_seconds: u64,
+}
+
+impl Rollout {
+    /// When the machine with `machine_id` takes `version` (seconds since the Unix epoch). The
+    /// same machine and version always get the same moment; machines spread evenly.
+    pub fn due(&self, machine_id: &str, version: &Version) -> u64 {
+        let mut h = Sha256Hasher::new();
+        h.update(machine_id.trim().as_bytes());
+        h.update(b"\0");
+        h.update(version.as_str().as_bytes());
+        let digest = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        let fraction = u64::from_be_bytes(first);
+        let offset = (u128::from(fraction) * u128::from(self.spread_seconds)) >> 64;
+        self.start.saturating_add(offset as u64)
+    }
 }
 
 /// The four files a release consists of.
@@ -536,6 +568,7 @@ mod tests {
             salt: "00ff".to_owned(),
             data_blocks: 2,
             cmdline: vec!["console=ttyS0".to_owned()],
+            rollout: None,
             artifacts: Artifacts {
                 root: artifact(b"r", 8192),
                 verity: artifact(b"v", 8192),
@@ -718,6 +751,36 @@ mod tests {
         sb[32..38].copy_from_slice(b"sha512");
         assert!(VeritySuperblock::parse(&sb).is_err());
         assert!(VeritySuperblock::parse(&sb[..100]).is_err());
+    }
+
+    #[test]
+    fn rollout_spreads_machines_over_the_window_deterministically() {
+        let rollout = Rollout {
+            start: 1000,
+            spread_seconds: 3600,
+        };
+        let v = Version::parse("2").expect("v");
+        let dues: Vec<u64> = (0..400)
+            .map(|i| rollout.due(&format!("{i:032x}"), &v))
+            .collect();
+        assert!(dues.iter().all(|d| (1000..4600).contains(d)));
+        let early = dues.iter().filter(|d| **d < 1000 + 1800).count();
+        assert!(
+            (150..250).contains(&early),
+            "{early} of 400 in the first half"
+        );
+        assert_eq!(rollout.due("abc\n", &v), rollout.due("abc", &v));
+        let none = Rollout {
+            start: 5,
+            spread_seconds: 0,
+        };
+        assert_eq!(none.due("abc", &v), 5);
+        let mut m = manifest("3");
+        m.rollout = Some(rollout);
+        assert_eq!(
+            Manifest::parse(&m.to_bytes()).expect("parses").rollout,
+            Some(rollout)
+        );
     }
 
     #[test]

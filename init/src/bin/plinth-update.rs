@@ -86,6 +86,11 @@ fn print_outcome(json: bool, outcome: &Outcome) -> Result<()> {
                 println!("{version} is staged in slot {slot}; reboot to use it")
             }
             Outcome::Available { version } => println!("{version} is available"),
+            Outcome::Deferred { version, until } => {
+                println!(
+                    "{version} is available; this machine takes it from {until} (staged rollout)"
+                )
+            }
             Outcome::WaitingForBless { slot, version } => {
                 println!("{version} in slot {slot} is not blessed yet; updates wait until it is")
             }

@@ -27,6 +27,8 @@ pub struct Paths {
     pub state: PathBuf,
     /// The kernel command line (slot, version, root hash).
     pub cmdline: PathBuf,
+    /// The machine id, which seeds the machine's moment in a staged rollout.
+    pub machine_id: PathBuf,
     /// The boot disk; found under `sys_block` when not given.
     pub disk: Option<PathBuf>,
     pub sys_block: PathBuf,
@@ -39,6 +41,7 @@ impl Default for Paths {
             definition: PathBuf::from("/usr/lib/plinth/image.toml"),
             state: PathBuf::from("/var/lib/plinth/update.json"),
             cmdline: PathBuf::from("/proc/cmdline"),
+            machine_id: PathBuf::from("/etc/machine-id"),
             disk: None,
             sys_block: PathBuf::from("/sys/block"),
             dev: PathBuf::from("/dev"),
@@ -62,6 +65,14 @@ pub struct Agent {
     pub paths: Paths,
     /// Reconnections allowed per artifact download.
     pub retries: u32,
+    /// The current time in seconds since the Unix epoch (tests move it).
+    pub clock: fn() -> u64,
+}
+
+fn system_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The outcome of one check or apply.
@@ -77,6 +88,8 @@ pub enum Outcome {
     /// The running boot is still on trial (its entry carries a counter): the other slot is its
     /// fallback and is not touched until the boot is blessed.
     WaitingForBless { slot: Slot, version: String },
+    /// A newer release exists, but this machine's moment in its staged rollout is still to come.
+    Deferred { version: String, until: String },
     /// A newer release exists (`check` only).
     Available { version: String },
     /// The release was refused; `reason` says why. The other slot's entry was not written.
@@ -175,6 +188,7 @@ impl Agent {
             disk,
             paths,
             retries: 5,
+            clock: system_clock,
         })
     }
 
@@ -292,7 +306,12 @@ impl Agent {
 
     /// Fetches and verifies the channel manifest of `source` (default: the configured URL).
     /// Returns the manifest and the sha256 of its bytes, or the outcome that ends the check.
-    fn fetch(&self, source: &Source, state: &State) -> Result<Result<(Manifest, String), Outcome>> {
+    fn fetch(
+        &self,
+        source: &Source,
+        state: &State,
+        honor_rollout: bool,
+    ) -> Result<Result<(Manifest, String), Outcome>> {
         let path = format!("{}/{}", self.channel, manifest::MANIFEST_FILE);
         let sig_path = format!("{}/{}", self.channel, manifest::SIGNATURE_FILE);
         let bytes = match source.get(&path) {
@@ -354,19 +373,40 @@ impl Agent {
                 }))
             }
         }
+        if let (Some(rollout), true) = (manifest.rollout, honor_rollout) {
+            let machine_id = match std::fs::read_to_string(&self.paths.machine_id) {
+                Ok(id) => id,
+                // Without a machine id every machine gets the same moment; still deterministic.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("reading {}", self.paths.machine_id.display()))
+                }
+            };
+            let due = rollout.due(&machine_id, &manifest.version);
+            if (self.clock)() < due {
+                return Ok(Err(Outcome::Deferred {
+                    version,
+                    until: manifest::rfc3339(due),
+                }));
+            }
+        }
         let digest = hex::encode(Sha256::digest(&bytes));
         Ok(Ok((manifest, digest)))
     }
 
-    /// Looks for a release without writing anything.
+    /// Looks for a release without writing anything. A release given with `from` (an operator's
+    /// explicit choice) ignores the staged rollout.
     pub fn check(&self, from: Option<&Source>) -> Result<Outcome> {
         let state = self.load_state()?;
-        Ok(match self.fetch(from.unwrap_or(&self.source), &state)? {
-            Ok((manifest, _)) => Outcome::Available {
-                version: manifest.version.to_string(),
+        Ok(
+            match self.fetch(from.unwrap_or(&self.source), &state, from.is_none())? {
+                Ok((manifest, _)) => Outcome::Available {
+                    version: manifest.version.to_string(),
+                },
+                Err(outcome) => outcome,
             },
-            Err(outcome) => outcome,
-        })
+        )
     }
 
     /// Checks and, when a release is acceptable, writes it to the inactive slot. `hook` sees
@@ -391,7 +431,7 @@ impl Agent {
             });
         }
         let mut state = self.load_state()?;
-        let (manifest, digest) = match self.fetch(source, &state)? {
+        let (manifest, digest) = match self.fetch(source, &state, from.is_none())? {
             Ok(found) => found,
             Err(outcome) => return Ok(outcome),
         };
