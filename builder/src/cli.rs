@@ -126,7 +126,7 @@ pub struct PublishArgs {
     /// The built disk image [default: out/<name>-<version>.raw].
     #[arg(long, value_name = "IMAGE")]
     pub disk: Option<PathBuf>,
-    /// Staged rollout: spread machines over this window ("6h", "2d" as "48h"), from now.
+    /// Staged rollout: spread machines over this window from now, such as "6h" or "48h".
     #[arg(long, value_name = "DURATION", value_parser = os_config::units::Duration::parse)]
     pub rollout: Option<os_config::units::Duration>,
 }

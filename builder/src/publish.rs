@@ -109,7 +109,13 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
         channel: &channel,
         cmdline: &def.kernel.cmdline,
         created: source_date_epoch()?,
-        rollout: args.rollout.map(|d| d.0),
+        // The rollout starts when the release is published, whatever SOURCE_DATE_EPOCH says.
+        rollout: args.rollout.map(|spread| manifest::Rollout {
+            start: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            spread_seconds: spread.0.as_secs(),
+        }),
     };
     let manifest = publish_release(&release, &key, &args.to)?;
     println!(
@@ -136,8 +142,8 @@ pub struct Release<'a> {
     pub cmdline: &'a [String],
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
-    /// Spread the release over this window, starting at `created` (staged rollout).
-    pub rollout: Option<std::time::Duration>,
+    /// Staged rollout, if any.
+    pub rollout: Option<manifest::Rollout>,
 }
 
 /// Extracts slot A of `release.disk`, writes its artifacts and signed manifests into `to`.
@@ -226,10 +232,7 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         salt: hex::encode(&sb.salt),
         data_blocks: sb.data_blocks,
         cmdline,
-        rollout: release.rollout.map(|spread| manifest::Rollout {
-            start: release.created,
-            spread_seconds: spread.as_secs(),
-        }),
+        rollout: release.rollout,
         artifacts: Artifacts {
             root: root_artifact,
             verity: verity_artifact,
