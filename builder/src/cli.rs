@@ -25,6 +25,10 @@ pub enum Command {
     Run(RunArgs),
     /// Show the partitions, slots and boot entries of a disk image.
     Inspect(InspectArgs),
+    /// Write an ed25519 key pair for signing releases.
+    Keygen(KeygenArgs),
+    /// Write a signed release of a built image into a static folder.
+    Publish(PublishArgs),
 }
 
 /// Options shared by every command that reads packages.
@@ -102,6 +106,31 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Writes PREFIX.key (private, mode 0600) and PREFIX.pub.
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The image definition whose built disk image is published.
+    pub file: PathBuf,
+    /// Private key written by `plinth keygen`.
+    #[arg(long, value_name = "KEY")]
+    pub key: PathBuf,
+    /// Release folder (served as is by any static HTTP server).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// The built disk image [default: out/<name>-<version>.raw].
+    #[arg(long, value_name = "IMAGE")]
+    pub disk: Option<PathBuf>,
+    /// Staged rollout: spread machines over this window from now, such as "6h" or "48h".
+    #[arg(long, value_name = "DURATION", value_parser = os_config::units::Duration::parse)]
+    pub rollout: Option<os_config::units::Duration>,
+}
+
 /// Runs the command the user asked for.
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
@@ -110,5 +139,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Build(args) => crate::build::build(&args),
         Command::Run(args) => crate::qemu::run(&args),
         Command::Inspect(args) => crate::inspect::inspect(&args),
+        Command::Keygen(args) => crate::publish::keygen(&args),
+        Command::Publish(args) => crate::publish::publish(&args),
     }
 }

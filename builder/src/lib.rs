@@ -9,6 +9,7 @@ pub mod disk;
 pub mod fetch;
 pub mod inspect;
 pub mod progress;
+pub mod publish;
 pub mod qemu;
 pub mod rootfs;
 pub mod tools;

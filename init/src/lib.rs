@@ -18,5 +18,6 @@ pub mod stage2;
 pub mod supervise;
 pub mod sys;
 pub mod system;
+pub mod update;
 pub mod verity;
 pub mod workload;

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod definition;
 pub mod diagnostic;
 pub mod layout;
+pub mod manifest;
 pub mod units;
 
 pub use definition::Definition;

@@ -1,0 +1,689 @@
+//! `plinth keygen` and `plinth publish`: signing keys, and a static release folder built from a disk
+//! image (content-addressed zstd artifacts, a signed manifest per version and per channel).
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use os_config::manifest::{
+    self, Artifact, Artifacts, Frame, Manifest, PublicKey, SecretKey, VeritySuperblock,
+    VERITY_BLOCK_SIZE,
+};
+use os_config::units::{Name, Sha256, Version};
+use sha2::{Digest, Sha256 as Hasher};
+
+use crate::cli::{KeygenArgs, PublishArgs};
+
+/// zstd level of published artifacts: a good ratio at a speed a build machine tolerates.
+pub const ZSTD_LEVEL: i32 = 10;
+/// Uncompressed size of each independent zstd frame of the root and verity artifacts: an
+/// interrupted download resumes at a frame boundary.
+pub const FRAME_SIZE: usize = 16 << 20;
+
+/// `plinth keygen --out PREFIX`.
+pub fn keygen(args: &KeygenArgs) -> Result<()> {
+    let public = write_keypair(&args.out)?;
+    println!("{public}");
+    eprintln!(
+        "wrote {0}.key (keep it secret) and {0}.pub; put the line above into [update] keys",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Writes `PREFIX.key` (mode 0600, never overwritten) and `PREFIX.pub`; returns the public key.
+pub fn write_keypair(prefix: &Path) -> Result<PublicKey> {
+    let mut seed = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .context("reading 32 random bytes from /dev/urandom")?;
+    let secret = SecretKey::from_seed(seed);
+    let key_path = with_suffix(prefix, ".key");
+    let pub_path = with_suffix(prefix, ".pub");
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .with_context(|| {
+                format!(
+                    "creating {} (an existing key is never overwritten)",
+                    key_path.display()
+                )
+            })?
+    };
+    file.write_all(secret.to_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    let public = secret.public();
+    write_atomic(&pub_path, format!("{public}\n").as_bytes())?;
+    Ok(public)
+}
+
+/// Reads a private key written by `plinth keygen`.
+pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("reading key {}", path.display()))?;
+    SecretKey::parse(&text).with_context(|| format!("parsing key {}", path.display()))
+}
+
+/// `plinth publish FILE --key KEY --to DIR [--disk IMAGE]`.
+pub fn publish(args: &PublishArgs) -> Result<()> {
+    let def = crate::build::load_definition(&args.file)?;
+    let disk = args.disk.clone().unwrap_or_else(|| {
+        PathBuf::from("out").join(format!("{}-{}.raw", def.image.name, def.image.version))
+    });
+    if !disk.exists() {
+        bail!(
+            "disk image {} does not exist: run `plinth build {}` first (or pass --disk)",
+            disk.display(),
+            args.file.display()
+        );
+    }
+    let key = read_secret_key(&args.key)?;
+    let channel = match &def.update {
+        Some(update) => update.channel.clone(),
+        None => Name::parse("stable").map_err(anyhow::Error::msg)?,
+    };
+    if let Some(update) = &def.update {
+        let public = key.public();
+        let trusted = update
+            .keys
+            .iter()
+            .any(|k| PublicKey::parse(k).is_ok_and(|k| k == public));
+        if !trusted {
+            eprintln!(
+                "warning: {} is not among [update] keys of {}; machines running this image will refuse releases signed with it",
+                public,
+                args.file.display()
+            );
+        }
+    }
+    let release = Release {
+        disk: &disk,
+        name: &def.image.name,
+        version: &def.image.version,
+        channel: &channel,
+        cmdline: &def.kernel.cmdline,
+        created: source_date_epoch()?,
+        // The rollout starts when the release is published, whatever SOURCE_DATE_EPOCH says.
+        rollout: args.rollout.map(|spread| manifest::Rollout {
+            start: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            spread_seconds: spread.0.as_secs(),
+        }),
+    };
+    let manifest = publish_release(&release, &key, &args.to)?;
+    println!(
+        "published {} {} to {}/{}/{} (root hash {})",
+        manifest.name,
+        manifest.version,
+        args.to.display(),
+        manifest.channel,
+        manifest.version,
+        manifest.root_hash
+    );
+    Ok(())
+}
+
+/// What one release is made from.
+#[derive(Debug)]
+pub struct Release<'a> {
+    /// The built disk image; slot A is published.
+    pub disk: &'a Path,
+    pub name: &'a Name,
+    pub version: &'a Version,
+    pub channel: &'a Name,
+    /// Kernel arguments used when the disk's slot A entry cannot be read.
+    pub cmdline: &'a [String],
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// Staged rollout, if any.
+    pub rollout: Option<manifest::Rollout>,
+}
+
+/// Extracts slot A of `release.disk`, writes its artifacts and signed manifests into `to`.
+pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Result<Manifest> {
+    let disk_path = release.disk;
+    let mut disk = fs::File::open(disk_path)
+        .with_context(|| format!("opening disk image {}", disk_path.display()))?;
+    let parts = read_partitions(&mut disk, disk_path)?;
+    let find = |label: &str| {
+        parts
+            .iter()
+            .find(|p| p.label == label)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "disk image {} has no GPT partition labelled `{label}`",
+                    disk_path.display()
+                )
+            })
+    };
+    let (root, verity, esp) = (find("root-a")?, find("verity-a")?, find("esp")?);
+
+    let mut sb_bytes = vec![0u8; 512];
+    disk.seek(SeekFrom::Start(verity.start))
+        .and_then(|_| disk.read_exact(&mut sb_bytes))
+        .with_context(|| format!("reading verity superblock of {}", disk_path.display()))?;
+    let sb = VeritySuperblock::parse(&sb_bytes)
+        .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
+    let root_size = sb.data_blocks * VERITY_BLOCK_SIZE;
+    let verity_size = manifest::verity_size(sb.data_blocks);
+    if root_size > root.size || verity_size > verity.size {
+        bail!(
+            "verity superblock of {} claims {} data blocks, more than partitions root-a/verity-a hold",
+            disk_path.display(),
+            sb.data_blocks
+        );
+    }
+    let root_hash = compute_root_hash(&mut disk, &root, &verity, &sb)
+        .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
+
+    let (kernel, initrd, entry_options) = read_esp(&mut disk, &esp).with_context(|| {
+        format!(
+            "reading slot a files from the ESP of {}",
+            disk_path.display()
+        )
+    })?;
+    let cmdline = match entry_options {
+        Some(options) => {
+            let (hash, rest) = split_options(&options);
+            if let Some(hash) = hash {
+                if hash != hex::encode(root_hash) {
+                    bail!(
+                        "boot entry of slot a in {} names root hash {hash}, but the verity tree gives {}",
+                        disk_path.display(),
+                        hex::encode(root_hash)
+                    );
+                }
+            }
+            rest
+        }
+        None => release.cmdline.to_vec(),
+    };
+
+    let artifacts_dir = to.join("artifacts");
+    fs::create_dir_all(&artifacts_dir)
+        .with_context(|| format!("creating {}", artifacts_dir.display()))?;
+    let mut region = |part: &Partition, len: u64| -> Result<Artifact> {
+        disk.seek(SeekFrom::Start(part.start))?;
+        let reader = (&mut disk).take(len);
+        store_artifact_framed(reader, to, FRAME_SIZE)
+    };
+    let root_artifact = region(&root, root_size)
+        .with_context(|| format!("publishing root-a of {}", disk_path.display()))?;
+    let verity_artifact = region(&verity, verity_size)
+        .with_context(|| format!("publishing verity-a of {}", disk_path.display()))?;
+    let kernel_artifact = store_artifact(&kernel[..], to).context("publishing the kernel")?;
+    let initrd_artifact = store_artifact(&initrd[..], to).context("publishing the initrd")?;
+
+    let manifest = Manifest {
+        format: manifest::FORMAT,
+        name: release.name.clone(),
+        version: release.version.clone(),
+        channel: release.channel.clone(),
+        created: manifest::rfc3339(release.created),
+        root_hash: Sha256::parse(&hex::encode(root_hash)).map_err(anyhow::Error::msg)?,
+        salt: hex::encode(&sb.salt),
+        data_blocks: sb.data_blocks,
+        cmdline,
+        rollout: release.rollout,
+        artifacts: Artifacts {
+            root: root_artifact,
+            verity: verity_artifact,
+            kernel: kernel_artifact,
+            initrd: initrd_artifact,
+        },
+    };
+    let bytes = manifest.to_bytes();
+    // Check what we are about to sign parses back.
+    Manifest::parse(&bytes).context("checking the manifest about to be signed")?;
+    let signature = key.sign(&bytes);
+
+    let version_dir = to
+        .join(manifest.channel.as_str())
+        .join(manifest.version.as_str());
+    fs::create_dir_all(&version_dir)
+        .with_context(|| format!("creating {}", version_dir.display()))?;
+    let version_manifest = version_dir.join(manifest::MANIFEST_FILE);
+    if let Ok(existing) = fs::read(&version_manifest) {
+        let same = Manifest::parse(&existing)
+            .map(|old| Manifest {
+                created: manifest.created.clone(),
+                ..old
+            })
+            .is_ok_and(|old| old == manifest);
+        if !same {
+            bail!(
+                "{} already holds a different release {}: publish a higher version instead",
+                version_manifest.display(),
+                manifest.version
+            );
+        }
+    }
+    write_atomic(
+        &version_dir.join(manifest::SIGNATURE_FILE),
+        signature.as_bytes(),
+    )?;
+    write_atomic(&version_manifest, &bytes)?;
+
+    let channel_dir = to.join(manifest.channel.as_str());
+    let channel_manifest = channel_dir.join(manifest::MANIFEST_FILE);
+    let newer_exists = fs::read(&channel_manifest)
+        .ok()
+        .and_then(|b| Manifest::parse(&b).ok())
+        .is_some_and(|current| current.version > manifest.version);
+    if newer_exists {
+        eprintln!(
+            "note: {} points to a newer version; left unchanged",
+            channel_manifest.display()
+        );
+    } else {
+        // Signature first: a reader that sees the new manifest with the old signature refuses it
+        // and tries again; it never accepts an unsigned pair.
+        write_atomic(
+            &channel_dir.join(manifest::SIGNATURE_FILE),
+            signature.as_bytes(),
+        )?;
+        write_atomic(&channel_manifest, &bytes)?;
+    }
+    Ok(manifest)
+}
+
+/// `SOURCE_DATE_EPOCH` if set (reproducible builds), else the current time.
+pub fn source_date_epoch() -> Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(text) => text.trim().parse().with_context(|| {
+            format!("SOURCE_DATE_EPOCH `{text}`: expected seconds since 1970 as a whole number")
+        }),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)),
+    }
+}
+
+/// A GPT partition: its label and byte range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    pub label: String,
+    pub start: u64,
+    pub size: u64,
+}
+
+/// Reads the GPT partition table of a disk image.
+pub fn read_partitions(disk: &mut fs::File, path: &Path) -> Result<Vec<Partition>> {
+    let gpt = gpt::GptConfig::new()
+        .writable(false)
+        .open_from_device(disk)
+        .with_context(|| format!("reading GPT of {}", path.display()))?;
+    let block = *gpt.logical_block_size();
+    gpt.partitions()
+        .values()
+        .map(|p| {
+            Ok(Partition {
+                label: p.name.clone(),
+                start: p.bytes_start(block)?,
+                size: p.bytes_len(block)?,
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .with_context(|| format!("reading GPT of {}", path.display()))
+}
+
+/// The verity root hash: the hash of the single top-level block (or of the one data block).
+fn compute_root_hash(
+    disk: &mut fs::File,
+    root: &Partition,
+    verity: &Partition,
+    sb: &VeritySuperblock,
+) -> io::Result<[u8; 32]> {
+    let mut block = vec![0u8; VERITY_BLOCK_SIZE as usize];
+    let offset = match manifest::verity_levels(sb.data_blocks).last() {
+        Some((position, _)) => verity.start + position * VERITY_BLOCK_SIZE,
+        None => root.start,
+    };
+    disk.seek(SeekFrom::Start(offset))?;
+    disk.read_exact(&mut block)?;
+    Ok(manifest::verity_hash(&sb.salt, &block))
+}
+
+/// Reads slot A's kernel, initrd and entry options from the FAT ESP.
+fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, Option<String>)> {
+    let region = Region::new(disk, esp.start, esp.size)?;
+    let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).context("opening FAT")?;
+    let root = fs.root_dir();
+    let read = |path: &str| -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        root.open_file(path)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .with_context(|| format!("reading {path} on the ESP"))?;
+        Ok(data)
+    };
+    let kernel = read("plinth/a/vmlinuz")?;
+    let initrd = read("plinth/a/initrd")?;
+    let mut options = None;
+    if let Ok(entries) = root.open_dir("loader/entries") {
+        for entry in entries.iter() {
+            let entry = entry.context("listing loader/entries on the ESP")?;
+            let name = entry.file_name();
+            if name.starts_with("plinth-a-") && name.ends_with(".conf") {
+                let mut text = String::new();
+                entry
+                    .to_file()
+                    .read_to_string(&mut text)
+                    .with_context(|| format!("reading loader/entries/{name} on the ESP"))?;
+                options = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("options"))
+                    .map(|o| o.trim().to_owned());
+            }
+        }
+    }
+    Ok((kernel, initrd, options))
+}
+
+/// Splits entry options into the root hash Plinth set and the image's own arguments.
+fn split_options(options: &str) -> (Option<String>, Vec<String>) {
+    let mut hash = None;
+    let mut rest = Vec::new();
+    for word in options.split_whitespace() {
+        if let Some(h) = word.strip_prefix("plinth.roothash=") {
+            hash = Some(h.to_owned());
+        } else if !word.starts_with("plinth.slot=") && !word.starts_with("plinth.version=") {
+            rest.push(word.to_owned());
+        }
+    }
+    (hash, rest)
+}
+
+/// Compresses `reader` as one zstd frame into `DIR/artifacts/<sha256>.zst`, never replacing
+/// different content.
+pub fn store_artifact(reader: impl Read, dir: &Path) -> Result<Artifact> {
+    store_artifact_framed(reader, dir, usize::MAX)
+}
+
+/// Like [`store_artifact`], cutting the content into independent frames of `frame_size` bytes
+/// (recorded in the artifact) when it is larger than one frame.
+pub fn store_artifact_framed(
+    mut reader: impl Read,
+    dir: &Path,
+    frame_size: usize,
+) -> Result<Artifact> {
+    let artifacts = dir.join("artifacts");
+    let temp = artifacts.join(format!(".incoming-{}", std::process::id()));
+    let file = fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    let mut hashed_out = HashWriter::new(file);
+    let mut hashed_in = HashWriter::new(io::sink());
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; frame_size.min(FRAME_SIZE)];
+    loop {
+        // One frame: up to `frame_size` bytes, read in buffer-sized pieces.
+        let start = (hashed_out.len, hashed_in.len);
+        let mut encoder: Option<zstd::stream::Encoder<'_, &mut HashWriter<fs::File>>> = None;
+        let mut in_frame = 0usize;
+        while in_frame < frame_size {
+            let want = buf.len().min(frame_size - in_frame);
+            let n = read_full(&mut reader, &mut buf[..want])
+                .with_context(|| format!("reading content for {}", temp.display()))?;
+            if n == 0 {
+                break;
+            }
+            if encoder.is_none() {
+                let mut e = zstd::stream::Encoder::new(&mut hashed_out, ZSTD_LEVEL)
+                    .context("starting zstd")?;
+                e.include_checksum(true).context("configuring zstd")?;
+                encoder = Some(e);
+            }
+            if let Some(e) = encoder.as_mut() {
+                e.write_all(&buf[..n])
+                    .with_context(|| format!("compressing into {}", temp.display()))?;
+            }
+            hashed_in.write_all(&buf[..n])?;
+            in_frame += n;
+        }
+        let Some(encoder) = encoder else { break };
+        encoder
+            .finish()
+            .with_context(|| format!("compressing into {}", temp.display()))?;
+        frames.push(Frame {
+            offset: start.0,
+            uncompressed_offset: start.1,
+        });
+        if in_frame < frame_size {
+            break;
+        }
+    }
+    if frames.is_empty() {
+        // Empty content is still one (empty) frame.
+        zstd::stream::Encoder::new(&mut hashed_out, ZSTD_LEVEL)
+            .and_then(|e| e.finish())
+            .with_context(|| format!("compressing into {}", temp.display()))?;
+    }
+    if frames.len() == 1 {
+        frames.clear();
+    }
+    let (uncompressed_size, uncompressed_sha256) = hashed_in.finish();
+    let (size, sha256) = hashed_out.finish();
+    hashed_out
+        .inner
+        .sync_all()
+        .with_context(|| format!("writing {}", temp.display()))?;
+    let sha256 = Sha256::parse(&sha256).map_err(anyhow::Error::msg)?;
+    let path = Artifact::path_for(&sha256);
+    let target = dir.join(&path);
+    if target.exists() {
+        let existing = hash_file(&target)?;
+        fs::remove_file(&temp).with_context(|| format!("removing {}", temp.display()))?;
+        if existing != sha256.as_str() {
+            bail!(
+                "{} exists with different content (sha256 {existing}); it is never overwritten: check the release folder",
+                target.display()
+            );
+        }
+    } else {
+        fs::rename(&temp, &target)
+            .with_context(|| format!("renaming {} to {}", temp.display(), target.display()))?;
+        sync_dir(&artifacts)?;
+    }
+    Ok(Artifact {
+        path,
+        size,
+        sha256,
+        uncompressed_size,
+        uncompressed_sha256: Sha256::parse(&uncompressed_sha256).map_err(anyhow::Error::msg)?,
+        frames,
+    })
+}
+
+fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn hash_file(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = HashWriter::new(io::sink());
+    io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hasher.finish().1)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, then syncs the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let temp = with_suffix(path, ".tmp");
+    let mut file =
+        fs::File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", temp.display()))?;
+    fs::rename(&temp, path)
+        .with_context(|| format!("renaming {} to {}", temp.display(), path.display()))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A writer that counts and hashes what passes through it.
+struct HashWriter<W> {
+    inner: W,
+    hasher: Hasher,
+    len: u64,
+}
+
+impl<W: Write> HashWriter<W> {
+    fn new(inner: W) -> Self {
+        HashWriter {
+            inner,
+            hasher: Hasher::new(),
+            len: 0,
+        }
+    }
+
+    /// Length and hex sha256 of everything written so far.
+    fn finish(&mut self) -> (u64, String) {
+        (self.len, hex::encode(self.hasher.clone().finalize()))
+    }
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A byte range of a disk image seen as a device of its own (for the FAT reader).
+#[derive(Debug)]
+pub struct Region<D> {
+    inner: D,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl<D: Seek> Region<D> {
+    /// The `len` bytes of `inner` from `start`.
+    pub fn new(mut inner: D, start: u64, len: u64) -> io::Result<Self> {
+        inner.seek(SeekFrom::Start(start))?;
+        Ok(Region {
+            inner,
+            start,
+            len,
+            pos: 0,
+        })
+    }
+}
+
+impl<D: Read + Seek> Read for Region<D> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = self.inner.read(&mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<D: Write + Seek> Write for Region<D> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the partition",
+            ));
+        }
+        let n = self.inner.write(&buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<D: Seek> Seek for Region<D> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let target = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let target = target.filter(|t| *t <= self.len).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "seek outside the partition")
+        })?;
+        self.inner.seek(SeekFrom::Start(self.start + target))?;
+        self.pos = target;
+        Ok(target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_options_split_off_plinth_arguments() {
+        let (hash, rest) = split_options(
+            "plinth.slot=a plinth.version=1 plinth.roothash=abcd console=ttyS0 quiet",
+        );
+        assert_eq!(hash.as_deref(), Some("abcd"));
+        assert_eq!(rest, ["console=ttyS0", "quiet"]);
+    }
+
+    #[test]
+    fn region_stays_inside_its_range() {
+        let mut data = io::Cursor::new(vec![0u8; 100]);
+        let mut region = Region::new(&mut data, 10, 20).expect("region");
+        region.write_all(&[1; 20]).expect("fits");
+        assert!(region.write_all(&[1]).is_err());
+        assert!(region.seek(SeekFrom::Start(21)).is_err());
+        let inner = data.into_inner();
+        assert_eq!(inner[9], 0);
+        assert_eq!(inner[10], 1);
+        assert_eq!(inner[29], 1);
+        assert_eq!(inner[30], 0);
+    }
+}

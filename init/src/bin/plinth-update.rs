@@ -1,0 +1,242 @@
+//! `plinth-update`: the update agent. Parses arguments and dispatches to `init::update`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use init::update::agent::{self, Agent, Outcome, Paths};
+use init::update::apply::Event;
+use init::update::fetch::Source;
+use os_config::definition::UpdateStrategy;
+
+const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] COMMAND
+commands:
+  status              slots, versions, boot states and the agent's state
+  check               look for a newer release without writing anything
+  apply [--from DIR]  write a newer release to the other slot (then reboot when [update] strategy = \"immediate\")
+  rollback            boot the other slot next and mark the running version bad
+  bless               mark the running boot good (plinth-init's health gate does this)
+  daemon              check and apply every [update] interval (with jitter), report rollbacks";
+
+struct Args {
+    json: bool,
+    paths: Paths,
+    command: String,
+    from: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        json: false,
+        paths: Paths::default(),
+        command: String::new(),
+        from: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--json" => args.json = true,
+            "--disk" => args.paths.disk = Some(value("--disk")?.into()),
+            "--definition" => args.paths.definition = value("--definition")?.into(),
+            "--state" => args.paths.state = value("--state")?.into(),
+            "--cmdline" => args.paths.cmdline = value("--cmdline")?.into(),
+            "--from" => args.from = Some(value("--from")?.into()),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            cmd if !cmd.starts_with('-') && args.command.is_empty() => {
+                args.command = cmd.to_owned()
+            }
+            other => bail!("unknown argument `{other}`\n{USAGE}"),
+        }
+    }
+    if args.command.is_empty() {
+        bail!("no command given\n{USAGE}");
+    }
+    if args.from.is_some() && args.command != "apply" && args.command != "check" {
+        bail!("--from is only for apply and check\n{USAGE}");
+    }
+    Ok(args)
+}
+
+/// Asks `plinth-init` for a clean reboot: it reboots on SIGINT, as on Ctrl-Alt-Del.
+fn reboot() -> Result<()> {
+    println!("PLINTH-STATUS update-rebooting");
+    stage_delay();
+    rustix::process::kill_process(rustix::process::Pid::INIT, rustix::process::Signal::Int)
+        .context("asking plinth-init (PID 1) to reboot")
+}
+
+fn print_outcome(json: bool, outcome: &Outcome) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(outcome)?);
+    } else if let Some(line) = agent::status_line(outcome) {
+        println!("{line}");
+    } else {
+        match outcome {
+            Outcome::NoRelease => println!("no release published on this channel"),
+            Outcome::UpToDate { version } => println!("up to date ({version})"),
+            Outcome::AlreadyStaged { version, slot } => {
+                println!("{version} is staged in slot {slot}; reboot to use it")
+            }
+            Outcome::Available { version } => println!("{version} is available"),
+            Outcome::Deferred { version, until } => {
+                println!(
+                    "{version} is available; this machine takes it from {until} (staged rollout)"
+                )
+            }
+            Outcome::WaitingForBless { slot, version } => {
+                println!("{version} in slot {slot} is not blessed yet; updates wait until it is")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn report_rollback(agent: &Agent) -> Result<()> {
+    if let Some(rb) = agent.detect_rollback()? {
+        println!("PLINTH-STATUS rollback from={} to={}", rb.from, rb.to);
+    }
+    Ok(())
+}
+
+/// Reports each durable stage as `PLINTH-STATUS update-progress stage=…`. With
+/// `PLINTH_UPDATE_STAGE_DELAY_MS` set (tests that cut the power at a given stage), it pauses that
+/// long after each stage and before rebooting.
+fn progress(event: &Event) -> Result<()> {
+    if let Event::Stage(stage) = event {
+        let name = serde_json::to_value(stage)?;
+        println!(
+            "PLINTH-STATUS update-progress stage={}",
+            name.as_str().unwrap_or("?")
+        );
+        stage_delay();
+    }
+    Ok(())
+}
+
+fn stage_delay() {
+    let delay = std::env::var("PLINTH_UPDATE_STAGE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = delay {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+fn apply_once(agent: &Agent, from: Option<&Source>, json: bool) -> Result<()> {
+    let outcome = agent.apply(from, &mut progress)?;
+    print_outcome(json, &outcome)?;
+    if matches!(outcome, Outcome::Staged { .. }) && agent.strategy == UpdateStrategy::Immediate {
+        reboot()?;
+    }
+    Ok(())
+}
+
+/// Interval ± 10 %, so a fleet does not poll in step.
+fn jittered(interval: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let spread = interval.as_millis() as u64 / 5;
+    let offset = if spread == 0 {
+        0
+    } else {
+        u64::from(nanos) % spread
+    };
+    Duration::from_millis(interval.as_millis() as u64 - spread / 2 + offset)
+}
+
+fn run(args: Args) -> Result<()> {
+    let agent = Agent::load(args.paths.clone())?;
+    let from = args.from.as_ref().map(|d| Source::Dir(d.clone()));
+    match args.command.as_str() {
+        "status" => {
+            report_rollback(&agent)?;
+            let status = agent.status()?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!(
+                    "{} {} on channel {} (slot {})",
+                    status.image, status.running_version, status.channel, status.running_slot
+                );
+                for slot in &status.slots {
+                    println!(
+                        "  slot {}: {} {}{}",
+                        slot.slot,
+                        slot.version.as_deref().unwrap_or("-"),
+                        slot.boot,
+                        if slot.running { " (running)" } else { "" }
+                    );
+                }
+                if !status.bad_versions.is_empty() {
+                    println!("  bad versions: {}", status.bad_versions.join(", "));
+                }
+                if let Some(p) = &status.in_progress {
+                    println!(
+                        "  in progress: {} to slot {} ({:?})",
+                        p.version, p.slot, p.stage
+                    );
+                }
+            }
+        }
+        "check" => {
+            report_rollback(&agent)?;
+            print_outcome(args.json, &agent.check(from.as_ref())?)?;
+        }
+        "apply" => {
+            report_rollback(&agent)?;
+            apply_once(&agent, from.as_ref(), args.json)?;
+        }
+        "rollback" => {
+            let rb = agent.rollback()?;
+            if args.json {
+                println!("{}", serde_json::to_string(&rb)?);
+            } else {
+                println!(
+                    "slot {} ({}) boots next; {} will be marked bad",
+                    agent.running_slot.other(),
+                    rb.to,
+                    rb.from
+                );
+            }
+            reboot()?;
+        }
+        "bless" => {
+            let blessed = agent.bless()?;
+            println!("{blessed:?}");
+        }
+        "daemon" => loop {
+            if let Err(e) =
+                report_rollback(&agent).and_then(|()| apply_once(&agent, None, args.json))
+            {
+                eprintln!("plinth-update: {e:#}");
+            }
+            std::thread::sleep(jittered(agent.interval));
+        },
+        other => bail!("unknown command `{other}`\n{USAGE}"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match parse_args().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plinth-update: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The update agent: configuration from the baked image definition, status, check, apply,
+//! rollback detection and manual rollback. The CLI (`plinth-update`) and the QEMU tests call this.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use os_config::definition::UpdateStrategy;
+use os_config::manifest::{self, Manifest, PublicKey, Refusal, Running};
+use os_config::units::{Name, Version};
+use os_config::Definition;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::apply::{self, ApplyError, Event, Job};
+use super::blockdev::{self, Disk};
+use super::bootentry::{Counter, EntryName, Slot};
+use super::esp::{self, Blessed, Esp};
+use super::fetch::{FetchError, Source};
+use super::state::{InProgress, Staged, State};
+
+/// Every system path the agent touches, overridable for tests.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The image definition baked into the root.
+    pub definition: PathBuf,
+    /// The agent's state file.
+    pub state: PathBuf,
+    /// The kernel command line (slot, version, root hash).
+    pub cmdline: PathBuf,
+    /// The machine id, which seeds the machine's moment in a staged rollout.
+    pub machine_id: PathBuf,
+    /// The boot disk; found under `sys_block` when not given.
+    pub disk: Option<PathBuf>,
+    pub sys_block: PathBuf,
+    pub dev: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            definition: PathBuf::from("/usr/lib/plinth/image.toml"),
+            state: PathBuf::from("/var/lib/plinth/update.json"),
+            cmdline: PathBuf::from("/proc/cmdline"),
+            machine_id: PathBuf::from("/etc/machine-id"),
+            disk: None,
+            sys_block: PathBuf::from("/sys/block"),
+            dev: PathBuf::from("/dev"),
+        }
+    }
+}
+
+/// The agent of one running machine.
+#[derive(Debug)]
+pub struct Agent {
+    pub definition: Definition,
+    pub keys: Vec<PublicKey>,
+    /// The configured release folder (`[update] url`).
+    pub source: Source,
+    pub channel: Name,
+    pub strategy: UpdateStrategy,
+    pub interval: std::time::Duration,
+    pub running_slot: Slot,
+    pub running_version: Version,
+    pub disk: PathBuf,
+    pub paths: Paths,
+    /// Reconnections allowed per artifact download.
+    pub retries: u32,
+    /// The current time in seconds since the Unix epoch (tests move it).
+    pub clock: fn() -> u64,
+}
+
+fn system_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The outcome of one check or apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// No release is published on the channel.
+    NoRelease,
+    /// The published release is the running one.
+    UpToDate { version: String },
+    /// The published release is already written to the other slot, waiting for a reboot.
+    AlreadyStaged { version: String, slot: Slot },
+    /// The running boot is still on trial (its entry carries a counter): the other slot is its
+    /// fallback and is not touched until the boot is blessed.
+    WaitingForBless { slot: Slot, version: String },
+    /// A newer release exists, but this machine's moment in its staged rollout is still to come.
+    Deferred { version: String, until: String },
+    /// A newer release exists (`check` only).
+    Available { version: String },
+    /// The release was refused; `reason` says why. The other slot's entry was not written.
+    Refused {
+        version: Option<String>,
+        reason: String,
+    },
+    /// The release was written to `slot`; its counted entry is on the ESP.
+    Staged { version: String, slot: Slot },
+}
+
+/// A slot as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotStatus {
+    pub slot: Slot,
+    pub version: Option<String>,
+    /// `good`, `trying N/3`, `bad` or `empty`.
+    pub boot: String,
+    pub running: bool,
+}
+
+/// What `plinth-update status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub image: String,
+    pub channel: String,
+    pub running_slot: Slot,
+    pub running_version: String,
+    pub slots: Vec<SlotStatus>,
+    pub newest_accepted: Option<String>,
+    pub bad_versions: Vec<String>,
+    pub in_progress: Option<InProgress>,
+    pub staged: Option<Staged>,
+}
+
+/// A rollback found at startup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rollback {
+    pub from: String,
+    pub to: String,
+}
+
+/// A value of `key=` on a kernel command line.
+pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+impl Agent {
+    /// Reads the definition and command line, and finds the boot disk.
+    pub fn load(paths: Paths) -> Result<Agent> {
+        let text = std::fs::read_to_string(&paths.definition)
+            .with_context(|| format!("reading image definition {}", paths.definition.display()))?;
+        let definition = Definition::parse(&paths.definition.display().to_string(), &text)?;
+        let Some(update) = definition.update.clone() else {
+            bail!(
+                "{} has no [update] table: this image does not take updates",
+                paths.definition.display()
+            );
+        };
+        let keys = update
+            .keys
+            .iter()
+            .map(|k| PublicKey::parse(k))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("reading [update] keys of {}", paths.definition.display()))?;
+        let cmdline = std::fs::read_to_string(&paths.cmdline)
+            .with_context(|| format!("reading {}", paths.cmdline.display()))?;
+        let slot_text = cmdline_value(&cmdline, "plinth.slot").with_context(|| {
+            format!(
+                "{} has no plinth.slot=: not booted from a Plinth slot",
+                paths.cmdline.display()
+            )
+        })?;
+        let running_slot = Slot::parse(slot_text)
+            .with_context(|| format!("plinth.slot={slot_text}: expected a or b"))?;
+        let disk = match &paths.disk {
+            Some(disk) => disk.clone(),
+            None => blockdev::find_boot_disk(
+                &paths.sys_block,
+                &paths.dev,
+                running_slot,
+                cmdline_value(&cmdline, "plinth.roothash"),
+            )?,
+        };
+        Ok(Agent {
+            keys,
+            source: Source::parse(&update.url)?,
+            channel: update.channel.clone(),
+            strategy: update.strategy,
+            interval: update.interval.0,
+            running_slot,
+            running_version: definition.image.version.clone(),
+            definition,
+            disk,
+            paths,
+            retries: 5,
+            clock: system_clock,
+        })
+    }
+
+    /// Holds an exclusive lock beside the state file for as long as the returned file lives, so
+    /// the daemon and a manual `apply` never write the same slot at once.
+    fn lock(&self) -> Result<std::fs::File> {
+        let path = self.paths.state.with_file_name("update.lock");
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .with_context(|| {
+                format!(
+                    "another plinth-update is updating this machine (lock {} is held)",
+                    path.display()
+                )
+            })?;
+        Ok(file)
+    }
+
+    fn load_state(&self) -> Result<State> {
+        let mut state = State::load(&self.paths.state)?;
+        // A staged version that now runs (or is older) is no longer pending. Only changed in
+        // memory: the state file is written under the lock, by whoever changes it next.
+        if state
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.version <= self.running_version)
+        {
+            state.staged = None;
+        }
+        Ok(state)
+    }
+
+    /// Slots, versions, boot states and the agent's state.
+    pub fn status(&self) -> Result<Status> {
+        let state = self.load_state()?;
+        let mut disk = Disk::open(&self.disk)?;
+        let entries = read_entries(&mut disk)?;
+        let slots = [Slot::A, Slot::B]
+            .into_iter()
+            .map(|slot| {
+                let entry = entries.iter().find(|e| e.slot == slot);
+                SlotStatus {
+                    slot,
+                    version: entry.map(|e| e.version.clone()),
+                    boot: entry.map_or("empty".to_owned(), EntryName::describe),
+                    running: slot == self.running_slot,
+                }
+            })
+            .collect();
+        Ok(Status {
+            image: self.definition.image.name.to_string(),
+            channel: self.channel.to_string(),
+            running_slot: self.running_slot,
+            running_version: self.running_version.to_string(),
+            slots,
+            newest_accepted: state.newest_accepted.as_ref().map(ToString::to_string),
+            bad_versions: state.bad_versions.iter().map(ToString::to_string).collect(),
+            in_progress: state.in_progress,
+            staged: state.staged,
+        })
+    }
+
+    /// At startup: when the running slot's entry is good and the other slot's entry ran out of
+    /// tries, that version failed: record it as bad (once) and report the rollback.
+    pub fn detect_rollback(&self) -> Result<Option<Rollback>> {
+        let mut disk = Disk::open(&self.disk)?;
+        let entries = read_entries(&mut disk)?;
+        let running_good = entries
+            .iter()
+            .any(|e| e.slot == self.running_slot && e.counter == Counter::Good);
+        let bad = entries.iter().find(|e| {
+            e.slot == self.running_slot.other() && matches!(e.counter, Counter::Bad { .. })
+        });
+        let (true, Some(bad)) = (running_good, bad) else {
+            return Ok(None);
+        };
+        // Another agent holding the lock (the daemon) runs this detection itself.
+        let Ok(_lock) = self.lock() else {
+            return Ok(None);
+        };
+        let version = Version::parse(&bad.version).map_err(anyhow::Error::msg)?;
+        let mut state = self.load_state()?;
+        if state.is_bad(&version) {
+            return Ok(None);
+        }
+        state.bad_versions.push(version.clone());
+        if state
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.version.cmp(&version).is_eq())
+        {
+            state.staged = None;
+        }
+        if state
+            .in_progress
+            .as_ref()
+            .is_some_and(|p| p.version.cmp(&version).is_eq())
+        {
+            state.in_progress = None;
+        }
+        state.save(&self.paths.state)?;
+        Ok(Some(Rollback {
+            from: version.to_string(),
+            to: self.running_version.to_string(),
+        }))
+    }
+
+    /// Fetches and verifies the channel manifest of `source` (default: the configured URL).
+    /// Returns the manifest and the sha256 of its bytes, or the outcome that ends the check.
+    fn fetch(
+        &self,
+        source: &Source,
+        state: &State,
+        honor_rollout: bool,
+    ) -> Result<Result<(Manifest, String), Outcome>> {
+        let path = format!("{}/{}", self.channel, manifest::MANIFEST_FILE);
+        let sig_path = format!("{}/{}", self.channel, manifest::SIGNATURE_FILE);
+        let bytes = match source.get(&path) {
+            Ok(bytes) => bytes,
+            Err(FetchError::NotFound(_)) => return Ok(Err(Outcome::NoRelease)),
+            Err(e) => return Err(e).context("fetching the release manifest"),
+        };
+        let signature = match source.get(&sig_path) {
+            Ok(sig) => sig,
+            Err(FetchError::NotFound(what)) => {
+                return Ok(Err(Outcome::Refused {
+                    version: None,
+                    reason: format!("the manifest has no signature ({what})"),
+                }))
+            }
+            Err(e) => return Err(e).context("fetching the manifest signature"),
+        };
+        let manifest = match manifest::verify_signed(&bytes, &signature, &self.keys) {
+            Ok(m) => m,
+            Err(e) => {
+                return Ok(Err(Outcome::Refused {
+                    version: None,
+                    reason: format!("{}: {e}", source.describe(&path)),
+                }))
+            }
+        };
+        let running = Running {
+            name: &self.definition.image.name,
+            channel: &self.channel,
+            version: &self.running_version,
+        };
+        let version = manifest.version.to_string();
+        match manifest::acceptable(
+            &manifest,
+            &running,
+            state.newest_accepted.as_ref(),
+            &state.bad_versions,
+        ) {
+            Ok(()) => {}
+            Err(Refusal::NotNewer { candidate, running }) if candidate.cmp(&running).is_eq() => {
+                return Ok(Err(Outcome::UpToDate { version }))
+            }
+            Err(Refusal::NotNewerThanAccepted { .. })
+                if state
+                    .staged
+                    .as_ref()
+                    .is_some_and(|s| s.version.cmp(&manifest.version).is_eq()) =>
+            {
+                let slot = state
+                    .staged
+                    .as_ref()
+                    .map_or(self.running_slot.other(), |s| s.slot);
+                return Ok(Err(Outcome::AlreadyStaged { version, slot }));
+            }
+            Err(refusal) => {
+                return Ok(Err(Outcome::Refused {
+                    version: Some(version),
+                    reason: refusal.to_string(),
+                }))
+            }
+        }
+        if let (Some(rollout), true) = (manifest.rollout, honor_rollout) {
+            let machine_id = match std::fs::read_to_string(&self.paths.machine_id) {
+                Ok(id) => id,
+                // Without a machine id every machine gets the same moment; still deterministic.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("reading {}", self.paths.machine_id.display()))
+                }
+            };
+            let due = rollout.due(&machine_id, &manifest.version);
+            if (self.clock)() < due {
+                return Ok(Err(Outcome::Deferred {
+                    version,
+                    until: manifest::rfc3339(due),
+                }));
+            }
+        }
+        let digest = hex::encode(Sha256::digest(&bytes));
+        Ok(Ok((manifest, digest)))
+    }
+
+    /// Looks for a release without writing anything. A release given with `from` (an operator's
+    /// explicit choice) ignores the staged rollout.
+    pub fn check(&self, from: Option<&Source>) -> Result<Outcome> {
+        let state = self.load_state()?;
+        Ok(
+            match self.fetch(from.unwrap_or(&self.source), &state, from.is_none())? {
+                Ok((manifest, _)) => Outcome::Available {
+                    version: manifest.version.to_string(),
+                },
+                Err(outcome) => outcome,
+            },
+        )
+    }
+
+    /// Checks and, when a release is acceptable, writes it to the inactive slot. `hook` sees
+    /// every stage and write (tests interrupt the update through it).
+    pub fn apply(
+        &self,
+        from: Option<&Source>,
+        hook: &mut dyn FnMut(&Event) -> Result<()>,
+    ) -> Result<Outcome> {
+        let source = from.unwrap_or(&self.source);
+        let _lock = self.lock()?;
+        let mut disk = Disk::open(&self.disk)?;
+        let on_trial = read_entries(&mut disk)?.into_iter().any(|e| {
+            e.slot == self.running_slot
+                && e.version == self.running_version.as_str()
+                && e.counter != Counter::Good
+        });
+        if on_trial {
+            return Ok(Outcome::WaitingForBless {
+                slot: self.running_slot,
+                version: self.running_version.to_string(),
+            });
+        }
+        let mut state = self.load_state()?;
+        let (manifest, digest) = match self.fetch(source, &state, from.is_none())? {
+            Ok(found) => found,
+            Err(outcome) => return Ok(outcome),
+        };
+        let slot = self.running_slot.other();
+        let job = Job {
+            source,
+            manifest: &manifest,
+            manifest_sha256: &digest,
+            slot,
+            retries: self.retries,
+        };
+        match apply::apply(&job, &mut disk, &mut state, &self.paths.state, hook) {
+            Ok(()) => Ok(Outcome::Staged {
+                version: manifest.version.to_string(),
+                slot,
+            }),
+            Err(ApplyError::Rejected(reason)) => {
+                state.in_progress = None;
+                state.save(&self.paths.state)?;
+                Ok(Outcome::Refused {
+                    version: Some(manifest.version.to_string()),
+                    reason,
+                })
+            }
+            Err(ApplyError::Failed(e)) => Err(e.context(format!(
+                "applying {} {} to slot {slot}",
+                manifest.name, manifest.version
+            ))),
+        }
+    }
+
+    /// Makes the other slot boot next by marking the running entry as out of tries; the running
+    /// version is then recorded as bad after the reboot.
+    pub fn rollback(&self) -> Result<Rollback> {
+        let _lock = self.lock()?;
+        let mut disk = Disk::open(&self.disk)?;
+        let esp_part = disk.partition("esp")?;
+        let rollback = {
+            let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
+            let entries = esp.entries()?;
+            let Some(other) = entries.iter().find(|e| {
+                e.slot == self.running_slot.other() && !matches!(e.counter, Counter::Bad { .. })
+            }) else {
+                bail!(
+                    "slot {} has no bootable entry: there is nothing to roll back to",
+                    self.running_slot.other()
+                );
+            };
+            let Some(current) = entries.iter().find(|e| {
+                e.slot == self.running_slot && e.version == self.running_version.as_str()
+            }) else {
+                bail!(
+                    "the ESP has no entry for the running slot {}",
+                    self.running_slot
+                );
+            };
+            let exhausted = EntryName {
+                counter: Counter::Bad { done: 0 },
+                ..current.clone()
+            };
+            esp.rename_entry(current, &exhausted)?;
+            let rollback = Rollback {
+                from: self.running_version.to_string(),
+                to: other.version.clone(),
+            };
+            esp.close()?;
+            rollback
+        };
+        disk.sync()?;
+        Ok(rollback)
+    }
+
+    /// Blesses the running boot (see [`bless_disk`]).
+    pub fn bless(&self) -> Result<Blessed> {
+        bless_disk(&self.disk, self.running_slot, self.running_version.as_str())
+    }
+}
+
+/// Marks the running boot good on `disk` and syncs: renames the counted entry of `slot` and
+/// `version` to its plain name. Called by `plinth-init`'s health gate.
+pub fn bless_disk(disk: &Path, slot: Slot, version: &str) -> Result<Blessed> {
+    let mut disk = Disk::open(disk)?;
+    let esp_part = disk.partition("esp")?;
+    let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
+    let blessed = esp::bless(&esp, slot, version)?;
+    esp.close()?;
+    disk.sync()?;
+    Ok(blessed)
+}
+
+fn read_entries(disk: &mut Disk) -> Result<Vec<EntryName>> {
+    let esp_part = disk.partition("esp")?;
+    let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
+    let entries = esp.entries()?;
+    esp.close()?;
+    Ok(entries)
+}
+
+/// A `PLINTH-STATUS` line for an outcome, or `None` when nothing is worth reporting.
+pub fn status_line(outcome: &Outcome) -> Option<String> {
+    match outcome {
+        Outcome::Staged { version, slot } => Some(format!(
+            "PLINTH-STATUS update-staged version={version} slot={slot}"
+        )),
+        Outcome::Refused { version, reason } => Some(format!(
+            "PLINTH-STATUS update-refused version={} reason=\"{}\"",
+            version.as_deref().unwrap_or("?"),
+            reason.replace('"', "'")
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_values() {
+        let line = "console=ttyS0 plinth.slot=b plinth.version=2 plinth.slotx=c\n";
+        assert_eq!(cmdline_value(line, "plinth.slot"), Some("b"));
+        assert_eq!(cmdline_value(line, "plinth.version"), Some("2"));
+        assert_eq!(cmdline_value(line, "plinth.roothash"), None);
+    }
+}

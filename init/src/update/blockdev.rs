@@ -1,0 +1,279 @@
+//! The boot disk: its GPT partitions found by label, byte ranges of it used as devices, durable
+//! writes (fsync, then dropping cached pages so read-back checks the medium) and the rewrite of a
+//! slot's partition UUIDs.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::bootentry::Slot;
+
+/// A GPT partition of the boot disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    pub label: String,
+    pub start: u64,
+    pub size: u64,
+    pub uuid: [u8; 16],
+}
+
+/// The boot disk (a block device, or a file in tests), opened read-write.
+#[derive(Debug)]
+pub struct Disk {
+    pub path: PathBuf,
+    file: fs::File,
+    partitions: Vec<Partition>,
+}
+
+impl Disk {
+    /// Opens the disk and reads its partition table.
+    pub fn open(path: &Path) -> Result<Disk> {
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening boot disk {}", path.display()))?;
+        let partitions = read_partitions(&mut file, path)?;
+        Ok(Disk {
+            path: path.to_owned(),
+            file,
+            partitions,
+        })
+    }
+
+    /// All partitions.
+    pub fn partitions(&self) -> &[Partition] {
+        &self.partitions
+    }
+
+    /// The partition with this GPT label.
+    pub fn partition(&self, label: &str) -> Result<Partition> {
+        self.partitions
+            .iter()
+            .find(|p| p.label == label)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "boot disk {} has no partition labelled `{label}`",
+                    self.path.display()
+                )
+            })
+    }
+
+    /// A partition as a device of its own.
+    pub fn region(&mut self, part: &Partition) -> io::Result<Region<&mut fs::File>> {
+        Region::new(&mut self.file, part.start, part.size)
+    }
+
+    /// Flushes everything written to the medium, then drops cached pages so later reads come
+    /// from the medium.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", self.path.display()))?;
+        rustix::fs::fadvise(&self.file, 0, 0, rustix::fs::Advice::DontNeed)
+            .with_context(|| format!("dropping cached pages of {}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// Sets the partition UUIDs of `slot` to the halves of `root_hash` (DPS), in the primary and
+    /// the backup GPT, and syncs.
+    pub fn set_slot_uuids(&mut self, slot: Slot, root_hash: &[u8; 32]) -> Result<()> {
+        let (root_uuid, verity_uuid) = os_config::manifest::slot_partition_uuids(root_hash);
+        let context = || format!("rewriting the GPT of {}", self.path.display());
+        let mut gpt = gpt::GptConfig::new()
+            .writable(true)
+            .open_from_device(&mut self.file)
+            .with_context(context)?;
+        let mut parts = gpt.partitions().clone();
+        for part in parts.values_mut() {
+            if part.name == slot.root_label() {
+                part.part_guid = uuid::Uuid::from_bytes(root_uuid);
+            } else if part.name == slot.verity_label() {
+                part.part_guid = uuid::Uuid::from_bytes(verity_uuid);
+            }
+        }
+        gpt.update_partitions(parts).with_context(context)?;
+        gpt.write_inplace().with_context(context)?;
+        drop(gpt);
+        self.sync()?;
+        self.partitions = read_partitions(&mut self.file, &self.path)?;
+        Ok(())
+    }
+}
+
+fn read_partitions(file: &mut fs::File, path: &Path) -> Result<Vec<Partition>> {
+    let gpt = gpt::GptConfig::new()
+        .writable(false)
+        .open_from_device(&mut *file)
+        .with_context(|| format!("reading GPT of {}", path.display()))?;
+    let block = *gpt.logical_block_size();
+    let parts = gpt
+        .partitions()
+        .values()
+        .map(|p| {
+            Ok(Partition {
+                label: p.name.clone(),
+                start: p.bytes_start(block)?,
+                size: p.bytes_len(block)?,
+                uuid: *p.part_guid.as_bytes(),
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .with_context(|| format!("reading GPT of {}", path.display()))?;
+    Ok(parts)
+}
+
+/// Finds the boot disk: the disk whose GPT has Plinth's labels and, when `root_hash` is known,
+/// whose `root-<slot>` partition UUID is the first half of it.
+pub fn find_boot_disk(
+    sys_block: &Path,
+    dev: &Path,
+    slot: Slot,
+    root_hash: Option<&str>,
+) -> Result<PathBuf> {
+    let mut candidates = Vec::new();
+    let entries =
+        fs::read_dir(sys_block).with_context(|| format!("listing {}", sys_block.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", sys_block.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ["loop", "ram", "dm-", "sr", "zram", "nbd"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let path = dev.join(&name);
+        let Ok(mut file) = fs::File::open(&path) else {
+            continue;
+        };
+        let Ok(parts) = read_partitions(&mut file, &path) else {
+            continue;
+        };
+        let has = |label: &str| parts.iter().find(|p| p.label == label);
+        if ["esp", "root-a", "root-b", "verity-a", "verity-b"]
+            .iter()
+            .all(|l| has(l).is_some())
+        {
+            let matches_hash = match (root_hash, has(&slot.root_label())) {
+                (Some(hash), Some(root)) => hex::encode(root.uuid) == hash.get(..32).unwrap_or(""),
+                _ => false,
+            };
+            candidates.push((matches_hash, path));
+        }
+    }
+    candidates.sort_by_key(|(matches, _)| !*matches);
+    match candidates.into_iter().next() {
+        Some((_, path)) => Ok(path),
+        None => bail!(
+            "no disk under {} has Plinth's partitions (esp, root-a, verity-a, root-b, verity-b); pass --disk DEVICE",
+            sys_block.display()
+        ),
+    }
+}
+
+/// A byte range of a device seen as a device of its own.
+#[derive(Debug)]
+pub struct Region<D> {
+    inner: D,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl<D: Seek> Region<D> {
+    /// The `len` bytes of `inner` from `start`, positioned at its beginning.
+    pub fn new(mut inner: D, start: u64, len: u64) -> io::Result<Self> {
+        inner.seek(SeekFrom::Start(start))?;
+        Ok(Region {
+            inner,
+            start,
+            len,
+            pos: 0,
+        })
+    }
+
+    /// Size of the range in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The underlying device.
+    pub fn get_mut(&mut self) -> &mut D {
+        &mut self.inner
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<D: Read + Seek> Read for Region<D> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let n = self.inner.read(&mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<D: Write + Seek> Write for Region<D> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the partition",
+            ));
+        }
+        let n = self.inner.write(&buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<D: Seek> Seek for Region<D> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let target = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        }
+        .filter(|t| *t <= self.len)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek outside the partition"))?;
+        self.inner.seek(SeekFrom::Start(self.start + target))?;
+        self.pos = target;
+        Ok(target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_stays_inside_its_range() {
+        let mut data = io::Cursor::new(vec![0u8; 64]);
+        let mut region = Region::new(&mut data, 8, 16).expect("region");
+        region.write_all(&[7; 16]).expect("fits");
+        assert!(region.write_all(&[7]).is_err());
+        region.seek(SeekFrom::Start(0)).expect("rewind");
+        let mut back = Vec::new();
+        region.read_to_end(&mut back).expect("read");
+        assert_eq!(back, vec![7; 16]);
+        assert!(region.seek(SeekFrom::End(1)).is_err());
+        let inner = data.into_inner();
+        assert_eq!((inner[7], inner[8], inner[23], inner[24]), (0, 7, 7, 0));
+    }
+}

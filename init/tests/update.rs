@@ -1,0 +1,1077 @@
+//! The update agent end to end on file-backed disks (GPT + FAT ESP + slot partitions), with
+//! releases served by a small HTTP server on 127.0.0.1: applying, resuming a broken download,
+//! refusing bad releases, interrupting the update at every stage, rollback detection, blessing.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use init::update::agent::{bless_disk, Agent, Outcome, Paths};
+use init::update::apply::Event;
+use init::update::blockdev::{Disk, Region};
+use init::update::bootentry::Slot;
+use init::update::esp::{Blessed, Esp};
+use init::update::fetch::Source;
+use init::update::state::{Stage, State};
+use os_config::manifest::{self, Artifact, Artifacts, Manifest, SecretKey};
+use os_config::units::{Name, Sha256, Version};
+use sha2::Digest;
+
+const MIB: u64 = 1 << 20;
+
+// ---------------------------------------------------------------- HTTP server
+
+/// What the test server saw and how it misbehaves.
+#[derive(Default)]
+struct Control {
+    /// Requests as `PATH` or `PATH range=N-`.
+    log: Vec<String>,
+    /// Close the connection after this many body bytes, once, for a path ending like this.
+    cut: Option<(String, usize)>,
+}
+
+struct Server {
+    url: String,
+    control: Arc<Mutex<Control>>,
+}
+
+impl Server {
+    fn start(root: PathBuf) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        let port = listener.local_addr().expect("addr").port();
+        let control = Arc::new(Mutex::new(Control::default()));
+        let shared = control.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let root = root.clone();
+                let control = shared.clone();
+                std::thread::spawn(move || serve(stream, &root, &control));
+            }
+        });
+        Server {
+            url: format!("http://127.0.0.1:{port}/releases"),
+            control,
+        }
+    }
+
+    fn requests(&self, suffix: &str) -> Vec<String> {
+        let control = self.control.lock().expect("lock");
+        control
+            .log
+            .iter()
+            .filter(|l| l.contains(suffix))
+            .cloned()
+            .collect()
+    }
+
+    fn artifact_requests(&self) -> usize {
+        self.requests("/artifacts/").len()
+    }
+}
+
+fn serve(stream: TcpStream, root: &Path, control: &Mutex<Control>) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("request line");
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let mut range = None;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).expect("header");
+        if header.trim().is_empty() {
+            break;
+        }
+        if let Some(r) = header.strip_prefix("Range: bytes=") {
+            range = r.trim().trim_end_matches('-').parse::<usize>().ok();
+        }
+    }
+    let cut = {
+        let mut c = control.lock().expect("lock");
+        c.log.push(match range {
+            Some(r) => format!("{path} range={r}-"),
+            None => path.clone(),
+        });
+        match &c.cut {
+            Some((suffix, n)) if path.ends_with(suffix.as_str()) => {
+                let n = *n;
+                c.cut = None;
+                Some(n)
+            }
+            _ => None,
+        }
+    };
+    let mut stream = stream;
+    let file = path.strip_prefix("/releases/").map(|p| root.join(p));
+    let Some(Ok(data)) = file.map(fs::read) else {
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    };
+    let start = range.unwrap_or(0).min(data.len());
+    let body = &data[start..];
+    let head = match range {
+        Some(_) => format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
+            body.len(),
+            data.len().saturating_sub(1),
+            data.len()
+        ),
+        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()),
+    };
+    let _ = stream.write_all(head.as_bytes());
+    let end = cut.map_or(body.len(), |n| n.min(body.len()));
+    let _ = stream.write_all(&body[..end]);
+}
+
+// ---------------------------------------------------------------- releases
+
+struct Content {
+    root: Vec<u8>,
+    verity: Vec<u8>,
+    root_hash: String,
+    kernel: Vec<u8>,
+    initrd: Vec<u8>,
+}
+
+fn content(scratch: &Path, seed: u8, blocks: usize) -> Content {
+    // Pseudo-random, so that it does not compress (like a squashfs image).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
+    let root: Vec<u8> = (0..blocks * 4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let data_path = scratch.join(format!("data-{seed}"));
+    let hash_path = scratch.join(format!("hash-{seed}"));
+    fs::write(&data_path, &root).expect("write data");
+    let _ = fs::remove_file(&hash_path);
+    let out = Command::new("veritysetup")
+        .args(["format", "--salt", "a1b2c3d4"])
+        .arg(&data_path)
+        .arg(&hash_path)
+        .output()
+        .expect("veritysetup must be installed (cryptsetup-bin)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let root_hash = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Root hash:"))
+        .expect("root hash")
+        .trim()
+        .to_owned();
+    Content {
+        root,
+        verity: fs::read(&hash_path).expect("tree"),
+        root_hash,
+        kernel: (0..200_000u32).map(|i| (i % 253) as u8 ^ seed).collect(),
+        initrd: format!("initrd of release {seed}").into_bytes(),
+    }
+}
+
+fn sha(data: &[u8]) -> Sha256 {
+    Sha256::parse(&hex::encode(sha2::Sha256::digest(data))).expect("hex")
+}
+
+/// Frame size of test artifacts: small, so that resuming at a frame is exercised.
+const FRAME: usize = 256 << 10;
+
+/// Stores `data` zstd-compressed, cut into independent frames like `plinth publish` does.
+fn store(dir: &Path, data: &[u8]) -> Artifact {
+    let mut compressed = Vec::new();
+    let mut frames = Vec::new();
+    for (i, chunk) in data.chunks(FRAME).enumerate() {
+        frames.push(manifest::Frame {
+            offset: compressed.len() as u64,
+            uncompressed_offset: (i * FRAME) as u64,
+        });
+        compressed.extend(zstd::encode_all(chunk, 3).expect("zstd"));
+    }
+    if frames.len() == 1 {
+        frames.clear();
+    }
+    let digest = sha(&compressed);
+    let path = Artifact::path_for(&digest);
+    fs::create_dir_all(dir.join("artifacts")).expect("mkdir");
+    fs::write(dir.join(&path), &compressed).expect("write artifact");
+    Artifact {
+        path,
+        size: compressed.len() as u64,
+        sha256: digest,
+        uncompressed_size: data.len() as u64,
+        uncompressed_sha256: sha(data),
+        frames,
+    }
+}
+
+/// Publishes `c` as `name` `version` into `dir/stable/`, signed with `key`.
+fn publish(dir: &Path, key: &SecretKey, name: &str, version: &str, c: &Content) -> Manifest {
+    publish_with(dir, key, name, version, c, None)
+}
+
+fn publish_with(
+    dir: &Path,
+    key: &SecretKey,
+    name: &str,
+    version: &str,
+    c: &Content,
+    rollout: Option<manifest::Rollout>,
+) -> Manifest {
+    let m = Manifest {
+        format: manifest::FORMAT,
+        name: Name::parse(name).expect("name"),
+        version: Version::parse(version).expect("version"),
+        channel: Name::parse("stable").expect("channel"),
+        created: manifest::rfc3339(0),
+        root_hash: Sha256::parse(&c.root_hash).expect("hash"),
+        salt: "a1b2c3d4".to_owned(),
+        data_blocks: c.root.len() as u64 / 4096,
+        cmdline: vec!["console=ttyS0".to_owned()],
+        rollout,
+        artifacts: Artifacts {
+            root: store(dir, &c.root),
+            verity: store(dir, &c.verity),
+            kernel: store(dir, &c.kernel),
+            initrd: store(dir, &c.initrd),
+        },
+    };
+    let bytes = m.to_bytes();
+    fs::create_dir_all(dir.join("stable")).expect("mkdir");
+    fs::write(dir.join("stable/manifest.json"), &bytes).expect("manifest");
+    fs::write(dir.join("stable/manifest.json.sig"), key.sign(&bytes)).expect("sig");
+    m
+}
+
+// ---------------------------------------------------------------- machine
+
+struct Machine {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    disk: PathBuf,
+    releases: PathBuf,
+    key: SecretKey,
+    server: Server,
+    v1: Content,
+}
+
+impl Machine {
+    /// A machine running `demo` 1 from slot A, its update URL pointing at the test server.
+    fn new() -> Machine {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_owned();
+        let releases = dir.join("releases");
+        fs::create_dir_all(&releases).expect("mkdir");
+        let server = Server::start(releases.clone());
+        let key = SecretKey::from_seed([5; 32]);
+        let v1 = content(&dir, 1, 300);
+        let disk = dir.join("disk.raw");
+        make_disk(&disk, &v1);
+        let machine = Machine {
+            _tmp: tmp,
+            dir,
+            disk,
+            releases,
+            key,
+            server,
+            v1,
+        };
+        machine.boot(Slot::A, "1");
+        machine
+    }
+
+    /// Writes the definition and command line of `version` running from `slot`.
+    fn boot(&self, slot: Slot, version: &str) {
+        let definition = format!(
+            "[image]\nname = \"demo\"\nversion = \"{version}\"\n\n[update]\nurl = \"{}\"\nkeys = [\"{}\"]\nstrategy = \"manual\"\n",
+            self.server.url,
+            self.key.public()
+        );
+        fs::write(self.dir.join("image.toml"), definition).expect("definition");
+        fs::write(
+            self.dir.join("cmdline"),
+            format!("console=ttyS0 plinth.slot={slot} plinth.version={version}\n"),
+        )
+        .expect("cmdline");
+    }
+
+    fn agent(&self) -> Agent {
+        let mut agent = Agent::load(Paths {
+            definition: self.dir.join("image.toml"),
+            state: self.dir.join("var/lib/plinth/update.json"),
+            cmdline: self.dir.join("cmdline"),
+            machine_id: self.dir.join("machine-id"),
+            disk: Some(self.disk.clone()),
+            ..Paths::default()
+        })
+        .expect("agent loads");
+        agent.retries = 3;
+        agent
+    }
+
+    fn state(&self) -> State {
+        State::load(&self.dir.join("var/lib/plinth/update.json")).expect("state")
+    }
+
+    fn partition(&self, label: &str, len: usize) -> Vec<u8> {
+        let mut disk = Disk::open(&self.disk).expect("disk");
+        let part = disk.partition(label).expect(label);
+        let mut region = disk.region(&part).expect("region");
+        let mut data = vec![0u8; len];
+        region.read_exact(&mut data).expect("read partition");
+        data
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut disk = Disk::open(&self.disk).expect("disk");
+        let part = disk.partition("esp").expect("esp");
+        let esp = Esp::open(disk.region(&part).expect("region")).expect("fat");
+        let mut names: Vec<String> = esp
+            .entries()
+            .expect("entries")
+            .iter()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn esp_file(&self, path: &str) -> Vec<u8> {
+        let mut disk = Disk::open(&self.disk).expect("disk");
+        let part = disk.partition("esp").expect("esp");
+        let esp = Esp::open(disk.region(&part).expect("region")).expect("fat");
+        esp.read_file(path).expect(path)
+    }
+
+    fn write_entry(&self, name: &str) {
+        let mut disk = Disk::open(&self.disk).expect("disk");
+        let part = disk.partition("esp").expect("esp");
+        let esp = Esp::open(disk.region(&part).expect("region")).expect("fat");
+        esp.write_file(&format!("loader/entries/{name}"), b"title x\n")
+            .expect("entry");
+        esp.close().expect("close");
+    }
+
+    fn rename_entry(&self, from: &str, to: &str) {
+        let mut disk = Disk::open(&self.disk).expect("disk");
+        let part = disk.partition("esp").expect("esp");
+        let esp = Esp::open(disk.region(&part).expect("region")).expect("fat");
+        let parse = |n| init::update::EntryName::parse(n).expect("entry name");
+        esp.rename_entry(&parse(from), &parse(to)).expect("rename");
+        esp.close().expect("close");
+    }
+
+    /// Checks slot B holds `c` completely, with its counted entry and DPS partition UUIDs.
+    fn assert_slot_b_holds(&self, c: &Content, version: &str) {
+        assert_eq!(
+            self.partition("root-b", c.root.len()),
+            c.root,
+            "root-b content"
+        );
+        assert_eq!(
+            self.partition("verity-b", c.verity.len()),
+            c.verity,
+            "verity-b content"
+        );
+        assert_eq!(self.esp_file("plinth/b/vmlinuz"), c.kernel);
+        assert_eq!(self.esp_file("plinth/b/initrd"), c.initrd);
+        let entry = format!("loader/entries/plinth-b-{version}+3.conf");
+        let text = String::from_utf8(self.esp_file(&entry)).expect("entry text");
+        assert!(
+            text.contains(&format!(
+                "options plinth.slot=b plinth.version={version} plinth.roothash={} console=ttyS0",
+                c.root_hash
+            )),
+            "{text}"
+        );
+        let disk = Disk::open(&self.disk).expect("disk");
+        let root = disk.partition("root-b").expect("root-b");
+        let verity = disk.partition("verity-b").expect("verity-b");
+        assert_eq!(hex::encode(root.uuid), c.root_hash[..32]);
+        assert_eq!(hex::encode(verity.uuid), c.root_hash[32..]);
+        // The backup GPT agrees: sgdisk-free check through the gpt crate with only the backup.
+        let mut file = fs::File::open(&self.disk).expect("disk");
+        let gpt = gpt::GptConfig::new()
+            .open_from_device(&mut file)
+            .expect("gpt");
+        assert!(
+            gpt.primary_header().is_ok() && gpt.backup_header().is_ok(),
+            "both GPT headers valid"
+        );
+        assert_eq!(
+            self.entries()
+                .iter()
+                .filter(|e| e.starts_with("plinth-a-"))
+                .count(),
+            1,
+            "slot a untouched"
+        );
+    }
+
+    fn fsck_esp(&self) {
+        let mut disk = Disk::open(&self.disk).expect("disk");
+        let part = disk.partition("esp").expect("esp");
+        let mut region = disk.region(&part).expect("region");
+        let mut bytes = Vec::new();
+        region.read_to_end(&mut bytes).expect("read esp");
+        let path = self.dir.join("esp.img");
+        fs::write(&path, bytes).expect("write esp copy");
+        let out = Command::new("fsck.vfat")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .expect("fsck.vfat must be installed (dosfstools)");
+        assert!(
+            out.status.success(),
+            "fsck.vfat: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// GPT (esp, root-a, verity-a, root-b, verity-b, state) with release `c` as version 1 in slot A.
+fn make_disk(path: &Path, c: &Content) {
+    let size = 64 * MIB;
+    fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .expect("disk file");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    gpt::mbr::ProtectiveMBR::with_lb_size((size / 512 - 1) as u32)
+        .overwrite_lba0(&mut file)
+        .expect("mbr");
+    let mut gpt = gpt::GptConfig::new()
+        .writable(true)
+        .create_from_device(&mut file, Some(uuid::Uuid::from_u128(7)))
+        .expect("gpt");
+    for (name, size) in [
+        ("esp", 20 * MIB),
+        ("root-a", 4 * MIB),
+        ("verity-a", MIB),
+        ("root-b", 4 * MIB),
+        ("verity-b", MIB),
+        ("state", 8 * MIB),
+    ] {
+        gpt.add_partition(name, size, gpt::partition_types::LINUX_FS, 0, Some(2048))
+            .expect("partition");
+    }
+    gpt.write().expect("write gpt");
+    let mut disk = Disk::open(path).expect("disk");
+    for (label, data) in [("root-a", &c.root), ("verity-a", &c.verity)] {
+        let part = disk.partition(label).expect(label);
+        disk.region(&part)
+            .expect("region")
+            .write_all(data)
+            .expect("write");
+    }
+    let esp = disk.partition("esp").expect("esp");
+    let mut region = disk.region(&esp).expect("region");
+    fatfs::format_volume(&mut region, fatfs::FormatVolumeOptions::new()).expect("format");
+    disk.sync().expect("sync");
+    // Folders come from mtools: fatfs 0.3 writes long-name entries before `.` and `..`, which
+    // fsck.vfat rejects. The builder lays out the same folders.
+    let status = Command::new("mmd")
+        .arg("-i")
+        .arg(format!("{}@@{}", path.display(), esp.start))
+        .args([
+            "::plinth",
+            "::plinth/a",
+            "::plinth/b",
+            "::loader",
+            "::loader/entries",
+        ])
+        .status()
+        .expect("mmd must be installed (mtools)");
+    assert!(status.success(), "mmd failed");
+    let esp = Esp::open(disk.region(&esp).expect("region")).expect("fat");
+    esp.write_file("plinth/a/vmlinuz", &c.kernel)
+        .expect("kernel");
+    esp.write_file("plinth/a/initrd", &c.initrd)
+        .expect("initrd");
+    esp.write_file(
+        "loader/entries/plinth-a-1.conf",
+        init::update::bootentry::entry_text(Slot::A, "1", &c.root_hash, &[]).as_bytes(),
+    )
+    .expect("entry");
+    esp.close().expect("close");
+    disk.sync().expect("sync");
+}
+
+fn refused_reason(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Refused { reason, .. } => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn applies_a_release_over_http_resuming_a_broken_download() {
+    let m = Machine::new();
+    let agent = m.agent();
+    assert_eq!(agent.check(None).expect("check"), Outcome::NoRelease);
+    let v2 = content(&m.dir, 2, 400);
+    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+    assert_eq!(
+        agent.check(None).expect("check"),
+        Outcome::Available {
+            version: "2".into()
+        }
+    );
+
+    // The root download breaks after 100 kB; the agent resumes it with a Range request.
+    m.server.control.lock().expect("lock").cut =
+        Some((manifest.artifacts.root.path.clone(), 100_000));
+    let outcome = agent.apply(None, &mut |_| Ok(())).expect("apply");
+    assert_eq!(
+        outcome,
+        Outcome::Staged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
+    let root_requests = m.server.requests(&manifest.artifacts.root.path);
+    assert_eq!(root_requests.len(), 2, "{root_requests:?}");
+    assert!(
+        root_requests[1].ends_with("range=100000-"),
+        "{root_requests:?}"
+    );
+
+    m.assert_slot_b_holds(&v2, "2");
+    m.fsck_esp();
+    let state = m.state();
+    assert_eq!(state.newest_accepted, Version::parse("2").ok());
+    assert_eq!(state.in_progress, None);
+    assert_eq!(
+        agent.check(None).expect("check"),
+        Outcome::AlreadyStaged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
+
+    // After the reboot into slot B, nothing touches slot A (the fallback) until the boot is
+    // blessed; then the health gate blesses it.
+    m.boot(Slot::B, "2");
+    m.rename_entry("plinth-b-2+3.conf", "plinth-b-2+2-1.conf");
+    let v3 = content(&m.dir, 3, 200);
+    publish(&m.releases, &m.key, "demo", "3", &v3);
+    assert_eq!(
+        m.agent()
+            .apply(None, &mut |_| Ok(()))
+            .expect("apply on trial"),
+        Outcome::WaitingForBless {
+            slot: Slot::B,
+            version: "2".into()
+        }
+    );
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-2+2-1.conf"]);
+    assert_eq!(m.partition("root-a", m.v1.root.len()), m.v1.root);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
+    let blessed = bless_disk(&m.disk, Slot::B, "2").expect("bless");
+    assert_eq!(
+        blessed,
+        Blessed::Blessed {
+            from: "plinth-b-2+2-1.conf".into(),
+            to: "plinth-b-2.conf".into()
+        }
+    );
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-2.conf"]);
+    assert_eq!(
+        bless_disk(&m.disk, Slot::B, "2").expect("bless again"),
+        Blessed::AlreadyGood
+    );
+    let agent = m.agent();
+    assert_eq!(
+        agent.check(None).expect("check"),
+        Outcome::UpToDate {
+            version: "2".into()
+        }
+    );
+    let status = agent.status().expect("status");
+    assert_eq!(status.slots[1].boot, "good");
+    assert!(status.slots[1].running);
+    assert_eq!(status.staged, None);
+
+    // v3 goes to slot A, which is removed first and rewritten.
+    let v3 = content(&m.dir, 3, 200);
+    publish(&m.releases, &m.key, "demo", "3", &v3);
+    assert_eq!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply v3"),
+        Outcome::Staged {
+            version: "3".into(),
+            slot: Slot::A
+        }
+    );
+    assert_eq!(m.entries(), ["plinth-a-3+3.conf", "plinth-b-2.conf"]);
+    assert_eq!(m.partition("root-a", v3.root.len()), v3.root);
+    m.fsck_esp();
+}
+
+#[test]
+fn offline_apply_from_a_folder() {
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    let usb = m.dir.join("usb");
+    publish(&usb, &m.key, "demo", "2", &v2);
+    let agent = m.agent();
+    assert_eq!(agent.check(None).expect("online"), Outcome::NoRelease);
+    let from = Source::Dir(usb);
+    let outcome = agent.apply(Some(&from), &mut |_| Ok(())).expect("apply");
+    assert_eq!(
+        outcome,
+        Outcome::Staged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
+    m.assert_slot_b_holds(&v2, "2");
+}
+
+#[test]
+fn refuses_bad_releases_and_never_writes_the_entry() {
+    let m = Machine::new();
+    let agent = m.agent();
+    let v2 = content(&m.dir, 2, 150);
+    let zeros = vec![0u8; v2.root.len()];
+
+    // Signed with another key.
+    publish(
+        &m.releases,
+        &SecretKey::from_seed([6; 32]),
+        "demo",
+        "2",
+        &v2,
+    );
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(reason.contains("signature does not verify"), "{reason}");
+    assert_eq!(m.server.artifact_requests(), 0);
+
+    // For another image.
+    publish(&m.releases, &m.key, "other", "2", &v2);
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(
+        reason.contains("release is for image `other`, this machine runs `demo`"),
+        "{reason}"
+    );
+
+    // A lower version.
+    publish(&m.releases, &m.key, "demo", "0.9", &v2);
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(
+        reason.contains("version 0.9 is not newer than the running version 1"),
+        "{reason}"
+    );
+    assert_eq!(m.server.artifact_requests(), 0);
+    assert_eq!(
+        m.partition("root-b", zeros.len()),
+        zeros,
+        "nothing written before the artifacts"
+    );
+
+    // A flipped byte in the root artifact: refused with the hash mismatch; slot B has no entry.
+    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+    m.write_entry("plinth-b-0.5.conf");
+    let path = m.releases.join(&manifest.artifacts.root.path);
+    let mut data = fs::read(&path).expect("artifact");
+    let middle = data.len() / 2;
+    data[middle] ^= 0x40;
+    fs::write(&path, &data).expect("flip");
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(
+        reason.contains("artifact root: sha256 of the download is"),
+        "{reason}"
+    );
+    assert_eq!(
+        m.entries(),
+        ["plinth-a-1.conf"],
+        "old slot B entry removed, new one never written"
+    );
+
+    // A flipped byte in the kernel, after the partitions were written.
+    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+    let path = m.releases.join(&manifest.artifacts.kernel.path);
+    let mut data = fs::read(&path).expect("artifact");
+    let last = data.len() - 5;
+    data[last] ^= 1;
+    fs::write(&path, &data).expect("flip");
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(reason.contains("artifact kernel:"), "{reason}");
+    assert_eq!(m.entries(), ["plinth-a-1.conf"]);
+    let state = m.state();
+    assert_eq!(
+        (state.staged, state.newest_accepted, state.in_progress),
+        (None, None, None)
+    );
+    m.fsck_esp();
+}
+
+#[test]
+fn an_interrupted_update_resumes_or_restarts_and_never_exposes_a_partial_slot() {
+    type Stop = Box<dyn Fn(&Event) -> bool>;
+    let stops: Vec<(&str, Stop)> = vec![
+        (
+            "accepted",
+            Box::new(|e| *e == Event::Stage(Stage::Accepted)),
+        ),
+        (
+            "entry removed",
+            Box::new(|e| *e == Event::Stage(Stage::EntryRemoved)),
+        ),
+        (
+            "mid root",
+            Box::new(|e| matches!(e, Event::Written { artifact: "root", bytes } if *bytes >= MIB)),
+        ),
+        (
+            "root written",
+            Box::new(|e| *e == Event::Stage(Stage::RootWritten)),
+        ),
+        (
+            "mid verity",
+            Box::new(|e| {
+                matches!(
+                    e,
+                    Event::Written {
+                        artifact: "verity",
+                        ..
+                    }
+                )
+            }),
+        ),
+        (
+            "verity written",
+            Box::new(|e| *e == Event::Stage(Stage::VerityWritten)),
+        ),
+        (
+            "verified",
+            Box::new(|e| *e == Event::Stage(Stage::Verified)),
+        ),
+        (
+            "uuids set",
+            Box::new(|e| *e == Event::Stage(Stage::UuidsSet)),
+        ),
+        (
+            "mid kernel",
+            Box::new(|e| {
+                matches!(
+                    e,
+                    Event::Written {
+                        artifact: "kernel",
+                        ..
+                    }
+                )
+            }),
+        ),
+        (
+            "boot files written",
+            Box::new(|e| *e == Event::Stage(Stage::BootFilesWritten)),
+        ),
+    ];
+    for (point, stop) in stops {
+        let m = Machine::new();
+        let v2 = content(&m.dir, 2, 600);
+        let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+        m.write_entry("plinth-b-0.5.conf");
+        let agent = m.agent();
+        let err = agent
+            .apply(None, &mut |e| {
+                if stop(e) {
+                    anyhow::bail!("power cut at {point}")
+                } else {
+                    Ok(())
+                }
+            })
+            .expect_err(point);
+        assert!(format!("{err:#}").contains("power cut"), "{point}: {err:#}");
+        // What a reboot now finds: slot A bootable, slot B without an entry.
+        let entries = m.entries();
+        assert!(
+            entries == ["plinth-a-1.conf"]
+                || (point == "accepted" && entries == ["plinth-a-1.conf", "plinth-b-0.5.conf"]),
+            "{point}: {entries:?}"
+        );
+        assert_eq!(m.esp_file("plinth/a/vmlinuz"), m.v1.kernel, "{point}");
+        assert_eq!(m.partition("root-a", m.v1.root.len()), m.v1.root, "{point}");
+        let stage = m.state().in_progress.map(|p| p.stage);
+        let root_requests = m.server.requests(&manifest.artifacts.root.path).len();
+
+        let outcome = m.agent().apply(None, &mut |_| Ok(())).expect(point);
+        assert_eq!(
+            outcome,
+            Outcome::Staged {
+                version: "2".into(),
+                slot: Slot::B
+            },
+            "{point}"
+        );
+        m.assert_slot_b_holds(&v2, "2");
+        m.fsck_esp();
+        // Completed stages are not redone: once the root was written it is not downloaded again.
+        let requests = m.server.requests(&manifest.artifacts.root.path);
+        let again = requests.len() - root_requests;
+        let expect_again = usize::from(stage.is_none_or(|s| s < Stage::RootWritten));
+        assert_eq!(again, expect_again, "{point}: stage {stage:?}");
+        if point == "mid root" {
+            // Resumed at the first frame not yet synced, not from the start.
+            let resumed_at = manifest.artifacts.root.frames[3].offset;
+            assert!(
+                requests
+                    .last()
+                    .is_some_and(|r| r.ends_with(&format!("range={resumed_at}-"))),
+                "{requests:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_version_that_ran_out_of_tries_is_recorded_bad_and_not_downloaded_again() {
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
+    let agent = m.agent();
+    assert_eq!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
+    // systemd-boot tried it three times; plinth-init never blessed it; slot A booted again.
+    m.rename_entry("plinth-b-2+3.conf", "plinth-b-2+0-3.conf");
+    let agent = m.agent();
+    let rollback = agent
+        .detect_rollback()
+        .expect("detect")
+        .expect("a rollback");
+    assert_eq!((rollback.from.as_str(), rollback.to.as_str()), ("2", "1"));
+    assert_eq!(
+        agent.detect_rollback().expect("detect"),
+        None,
+        "reported once"
+    );
+    let state = m.state();
+    assert_eq!(state.bad_versions, [Version::parse("2").expect("v")]);
+    assert_eq!(state.staged, None);
+    let status = agent.status().expect("status");
+    assert_eq!(status.slots[1].boot, "bad");
+
+    let before = m.server.artifact_requests();
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(reason.contains("version 2 is marked bad"), "{reason}");
+    assert_eq!(
+        m.server.artifact_requests(),
+        before,
+        "a bad version is not downloaded again"
+    );
+
+    // A fixed v3 is accepted and replaces the bad entry.
+    let v3 = content(&m.dir, 3, 150);
+    publish(&m.releases, &m.key, "demo", "3", &v3);
+    assert_eq!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged {
+            version: "3".into(),
+            slot: Slot::B
+        }
+    );
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-3+3.conf"]);
+}
+
+#[test]
+fn manual_rollback_boots_the_other_slot_and_marks_the_version_bad() {
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
+    m.agent().apply(None, &mut |_| Ok(())).expect("apply");
+    m.boot(Slot::B, "2");
+    bless_disk(&m.disk, Slot::B, "2").expect("bless");
+    let rollback = m.agent().rollback().expect("rollback");
+    assert_eq!((rollback.from.as_str(), rollback.to.as_str()), ("2", "1"));
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-2+0-0.conf"]);
+    m.boot(Slot::A, "1");
+    let detected = m
+        .agent()
+        .detect_rollback()
+        .expect("detect")
+        .expect("rollback seen");
+    assert_eq!(detected.from, "2");
+}
+
+#[test]
+fn region_helper_is_bounded() {
+    let mut data = std::io::Cursor::new(vec![0u8; 10]);
+    let mut region = Region::new(&mut data, 2, 4).expect("region");
+    assert!(region.write_all(&[1; 5]).is_err());
+}
+
+#[test]
+fn the_command_line_applies_from_a_folder_and_reports_status() {
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    let usb = m.dir.join("usb");
+    publish(&usb, &m.key, "demo", "2", &v2);
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_plinth-update"))
+            .arg("--definition")
+            .arg(m.dir.join("image.toml"))
+            .arg("--state")
+            .arg(m.dir.join("var/lib/plinth/update.json"))
+            .arg("--cmdline")
+            .arg(m.dir.join("cmdline"))
+            .arg("--disk")
+            .arg(&m.disk)
+            .args(args)
+            .output()
+            .expect("run plinth-update");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run(&["apply", "--from", usb.to_str().expect("utf8")]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("PLINTH-STATUS update-staged version=2 slot=b"),
+        "{stdout}"
+    );
+    for stage in [
+        "accepted",
+        "entry-removed",
+        "root-written",
+        "verified",
+        "boot-files-written",
+    ] {
+        assert!(
+            stdout.contains(&format!("PLINTH-STATUS update-progress stage={stage}\n")),
+            "{stdout}"
+        );
+    }
+    let (ok, stdout, stderr) = run(&["--json", "status"]);
+    assert!(ok, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(status["slots"][1]["boot"], "trying 1/3", "{stdout}");
+    assert_eq!(status["staged"]["version"], "2", "{stdout}");
+    let (ok, _, stderr) = run(&["frobnicate"]);
+    assert!(
+        !ok && stderr.contains("unknown command `frobnicate`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn two_agents_never_apply_at_once() {
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
+    let first = m.agent();
+    let second = m.agent();
+    let err = first
+        .apply(None, &mut |e| {
+            if *e == Event::Stage(Stage::EntryRemoved) {
+                let inner = second.apply(None, &mut |_| Ok(())).expect_err("locked out");
+                assert!(
+                    format!("{inner:#}").contains("another plinth-update"),
+                    "{inner:#}"
+                );
+                anyhow::bail!("checked");
+            }
+            Ok(())
+        })
+        .expect_err("stopped by the hook");
+    assert!(format!("{err:#}").contains("checked"), "{err:#}");
+}
+
+#[test]
+fn the_boot_disk_is_found_by_its_partition_labels_and_root_hash() {
+    let m = Machine::new();
+    let sys = m.dir.join("sys/block");
+    let dev = m.dir.join("dev");
+    for name in ["loop0", "vda", "vdb", "vdc"] {
+        fs::create_dir_all(sys.join(name)).expect("sys entry");
+    }
+    fs::create_dir_all(&dev).expect("dev");
+    fs::write(dev.join("vda"), vec![0u8; 1 << 20]).expect("blank disk");
+    fs::copy(&m.disk, dev.join("loop0")).expect("loop device is skipped");
+    fs::copy(&m.disk, dev.join("vdb")).expect("copy");
+    fs::copy(&m.disk, dev.join("vdc")).expect("copy");
+    // vdc's slot A carries the running root hash as its partition UUID (DPS), vdb's does not.
+    let mut hash = [0u8; 32];
+    hash[..16].copy_from_slice(&[0xab; 16]);
+    Disk::open(&dev.join("vdc"))
+        .expect("vdc")
+        .set_slot_uuids(Slot::A, &hash)
+        .expect("uuids");
+    let find = |root_hash: Option<&str>| {
+        init::update::blockdev::find_boot_disk(&sys, &dev, Slot::A, root_hash)
+    };
+    let hash_hex = hex::encode(hash);
+    assert_eq!(find(Some(&hash_hex)).expect("found"), dev.join("vdc"));
+    let any = find(None).expect("found");
+    assert!(any == dev.join("vdb") || any == dev.join("vdc"), "{any:?}");
+    fs::remove_file(dev.join("vdb")).expect("rm");
+    fs::remove_file(dev.join("vdc")).expect("rm");
+    let err = find(None).expect_err("no Plinth disk");
+    assert!(format!("{err:#}").contains("pass --disk"), "{err:#}");
+}
+
+#[test]
+fn a_staged_rollout_defers_the_release_until_the_machines_moment() {
+    let m = Machine::new();
+    fs::write(
+        m.dir.join("machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .expect("machine id");
+    let v2 = content(&m.dir, 2, 150);
+    let rollout = manifest::Rollout {
+        start: 1_000_000,
+        spread_seconds: 86_400,
+    };
+    publish_with(&m.releases, &m.key, "demo", "2", &v2, Some(rollout));
+    let due = rollout.due(
+        "0123456789abcdef0123456789abcdef",
+        &Version::parse("2").expect("v"),
+    );
+    assert!(due > rollout.start, "this machine id is not first in line");
+    let mut agent = m.agent();
+    agent.clock = || 1_000_000;
+    match agent.apply(None, &mut |_| Ok(())).expect("apply") {
+        Outcome::Deferred { version, until } => {
+            assert_eq!(version, "2");
+            assert_eq!(until, manifest::rfc3339(due));
+        }
+        other => panic!("expected a deferral, got {other:?}"),
+    }
+    assert_eq!(m.server.artifact_requests(), 0);
+    // An operator's explicit --from ignores the rollout.
+    let from = Source::Dir(m.releases.clone());
+    assert!(matches!(
+        agent.check(Some(&from)).expect("check"),
+        Outcome::Available { .. }
+    ));
+    // Once the machine's moment has come, the release is applied.
+    agent.clock = || 1_000_000 + 86_400;
+    assert_eq!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
+}
