@@ -19,7 +19,7 @@ use crate::containers::{self, ContainerHealth, Health, StatusSink};
 use crate::docker;
 use crate::net;
 use crate::stage2::{uptime_ms, Workload};
-use crate::supervise::{command, Dockerd, Service, DOCKER_SOCKET};
+use crate::supervise::{command, Program, Service, DOCKER_SOCKET};
 
 /// The image definition baked into the root by the builder.
 pub const DEFINITION_PATH: &str = "/usr/lib/plinth/image.toml";
@@ -90,7 +90,7 @@ pub fn dockerd_listen(engine: &Engine) -> Result<Listen> {
 #[derive(Debug)]
 pub struct EngineService {
     /// The daemon and its arguments.
-    pub dockerd: Dockerd,
+    pub dockerd: Program,
     /// How it listens.
     pub listen: Listen,
     /// Where an amended configuration is written.
@@ -236,9 +236,9 @@ impl DockerWorkload {
     /// dockerd as the supervisor runs it, with the arguments [`DockerWorkload::listen`] calls for.
     pub fn engine_service(&self) -> EngineService {
         EngineService {
-            dockerd: Dockerd {
+            dockerd: Program {
                 args: self.listen.args(),
-                ..Dockerd::default()
+                ..Program::dockerd()
             },
             listen: self.listen.clone(),
             amended_config: PathBuf::from(AMENDED_CONFIG),
@@ -696,7 +696,8 @@ mod tests {
         let config = dir.path().join("run/dockerd.json");
         let starts = Arc::new(AtomicU64::new(0));
         let service = EngineService {
-            dockerd: Dockerd {
+            dockerd: Program {
+                name: "dockerd".into(),
                 program: PathBuf::from("true"),
                 args: Vec::new(),
                 log: dir.path().join("log/dockerd.log"),
@@ -715,7 +716,7 @@ mod tests {
         child.wait().expect("wait");
 
         let failing = EngineService {
-            dockerd: Dockerd {
+            dockerd: Program {
                 program: dir.path().join("no-such-dockerd"),
                 ..service.dockerd.clone()
             },
