@@ -186,7 +186,10 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
     })
 }
 
-fn read_superblock(mut file: File, part: &ReadPartition) -> Result<verity::Superblock> {
+fn read_superblock(
+    mut file: File,
+    part: &ReadPartition,
+) -> Result<os_config::layout::VeritySuperblock> {
     use std::io::{Read, Seek, SeekFrom};
     let mut block = vec![0u8; 512];
     file.seek(SeekFrom::Start(part.start))?;

@@ -10,6 +10,7 @@
 use std::io::Read;
 
 use anyhow::{bail, Context, Result};
+use os_config::layout::VeritySuperblock;
 use sha2::{Digest, Sha256};
 
 /// Data and hash block size.
@@ -115,49 +116,9 @@ fn superblock(data_blocks: u64, params: &VerityParams) -> Vec<u8> {
     sb
 }
 
-/// What the superblock of a hash device records.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Superblock {
-    pub data_blocks: u64,
-    pub salt: Vec<u8>,
-    pub uuid: [u8; 16],
-}
-
 /// Reads a verity superblock (format 1, sha256, 4 KiB blocks), refusing anything else.
-pub fn read_superblock(bytes: &[u8]) -> Result<Superblock> {
-    if bytes.len() < 512 || &bytes[..8] != b"verity\0\0" {
-        bail!("no verity superblock (signature `verity` missing)");
-    }
-    let u32_at =
-        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-    let (version, hash_type) = (u32_at(8), u32_at(12));
-    let algorithm = bytes[32..64].split(|b| *b == 0).next().unwrap_or_default();
-    if version != 1 || hash_type != 1 || algorithm != b"sha256" {
-        bail!(
-            "unsupported verity superblock: version {version}, hash type {hash_type}, algorithm {}",
-            String::from_utf8_lossy(algorithm)
-        );
-    }
-    if u32_at(64) as usize != BLOCK_SIZE || u32_at(68) as usize != BLOCK_SIZE {
-        bail!(
-            "unsupported verity block sizes {} / {}",
-            u32_at(64),
-            u32_at(68)
-        );
-    }
-    let mut data_blocks = [0u8; 8];
-    data_blocks.copy_from_slice(&bytes[72..80]);
-    let salt_size = u16::from_le_bytes([bytes[80], bytes[81]]) as usize;
-    if salt_size > 256 {
-        bail!("verity salt size {salt_size} is larger than 256");
-    }
-    let mut uuid = [0u8; 16];
-    uuid.copy_from_slice(&bytes[16..32]);
-    Ok(Superblock {
-        data_blocks: u64::from_le_bytes(data_blocks),
-        salt: bytes[88..88 + salt_size].to_vec(),
-        uuid,
-    })
+pub fn read_superblock(bytes: &[u8]) -> Result<VeritySuperblock> {
+    VeritySuperblock::parse(bytes).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
