@@ -85,6 +85,10 @@ impl Fixture {
     }
 
     fn build(&self, out: &Path) -> anyhow::Result<DiskReport> {
+        self.build_as(out, disk::RootFormat::Squashfs)
+    }
+
+    fn build_as(&self, out: &Path, format: disk::RootFormat) -> anyhow::Result<DiskReport> {
         let (tree, vmlinuz, efi, init) = (
             self.path("tree"),
             self.path("vmlinuz"),
@@ -101,7 +105,7 @@ impl Fixture {
             kernel_version: "6.1.0-99-cloud-amd64",
             source_date_epoch: EPOCH,
         };
-        disk::write_disk(&inputs, out)
+        disk::write_disk_as(&inputs, out, format)
     }
 }
 
@@ -355,6 +359,47 @@ fn built_disk_passes_the_reference_tools() {
         stderr.contains("slot a: data block 5 of root-a"),
         "{stderr}"
     );
+}
+
+#[test]
+fn erofs_root_passes_fsck_and_verity() {
+    let fx = Fixture::new(DEFINITION);
+    let out = fx.path("erofs.raw");
+    let report = fx
+        .build_as(&out, disk::RootFormat::Erofs)
+        .expect("disk builds");
+    assert_eq!(report.root_format, "erofs");
+    let part = |label: &str| {
+        report
+            .partitions
+            .iter()
+            .find(|p| p.0 == label)
+            .map(|p| (p.1 / 512, p.2 / 512))
+            .expect(label)
+    };
+    let (root, verity) = (fx.path("root.img"), fx.path("verity.img"));
+    let (start, size) = part("root-a");
+    extract(&out, start, size, &root);
+    let (start, size) = part("verity-a");
+    extract(&out, start, size, &verity);
+    // fsck.erofs wants the image alone, not the padded partition.
+    let image = std::fs::read(&root).expect("read root");
+    std::fs::write(&root, &image[..report.root_image_size as usize]).expect("trim");
+    let root_s = root.to_str().expect("utf-8");
+    run("fsck.erofs", &[root_s]);
+    run(
+        "veritysetup",
+        &[
+            "verify",
+            root_s,
+            verity.to_str().expect("utf-8"),
+            &report.root_hash,
+        ],
+    );
+    let again = fx
+        .build_as(&fx.path("erofs2.raw"), disk::RootFormat::Erofs)
+        .expect("second build");
+    assert_eq!(again.root_hash, report.root_hash, "EROFS builds differ");
 }
 
 #[test]

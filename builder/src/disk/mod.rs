@@ -80,9 +80,14 @@ fn seed(def: &Definition) -> String {
     format!("{} {}", def.image.name, def.image.version)
 }
 
-/// Builds the whole disk image at `out` (e.g. `out/qemu-1.0.0.raw`).
+/// Builds the whole disk image at `out` (e.g. `out/qemu-1.0.0.raw`), with the root filesystem
+/// `PLINTH_ROOT_FS` names (squashfs by default).
 pub fn write_disk(inputs: &DiskInputs, out: &Path) -> Result<DiskReport> {
-    let format = RootFormat::from_env()?;
+    write_disk_as(inputs, out, RootFormat::from_env()?)
+}
+
+/// [`write_disk`] with an explicit root filesystem format.
+pub fn write_disk_as(inputs: &DiskInputs, out: &Path, format: RootFormat) -> Result<DiskReport> {
     tools::require(&[format.tool(), tools::MKFS_EXT4])?;
     let def = inputs.def;
     let epoch = inputs.source_date_epoch;
