@@ -104,6 +104,10 @@ pub struct InspectArgs {
     /// Print JSON for scripts instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also check every slot's root against its dm-verity tree and root hash (offline, in Rust);
+    /// exits with an error naming the first changed block if one does not match.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Debug, Args)]

@@ -51,6 +51,9 @@ pub struct SlotInfo {
     pub uuids_match: Option<bool>,
     /// Data blocks recorded in the slot's verity superblock, if it has one.
     pub verity_data_blocks: Option<u64>,
+    /// With `--verify`: `intact`, or what does not match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity_check: Option<String>,
 }
 
 /// One boot entry on the ESP.
@@ -66,7 +69,10 @@ pub struct EntryInfo {
 
 /// Runs `plinth inspect`.
 pub fn inspect(args: &InspectArgs) -> Result<()> {
-    let info = inspect_disk(&args.disk)?;
+    let mut info = inspect_disk(&args.disk)?;
+    if args.verify {
+        verify_slots(&args.disk, &mut info)?;
+    }
     if args.json {
         println!(
             "{}",
@@ -74,6 +80,61 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         );
     } else {
         print!("{}", format_text(&info));
+    }
+    let failed: Vec<String> = info
+        .slots
+        .iter()
+        .filter_map(|s| {
+            s.verity_check
+                .as_ref()
+                .filter(|c| *c != "intact")
+                .map(|c| format!("slot {}: {c}", s.slot))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("verification failed: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// Checks each slot that has a boot entry against its verity tree and root hash.
+pub fn verify_slots(path: &Path, info: &mut Inspection) -> Result<()> {
+    use std::io::Read;
+    for slot in &mut info.slots {
+        let Some(root_hash) = slot.root_hash.clone() else {
+            continue;
+        };
+        let part = |label: &str| {
+            info.partitions
+                .iter()
+                .find(|p| p.label == label)
+                .with_context(|| format!("{} has no partition {label}", path.display()))
+        };
+        let slot_enum = Slot::parse(slot.slot).context("slot letter")?;
+        let (root, verity) = (
+            part(slot_enum.root_label())?,
+            part(slot_enum.verity_label())?,
+        );
+        let open = || File::open(path).with_context(|| format!("opening {}", path.display()));
+        let mut hash_device = Vec::new();
+        Slice::new(open()?, verity.start, verity.size)
+            .read_to_end(&mut hash_device)
+            .with_context(|| format!("reading {}", verity.label))?;
+        let mut data =
+            std::io::BufReader::with_capacity(1 << 20, Slice::new(open()?, root.start, root.size));
+        let verdict = verity::verify(&mut data, &hash_device, &root_hash)
+            .with_context(|| format!("verifying slot {}", slot.slot))?;
+        slot.verity_check = Some(match verdict {
+            verity::Verdict::Intact => "intact".to_owned(),
+            verity::Verdict::BadDataBlock(block) => format!(
+                "data block {block} of {} (byte {} of the partition) does not match its hash",
+                root.label,
+                block * verity::BLOCK_SIZE as u64
+            ),
+            verity::Verdict::BadTree { computed_root } => format!(
+                "the verity tree gives root hash {computed_root}, the boot entry says {root_hash}"
+            ),
+        });
     }
     Ok(())
 }
@@ -160,6 +221,7 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
             root_hash,
             uuids_match,
             verity_data_blocks,
+            verity_check: None,
         });
     }
 
@@ -186,7 +248,10 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
     })
 }
 
-fn read_superblock(mut file: File, part: &ReadPartition) -> Result<verity::Superblock> {
+fn read_superblock(
+    mut file: File,
+    part: &ReadPartition,
+) -> Result<os_config::layout::VeritySuperblock> {
     use std::io::{Read, Seek, SeekFrom};
     let mut block = vec![0u8; 512];
     file.seek(SeekFrom::Start(part.start))?;
@@ -229,6 +294,9 @@ pub fn format_text(info: &Inspection) -> String {
                 }
             )),
             _ => out.push_str(&format!("  {}: empty (no boot entry)\n", s.slot)),
+        }
+        if let Some(check) = &s.verity_check {
+            out.push_str(&format!("     verity: {check}\n"));
         }
     }
     out.push_str("\nboot entries:\n");

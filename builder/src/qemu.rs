@@ -207,6 +207,14 @@ pub fn vars_for(disk: &Path) -> Result<PathBuf> {
 
 /// Runs `plinth run`.
 pub fn run(args: &RunArgs) -> Result<()> {
+    if !["tcg", "kvm", "auto"].contains(&args.accel.as_str()) {
+        bail!("--accel `{}`: use tcg, kvm or auto", args.accel);
+    }
+    let forwards = args
+        .forwards
+        .iter()
+        .map(|f| parse_forward(f))
+        .collect::<Result<Vec<_>>>()?;
     tools::require(&[tools::QEMU_SYSTEM])?;
     for firmware in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(firmware).is_file() {
@@ -220,11 +228,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     opts.disk_format = detect_format(&args.disk)?.to_owned();
     opts.mem_mib = args.mem;
     opts.snapshot = args.snapshot;
-    opts.forwards = args
-        .forwards
-        .iter()
-        .map(|f| parse_forward(f))
-        .collect::<Result<_>>()?;
+    opts.forwards = forwards;
     let qemu = tools::QEMU_SYSTEM.find()?;
     match args.accel.as_str() {
         "tcg" => exec(&qemu, &opts),
@@ -358,6 +362,27 @@ mod tests {
             }
         );
         let err = parse_forward("80").expect_err("no guest port");
+        assert!(err.to_string().contains("HOST:GUEST"), "{err}");
+    }
+
+    #[test]
+    fn bad_run_arguments_are_named_before_anything_starts() {
+        let args = |disk: &str, accel: &str, forward: &str| RunArgs {
+            disk: PathBuf::from(disk),
+            accel: accel.to_owned(),
+            mem: 512,
+            forwards: vec![forward.to_owned()],
+            snapshot: true,
+        };
+        let err = run(&args("/nonexistent/d.raw", "tcg", "1:2")).expect_err("no disk");
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/d.raw does not exist"),
+            "{err}"
+        );
+        let err = run(&args("/nonexistent/d.raw", "hvf", "1:2")).expect_err("bad accel");
+        assert!(err.to_string().contains("use tcg, kvm or auto"), "{err}");
+        let err = run(&args("/nonexistent/d.raw", "tcg", "x")).expect_err("bad forward");
         assert!(err.to_string().contains("HOST:GUEST"), "{err}");
     }
 

@@ -26,6 +26,20 @@ verity = "1MiB"
 state = "64MiB"
 "#;
 
+/// Bytes that do not compress (xorshift).
+fn noise(len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len.div_ceil(8))
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .take(len)
+        .collect()
+}
+
 struct Fixture {
     dir: tempfile::TempDir,
     def: Definition,
@@ -43,7 +57,7 @@ impl Fixture {
         std::fs::create_dir_all(tree.join("usr/bin")).expect("mkdir");
         std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
         std::fs::write(tree.join("etc/os-release"), "ID=plinth\nVERSION_ID=1.2.3\n").expect("w");
-        std::fs::write(tree.join("usr/bin/dockerd"), "binary ".repeat(50_000)).expect("w");
+        std::fs::write(tree.join("usr/bin/dockerd"), noise(256 << 10)).expect("w");
         let ko = moddir.join("kernel/drivers/block/virtio_blk.ko");
         std::fs::write(&ko, b"fake module").expect("w");
         std::fs::write(
@@ -71,6 +85,10 @@ impl Fixture {
     }
 
     fn build(&self, out: &Path) -> anyhow::Result<DiskReport> {
+        self.build_as(out, disk::RootFormat::Squashfs)
+    }
+
+    fn build_as(&self, out: &Path, format: disk::RootFormat) -> anyhow::Result<DiskReport> {
         let (tree, vmlinuz, efi, init) = (
             self.path("tree"),
             self.path("vmlinuz"),
@@ -87,7 +105,7 @@ impl Fixture {
             kernel_version: "6.1.0-99-cloud-amd64",
             source_date_epoch: EPOCH,
         };
-        disk::write_disk(&inputs, out)
+        disk::write_disk_as(&inputs, out, format)
     }
 }
 
@@ -306,22 +324,88 @@ fn built_disk_passes_the_reference_tools() {
         &["info", "--output=json", outputs[1].to_str().expect("utf-8")],
     );
     assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+
+    // Offline verification passes, then names a flipped byte's block.
+    let plinth = env!("CARGO_BIN_EXE_plinth");
+    let text = run(
+        plinth,
+        &["inspect", "--verify", out.to_str().expect("utf-8")],
+    );
+    assert!(text.contains("verity: intact"), "{text}");
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&out)
+            .expect("open disk");
+        let offset = sector(1, "start") * 512 + 5 * 4096 + 100;
+        let mut byte = [0u8];
+        disk.seek(SeekFrom::Start(offset)).expect("seek");
+        disk.read_exact(&mut byte).expect("read");
+        disk.seek(SeekFrom::Start(offset)).expect("seek");
+        disk.write_all(&[byte[0] ^ 0xff]).expect("flip");
+    }
+    let flipped = Command::new(plinth)
+        .args(["inspect", "--verify", out.to_str().expect("utf-8")])
+        .output()
+        .expect("plinth runs");
+    let stderr = String::from_utf8_lossy(&flipped.stderr);
+    assert!(
+        !flipped.status.success(),
+        "a flipped byte passed verification"
+    );
+    assert!(
+        stderr.contains("slot a: data block 5 of root-a"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn erofs_root_passes_fsck_and_verity() {
+    let fx = Fixture::new(DEFINITION);
+    let out = fx.path("erofs.raw");
+    let report = fx
+        .build_as(&out, disk::RootFormat::Erofs)
+        .expect("disk builds");
+    assert_eq!(report.root_format, "erofs");
+    let part = |label: &str| {
+        report
+            .partitions
+            .iter()
+            .find(|p| p.0 == label)
+            .map(|p| (p.1 / 512, p.2 / 512))
+            .expect(label)
+    };
+    let (root, verity) = (fx.path("root.img"), fx.path("verity.img"));
+    let (start, size) = part("root-a");
+    extract(&out, start, size, &root);
+    let (start, size) = part("verity-a");
+    extract(&out, start, size, &verity);
+    // fsck.erofs wants the image alone, not the padded partition.
+    let image = std::fs::read(&root).expect("read root");
+    std::fs::write(&root, &image[..report.root_image_size as usize]).expect("trim");
+    let root_s = root.to_str().expect("utf-8");
+    run("fsck.erofs", &[root_s]);
+    run(
+        "veritysetup",
+        &[
+            "verify",
+            root_s,
+            verity.to_str().expect("utf-8"),
+            &report.root_hash,
+        ],
+    );
+    let again = fx
+        .build_as(&fx.path("erofs2.raw"), disk::RootFormat::Erofs)
+        .expect("second build");
+    assert_eq!(again.root_hash, report.root_hash, "EROFS builds differ");
 }
 
 #[test]
 fn root_image_larger_than_its_slot_names_both_sizes() {
     let fx = Fixture::new(DEFINITION);
-    // 80 MiB that does not compress.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..80 * MIB / 8)
-        .flat_map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
-    std::fs::write(fx.path("tree/usr/bin/big"), noise).expect("write");
+    std::fs::write(fx.path("tree/usr/bin/big"), noise(80 * MIB as usize)).expect("write");
     let out = fx.path("big.raw");
     let err = fx.build(&out).expect_err("root does not fit");
     let text = format!("{err:#}");

@@ -210,3 +210,122 @@ mod tests {
         assert_eq!(slot_uuids(&"g".repeat(64)), None);
     }
 }
+
+/// What the verity superblock (block 0 of a verity partition) records; `plinth-init` builds the
+/// dm-verity table from it and the root hash on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VeritySuperblock {
+    /// Number of 4 KiB data blocks of the root image the tree covers.
+    pub data_blocks: u64,
+    pub salt: Vec<u8>,
+    pub uuid: [u8; 16],
+}
+
+/// Size of data and hash blocks Plinth uses.
+pub const VERITY_BLOCK_SIZE: u64 = 4096;
+
+impl VeritySuperblock {
+    /// Parses the first 512 bytes of a verity partition; only the format Plinth writes (format
+    /// version 1, sha256, 4 KiB blocks) is accepted.
+    pub fn parse(bytes: &[u8]) -> Result<VeritySuperblock, String> {
+        if bytes.len() < 512 || &bytes[..8] != b"verity\0\0" {
+            return Err("no verity superblock (signature `verity` missing)".to_owned());
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let (version, hash_type) = (u32_at(8), u32_at(12));
+        let algorithm = bytes[32..64].split(|b| *b == 0).next().unwrap_or_default();
+        if version != 1 || hash_type != 1 || algorithm != b"sha256" {
+            return Err(format!(
+                "unsupported verity superblock: version {version}, hash type {hash_type}, algorithm {}",
+                String::from_utf8_lossy(algorithm)
+            ));
+        }
+        if u64::from(u32_at(64)) != VERITY_BLOCK_SIZE || u64::from(u32_at(68)) != VERITY_BLOCK_SIZE
+        {
+            return Err(format!(
+                "unsupported verity block sizes {} / {} (expected 4096)",
+                u32_at(64),
+                u32_at(68)
+            ));
+        }
+        let mut data_blocks = [0u8; 8];
+        data_blocks.copy_from_slice(&bytes[72..80]);
+        let salt_size = usize::from(u16::from_le_bytes([bytes[80], bytes[81]]));
+        if salt_size > 256 {
+            return Err(format!("verity salt size {salt_size} is larger than 256"));
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&bytes[16..32]);
+        Ok(VeritySuperblock {
+            data_blocks: u64::from_le_bytes(data_blocks),
+            salt: bytes[88..88 + salt_size].to_vec(),
+            uuid,
+        })
+    }
+
+    /// The device-mapper table line of the verity target (`dmsetup create --table` syntax):
+    /// the hash tree starts at hash block 1, after this superblock. `extra` are optional
+    /// arguments such as `restart_on_corruption`.
+    pub fn table(&self, data_dev: &str, hash_dev: &str, root_hash: &str, extra: &[&str]) -> String {
+        let sectors = self.data_blocks * (VERITY_BLOCK_SIZE / 512);
+        let salt = if self.salt.is_empty() {
+            "-".to_owned()
+        } else {
+            self.salt.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        let mut line = format!(
+            "0 {sectors} verity 1 {data_dev} {hash_dev} {VERITY_BLOCK_SIZE} {VERITY_BLOCK_SIZE} {} 1 sha256 {root_hash} {salt}",
+            self.data_blocks
+        );
+        if !extra.is_empty() {
+            line.push_str(&format!(" {} {}", extra.len(), extra.join(" ")));
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod verity_tests {
+    use super::*;
+
+    fn superblock() -> Vec<u8> {
+        let mut sb = vec![0u8; 512];
+        sb[..8].copy_from_slice(b"verity\0\0");
+        sb[8] = 1;
+        sb[12] = 1;
+        sb[16..32].copy_from_slice(&[0x11; 16]);
+        sb[32..38].copy_from_slice(b"sha256");
+        sb[64..68].copy_from_slice(&4096u32.to_le_bytes());
+        sb[68..72].copy_from_slice(&4096u32.to_le_bytes());
+        sb[72..80].copy_from_slice(&300u64.to_le_bytes());
+        sb[80] = 2;
+        sb[88] = 0xab;
+        sb[89] = 0xcd;
+        sb
+    }
+
+    #[test]
+    fn superblock_parses_and_gives_the_table() {
+        let sb = VeritySuperblock::parse(&superblock()).expect("valid superblock");
+        assert_eq!(sb.data_blocks, 300);
+        assert_eq!(sb.salt, [0xab, 0xcd]);
+        assert_eq!(sb.uuid, [0x11; 16]);
+        assert_eq!(
+            sb.table("/dev/vda2", "/dev/vda3", "ff00", &["restart_on_corruption"]),
+            "0 2400 verity 1 /dev/vda2 /dev/vda3 4096 4096 300 1 sha256 ff00 abcd 1 restart_on_corruption"
+        );
+    }
+
+    #[test]
+    fn foreign_superblocks_are_refused() {
+        assert!(VeritySuperblock::parse(&[0u8; 512]).is_err());
+        let mut sb = superblock();
+        sb[32..38].copy_from_slice(b"sha512");
+        let err = VeritySuperblock::parse(&sb).expect_err("sha512");
+        assert!(err.contains("sha512"), "{err}");
+        let mut sb = superblock();
+        sb[64..68].copy_from_slice(&512u32.to_le_bytes());
+        assert!(VeritySuperblock::parse(&sb).is_err());
+    }
+}

@@ -199,16 +199,14 @@ fn read_table(path: &Path) -> Result<String> {
     }
 }
 
-/// Writes the archive zstd-compressed (level 19, single-threaded so the output is deterministic).
-pub fn write_compressed(archive: &Archive, mtime: u64, out: &Path) -> Result<u64> {
+/// The archive as a zstd-compressed cpio (level 19, single-threaded so the output is
+/// deterministic), the form the kernel takes as an initrd.
+pub fn compressed(archive: &Archive, mtime: u64) -> Result<Vec<u8>> {
     let mut cpio = Vec::new();
     archive
         .write_cpio(&mut cpio, mtime)
-        .context("writing initramfs archive")?;
-    let compressed = zstd::bulk::compress(&cpio, 19).context("compressing initramfs")?;
-    std::fs::write(out, &compressed)
-        .with_context(|| format!("writing initramfs {}", out.display()))?;
-    Ok(compressed.len() as u64)
+        .context("writing the initramfs archive")?;
+    zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")
 }
 
 #[cfg(test)]

@@ -70,6 +70,9 @@ pub struct DiskReport {
     pub boot_entry: String,
     /// The kernel command line of slot A.
     pub cmdline: String,
+    /// Where each partition lies: (label, start, size) in bytes. The root image is the first
+    /// `root_image_size` bytes of `root-a`, the hash device the first `verity_size` of `verity-a`.
+    pub partitions: Vec<(String, u64, u64)>,
 }
 
 /// The seed every derived GUID and salt of an image starts from.
@@ -77,9 +80,14 @@ fn seed(def: &Definition) -> String {
     format!("{} {}", def.image.name, def.image.version)
 }
 
-/// Builds the whole disk image at `out` (e.g. `out/qemu-1.0.0.raw`).
+/// Builds the whole disk image at `out` (e.g. `out/qemu-1.0.0.raw`), with the root filesystem
+/// `PLINTH_ROOT_FS` names (squashfs by default).
 pub fn write_disk(inputs: &DiskInputs, out: &Path) -> Result<DiskReport> {
-    let format = RootFormat::from_env()?;
+    write_disk_as(inputs, out, RootFormat::from_env()?)
+}
+
+/// [`write_disk`] with an explicit root filesystem format.
+pub fn write_disk_as(inputs: &DiskInputs, out: &Path, format: RootFormat) -> Result<DiskReport> {
     tools::require(&[format.tool(), tools::MKFS_EXT4])?;
     let def = inputs.def;
     let epoch = inputs.source_date_epoch;
@@ -163,11 +171,7 @@ pub fn write_disk(inputs: &DiskInputs, out: &Path) -> Result<DiskReport> {
     let tables = module_tables(inputs.tree, inputs.kernel_version);
     let archive =
         initramfs::build_archive(inputs.init_binary, &modules, inputs.kernel_version, &tables)?;
-    let mut cpio = Vec::new();
-    archive
-        .write_cpio(&mut cpio, epoch)
-        .context("writing the initramfs archive")?;
-    let initrd = zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")?;
+    let initrd = initramfs::compressed(&archive, epoch)?;
     step.done(&format!(
         "{} modules, {}",
         modules.len(),
@@ -274,6 +278,11 @@ pub fn write_disk(inputs: &DiskInputs, out: &Path) -> Result<DiskReport> {
         kernel_size,
         boot_entry: entry_name.file_name(),
         cmdline: entry.options(),
+        partitions: plan
+            .partitions
+            .iter()
+            .map(|p| (p.spec.label.to_owned(), p.start, p.size))
+            .collect(),
     })
 }
 

@@ -10,6 +10,7 @@
 use std::io::Read;
 
 use anyhow::{bail, Context, Result};
+use os_config::layout::VeritySuperblock;
 use sha2::{Digest, Sha256};
 
 /// Data and hash block size.
@@ -115,49 +116,61 @@ fn superblock(data_blocks: u64, params: &VerityParams) -> Vec<u8> {
     sb
 }
 
-/// What the superblock of a hash device records.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Superblock {
-    pub data_blocks: u64,
-    pub salt: Vec<u8>,
-    pub uuid: [u8; 16],
+/// Reads a verity superblock (format 1, sha256, 4 KiB blocks), refusing anything else.
+pub fn read_superblock(bytes: &[u8]) -> Result<VeritySuperblock> {
+    VeritySuperblock::parse(bytes).map_err(anyhow::Error::msg)
 }
 
-/// Reads a verity superblock (format 1, sha256, 4 KiB blocks), refusing anything else.
-pub fn read_superblock(bytes: &[u8]) -> Result<Superblock> {
-    if bytes.len() < 512 || &bytes[..8] != b"verity\0\0" {
-        bail!("no verity superblock (signature `verity` missing)");
+/// The result of checking a slot's data against its hash device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every block hashes to the tree and the tree to the expected root hash.
+    Intact,
+    /// This data block (4 KiB, counted from 0) does not match its recorded digest.
+    BadDataBlock(u64),
+    /// The data matches the stored tree, but the stored tree does not give the expected root hash
+    /// (or its upper levels were changed).
+    BadTree { computed_root: String },
+}
+
+/// Checks `data` (a root partition) against `hash_device` (its verity partition, at least as long
+/// as the tree) and the expected root hash, entirely in Rust.
+pub fn verify(data: &mut impl Read, hash_device: &[u8], expected_root: &str) -> Result<Verdict> {
+    let sb = read_superblock(hash_device)?;
+    let salt: [u8; 32] =
+        sb.salt.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!("verity salt is {} bytes; Plinth writes 32", sb.salt.len())
+        })?;
+    let params = VerityParams {
+        salt,
+        uuid: sb.uuid,
+    };
+    let tree = hash_tree(data, sb.data_blocks * BLOCK_SIZE as u64, &params)?;
+    let stored = hash_device.get(..tree.device.len()).with_context(|| {
+        format!(
+            "the verity partition is shorter ({} bytes) than its tree ({} bytes)",
+            hash_device.len(),
+            tree.device.len()
+        )
+    })?;
+    // The level hashing the data blocks is the last one on the device.
+    let level0_start = tree.device.len() - padded_len(sb.data_blocks as usize);
+    // A changed data block changes its level-0 digest (and every level above it): look there first.
+    let bad_digest = tree.device[level0_start..]
+        .chunks(DIGEST_SIZE)
+        .zip(stored[level0_start..].chunks(DIGEST_SIZE))
+        .position(|(a, b)| a != b);
+    if let (Some(index), true) = (bad_digest, sb.data_blocks > 1) {
+        return Ok(Verdict::BadDataBlock(index as u64));
     }
-    let u32_at =
-        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-    let (version, hash_type) = (u32_at(8), u32_at(12));
-    let algorithm = bytes[32..64].split(|b| *b == 0).next().unwrap_or_default();
-    if version != 1 || hash_type != 1 || algorithm != b"sha256" {
-        bail!(
-            "unsupported verity superblock: version {version}, hash type {hash_type}, algorithm {}",
-            String::from_utf8_lossy(algorithm)
-        );
+    let computed_root = tree.root_hash_hex();
+    if tree.device.as_slice() != stored || !computed_root.eq_ignore_ascii_case(expected_root) {
+        if sb.data_blocks == 1 {
+            return Ok(Verdict::BadDataBlock(0));
+        }
+        return Ok(Verdict::BadTree { computed_root });
     }
-    if u32_at(64) as usize != BLOCK_SIZE || u32_at(68) as usize != BLOCK_SIZE {
-        bail!(
-            "unsupported verity block sizes {} / {}",
-            u32_at(64),
-            u32_at(68)
-        );
-    }
-    let mut data_blocks = [0u8; 8];
-    data_blocks.copy_from_slice(&bytes[72..80]);
-    let salt_size = u16::from_le_bytes([bytes[80], bytes[81]]) as usize;
-    if salt_size > 256 {
-        bail!("verity salt size {salt_size} is larger than 256");
-    }
-    let mut uuid = [0u8; 16];
-    uuid.copy_from_slice(&bytes[16..32]);
-    Ok(Superblock {
-        data_blocks: u64::from_le_bytes(data_blocks),
-        salt: bytes[88..88 + salt_size].to_vec(),
-        uuid,
-    })
+    Ok(Verdict::Intact)
 }
 
 #[cfg(test)]
@@ -227,6 +240,34 @@ mod tests {
             assert_eq!(sb.salt, params.salt);
             assert_eq!(sb.uuid, params.uuid);
         }
+    }
+
+    #[test]
+    fn verify_names_the_changed_block() {
+        let params = VerityParams {
+            salt: [3; 32],
+            uuid: [4; 16],
+        };
+        let mut data = pseudo_random(300 * BLOCK_SIZE, 9);
+        let tree = hash_tree(&mut data.as_slice(), data.len() as u64, &params).expect("hash");
+        let root = tree.root_hash_hex();
+        let mut device = tree.device.clone();
+        device.resize(1 << 20, 0);
+        assert_eq!(
+            verify(&mut data.as_slice(), &device, &root).expect("verify"),
+            Verdict::Intact
+        );
+        data[200 * BLOCK_SIZE + 17] ^= 1;
+        assert_eq!(
+            verify(&mut data.as_slice(), &device, &root).expect("verify"),
+            Verdict::BadDataBlock(200)
+        );
+        data[200 * BLOCK_SIZE + 17] ^= 1;
+        let wrong = "00".repeat(32);
+        assert!(matches!(
+            verify(&mut data.as_slice(), &device, &wrong).expect("verify"),
+            Verdict::BadTree { computed_root } if computed_root == root
+        ));
     }
 
     #[test]
