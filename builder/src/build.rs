@@ -86,8 +86,12 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
             })?
         }
     };
-    let bytes = std::fs::read(&path)
-        .with_context(|| format!("reading plinth-init binary {} (build it with scripts/build-init.sh)", path.display()))?;
+    let bytes = std::fs::read(&path).with_context(|| {
+        format!(
+            "reading plinth-init binary {} (build it with scripts/build-init.sh)",
+            path.display()
+        )
+    })?;
     let elf = goblin::elf::Elf::parse(&bytes)
         .with_context(|| format!("{} is not an ELF executable", path.display()))?;
     if let Some(interp) = elf.interpreter {

@@ -150,9 +150,8 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<String> {
             stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n").as_bytes())?;
             let mut reply = String::new();
             stream.read_to_string(&mut reply)?;
-            if !reply.starts_with("HTTP/1.")
-                || !reply.split_whitespace().nth(1).is_some_and(|s| s == "200")
-            {
+            let status = reply.split_whitespace().nth(1);
+            if !reply.starts_with("HTTP/1.") || status != Some("200") {
                 bail!("unexpected reply: {}", reply.lines().next().unwrap_or(""));
             }
             Ok(reply
