@@ -9,4 +9,4 @@ plinth=target/release/plinth
 [ -f images/qemu.lock ] || "$plinth" lock images/qemu.toml
 "$plinth" build images/qemu.toml --init target/x86_64-unknown-linux-gnu/release/plinth-init
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' images/qemu.toml | head -1)
-exec "$plinth" run "out/qemu-$version.raw" --forward 8080:80 --snapshot
+exec "$plinth" run "out/qemu-$version.raw" --forward 8080:8080 --snapshot
