@@ -7,7 +7,7 @@ packages=(
   e2fsprogs dosfstools mtools fdisk      # state partition, ESP and GPT oracles
   cryptsetup-bin                         # veritysetup, the dm-verity oracle
   gpgv gnupg debian-archive-keyring      # archive signatures (gnupg makes test keys)
-  zstd xz-utils cpio curl binutils
+  zstd xz-utils cpio curl binutils iproute2
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -10,4 +10,4 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "==> static plinth-init"
 scripts/build-init.sh
 echo "==> cargo test"
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2

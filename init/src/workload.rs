@@ -743,7 +743,7 @@ mod tests {
         let plain = DockerWorkload::new(definition("")).expect("workload");
         let service = plain.engine_service();
         assert_eq!(service.dockerd.args, ["--host=unix:///run/docker.sock"]);
-        assert_eq!(service.dockerd.program, Path::new("/usr/bin/dockerd"));
+        assert_eq!(service.dockerd.program, Path::new("dockerd"));
         service.starts.fetch_add(1, Ordering::SeqCst);
         assert_eq!(
             plain.engine_starts(),
