@@ -25,6 +25,8 @@ pub enum Command {
     Run(RunArgs),
     /// Show the partitions, slots and boot entries of a disk image.
     Inspect(InspectArgs),
+    /// Check every slot's root against its dm-verity tree and the root hash in its boot entry.
+    Verify(VerifyArgs),
     /// Write an ed25519 key pair for signing releases.
     Keygen(KeygenArgs),
     /// Write a signed release of a built image into a static folder.
@@ -111,6 +113,13 @@ pub struct InspectArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The disk image to check (offline, in Rust); exits with an error naming the first changed
+    /// block of any slot that does not match.
+    pub disk: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct KeygenArgs {
     /// Writes PREFIX.key (private, mode 0600) and PREFIX.pub.
     #[arg(long, value_name = "PREFIX")]
@@ -143,6 +152,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Build(args) => crate::build::build(&args),
         Command::Run(args) => crate::qemu::run(&args),
         Command::Inspect(args) => crate::inspect::inspect(&args),
+        Command::Verify(args) => crate::inspect::verify(&args),
         Command::Keygen(args) => crate::publish::keygen(&args),
         Command::Publish(args) => crate::publish::publish(&args),
     }
