@@ -315,3 +315,28 @@ fn first_data_byte(img: &Path, file: &str) -> Result<u64> {
     }
     Ok(above)
 }
+
+#[test]
+fn shipped_definitions_keep_verity_on() -> Result<()> {
+    let top = image::workspace();
+    let mut seen = 0;
+    for folder in ["images", "qemu-tests/images"] {
+        for entry in std::fs::read_dir(top.join(folder))? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path)?;
+            let def = os_config::definition::Definition::parse(&path.display().to_string(), &text)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ensure!(
+                def.image.verity,
+                "{} turns dm-verity off: only debugging images may",
+                path.display()
+            );
+            seen += 1;
+        }
+    }
+    ensure!(seen >= 2, "found only {seen} definitions");
+    Ok(())
+}
