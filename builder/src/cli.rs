@@ -157,3 +157,30 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Publish(args) => crate::publish::publish(&args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_takes_a_disk() {
+        let cli = Cli::try_parse_from(["plinth", "verify", "out/x.raw"]).expect("parses");
+        assert!(
+            matches!(cli.command, Command::Verify(ref a) if a.disk == std::path::Path::new("out/x.raw")),
+            "{cli:?}"
+        );
+        assert!(Cli::try_parse_from(["plinth", "verify"]).is_err());
+    }
+
+    #[test]
+    fn verify_refuses_a_file_that_is_not_a_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("not-a-disk.raw");
+        std::fs::write(&file, vec![0u8; 64 * 1024]).expect("write");
+        let err = dispatch(Cli {
+            command: Command::Verify(VerifyArgs { disk: file }),
+        })
+        .expect_err("a zero-filled file is not a disk");
+        assert!(format!("{err:#}").contains("not-a-disk.raw"), "{err:#}");
+    }
+}
