@@ -161,6 +161,8 @@ fn changed_root_block_is_refused_and_named_by_verify() -> Result<()> {
             line.contains("verity") && line.contains(&format!("data block {block} is corrupted")),
             "the kernel reported another block than {block}: {line}"
         );
+        vm.wait_for_after("dm-verity device corrupted", after, Duration::from_secs(30))
+            .context("the kernel did not restart for the corrupted block")?;
         vm.wait_for_after("PLINTH-STATUS stage1-start", after, PHASE)
             .context("the machine did not restart after the corrupted block")?;
         let console = vm.console();
