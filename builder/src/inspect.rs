@@ -10,7 +10,7 @@ use os_config::boot::{Entry, EntryName, ENTRIES_DIR};
 use os_config::layout::{self, Slot};
 use serde::Serialize;
 
-use crate::cli::InspectArgs;
+use crate::cli::{InspectArgs, VerifyArgs};
 use crate::disk::esp::EspReader;
 use crate::disk::gpt::{read_gpt, ReadPartition};
 use crate::disk::slice::{ReadOnly, Slice};
@@ -81,6 +81,36 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     } else {
         print!("{}", format_text(&info));
     }
+    check_verdicts(&info)
+}
+
+/// Runs `plinth verify`: checks every slot that has a boot entry against its verity tree and
+/// root hash, prints one line per slot, and fails naming the first changed block of any slot
+/// that does not match (or when no slot has a boot entry to check).
+pub fn verify(args: &VerifyArgs) -> Result<()> {
+    let mut info = inspect_disk(&args.disk)?;
+    verify_slots(&args.disk, &mut info)?;
+    let mut checked = 0;
+    for slot in &info.slots {
+        match (&slot.verity_check, &slot.root_hash) {
+            (Some(check), Some(hash)) => {
+                checked += 1;
+                println!("slot {}: root hash {hash}: {check}", slot.slot);
+            }
+            _ => println!("slot {}: empty (no boot entry)", slot.slot),
+        }
+    }
+    if checked == 0 {
+        bail!(
+            "{} has no boot entry for any slot: nothing to verify",
+            args.disk.display()
+        );
+    }
+    check_verdicts(&info)
+}
+
+/// Fails with every slot whose verity check is not `intact`.
+fn check_verdicts(info: &Inspection) -> Result<()> {
     let failed: Vec<String> = info
         .slots
         .iter()

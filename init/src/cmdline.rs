@@ -107,7 +107,7 @@ pub struct Cmdline {
     pub version: Option<String>,
     /// The verity root hash (`plinth.roothash=`); required unless verity is off.
     pub roothash: Option<RootHash>,
-    /// False only when `plinth.verity=0` is present (debugging images).
+    /// False only when `plinth.verity=off` (or `0`) is present (debugging images).
     pub verity: bool,
     /// Every argument as (key, value), in order, including the ones above.
     pub args: Vec<(String, Option<String>)>,
@@ -134,11 +134,11 @@ impl Cmdline {
             None => return Err("plinth.slot= is missing from the kernel command line".into()),
         };
         let verity = match get("plinth.verity").as_deref() {
-            None | Some("1") => true,
-            Some("0") => false,
+            None | Some("1" | "on") => true,
+            Some("0" | "off") => false,
             Some(other) => {
                 return Err(format!(
-                    "plinth.verity={other:?} on the kernel command line: allowed values are 0 and 1"
+                    "plinth.verity={other:?} on the kernel command line: allowed values are off (or 0) and on (or 1)"
                 ))
             }
         };
@@ -231,6 +231,25 @@ mod tests {
     }
 
     #[test]
+    fn verity_off_as_the_builder_writes_it() {
+        // The boot entry of a `[image] verity = false` image keeps the hash and adds `off`.
+        let hash = "ab".repeat(32);
+        let line = os_config::boot::Entry {
+            slot: os_config::layout::Slot::A,
+            version: "1.0".into(),
+            root_hash: hash.clone(),
+            extra_args: vec!["console=ttyS0".into()],
+            verity: false,
+        }
+        .options();
+        let cmdline = Cmdline::parse(&line).expect("parses");
+        assert!(!cmdline.verity, "{line}");
+        assert_eq!(cmdline.roothash.map(|h| h.to_hex()), Some(hash));
+        let on = Cmdline::parse(&format!("{line} plinth.verity=on")).expect("parses");
+        assert!(on.verity);
+    }
+
+    #[test]
     fn errors_name_the_argument() {
         let cases = [
             ("console=ttyS0", "plinth.slot= is missing"),
@@ -242,7 +261,7 @@ mod tests {
             ),
             (
                 "plinth.slot=a plinth.verity=no",
-                "allowed values are 0 and 1",
+                "allowed values are off (or 0) and on (or 1)",
             ),
         ];
         for (line, expected) in cases {

@@ -557,10 +557,11 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             .with_context(|| format!("creating device node {}", node.display()))?;
     }
     crate::info!(
-        "dm-verity device {} ({major}:{minor}) over {} with hash tree on {}",
+        "dm-verity device {} ({major}:{minor}) over {} with hash tree on {}, table `0 {} verity {params}`",
         node.display(),
         root_node.display(),
-        verity_node.display()
+        verity_node.display(),
+        superblock.data_sectors()
     );
     ctx.root_device = Some(node);
     Ok(())

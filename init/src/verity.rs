@@ -267,6 +267,51 @@ mod tests {
     }
 
     #[test]
+    fn table_from_a_veritysetup_superblock() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (data, hash) = (dir.path().join("data"), dir.path().join("hash"));
+        let bytes: Vec<u8> = (0..16 * 4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&data, &bytes).expect("write data");
+        let salt = "5a".repeat(32);
+        let out = std::process::Command::new("veritysetup")
+            .arg("format")
+            .arg(&data)
+            .arg(&hash)
+            .arg(format!("--salt={salt}"))
+            .output()
+            .expect("veritysetup runs (install cryptsetup-bin)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let root = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Root hash:"))
+            .expect("root hash printed")
+            .trim()
+            .to_owned();
+        let device = std::fs::read(&hash).expect("read hash device");
+        let sb = Superblock::parse(&device).expect("veritysetup's superblock parses");
+        assert_eq!(
+            (sb.version, sb.hash_type, sb.algorithm.as_str()),
+            (1, 1, "sha256")
+        );
+        assert_eq!((sb.data_block_size, sb.hash_block_size), (4096, 4096));
+        assert_eq!(sb.data_blocks, 16);
+        assert_eq!(encode_hex(&sb.salt), salt);
+        let hash = RootHash::parse(&root).expect("root hash");
+        assert_eq!(
+            sb.table_params("/dev/vda2", "/dev/vda3", &hash),
+            format!(
+                "1 /dev/vda2 /dev/vda3 4096 4096 16 1 sha256 {root} {salt} 1 restart_on_corruption"
+            )
+        );
+        assert_eq!(sb.data_sectors(), 16 * 8);
+    }
+
+    #[test]
     fn empty_salt_is_a_dash() {
         let mut bytes = superblock_bytes();
         bytes[80..82].copy_from_slice(&0u16.to_le_bytes());
