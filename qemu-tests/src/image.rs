@@ -52,6 +52,13 @@ pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
     let lock_copy = builder::debian::lock::lock_path(&def_copy);
     std::fs::copy(lock, &lock_copy).with_context(|| format!("copying {}", lock.display()))?;
     let args = build_args(&def_copy, &dir.join("out"))?;
+    let key = inputs_key(&def_copy, &lock_copy, args.init.as_deref())?;
+    let key_file = dir.join("inputs.sha256");
+    if let Some(raw) = reusable(&key_file, &key, &args)? {
+        built.insert(definition.to_path_buf(), raw.clone());
+        return Ok(raw);
+    }
+    let _ = std::fs::remove_file(&key_file);
     let result = builder::build::build_image(&args);
     let result = match result {
         Err(err) if format!("{err:#}").contains("lock --update") => {
@@ -73,8 +80,58 @@ pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
     let raw = result
         .with_context(|| format!("building test image {}", definition.display()))?
         .raw;
+    std::fs::write(&key_file, &key).with_context(|| format!("writing {}", key_file.display()))?;
     built.insert(definition.to_path_buf(), raw.clone());
     Ok(raw)
+}
+
+/// A digest of everything a test image is made from: the definition, its lock, the static
+/// programs, and the builder's and the contract's sources. Test processes that find an image
+/// built from the same inputs reuse it instead of building it again.
+fn inputs_key(def: &Path, lock: &Path, init: Option<&Path>) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files = vec![def.to_path_buf(), lock.to_path_buf()];
+    if let Some(init) = init {
+        files.push(init.to_path_buf());
+        files.push(init.with_file_name("plinth-update"));
+    }
+    for dir in ["builder/src", "os-config/src"] {
+        let mut stack = vec![workspace().join(dir)];
+        while let Some(dir) = stack.pop() {
+            for entry in
+                std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+            {
+                let path = entry?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    files[2..].sort();
+    let mut hasher = Sha256::new();
+    for file in files.iter().filter(|f| f.exists()) {
+        hasher.update(file.display().to_string().as_bytes());
+        hasher.update(std::fs::read(file).with_context(|| format!("reading {}", file.display()))?);
+    }
+    for var in ["SOURCE_DATE_EPOCH", "PLINTH_ROOT_FS"] {
+        hasher.update(std::env::var(var).unwrap_or_default().as_bytes());
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The raw image of an earlier build from the same inputs, if it is still there.
+fn reusable(key_file: &Path, key: &str, args: &builder::cli::BuildArgs) -> Result<Option<PathBuf>> {
+    let Ok(old) = std::fs::read_to_string(key_file) else {
+        return Ok(None);
+    };
+    let def = builder::build::load_definition(&args.file)?;
+    let raw = args
+        .output
+        .join(format!("{}-{}.raw", def.image.name, def.image.version));
+    Ok((old.trim() == key && raw.is_file()).then_some(raw))
 }
 
 fn build_args(def: &Path, out: &Path) -> Result<builder::cli::BuildArgs> {
