@@ -427,6 +427,8 @@ fn grow_filesystem<S: System>(
             size.block_size
         )
     })?;
+    // Commit the resize now: a power cut before the next journal commit would undo it.
+    rustix::fs::syncfs(&dir).with_context(|| format!("syncing {}", mountpoint.display()))?;
     Ok(Some((size.bytes(), target * size.block_size)))
 }
 
