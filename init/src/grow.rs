@@ -545,6 +545,11 @@ mod tests {
         let mut disk = image(8);
         disk.resize(20 * 1024 * 1024 + 64 * 512, 0);
         let total = disk.len() as u64 / 512;
+        let (_, before) = sfdisk(&disk, "--verify");
+        assert!(
+            before.contains("not on the end of the device"),
+            "sfdisk should object to the enlarged disk: {before}"
+        );
         let (grown, planned, syncs) = grow_in_memory(disk);
         assert_eq!(syncs, 3, "backup, primary, protective MBR");
         assert_eq!(planned.old_last_lba, 7 * MIB_SECTORS - 1);
