@@ -9,6 +9,7 @@ pub mod coldplug;
 pub mod containers;
 pub mod docker;
 pub mod gpt;
+pub mod grow;
 pub mod kmod;
 pub mod mounts;
 pub mod net;

@@ -171,6 +171,10 @@ pub fn steps<'a, S: System>() -> Vec<Step<Stage1<'a, S>>> {
             run: mount_state,
         },
         Step {
+            name: "grow-state",
+            run: crate::grow::grow_state,
+        },
+        Step {
             name: "move-api",
             run: move_api,
         },

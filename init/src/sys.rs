@@ -73,6 +73,83 @@ pub fn interface_up(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// `BLKPG` (`_IO(0x12, 105)`): add, delete or resize a partition in the kernel's view.
+const BLKPG: libc::Ioctl = 0x1269 as libc::Ioctl;
+/// `BLKPG_RESIZE_PARTITION` operation of `BLKPG`.
+const BLKPG_RESIZE_PARTITION: libc::c_int = 3;
+/// `EXT4_IOC_RESIZE_FS` (`_IOW('f', 16, __u64)`): grow a mounted ext4 filesystem.
+const EXT4_IOC_RESIZE_FS: libc::Ioctl = 0x4008_6610 as libc::Ioctl;
+
+/// `struct blkpg_partition` of `<linux/blkpg.h>`.
+#[repr(C)]
+struct BlkpgPartition {
+    start: libc::c_longlong,
+    length: libc::c_longlong,
+    pno: libc::c_int,
+    devname: [libc::c_char; 64],
+    volname: [libc::c_char; 64],
+}
+
+/// `struct blkpg_ioctl_arg` of `<linux/blkpg.h>`.
+#[repr(C)]
+struct BlkpgIoctlArg {
+    op: libc::c_int,
+    flags: libc::c_int,
+    datalen: libc::c_int,
+    data: *mut libc::c_void,
+}
+
+/// Tells the kernel that partition `number` of the whole disk `disk` now spans `length` bytes from
+/// byte `start` (`BLKPG_RESIZE_PARTITION`; works while the partition is in use).
+pub fn resize_partition(
+    disk: BorrowedFd<'_>,
+    number: u32,
+    start: u64,
+    length: u64,
+) -> io::Result<()> {
+    let (Ok(pno), Ok(start), Ok(length)) = (
+        libc::c_int::try_from(number),
+        libc::c_longlong::try_from(start),
+        libc::c_longlong::try_from(length),
+    ) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("partition {number} at {start}+{length} does not fit struct blkpg_partition"),
+        ));
+    };
+    let mut partition = BlkpgPartition {
+        start,
+        length,
+        pno,
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let mut arg = BlkpgIoctlArg {
+        op: BLKPG_RESIZE_PARTITION,
+        flags: 0,
+        datalen: std::mem::size_of::<BlkpgPartition>() as libc::c_int,
+        data: (&mut partition as *mut BlkpgPartition).cast(),
+    };
+    // SAFETY: `arg` and the `partition` it points to are valid, initialized C structs that outlive
+    // the call; the kernel copies `datalen` bytes from `data` and writes nothing back.
+    if unsafe { libc::ioctl(disk.as_raw_fd(), BLKPG, &mut arg) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Grows the mounted ext4 filesystem that `fd` (any file or directory on it) belongs to, to
+/// `blocks` filesystem blocks (`EXT4_IOC_RESIZE_FS`).
+pub fn ext4_resize(fd: BorrowedFd<'_>, blocks: u64) -> io::Result<()> {
+    let count: u64 = blocks;
+    // SAFETY: the kernel reads one `__u64` from the pointer, which points at `count`, alive for
+    // the duration of the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), EXT4_IOC_RESIZE_FS, &count as *const u64) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A set of blocked signals to wait on synchronously.
 pub struct SignalSet(libc::sigset_t);
 
