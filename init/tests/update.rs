@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use init::update::agent::{bless_disk, Agent, Outcome, Paths};
 use init::update::apply::Event;
 use init::update::blockdev::{Disk, Region};
-use init::update::bootentry::Slot;
 use init::update::esp::{Blessed, Esp};
 use init::update::fetch::Source;
 use init::update::state::{Stage, State};
+use init::update::Slot;
 use os_config::manifest::{self, Artifact, Artifacts, Manifest, SecretKey};
 use os_config::units::{Name, Sha256, Version};
 use sha2::Digest;
@@ -503,7 +503,15 @@ fn make_disk(path: &Path, c: &Content) {
         .expect("initrd");
     esp.write_file(
         "loader/entries/plinth-a-1.conf",
-        init::update::bootentry::entry_text(Slot::A, "1", &c.root_hash, &[]).as_bytes(),
+        os_config::boot::Entry {
+            slot: Slot::A,
+            version: "1".to_owned(),
+            root_hash: c.root_hash.clone(),
+            extra_args: Vec::new(),
+            verity: true,
+        }
+        .format()
+        .as_bytes(),
     )
     .expect("entry");
     esp.close().expect("close");
