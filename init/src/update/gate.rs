@@ -1,7 +1,8 @@
 //! `plinth-init`'s health-gated bless: after `boot-complete`, a boot whose entry still carries a
 //! boot counter is blessed once the workload has been healthy for `[update] bless-after`, or the
 //! machine reboots when that is not reached within `[update] bless-timeout`. A boot that is
-//! already good instead reports a rollback the update agent has not recorded yet.
+//! already good instead reports a rollback the update agent has not recorded yet. Every boot from
+//! a slot reports `PLINTH-STATUS boot-state slot=… version=… state=…` first.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,17 +99,28 @@ pub fn run_gate(
     let Some(boot) = running_boot(paths, &version)? else {
         return Ok(Verdict::NotOnTrial);
     };
+    let state = boot
+        .entry
+        .as_ref()
+        .map_or("no-entry".to_owned(), |e| e.state().to_string());
+    crate::status::status(
+        "boot-state",
+        &[
+            ("slot", boot.slot.as_str()),
+            ("version", &boot.version),
+            ("state", &state),
+        ],
+    );
     if !boot.on_trial() {
         return Ok(Verdict::NotOnTrial);
     }
     let update = update_settings(definition)?;
-    crate::status::status(
-        "boot-on-trial",
-        &[
-            ("slot", boot.slot.as_str()),
-            ("version", &boot.version),
-            ("bless-after-s", &update.bless_after.0.as_secs().to_string()),
-        ],
+    crate::info!(
+        "boot of {} in slot {} is on trial: blessing it once healthy for {} s (within {} s)",
+        boot.version,
+        boot.slot,
+        update.bless_after.0.as_secs(),
+        update.bless_timeout.0.as_secs()
     );
     if healthy(update.bless_after.0, update.bless_timeout.0)? {
         let _: Blessed = super::agent::bless_disk(&boot.disk, boot.slot, &boot.version)?;
