@@ -291,7 +291,8 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
         "a refused release started an update:\n{}",
         vm.console()
     );
-    let boot1 = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
+    // The gate's line comes after boot-complete, before or after the agent's first check.
+    let boot1 = next_status(&mut vm, &mut 0, "boot-state", BOOT)?;
     expect_field(&boot1, "slot", "a")?;
     expect_field(&boot1, "version", "1.0.0")?;
     expect_field(&boot1, "state", "good")?;
