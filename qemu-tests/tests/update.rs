@@ -19,6 +19,9 @@ use qemu_tests::{image, parse_status, Vm, VmOptions};
 const BOOT: Duration = Duration::from_secs(300);
 /// Where the guest finds the release server.
 const GUEST_SERVER: &str = "10.0.2.100:8000";
+/// The release signing key of the test series (test data only).
+const TRUSTED_KEY: &str =
+    "ed25519-secret:5e0535e4a41335869a3ac61d58c054fd1fb5dea855757edb9213939930e9dc92";
 /// Pause of the agent after each durable stage in v1 (so the test can cut the power there).
 const STAGE_DELAY_MS: u64 = 5000;
 
@@ -71,70 +74,84 @@ impl Server {
     }
 }
 
+/// Answers the GET requests arriving on one connection, one after the other. QEMU's `guestfwd`
+/// connects once to this server and carries every guest connection over that one stream, so it is
+/// never closed from this side and every response has a `Content-Length`.
 fn serve(
     stream: TcpStream,
     root: &Mutex<PathBuf>,
     log: &Mutex<Vec<(Instant, String)>>,
 ) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    let path = request
-        .split_whitespace()
-        .nth(1)
-        .context("request line without a path")?
-        .to_owned();
-    let mut offset = 0u64;
+    let mut out = stream;
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-            break;
+        let mut request = String::new();
+        if reader.read_line(&mut request)? == 0 {
+            return Ok(());
         }
-        if let Some((key, value)) = line.split_once(':') {
-            if key.trim().eq_ignore_ascii_case("range") {
-                offset = value
-                    .trim()
-                    .strip_prefix("bytes=")
-                    .and_then(|v| v.strip_suffix('-'))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+        if request.trim().is_empty() {
+            continue;
+        }
+        let path = request
+            .split_whitespace()
+            .nth(1)
+            .context("request line without a path")?
+            .to_owned();
+        let mut offset = 0u64;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+            if let Some((key, value)) = line.split_once(':') {
+                if key.trim().eq_ignore_ascii_case("range") {
+                    offset = value
+                        .trim()
+                        .strip_prefix("bytes=")
+                        .and_then(|v| v.strip_suffix('-'))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                }
             }
         }
+        if let Ok(mut log) = log.lock() {
+            log.push((Instant::now(), path.clone()));
+        }
+        respond(&mut out, root, &path, offset)?;
     }
-    if let Ok(mut log) = log.lock() {
-        log.push((Instant::now(), path.clone()));
-    }
+}
+
+fn respond(out: &mut TcpStream, root: &Mutex<PathBuf>, path: &str, offset: u64) -> Result<()> {
     let dir = root
         .lock()
         .map_err(|_| anyhow::anyhow!("root lock poisoned"))?
         .clone();
-    let mut out = stream;
     let relative = path.trim_start_matches('/');
     let file = (!relative.split('/').any(|p| p == ".."))
         .then(|| std::fs::File::open(dir.join(relative)).ok())
         .flatten()
         .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
     let Some(mut file) = file else {
-        out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
         return Ok(());
     };
     let len = file.metadata()?.len();
-    if offset > 0 && offset < len {
+    let start = if offset > 0 && offset < len {
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(offset))?;
         write!(
             out,
-            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {offset}-{}/{len}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {offset}-{}/{len}\r\n\r\n",
             len - offset,
             len - 1
         )?;
+        offset
     } else {
-        write!(
-            out,
-            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-        )?;
-    }
-    std::io::copy(&mut file.take(len), &mut out)?;
+        write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n")?;
+        0
+    };
+    std::io::copy(&mut file.take(len - start), out)?;
+    out.flush()?;
     Ok(())
 }
 
@@ -159,8 +176,28 @@ fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> S
     )
 }
 
-/// Builds one version of the series (with the shared lock).
-fn build(dir: &Path, stem: &str, text: &str) -> Result<PathBuf> {
+/// Builds one version of the series (with the shared lock). An image built earlier from the same
+/// definition, after the current `plinth-init` and `plinth-update`, is used again.
+fn build(dir: &Path, stem: &str, text: &str, version: &str) -> Result<PathBuf> {
+    let previous = image::workspace().join("target/qemu-tests").join(stem);
+    let raw = previous.join(format!("out/upd-{version}.raw"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let init = image::init_binary()?;
+    let binaries = [
+        modified(&init),
+        modified(&init.with_file_name("plinth-update")),
+    ];
+    let fresh =
+        modified(&raw).is_some_and(|built| binaries.iter().all(|b| b.is_some_and(|b| b < built)));
+    let same =
+        std::fs::read_to_string(previous.join(format!("{stem}.toml"))).is_ok_and(|t| t == text);
+    if fresh && same {
+        eprintln!(
+            "reusing {} (same definition, built after the init binaries)",
+            raw.display()
+        );
+        return Ok(raw);
+    }
     let def = dir.join(format!("{stem}.toml"));
     std::fs::write(&def, text).with_context(|| format!("writing {}", def.display()))?;
     image::build(&def, &image::workspace().join("images/qemu.lock"))
@@ -230,13 +267,20 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let work = dir.path();
 
-    // Keys: the trusted one, and another one a forged release is signed with.
-    let key = work.join("release");
-    let public = builder::publish::write_keypair(&key)?.to_string();
+    // Keys: the trusted one is fixed test data, so the images' definitions (and builds) repeat
+    // from run to run; the one a forged release is signed with is made by `plinth keygen`.
     let key = work.join("release.key");
+    std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
+    let public = builder::publish::read_secret_key(&key)?
+        .public()
+        .to_string();
     let other = work.join("other");
     builder::publish::write_keypair(&other)?;
     let other = builder::publish::read_secret_key(&work.join("other.key"))?;
+    ensure!(
+        other.public().to_string() != public,
+        "keygen repeated the test key"
+    );
 
     // v1 pauses its agent after each stage, so the power can be cut at a known point.
     let delay = format!(", \"plinth.update-stage-delay-ms={STAGE_DELAY_MS}\"");
@@ -249,7 +293,7 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
     let mut raws = Vec::new();
     for (stem, text) in &defs {
         let started = Instant::now();
-        raws.push(build(work, stem, text)?);
+        raws.push(build(work, stem, text, &format!("{}.0.0", raws.len() + 1))?);
         eprintln!("built {stem} in {:.1}s", started.elapsed().as_secs_f64());
     }
     let started = Instant::now();
