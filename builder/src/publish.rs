@@ -76,6 +76,8 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
     let disk = args.disk.clone().unwrap_or_else(|| {
         PathBuf::from("out").join(format!("{}-{}.raw", def.image.name, def.image.version))
     });
+    // The key first: a wrong key path fails before a long build.
+    let key = read_secret_key(&args.key)?;
     let disk = if disk.exists() {
         disk
     } else if args.disk.is_some() {
@@ -107,7 +109,6 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
             .with_context(|| format!("building {} to publish it", args.file.display()))?;
         built.raw
     };
-    let key = read_secret_key(&args.key)?;
     let channel = match &def.update {
         Some(update) => update.channel.clone(),
         None => Name::parse("stable").map_err(anyhow::Error::msg)?,
