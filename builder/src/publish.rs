@@ -76,14 +76,39 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
     let disk = args.disk.clone().unwrap_or_else(|| {
         PathBuf::from("out").join(format!("{}-{}.raw", def.image.name, def.image.version))
     });
-    if !disk.exists() {
+    // The key first: a wrong key path fails before a long build.
+    let key = read_secret_key(&args.key)?;
+    let disk = if disk.exists() {
+        disk
+    } else if args.disk.is_some() {
         bail!(
-            "disk image {} does not exist: run `plinth build {}` first (or pass --disk)",
+            "disk image {} does not exist: run `plinth build {}` first, or leave out --disk to build it",
             disk.display(),
             args.file.display()
         );
-    }
-    let key = read_secret_key(&args.key)?;
+    } else {
+        eprintln!(
+            "{} does not exist: building {} first",
+            disk.display(),
+            args.file.display()
+        );
+        let build = crate::cli::BuildArgs {
+            file: args.file.clone(),
+            output: disk
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+            format: vec!["raw".to_owned()],
+            init: std::env::var_os("PLINTH_INIT").map(PathBuf::from),
+            keep_tree: None,
+            cache: crate::cli::CacheArgs {
+                cache_dir: std::env::var_os("PLINTH_CACHE_DIR").map(PathBuf::from),
+                offline: false,
+            },
+        };
+        let built = crate::build::build_image(&build)
+            .with_context(|| format!("building {} to publish it", args.file.display()))?;
+        built.raw
+    };
     let channel = match &def.update {
         Some(update) => update.channel.clone(),
         None => Name::parse("stable").map_err(anyhow::Error::msg)?,

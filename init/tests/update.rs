@@ -8,14 +8,15 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use init::update::agent::{bless_disk, Agent, Outcome, Paths};
 use init::update::apply::Event;
 use init::update::blockdev::{Disk, Region};
-use init::update::bootentry::Slot;
 use init::update::esp::{Blessed, Esp};
 use init::update::fetch::Source;
 use init::update::state::{Stage, State};
+use init::update::Slot;
 use os_config::manifest::{self, Artifact, Artifacts, Manifest, SecretKey};
 use os_config::units::{Name, Sha256, Version};
 use sha2::Digest;
@@ -503,7 +504,15 @@ fn make_disk(path: &Path, c: &Content) {
         .expect("initrd");
     esp.write_file(
         "loader/entries/plinth-a-1.conf",
-        init::update::bootentry::entry_text(Slot::A, "1", &c.root_hash, &[]).as_bytes(),
+        os_config::boot::Entry {
+            slot: Slot::A,
+            version: "1".to_owned(),
+            root_hash: c.root_hash.clone(),
+            extra_args: Vec::new(),
+            verity: true,
+        }
+        .format()
+        .as_bytes(),
     )
     .expect("entry");
     esp.close().expect("close");
@@ -1073,5 +1082,69 @@ fn a_staged_rollout_defers_the_release_until_the_machines_moment() {
             version: "2".into(),
             slot: Slot::B
         }
+    );
+}
+
+#[test]
+fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
+    use init::update::gate::{run_gate, Verdict};
+    let m = Machine::new();
+    let v2 = content(&m.dir, 2, 150);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
+    assert!(matches!(
+        m.agent().apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged { .. }
+    ));
+    let paths = m.agent().paths.clone();
+    let definition = |m: &Machine| {
+        let text = fs::read_to_string(m.dir.join("image.toml")).expect("definition");
+        os_config::Definition::parse("image.toml", &text).expect("parses")
+    };
+
+    // Slot A's entry is good: no trial, the health check is never asked.
+    let never = |_: Duration, _: Duration| -> anyhow::Result<bool> { panic!("not on trial") };
+    assert_eq!(
+        run_gate(&paths, &definition(&m), &never).expect("gate"),
+        Verdict::NotOnTrial
+    );
+
+    // First try of v2 in slot B (systemd-boot counted it down): unhealthy leaves the counter.
+    m.rename_entry("plinth-b-2+3.conf", "plinth-b-2+2-1.conf");
+    m.boot(Slot::B, "2");
+    let asked = std::cell::Cell::new(None);
+    let unhealthy = |after: Duration, timeout: Duration| -> anyhow::Result<bool> {
+        asked.set(Some((after, timeout)));
+        Ok(false)
+    };
+    assert_eq!(
+        run_gate(&paths, &definition(&m), &unhealthy).expect("gate"),
+        Verdict::Unhealthy {
+            slot: Slot::B,
+            version: "2".into()
+        }
+    );
+    // No [update] bless times in this definition: os-config's defaults (30 s within 600 s).
+    assert_eq!(
+        asked.get(),
+        Some((Duration::from_secs(30), Duration::from_secs(600)))
+    );
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-2+2-1.conf"]);
+
+    // Second try: healthy, blessed by renaming the entry without its counter.
+    m.rename_entry("plinth-b-2+2-1.conf", "plinth-b-2+1-2.conf");
+    let healthy = |_: Duration, _: Duration| -> anyhow::Result<bool> { Ok(true) };
+    assert_eq!(
+        run_gate(&paths, &definition(&m), &healthy).expect("gate"),
+        Verdict::Blessed {
+            slot: Slot::B,
+            version: "2".into()
+        }
+    );
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-2.conf"]);
+    m.fsck_esp();
+    // Blessed now: the next boot of it is not on trial.
+    assert_eq!(
+        run_gate(&paths, &definition(&m), &never).expect("gate"),
+        Verdict::NotOnTrial
     );
 }

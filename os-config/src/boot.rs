@@ -58,10 +58,9 @@ impl std::fmt::Display for BootState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BootState::Good => f.write_str("good"),
-            BootState::Trying { left, done } => {
-                write!(f, "trying ({done} tried, {left} left of {})", left + done)
-            }
-            BootState::Bad { done } => write!(f, "bad ({done} tries failed)"),
+            // The try that runs (or comes) next, of all the entry gets.
+            BootState::Trying { left, done } => write!(f, "trying {}/{}", done + 1, left + done),
+            BootState::Bad { .. } => f.write_str("bad"),
         }
     }
 }
@@ -408,5 +407,23 @@ mod tests {
         assert_eq!(none.slot, None);
         assert!(none.verity);
         assert!(Entry::parse("title x\n").is_err());
+    }
+
+    #[test]
+    fn boot_states_read_good_trying_n_of_3_or_bad() {
+        let state = |name: &str| EntryName::parse(name).expect(name).state().to_string();
+        assert_eq!(state("plinth-a-1.2.conf"), "good");
+        assert_eq!(state("plinth-b-3+3.conf"), "trying 1/3");
+        assert_eq!(state("plinth-b-3+2-1.conf"), "trying 2/3");
+        assert_eq!(state("plinth-b-3+1-2.conf"), "trying 3/3");
+        assert_eq!(state("plinth-a-2+0-3.conf"), "bad");
+        for other in [
+            "debian.conf",
+            "plinth-c-1.conf",
+            "plinth-a-.conf",
+            "plinth-a-1+x.conf",
+        ] {
+            assert_eq!(EntryName::parse(other), None, "{other}");
+        }
     }
 }

@@ -14,7 +14,11 @@ fn main() {
         Ok(Stage::Two) => {
             let path = std::path::Path::new(init::workload::DEFINITION_PATH);
             match init::workload::DockerWorkload::load(path) {
-                Ok(workload) => init::stage2::run(Arc::new(workload)),
+                // A boot whose entry still carries a boot counter is blessed only once healthy.
+                Ok(workload) => {
+                    let gate = init::update::gate::bless_hook(init::update::Paths::default());
+                    init::stage2::run(Arc::new(workload.on_boot_complete(gate)))
+                }
                 Err(e) => init::stage2::fatal(e),
             }
         }

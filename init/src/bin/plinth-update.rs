@@ -108,8 +108,9 @@ fn report_rollback(agent: &Agent) -> Result<()> {
 }
 
 /// Reports each durable stage as `PLINTH-STATUS update-progress stage=…`. With
-/// `PLINTH_UPDATE_STAGE_DELAY_MS` set (tests that cut the power at a given stage), it pauses that
-/// long after each stage and before rebooting.
+/// `PLINTH_UPDATE_STAGE_DELAY_MS` set, or `plinth.update-stage-delay-ms=` on the kernel command
+/// line (tests that cut the power at a given stage), it pauses that long after each stage and
+/// before rebooting.
 fn progress(event: &Event) -> Result<()> {
     if let Event::Stage(stage) = event {
         let name = serde_json::to_value(stage)?;
@@ -122,9 +123,17 @@ fn progress(event: &Event) -> Result<()> {
     Ok(())
 }
 
+/// Kernel argument with the same meaning as `PLINTH_UPDATE_STAGE_DELAY_MS` (the environment
+/// wins), so a test image can slow its agent down without changing how plinth-init starts it.
+const STAGE_DELAY_ARG: &str = "plinth.update-stage-delay-ms";
+
 fn stage_delay() {
     let delay = std::env::var("PLINTH_UPDATE_STAGE_DELAY_MS")
         .ok()
+        .or_else(|| {
+            let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+            agent::cmdline_value(&cmdline, STAGE_DELAY_ARG).map(str::to_owned)
+        })
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(ms) = delay {
         use std::io::Write as _;

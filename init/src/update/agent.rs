@@ -13,10 +13,11 @@ use sha2::{Digest, Sha256};
 
 use super::apply::{self, ApplyError, Event, Job};
 use super::blockdev::{self, Disk};
-use super::bootentry::{Counter, EntryName, Slot};
 use super::esp::{self, Blessed, Esp};
 use super::fetch::{FetchError, Source};
 use super::state::{InProgress, Staged, State};
+use os_config::boot::{BootState, Counter, EntryName};
+use os_config::layout::Slot;
 
 /// Every system path the agent touches, overridable for tests.
 #[derive(Debug, Clone)]
@@ -84,10 +85,18 @@ pub enum Outcome {
     /// The published release is the running one.
     UpToDate { version: String },
     /// The published release is already written to the other slot, waiting for a reboot.
-    AlreadyStaged { version: String, slot: Slot },
+    AlreadyStaged {
+        version: String,
+        #[serde(with = "super::slot_serde")]
+        slot: Slot,
+    },
     /// The running boot is still on trial (its entry carries a counter): the other slot is its
     /// fallback and is not touched until the boot is blessed.
-    WaitingForBless { slot: Slot, version: String },
+    WaitingForBless {
+        #[serde(with = "super::slot_serde")]
+        slot: Slot,
+        version: String,
+    },
     /// A newer release exists, but this machine's moment in its staged rollout is still to come.
     Deferred { version: String, until: String },
     /// A newer release exists (`check` only).
@@ -98,12 +107,17 @@ pub enum Outcome {
         reason: String,
     },
     /// The release was written to `slot`; its counted entry is on the ESP.
-    Staged { version: String, slot: Slot },
+    Staged {
+        version: String,
+        #[serde(with = "super::slot_serde")]
+        slot: Slot,
+    },
 }
 
 /// A slot as `status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotStatus {
+    #[serde(with = "super::slot_serde")]
     pub slot: Slot,
     pub version: Option<String>,
     /// `good`, `trying N/3`, `bad` or `empty`.
@@ -116,6 +130,7 @@ pub struct SlotStatus {
 pub struct Status {
     pub image: String,
     pub channel: String,
+    #[serde(with = "super::slot_serde")]
     pub running_slot: Slot,
     pub running_version: String,
     pub slots: Vec<SlotStatus>,
@@ -241,7 +256,7 @@ impl Agent {
                 SlotStatus {
                     slot,
                     version: entry.map(|e| e.version.clone()),
-                    boot: entry.map_or("empty".to_owned(), EntryName::describe),
+                    boot: entry.map_or("empty".to_owned(), |e| e.state().to_string()),
                     running: slot == self.running_slot,
                 }
             })
@@ -266,9 +281,9 @@ impl Agent {
         let entries = read_entries(&mut disk)?;
         let running_good = entries
             .iter()
-            .any(|e| e.slot == self.running_slot && e.counter == Counter::Good);
+            .any(|e| e.slot == self.running_slot && e.counter.is_none());
         let bad = entries.iter().find(|e| {
-            e.slot == self.running_slot.other() && matches!(e.counter, Counter::Bad { .. })
+            e.slot == self.running_slot.other() && matches!(e.state(), BootState::Bad { .. })
         });
         let (true, Some(bad)) = (running_good, bad) else {
             return Ok(None);
@@ -422,7 +437,7 @@ impl Agent {
         let on_trial = read_entries(&mut disk)?.into_iter().any(|e| {
             e.slot == self.running_slot
                 && e.version == self.running_version.as_str()
-                && e.counter != Counter::Good
+                && e.counter.is_some()
         });
         if on_trial {
             return Ok(Outcome::WaitingForBless {
@@ -473,7 +488,7 @@ impl Agent {
             let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
             let entries = esp.entries()?;
             let Some(other) = entries.iter().find(|e| {
-                e.slot == self.running_slot.other() && !matches!(e.counter, Counter::Bad { .. })
+                e.slot == self.running_slot.other() && !matches!(e.state(), BootState::Bad { .. })
             }) else {
                 bail!(
                     "slot {} has no bootable entry: there is nothing to roll back to",
@@ -489,7 +504,10 @@ impl Agent {
                 );
             };
             let exhausted = EntryName {
-                counter: Counter::Bad { done: 0 },
+                counter: Some(Counter {
+                    left: 0,
+                    done: Some(0),
+                }),
                 ..current.clone()
             };
             esp.rename_entry(current, &exhausted)?;
@@ -520,6 +538,11 @@ pub fn bless_disk(disk: &Path, slot: Slot, version: &str) -> Result<Blessed> {
     esp.close()?;
     disk.sync()?;
     Ok(blessed)
+}
+
+/// The Plinth boot entries on the ESP of `disk`.
+pub fn read_disk_entries(disk: &Path) -> Result<Vec<EntryName>> {
+    read_entries(&mut Disk::open(disk)?)
 }
 
 fn read_entries(disk: &mut Disk) -> Result<Vec<EntryName>> {

@@ -11,11 +11,12 @@ use sha2::{Digest, Sha256};
 
 use super::blockdev::Disk;
 use super::blockdev::Region;
-use super::bootentry::{entry_text, EntryName, Slot, ENTRIES_DIR};
 use super::esp::Esp;
 use super::fetch::Source;
 use super::state::{InProgress, Resume, Stage, Staged, State};
 use super::verity;
+use os_config::boot::{Entry, EntryName};
+use os_config::layout::Slot;
 
 /// Size of each read and write while streaming.
 pub const CHUNK: usize = 1 << 20;
@@ -108,8 +109,8 @@ pub fn apply(
         record(state, Stage::EntryRemoved, hook)?;
     }
 
-    let root_part = disk.partition(&slot.root_label())?;
-    let verity_part = disk.partition(&slot.verity_label())?;
+    let root_part = disk.partition(slot.root_label())?;
+    let verity_part = disk.partition(slot.verity_label())?;
     for (stage, name, artifact, part) in [
         (
             Stage::RootWritten,
@@ -189,8 +190,16 @@ pub fn apply(
 
     if resumed < Stage::BootFilesWritten {
         for (name, artifact, path) in [
-            ("kernel", &manifest.artifacts.kernel, slot.kernel_path()),
-            ("initrd", &manifest.artifacts.initrd, slot.initrd_path()),
+            (
+                "kernel",
+                &manifest.artifacts.kernel,
+                Entry::kernel_path(slot),
+            ),
+            (
+                "initrd",
+                &manifest.artifacts.initrd,
+                Entry::initrd_path(slot),
+            ),
         ] {
             let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
             {
@@ -211,19 +220,18 @@ pub fn apply(
     }
 
     // Last: the counted entry makes the slot bootable.
-    let entry = EntryName::counted(slot, manifest.version.as_str());
-    let text = entry_text(
+    let entry = EntryName::trying(slot, manifest.version.as_str());
+    let text = Entry {
         slot,
-        manifest.version.as_str(),
-        manifest.root_hash.as_str(),
-        &manifest.cmdline,
-    );
+        version: manifest.version.to_string(),
+        root_hash: manifest.root_hash.to_string(),
+        extra_args: manifest.cmdline.clone(),
+        verity: true,
+    }
+    .format();
     {
         let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
-        esp.write_file(
-            &format!("{ENTRIES_DIR}/{}", entry.file_name()),
-            text.as_bytes(),
-        )?;
+        esp.write_file(&entry.esp_path(), text.as_bytes())?;
         esp.close()?;
     }
     disk.sync()?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::bootentry::Slot;
+use os_config::layout::Slot;
 
 /// A GPT partition of the boot disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +158,7 @@ pub fn find_boot_disk(
             .iter()
             .all(|l| has(l).is_some())
         {
-            let matches_hash = match (root_hash, has(&slot.root_label())) {
+            let matches_hash = match (root_hash, has(slot.root_label())) {
                 (Some(hash), Some(root)) => hex::encode(root.uuid) == hash.get(..32).unwrap_or(""),
                 _ => false,
             };

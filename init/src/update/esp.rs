@@ -5,7 +5,13 @@ use std::io::{self, Read, Seek, Write};
 
 use anyhow::{bail, Context, Result};
 
-use super::bootentry::{Counter, EntryName, Slot, ENTRIES_DIR};
+use os_config::boot::{EntryName, ENTRIES_DIR};
+use os_config::layout::Slot;
+
+/// An ESP path without its leading slash, as the FAT driver takes it.
+fn rel(path: &str) -> &str {
+    path.trim_start_matches('/')
+}
 
 /// Storage the FAT driver works on.
 pub trait Storage: Read + Write + Seek {}
@@ -37,7 +43,7 @@ impl<S: Storage> Esp<S> {
 
     /// The Plinth boot entries present, with their file names.
     pub fn entries(&self) -> Result<Vec<EntryName>> {
-        let dir = match self.fs.root_dir().open_dir(ENTRIES_DIR) {
+        let dir = match self.fs.root_dir().open_dir(rel(ENTRIES_DIR)) {
             Ok(dir) => dir,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).context("opening loader/entries on the ESP"),
@@ -65,7 +71,7 @@ impl<S: Storage> Esp<S> {
     pub fn remove_slot_entries(&self, slot: Slot) -> Result<usize> {
         let entries = self.slot_entries(slot)?;
         for entry in &entries {
-            let path = format!("{ENTRIES_DIR}/{}", entry.file_name());
+            let path = format!("{}/{}", rel(ENTRIES_DIR), entry.file_name());
             self.fs
                 .root_dir()
                 .remove(&path)
@@ -76,6 +82,7 @@ impl<S: Storage> Esp<S> {
 
     /// Creates (or truncates) a file, creating its folders, and returns it for writing.
     pub fn create_file(&self, path: &str) -> Result<fatfs::File<'_, S>> {
+        let path = rel(path);
         let root = self.fs.root_dir();
         let mut dir_path = String::new();
         if let Some((parents, _)) = path.rsplit_once('/') {
@@ -98,6 +105,7 @@ impl<S: Storage> Esp<S> {
 
     /// Opens a file for reading.
     pub fn open_file(&self, path: &str) -> Result<fatfs::File<'_, S>> {
+        let path = rel(path);
         self.fs
             .root_dir()
             .open_file(path)
@@ -126,7 +134,7 @@ impl<S: Storage> Esp<S> {
         let dir = self
             .fs
             .root_dir()
-            .open_dir(ENTRIES_DIR)
+            .open_dir(rel(ENTRIES_DIR))
             .context("opening loader/entries on the ESP")?;
         dir.rename(&from.file_name(), &dir, &to.file_name())
             .with_context(|| {
@@ -156,8 +164,8 @@ pub fn bless<S: Storage>(esp: &Esp<S>, slot: Slot, version: &str) -> Result<Bles
         bail!("the ESP has no boot entry for slot {slot} version {version}");
     };
     match entry.counter {
-        Counter::Good => Ok(Blessed::AlreadyGood),
-        Counter::Trying { .. } | Counter::Bad { .. } => {
+        None => Ok(Blessed::AlreadyGood),
+        Some(_) => {
             let good = entry.blessed();
             esp.rename_entry(entry, &good)?;
             Ok(Blessed::Blessed {

@@ -1,5 +1,6 @@
 //! The update agent library behind `plinth-update`: release fetching and verification, writing the
-//! inactive slot, boot entries and counting, rollback detection and blessing.
+//! inactive slot, boot entries and counting (named as `os_config::boot` defines them), rollback
+//! detection and the health-gated bless ([`gate`]).
 //!
 //! How the pieces are called:
 //! - `plinth-update` builds an [`Agent`] from [`Paths`] (the baked definition
@@ -17,11 +18,30 @@
 pub mod agent;
 pub mod apply;
 pub mod blockdev;
-pub mod bootentry;
 pub mod esp;
 pub mod fetch;
+pub mod gate;
 pub mod state;
 pub mod verity;
 
 pub use agent::{bless_disk, Agent, Outcome, Paths, Rollback, Status};
-pub use bootentry::{Counter, EntryName, Slot};
+pub use os_config::boot::{BootState, Counter, EntryName};
+pub use os_config::layout::Slot;
+
+/// Serializes a [`Slot`] as its letter (`"a"`, `"b"`) in the state file and `--json` output.
+pub mod slot_serde {
+    use os_config::layout::Slot;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the slot's letter.
+    pub fn serialize<S: Serializer>(slot: &Slot, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(slot.as_str())
+    }
+
+    /// Reads `a` or `b`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Slot, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Slot::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("slot `{text}`: expected a or b")))
+    }
+}

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use os_config::units::Version;
 use serde::{Deserialize, Serialize};
 
-use super::bootentry::Slot;
+use os_config::layout::Slot;
 
 /// How far an update got; each stage is durable (synced) before it is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -38,6 +38,7 @@ pub enum Stage {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct InProgress {
     pub version: Version,
+    #[serde(with = "super::slot_serde")]
     pub slot: Slot,
     /// sha256 of the manifest bytes: a resumed update continues only the very same release.
     pub manifest_sha256: String,
@@ -62,6 +63,7 @@ pub struct Resume {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Staged {
     pub version: Version,
+    #[serde(with = "super::slot_serde")]
     pub slot: Slot,
 }
 

@@ -1,0 +1,473 @@
+//! A/B updates under QEMU (OVMF, TCG), with releases served by a static HTTP server on 127.0.0.1
+//! that the guest reaches through `guestfwd`: a release signed with another key is refused; power
+//! cuts mid-write and just before the reboot leave a bootable machine whose agent completes the
+//! update; v1 → v2 (slot B, blessed) → v3 (slot A, blessed); a v4 whose container exits at once
+//! is tried three times, never blessed, rolled back to v3 by itself, marked bad and never
+//! downloaded again.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use os_config::manifest::{self, Manifest};
+use qemu_tests::{image, parse_status, Vm, VmOptions};
+
+/// One boot, from QEMU start (or a reboot) to the bless, under TCG on a busy machine.
+const BOOT: Duration = Duration::from_secs(300);
+/// Where the guest finds the release server.
+const GUEST_SERVER: &str = "10.0.2.100:8000";
+/// The release signing key of the test series (test data only).
+const TRUSTED_KEY: &str =
+    "ed25519-secret:5e0535e4a41335869a3ac61d58c054fd1fb5dea855757edb9213939930e9dc92";
+/// Pause of the agent after each durable stage in v1 (so the test can cut the power there).
+const STAGE_DELAY_MS: u64 = 5000;
+
+/// A minimal static file server for the release folder, switchable to another folder (publishing
+/// a new release) and logging every request path.
+struct Server {
+    root: Arc<Mutex<PathBuf>>,
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
+    port: u16,
+}
+
+impl Server {
+    fn start(root: &Path) -> Result<Server> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the release server")?;
+        let port = listener.local_addr()?.port();
+        let root = Arc::new(Mutex::new(root.to_path_buf()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (r, l) = (Arc::clone(&root), Arc::clone(&log));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (r, l) = (Arc::clone(&r), Arc::clone(&l));
+                std::thread::spawn(move || {
+                    if let Err(e) = serve(stream, &r, &l) {
+                        eprintln!("release server: {e:#}");
+                    }
+                });
+            }
+        });
+        Ok(Server { root, log, port })
+    }
+
+    /// Serves `root` from now on.
+    fn publish(&self, root: &Path) {
+        if let Ok(mut current) = self.root.lock() {
+            *current = root.to_path_buf();
+        }
+    }
+
+    /// Request paths since `since`.
+    fn requests_since(&self, since: Instant) -> Vec<String> {
+        self.log.lock().map_or_else(
+            |_| Vec::new(),
+            |log| {
+                log.iter()
+                    .filter(|(t, _)| *t >= since)
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            },
+        )
+    }
+}
+
+/// Answers the GET requests arriving on one connection, one after the other. QEMU's `guestfwd`
+/// connects once to this server and carries every guest connection over that one stream, so it is
+/// never closed from this side and every response has a `Content-Length`.
+fn serve(
+    stream: TcpStream,
+    root: &Mutex<PathBuf>,
+    log: &Mutex<Vec<(Instant, String)>>,
+) -> Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request)? == 0 {
+            return Ok(());
+        }
+        if request.trim().is_empty() {
+            continue;
+        }
+        let path = request
+            .split_whitespace()
+            .nth(1)
+            .context("request line without a path")?
+            .to_owned();
+        let mut offset = 0u64;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+            if let Some((key, value)) = line.split_once(':') {
+                if key.trim().eq_ignore_ascii_case("range") {
+                    offset = value
+                        .trim()
+                        .strip_prefix("bytes=")
+                        .and_then(|v| v.strip_suffix('-'))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+        if let Ok(mut log) = log.lock() {
+            log.push((Instant::now(), path.clone()));
+        }
+        respond(&mut out, root, &path, offset)?;
+    }
+}
+
+fn respond(out: &mut TcpStream, root: &Mutex<PathBuf>, path: &str, offset: u64) -> Result<()> {
+    let dir = root
+        .lock()
+        .map_err(|_| anyhow::anyhow!("root lock poisoned"))?
+        .clone();
+    let relative = path.trim_start_matches('/');
+    let file = (!relative.split('/').any(|p| p == ".."))
+        .then(|| std::fs::File::open(dir.join(relative)).ok())
+        .flatten()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
+    let Some(mut file) = file else {
+        out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+        return Ok(());
+    };
+    let len = file.metadata()?.len();
+    let start = if offset > 0 && offset < len {
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(offset))?;
+        write!(
+            out,
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {offset}-{}/{len}\r\n\r\n",
+            len - offset,
+            len - 1
+        )?;
+        offset
+    } else {
+        write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n")?;
+        0
+    };
+    std::io::copy(&mut file.take(len - start), out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// An image definition of the test series. The packages (and so the lock's roots) are those of
+/// `e2e.toml`; versions differ in their version, their container and their bless times.
+fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> String {
+    let container = if healthy {
+        "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo '<h1>Hello from Plinth</h1>' > /www/index.html; exec /bin/busybox httpd -f -p 80 -h /www\"]\nmounts = [\"/var/lib/web:/www\"]\nrestart = \"always\""
+    } else {
+        "command = [\"/bin/busybox\", \"false\"]\nrestart = \"no\""
+    };
+    let bless_timeout = if healthy { "60s" } else { "15s" };
+    format!(
+        "[image]\nname = \"upd\"\nversion = \"{version}\"\n\n[debian]\nsuite = \"bookworm\"\n\n\
+         [kernel]\ncmdline = [\"console=ttyS0\"{extra_cmdline}]\n\n\
+         [engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }}\n\n\
+         [disk]\nroot = \"512MiB\"\nstate = \"1GiB\"\n\n\
+         [update]\nurl = \"http://{GUEST_SERVER}\"\nkeys = [\"{key}\"]\nbless-after = \"5s\"\n\
+         bless-timeout = \"{bless_timeout}\"\ninterval = \"10s\"\n\n\
+         [[container]]\nname = \"web\"\nimage = \"plinth/busybox:1\"\n\
+         build = {{ packages = [\"busybox-static\"] }}\n{container}\n"
+    )
+}
+
+/// Builds one version of the series (with the shared lock). An image built earlier from the same
+/// definition, after the current `plinth-init` and `plinth-update`, is used again.
+fn build(dir: &Path, stem: &str, text: &str, version: &str) -> Result<PathBuf> {
+    let previous = image::workspace().join("target/qemu-tests").join(stem);
+    let raw = previous.join(format!("out/upd-{version}.raw"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let init = image::init_binary()?;
+    let binaries = [
+        modified(&init),
+        modified(&init.with_file_name("plinth-update")),
+    ];
+    let fresh =
+        modified(&raw).is_some_and(|built| binaries.iter().all(|b| b.is_some_and(|b| b < built)));
+    let same =
+        std::fs::read_to_string(previous.join(format!("{stem}.toml"))).is_ok_and(|t| t == text);
+    if fresh && same {
+        eprintln!(
+            "reusing {} (same definition, built after the init binaries)",
+            raw.display()
+        );
+        return Ok(raw);
+    }
+    let def = dir.join(format!("{stem}.toml"));
+    std::fs::write(&def, text).with_context(|| format!("writing {}", def.display()))?;
+    image::build(&def, &image::workspace().join("images/qemu.lock"))
+}
+
+/// Publishes a built disk into a release folder of its own.
+fn publish(def_text: &str, raw: &Path, key: &Path, to: &Path, dir: &Path) -> Result<Manifest> {
+    let def = dir.join("publish.toml");
+    std::fs::write(&def, def_text)?;
+    builder::publish::publish(&builder::cli::PublishArgs {
+        file: def,
+        key: key.to_path_buf(),
+        to: to.to_path_buf(),
+        disk: Some(raw.to_path_buf()),
+        rollout: None,
+    })?;
+    let bytes = std::fs::read(to.join("stable").join(manifest::MANIFEST_FILE))?;
+    Manifest::parse(&bytes).context("reading back the published manifest")
+}
+
+/// Copies a release folder (hard links: artifacts are never rewritten).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let status = std::process::Command::new("cp")
+        .args(["-al"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .context("running cp -al")?;
+    ensure!(status.success(), "copying {} failed", from.display());
+    Ok(())
+}
+
+/// Waits for the next `PLINTH-STATUS <event>` line after console offset `*at`, moves `*at` past
+/// it and returns its fields.
+fn next_status(
+    vm: &mut Vm,
+    at: &mut usize,
+    needle: &str,
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    next_line(vm, at, needle, timeout).map(|line| parse_status(&line))
+}
+
+/// Like [`next_status`], returning the whole line.
+fn next_line(vm: &mut Vm, at: &mut usize, needle: &str, timeout: Duration) -> Result<String> {
+    let (line, end) = vm.wait_for_after(&format!("PLINTH-STATUS {needle}"), *at, timeout)?;
+    *at = end;
+    Ok(line)
+}
+
+fn expect_field(
+    fields: &std::collections::BTreeMap<String, String>,
+    key: &str,
+    want: &str,
+) -> Result<()> {
+    let got = fields.get(key).map(String::as_str);
+    ensure!(
+        got == Some(want),
+        "expected {key}={want} in {fields:?}, got {got:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
+    let total = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let work = dir.path();
+
+    // Keys: the trusted one is fixed test data, so the images' definitions (and builds) repeat
+    // from run to run; the one a forged release is signed with is made by `plinth keygen`.
+    let key = work.join("release.key");
+    std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
+    let public = builder::publish::read_secret_key(&key)?
+        .public()
+        .to_string();
+    let other = work.join("other");
+    builder::publish::write_keypair(&other)?;
+    let other = builder::publish::read_secret_key(&work.join("other.key"))?;
+    ensure!(
+        other.public().to_string() != public,
+        "keygen repeated the test key"
+    );
+
+    // v1 pauses its agent after each stage, so the power can be cut at a known point.
+    let delay = format!(", \"plinth.update-stage-delay-ms={STAGE_DELAY_MS}\"");
+    let defs = [
+        ("update-v1", definition("1.0.0", &public, true, &delay)),
+        ("update-v2", definition("2.0.0", &public, true, "")),
+        ("update-v3", definition("3.0.0", &public, true, "")),
+        ("update-v4", definition("4.0.0", &public, false, "")),
+    ];
+    let mut raws = Vec::new();
+    for (stem, text) in &defs {
+        let started = Instant::now();
+        raws.push(build(work, stem, text, &format!("{}.0.0", raws.len() + 1))?);
+        eprintln!("built {stem} in {:.1}s", started.elapsed().as_secs_f64());
+    }
+    let started = Instant::now();
+    let mut manifests = Vec::new();
+    for (i, (_, text)) in defs.iter().enumerate().skip(1) {
+        let to = work.join(format!("rel{}", i + 1));
+        manifests.push(publish(text, &raws[i], &key, &to, work)?);
+    }
+    eprintln!(
+        "published v2..v4 in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // The forged release: v2's folder with its manifest signed by the other key.
+    let forged = work.join("forged");
+    copy_tree(&work.join("rel2"), &forged)?;
+    for manifest_dir in [forged.join("stable"), forged.join("stable/2.0.0")] {
+        let sig = manifest_dir.join(manifest::SIGNATURE_FILE);
+        let bytes = std::fs::read(manifest_dir.join(manifest::MANIFEST_FILE))?;
+        std::fs::remove_file(&sig)?;
+        std::fs::write(&sig, other.sign(&bytes))?;
+    }
+
+    let server = Server::start(&forged)?;
+    let disk = image::private_copy(&raws[0], work)?;
+    let mut opts = VmOptions::new(&disk);
+    opts.guest_forwards = vec![(GUEST_SERVER.to_owned(), server.port)];
+    let qemu_started = Instant::now();
+
+    // Boot 1 (v1, slot A): the forged release is refused before anything is written.
+    let mut vm = Vm::boot(&opts)?;
+    let mut at = 0;
+    let line = next_line(&mut vm, &mut at, "update-refused", BOOT)?;
+    ensure!(
+        line.contains("signature does not verify"),
+        "unexpected refusal: {line}"
+    );
+    ensure!(
+        !vm.console().contains("update-progress"),
+        "a refused release started an update:\n{}",
+        vm.console()
+    );
+    // The gate's line comes after boot-complete, before or after the agent's first check.
+    let boot1 = next_status(&mut vm, &mut 0, "boot-state", BOOT)?;
+    expect_field(&boot1, "slot", "a")?;
+    expect_field(&boot1, "version", "1.0.0")?;
+    expect_field(&boot1, "state", "good")?;
+
+    // Power cut 1: in the middle of writing root-b (or, on a fast machine, just after it).
+    server.publish(&work.join("rel2"));
+    next_status(
+        &mut vm,
+        &mut at,
+        "update-progress stage=entry-removed",
+        BOOT,
+    )?;
+    std::thread::sleep(Duration::from_millis(STAGE_DELAY_MS + 1500));
+    vm.kill();
+    let point = if vm.console()[at..].contains("stage=root-written") {
+        "after the root partition write"
+    } else {
+        "mid-write of the root partition"
+    };
+    eprintln!(
+        "power cut 1 ({point}) at {:.0}s",
+        qemu_started.elapsed().as_secs_f64()
+    );
+
+    // Boot 2: slot A and v1 again; the agent restarts the update; power cut 2 just before reboot.
+    let mut vm = Vm::boot(&opts)?;
+    let mut at = 0;
+    let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
+    expect_field(&mounted, "slot", "a")?;
+    let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
+    expect_field(&staged, "version", "2.0.0")?;
+    expect_field(&staged, "slot", "b")?;
+    next_status(&mut vm, &mut at, "update-rebooting", BOOT)?;
+    vm.kill();
+    eprintln!(
+        "power cut 2 (before reboot) at {:.0}s",
+        qemu_started.elapsed().as_secs_f64()
+    );
+
+    // Boot 3: v2 in slot B on trial, blessed once healthy.
+    let mut vm = Vm::boot(&opts)?;
+    let mut at = 0;
+    let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
+    expect_field(&mounted, "slot", "b")?;
+    let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
+    expect_field(&state, "version", "2.0.0")?;
+    let blessed = next_status(&mut vm, &mut at, "boot-blessed", BOOT)?;
+    expect_field(&blessed, "slot", "b")?;
+    expect_field(&blessed, "version", "2.0.0")?;
+    eprintln!("v2 blessed at {:.0}s", qemu_started.elapsed().as_secs_f64());
+
+    // v3 is published: the agent writes slot A and reboots by itself; v3 is blessed.
+    server.publish(&work.join("rel3"));
+    next_status(&mut vm, &mut at, "update-progress stage=accepted", BOOT)?;
+    let applying = Instant::now();
+    let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
+    let wall = applying.elapsed().as_secs_f64();
+    expect_field(&staged, "version", "3.0.0")?;
+    expect_field(&staged, "slot", "a")?;
+    let v3 = &manifests[1];
+    let written = v3.artifacts.root.uncompressed_size + v3.artifacts.verity.uncompressed_size;
+    eprintln!(
+        "v3 applied in {wall:.1}s: {:.1} MB written to root-a and verity-a ({:.1} MB/s, {:.1} MB downloaded)",
+        written as f64 / 1e6,
+        written as f64 / 1e6 / wall,
+        (v3.artifacts.root.size + v3.artifacts.verity.size) as f64 / 1e6
+    );
+    let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
+    expect_field(&mounted, "slot", "a")?;
+    let blessed = next_status(&mut vm, &mut at, "boot-blessed", BOOT)?;
+    expect_field(&blessed, "slot", "a")?;
+    expect_field(&blessed, "version", "3.0.0")?;
+    eprintln!("v3 blessed at {:.0}s", qemu_started.elapsed().as_secs_f64());
+
+    // v4's container exits at once: three tries, never blessed, back on v3 by itself.
+    let v4_published = Instant::now();
+    server.publish(&work.join("rel4"));
+    let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
+    expect_field(&staged, "version", "4.0.0")?;
+    for attempt in 1..=3 {
+        let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
+        expect_field(&state, "slot", "b")?;
+        expect_field(&state, "version", "4.0.0")?;
+        let unhealthy = next_status(&mut vm, &mut at, "boot-unhealthy", BOOT)?;
+        expect_field(&unhealthy, "version", "4.0.0")?;
+        eprintln!(
+            "v4 try {attempt} failed at {:.0}s",
+            qemu_started.elapsed().as_secs_f64()
+        );
+    }
+    // The agent (started before the gate) or the gate reports the rollback, whichever is first.
+    let mut from_boot = at;
+    let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
+    expect_field(&state, "slot", "a")?;
+    expect_field(&state, "version", "3.0.0")?;
+    expect_field(&state, "state", "good")?;
+    let rollback = next_status(&mut vm, &mut from_boot, "rollback", BOOT)?;
+    at = at.max(from_boot);
+    expect_field(&rollback, "from", "4.0.0")?;
+    expect_field(&rollback, "to", "3.0.0")?;
+    ensure!(
+        !vm.console().contains("boot-blessed slot=b version=4.0.0"),
+        "v4 was blessed"
+    );
+    eprintln!(
+        "rolled back to v3 at {:.0}s",
+        qemu_started.elapsed().as_secs_f64()
+    );
+
+    // The agent keeps polling and refuses v4 as bad, without downloading it again.
+    let line = next_line(&mut vm, &mut at, "update-refused version=4.0.0", BOOT)?;
+    ensure!(line.contains("marked bad"), "unexpected refusal: {line}");
+    next_status(&mut vm, &mut at, "update-refused version=4.0.0", BOOT)?;
+    let v4 = &manifests[2];
+    let requests = server.requests_since(v4_published);
+    for (name, artifact) in v4.artifacts.named() {
+        let path = format!("/{}", artifact.path);
+        let count = requests.iter().filter(|r| **r == path).count();
+        ensure!(
+            count == 1,
+            "v4's {name} artifact {path} was requested {count} times (expected once): {requests:?}"
+        );
+    }
+    vm.kill();
+    eprintln!(
+        "QEMU time {:.0}s, whole test {:.0}s",
+        qemu_started.elapsed().as_secs_f64(),
+        total.elapsed().as_secs_f64()
+    );
+    if requests.is_empty() {
+        bail!("the release server saw no requests");
+    }
+    Ok(())
+}
