@@ -196,6 +196,7 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         .and_then(|_| disk.read_exact(&mut sb_bytes))
         .with_context(|| format!("reading verity superblock of {}", disk_path.display()))?;
     let sb = VeritySuperblock::parse(&sb_bytes)
+        .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
     let root_size = sb.data_blocks * VERITY_BLOCK_SIZE;
     let verity_size = manifest::verity_size(sb.data_blocks);

@@ -16,8 +16,8 @@ pub const FORMAT: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// File name of the detached signature beside the manifest.
 pub const SIGNATURE_FILE: &str = "manifest.json.sig";
-/// dm-verity data and hash block size Plinth uses.
-pub const VERITY_BLOCK_SIZE: u64 = 4096;
+/// The verity superblock and block size, shared with the disk layout.
+pub use crate::layout::{VeritySuperblock, VERITY_BLOCK_SIZE};
 
 /// Why a manifest, key or signature was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,8 +34,6 @@ pub enum ManifestError {
     BadSignature { keys: usize },
     #[error("no trusted keys are configured ([update] keys is empty)")]
     NoKeys,
-    #[error("malformed verity superblock: {0}")]
-    MalformedVerity(String),
 }
 
 /// A signed description of one release of one image.
@@ -405,64 +403,6 @@ pub fn acceptable(
         }
     }
     Ok(())
-}
-
-/// The fields of a dm-verity (format 1) superblock Plinth uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VeritySuperblock {
-    pub hash_type: u32,
-    pub algorithm: String,
-    pub data_block_size: u32,
-    pub hash_block_size: u32,
-    pub data_blocks: u64,
-    pub salt: Vec<u8>,
-}
-
-impl VeritySuperblock {
-    /// Parses the first 512 bytes of a verity partition; only sha256 with 4096-byte blocks is accepted.
-    pub fn parse(bytes: &[u8]) -> Result<VeritySuperblock, ManifestError> {
-        let bad = |m: String| ManifestError::MalformedVerity(m);
-        if bytes.len() < 512 || &bytes[0..8] != b"verity\0\0" {
-            return Err(bad("no `verity` signature".to_owned()));
-        }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-        let version = u32_at(8);
-        if version != 1 {
-            return Err(bad(format!("version {version}, expected 1")));
-        }
-        let algorithm: String = bytes[32..64]
-            .iter()
-            .take_while(|b| **b != 0)
-            .map(|b| *b as char)
-            .collect();
-        let mut data_blocks = [0u8; 8];
-        data_blocks.copy_from_slice(&bytes[72..80]);
-        let salt_size = u16::from_le_bytes([bytes[80], bytes[81]]) as usize;
-        if salt_size > 256 {
-            return Err(bad(format!("salt size {salt_size} exceeds 256")));
-        }
-        let sb = VeritySuperblock {
-            hash_type: u32_at(12),
-            algorithm,
-            data_block_size: u32_at(64),
-            hash_block_size: u32_at(68),
-            data_blocks: u64::from_le_bytes(data_blocks),
-            salt: bytes[88..88 + salt_size].to_vec(),
-        };
-        if sb.hash_type != 1
-            || sb.algorithm != "sha256"
-            || u64::from(sb.data_block_size) != VERITY_BLOCK_SIZE
-            || u64::from(sb.hash_block_size) != VERITY_BLOCK_SIZE
-            || sb.data_blocks == 0
-        {
-            return Err(bad(format!(
-                "hash type {}, {} with {}/{}-byte blocks over {} blocks: Plinth uses type 1, sha256, 4096-byte blocks",
-                sb.hash_type, sb.algorithm, sb.data_block_size, sb.hash_block_size, sb.data_blocks
-            )));
-        }
-        Ok(sb)
-    }
 }
 
 /// Where each level of a verity hash tree lies, in hash blocks from the start of the verity
