@@ -208,11 +208,21 @@ fn write_definition(dir: &Path, motd: &str) -> Result<PathBuf> {
         );
     }
     let text = text.replace(old, &format!("content = {motd:?}"));
+    let key = dir.join("bench-key");
+    if !key.with_extension("pub").is_file() {
+        builder::publish::write_keypair(&key)?;
+    }
+    let public = std::fs::read_to_string(key.with_extension("pub"))
+        .context("reading the benchmark's public key")?;
+    // The engine also on TCP for the guest measurements, and an update source that never
+    // answers, so the update agent runs (and can be measured) as on a real machine.
     let text = format!(
-        "{text}\n[engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }}\n"
+        "{text}\n[engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }}\n\n[update]\nurl = \"http://10.0.2.2:9/releases\"\nkeys = [{:?}]\ninterval = \"1h\"\n",
+        public.trim()
     );
     let def = dir.join("bench.toml");
     std::fs::write(&def, text).with_context(|| format!("writing {}", def.display()))?;
+    builder::build::load_definition(&def)?;
     std::fs::copy(ws.join("images/qemu.lock"), dir.join("bench.lock"))
         .context("copying images/qemu.lock")?;
     Ok(def)
@@ -525,7 +535,6 @@ fn bench_size(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> {
         std::fs::remove_dir_all(&release)?;
     }
     let key = dir.join("bench-key");
-    builder::publish::write_keypair(&key)?;
     builder::cli::dispatch(builder::cli::Cli {
         command: builder::cli::Command::Publish(builder::cli::PublishArgs {
             file: built.def.clone(),
@@ -703,7 +712,8 @@ exec switch_root /newroot /run/busybox sh /run/stage2
 "#;
 
 /// The baseline's second script, on the real root: writable places, the engine's modules, a
-/// static network address (QEMU user networking's), then dockerd listening like ours.
+/// static network address (QEMU user networking's), then dockerd with the image's own
+/// `/etc/docker/daemon.json` (so listening on the socket and TCP 2375 like ours).
 const BASE_STAGE2: &str = r#"B=/run/busybox
 $B mount -t tmpfs tmpfs /tmp
 $B mount -t cgroup2 cgroup2 /sys/fs/cgroup
@@ -720,8 +730,12 @@ $B ip addr add 10.0.2.15/24 dev eth0
 $B ip route add default via 10.0.2.2
 $B mkdir -p /var/lib/web /var/log
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-dockerd --host=unix:///run/docker.sock --host=tcp://0.0.0.0:2375 > /var/log/dockerd.log 2>&1 &
-until $B wget -q -O /dev/null http://127.0.0.1:2375/_ping 2>/dev/null; do $B sleep 0.1; done
+dockerd > /var/log/dockerd.log 2>&1 &
+D=$!
+until $B wget -q -O /dev/null http://127.0.0.1:2375/_ping 2>/dev/null; do
+  if ! $B kill -0 $D 2>/dev/null; then echo "BENCH-BASELINE dockerd-exited"; $B cat /var/log/dockerd.log; $B poweroff -f; fi
+  $B sleep 0.1
+done
 echo "BENCH-BASELINE engine-ready"
 while true; do $B sleep 3600; done
 "#;
@@ -961,6 +975,9 @@ fn bench_boot(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>) -> Re
     ];
     for i in 0..runs {
         for base in [false, true] {
+            if !base && std::env::var_os("BENCH_BASELINE_ONLY").is_some() {
+                continue;
+            }
             say(&format!(
                 "boot {} {}/{runs}",
                 if base { "baseline" } else { "ours" },
@@ -1061,21 +1078,29 @@ fn main() -> Result<()> {
             &dir.join("initrd-tree"),
         )?;
     }
+    let json_path = dir.join("bench.json");
+    // Written after each part, so a long run leaves its figures so far.
+    let save = |rows: &[Row]| -> Result<()> {
+        let report = json!({
+            "machine_before": before,
+            "machine_after": machine(),
+            "runs": runs,
+            "total_seconds": started.elapsed().as_secs_f64(),
+            "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        });
+        std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(dir.join("bench.md"), table(rows))?;
+        Ok(())
+    };
+    save(&rows)?;
     if want("size") {
         bench_size(&dir, &built, &mut rows)?;
+        save(&rows)?;
     }
     if want("boot") {
         bench_boot(&dir, &built, runs, &mut rows)?;
+        save(&rows)?;
     }
-    let report = json!({
-        "machine_before": before,
-        "machine_after": machine(),
-        "runs": runs,
-        "total_seconds": started.elapsed().as_secs_f64(),
-        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
-    });
-    let json_path = dir.join("bench.json");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     println!("{}", table(&rows));
     println!(
         "runs per figure: {runs}; total {:.0} s; machine {}; raw numbers in {}",
