@@ -3,7 +3,9 @@
 //! table and writes the raw numbers to `target/bench/bench.json`.
 //!
 //! Environment: `BENCH_RUNS` (runs per figure, default 3), `BENCH_ONLY` (comma-separated subset
-//! of `build,cold,size,boot`), `PLINTH_TEST_CONSOLE=1` to echo guest consoles.
+//! of `build,cold,size,boot`), `PLINTH_TEST_CONSOLE=1` to echo guest consoles,
+//! `BENCH_TABLE=target/bench/bench.json` to print the table of an earlier run's numbers,
+//! `BENCH_BASELINE_ONLY=1` to boot only the baseline (when debugging its scripts).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -95,6 +97,7 @@ fn show(v: Option<f64>, unit: &str) -> String {
             }
         }
         Some(v) if unit == "s" => format!("{v:.1} s"),
+        Some(v) if unit == "KiB" => format!("{:.1} MiB", v / 1024.0),
         Some(v) => format!("{v:.1}"),
     }
 }
@@ -265,7 +268,7 @@ fn bench_build(dir: &Path, runs: usize, cold: bool, rows: &mut Vec<Row>) -> Resu
     let mut warm = Row::new(
         "Build, warm cache (wall)",
         "s",
-        "mksquashfs+veritysetup+cpio|zstd+mkfs.vfat/mcopy+mkfs.ext4+sfdisk/dd on the same tree",
+        "standard tools on the same tree: mksquashfs, veritysetup, cpio + zstd, mkfs.vfat + mcopy, mkfs.ext4, sfdisk + dd",
     );
     let mut disk = PathBuf::new();
     for i in 0..runs {
@@ -304,6 +307,7 @@ fn bench_build(dir: &Path, runs: usize, cold: bool, rows: &mut Vec<Row>) -> Resu
     rebuild.baseline = rows[0].baseline.clone();
     rows.push(rebuild);
 
+    let def = write_definition(dir, "Plinth: a minimal container OS.\n")?;
     if cold {
         say("cold build (empty package cache, downloads from the configured mirror)");
         let cache = tempfile::tempdir_in(dir).context("creating an empty cache folder")?;
@@ -318,7 +322,6 @@ fn bench_build(dir: &Path, runs: usize, cold: bool, rows: &mut Vec<Row>) -> Resu
         row.baseline = rows[0].baseline.clone();
         rows.push(row);
     }
-    write_definition(dir, "Plinth: a minimal container OS.\n")?;
     Ok(Built { disk, tree, def })
 }
 
@@ -1040,7 +1043,42 @@ fn machine() -> Value {
     })
 }
 
+/// Reads the rows back from a `bench.json`.
+fn rows_from_json(path: &Path) -> Result<Vec<Row>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let runs = |x: &Value| -> Vec<f64> {
+        x["runs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let list = v["rows"].as_array().context("no `rows` in the report")?;
+    Ok(list
+        .iter()
+        .map(|r| Row {
+            name: r["name"].as_str().unwrap_or("").to_owned(),
+            unit: match r["unit"].as_str() {
+                Some("s") => "s",
+                Some("bytes") => "bytes",
+                Some("KiB") => "KiB",
+                _ => "",
+            },
+            ours: runs(&r["ours"]),
+            baseline_name: r["baseline_name"].as_str().unwrap_or("").to_owned(),
+            baseline: runs(&r["baseline"]),
+        })
+        .collect())
+}
+
 fn main() -> Result<()> {
+    if let Some(path) = std::env::var_os("BENCH_TABLE") {
+        // Prints the table of an earlier run's raw numbers.
+        print!("{}", table(&rows_from_json(Path::new(&path))?));
+        return Ok(());
+    }
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
         .map(|v| v.parse().context("BENCH_RUNS must be a number"))
