@@ -381,7 +381,7 @@ fn compute_root_hash(
 
 /// Reads slot A's kernel, initrd and entry options from the FAT ESP.
 fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, Option<String>)> {
-    let region = Region::new(disk, esp.start, esp.size)?;
+    let region = crate::disk::slice::Slice::new(disk, esp.start, esp.size);
     let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).context("opening FAT")?;
     let root = fs.root_dir();
     let read = |path: &str| -> Result<Vec<u8>> {
@@ -615,77 +615,6 @@ impl<W: Write> Write for HashWriter<W> {
     }
 }
 
-/// A byte range of a disk image seen as a device of its own (for the FAT reader).
-#[derive(Debug)]
-pub struct Region<D> {
-    inner: D,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl<D: Seek> Region<D> {
-    /// The `len` bytes of `inner` from `start`.
-    pub fn new(mut inner: D, start: u64, len: u64) -> io::Result<Self> {
-        inner.seek(SeekFrom::Start(start))?;
-        Ok(Region {
-            inner,
-            start,
-            len,
-            pos: 0,
-        })
-    }
-}
-
-impl<D: Read + Seek> Read for Region<D> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.len.saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let n = self.inner.read(&mut buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl<D: Write + Seek> Write for Region<D> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let left = self.len.saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left) as usize;
-        if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "write past the end of the partition",
-            ));
-        }
-        let n = self.inner.write(&buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<D: Seek> Seek for Region<D> {
-    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        let target = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        };
-        let target = target.filter(|t| *t <= self.len).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek outside the partition")
-        })?;
-        self.inner.seek(SeekFrom::Start(self.start + target))?;
-        self.pos = target;
-        Ok(target)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -697,19 +626,5 @@ mod tests {
         );
         assert_eq!(hash.as_deref(), Some("abcd"));
         assert_eq!(rest, ["console=ttyS0", "quiet"]);
-    }
-
-    #[test]
-    fn region_stays_inside_its_range() {
-        let mut data = io::Cursor::new(vec![0u8; 100]);
-        let mut region = Region::new(&mut data, 10, 20).expect("region");
-        region.write_all(&[1; 20]).expect("fits");
-        assert!(region.write_all(&[1]).is_err());
-        assert!(region.seek(SeekFrom::Start(21)).is_err());
-        let inner = data.into_inner();
-        assert_eq!(inner[9], 0);
-        assert_eq!(inner[10], 1);
-        assert_eq!(inner[29], 1);
-        assert_eq!(inner[30], 0);
     }
 }

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use builder::cli::PublishArgs;
-use builder::publish::{self, Region, Release};
+use builder::disk::slice::Slice;
+use builder::publish::{self, Release};
 use os_config::manifest::{self, Manifest, SecretKey};
 use os_config::units::{Name, Version};
 
@@ -94,7 +95,7 @@ fn make_disk(dir: &Path, path: &Path, seed: u8, blocks: usize) -> (Vec<u8>, Stri
     file.seek(SeekFrom::Start(verity_start)).expect("seek");
     file.write_all(&verity).expect("verity");
     let (_, esp_start, esp_len) = at("esp");
-    let mut region = Region::new(&mut file, esp_start, esp_len).expect("region");
+    let mut region = Slice::new(&mut file, esp_start, esp_len);
     fatfs::format_volume(
         &mut region,
         fatfs::FormatVolumeOptions::new().fat_type(fatfs::FatType::Fat32),
@@ -270,9 +271,11 @@ fn publish_without_a_built_disk_says_to_build_first() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let def = tmp.path().join("demo.toml");
     fs::write(&def, "[image]\nname = \"demo\"\nversion = \"1.0\"\n").expect("definition");
+    let prefix = tmp.path().join("release");
+    publish::write_keypair(&prefix).expect("keygen");
     let args = PublishArgs {
         file: def,
-        key: tmp.path().join("none.key"),
+        key: prefix.with_extension("key"),
         to: tmp.path().join("out"),
         disk: Some(tmp.path().join("missing.raw")),
         rollout: None,
