@@ -1,7 +1,7 @@
 //! A/B updates under QEMU (OVMF, TCG), with releases served by a static HTTP server on 127.0.0.1
 //! that the guest reaches through `guestfwd`: a release signed with another key is refused; power
-//! cuts mid-write and just before the reboot leave a bootable machine whose agent completes the
-//! update; v1 → v2 (slot B, blessed) → v3 (slot A, blessed); a v4 whose container exits at once
+//! cuts mid-write, after the partition write, mid-ESP write and just before the reboot each leave
+//! a machine that boots slot A and whose agent carries on with the update; v1 → v2 (slot B, blessed) → v3 (slot A, blessed); a v4 whose container exits at once
 //! is tried three times, never blessed, rolled back to v3 by itself, marked bad and never
 //! downloaded again.
 
@@ -361,7 +361,47 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
         qemu_started.elapsed().as_secs_f64()
     );
 
-    // Boot 2: slot A and v1 again; the agent restarts the update; power cut 2 just before reboot.
+    // Boots 2 and 3: slot A and v1 again each time, the agent carries on with the update; power
+    // cut 2 after both partitions are written, power cut 3 while the kernel and initrd go to the
+    // ESP (checked from the stages the agent reported).
+    for (cut, stage, wait_ms, not_reached, point) in [
+        (
+            2,
+            "verity-written",
+            0,
+            "stage=verified",
+            "after the partition write",
+        ),
+        (
+            3,
+            "uuids-set",
+            STAGE_DELAY_MS + 700,
+            "stage=boot-files-written",
+            "mid-ESP write",
+        ),
+    ] {
+        let mut vm = Vm::boot(&opts)?;
+        let mut at = 0;
+        let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
+        expect_field(&mounted, "slot", "a")?;
+        next_status(
+            &mut vm,
+            &mut at,
+            &format!("update-progress stage={stage}"),
+            BOOT,
+        )?;
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        vm.kill();
+        let reached = vm.console()[at..].contains(not_reached);
+        eprintln!(
+            "power cut {cut} ({point}{}) at {:.0}s",
+            if reached { ", later than meant" } else { "" },
+            qemu_started.elapsed().as_secs_f64()
+        );
+    }
+
+    // Boot 4: slot A and v1 again; the agent completes the update; power cut 4 just before the
+    // reboot it asks for.
     let mut vm = Vm::boot(&opts)?;
     let mut at = 0;
     let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
@@ -372,11 +412,11 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
     next_status(&mut vm, &mut at, "update-rebooting", BOOT)?;
     vm.kill();
     eprintln!(
-        "power cut 2 (before reboot) at {:.0}s",
+        "power cut 4 (before reboot) at {:.0}s",
         qemu_started.elapsed().as_secs_f64()
     );
 
-    // Boot 3: v2 in slot B on trial, blessed once healthy.
+    // Boot 5: v2 in slot B on trial, blessed once healthy.
     let mut vm = Vm::boot(&opts)?;
     let mut at = 0;
     let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
