@@ -62,7 +62,7 @@ pub struct EntryInfo {
     pub file: String,
     pub slot: Option<&'static str>,
     pub version: Option<String>,
-    /// `good`, `trying (…)`, `bad (…)`, or `foreign` for entries Plinth did not write.
+    /// `good`, `trying N/3`, `bad`, or `foreign` for entries Plinth did not write.
     pub state: String,
     pub options: Option<String>,
 }
