@@ -457,23 +457,10 @@ pub fn slot_partition_uuids(root_hash: &[u8; 32]) -> ([u8; 16], [u8; 16]) {
 
 /// Formats seconds since the Unix epoch as RFC 3339 UTC (`2026-11-27T23:10:00Z`).
 pub fn rfc3339(unix_seconds: u64) -> String {
-    let days = (unix_seconds / 86_400) as i64;
-    let rem = unix_seconds % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let t = crate::units::CivilTime::from_unix(unix_seconds);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year, t.month, t.day, t.hour, t.minute, t.second
     )
 }
 

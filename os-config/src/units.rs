@@ -296,6 +296,42 @@ impl Serialize for Version {
     }
 }
 
+/// A UTC calendar date and time of day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CivilTime {
+    pub year: i64,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
+    pub minute: u32,
+    pub second: u32,
+}
+
+impl CivilTime {
+    /// The proleptic Gregorian date and time of `unix_seconds` (Howard Hinnant's civil-from-days).
+    pub fn from_unix(unix_seconds: u64) -> CivilTime {
+        let days = (unix_seconds / 86_400) as i64;
+        let rem = (unix_seconds % 86_400) as u32;
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        CivilTime {
+            year,
+            month,
+            day,
+            hour: rem / 3600,
+            minute: rem % 3600 / 60,
+            second: rem % 60,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +370,14 @@ mod tests {
         assert!(Name::parse("Web").is_err());
         assert!(Name::parse("-x").is_err());
         assert!(Name::parse("").is_err());
+    }
+
+    #[test]
+    fn civil_time_of_known_instants() {
+        let t = CivilTime::from_unix(951_782_400 + 3_723);
+        assert_eq!((t.year, t.month, t.day), (2000, 2, 29));
+        assert_eq!((t.hour, t.minute, t.second), (1, 2, 3));
+        assert_eq!(CivilTime::from_unix(0).year, 1970);
     }
 
     #[test]

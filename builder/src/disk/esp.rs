@@ -24,18 +24,8 @@ impl fatfs::TimeProvider for FixedTime {
 
 /// The FAT timestamp of a Unix time (UTC), clamped to FAT's range (1980..=2107).
 pub fn fat_time(epoch: u64) -> DateTime {
-    let days = (epoch / 86_400) as i64;
-    let secs = epoch % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let civil = os_config::units::CivilTime::from_unix(epoch);
+    let year = civil.year;
     if year < 1980 {
         return DateTime {
             date: Date {
@@ -54,13 +44,13 @@ pub fn fat_time(epoch: u64) -> DateTime {
     DateTime {
         date: Date {
             year: year.min(2107) as u16,
-            month: month as u16,
-            day: day as u16,
+            month: civil.month as u16,
+            day: civil.day as u16,
         },
         time: Time {
-            hour: (secs / 3600) as u16,
-            min: (secs / 60 % 60) as u16,
-            sec: (secs % 60) as u16,
+            hour: civil.hour as u16,
+            min: civil.minute as u16,
+            sec: civil.second as u16,
             millis: 0,
         },
     }
