@@ -30,6 +30,10 @@ pub const ENGINE_MODULES: &[&str] = &[
     "xt_tcpudp",
 ];
 
+/// Filesystems of offline release media (`plinth-update apply --from /dev/…`): FAT with its
+/// default code pages, and ISO 9660 (ext4 is built into the kernel).
+pub const MEDIA_MODULES: &[&str] = &["vfat", "nls_cp437", "nls_utf8", "nls_ascii", "isofs"];
+
 /// Modules for the ACPI power button and its input events.
 pub const POWER_BUTTON_MODULES: &[&str] = &["button", "evdev"];
 
@@ -334,8 +338,9 @@ fn modules<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
     log_report("coldplug", &report);
     let mut wanted: Vec<&str> = ENGINE_MODULES.to_vec();
     wanted.extend(POWER_BUTTON_MODULES);
+    wanted.extend(MEDIA_MODULES);
     let report = loader.load(ctx.sys, &wanted);
-    log_report("engine modules", &report);
+    log_report("engine, power button and media modules", &report);
     Ok(())
 }
 

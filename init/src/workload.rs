@@ -152,7 +152,8 @@ impl StatusSink for ConsoleStatus {
     }
 }
 
-/// Something to run once, in its own thread, after the first `boot-complete` (the bless).
+/// Something to run once per boot, in its own thread, as soon as stage 2 starts the workload
+/// (the bless gate), with a client for the engine that may not answer yet.
 pub type BootHook = Arc<dyn Fn(&docker::Client, &Definition) + Send + Sync>;
 
 /// Docker Engine and the containers an image definition declares.
@@ -167,7 +168,7 @@ pub struct DockerWorkload {
     pub options: containers::Options,
     engine_starts: Arc<AtomicU64>,
     stopping: AtomicBool,
-    on_boot_complete: Option<BootHook>,
+    on_start: Option<BootHook>,
     watch_interval: Duration,
 }
 
@@ -202,14 +203,16 @@ impl DockerWorkload {
             options: containers::Options::default(),
             engine_starts: Arc::new(AtomicU64::new(0)),
             stopping: AtomicBool::new(false),
-            on_boot_complete: None,
+            on_start: None,
             watch_interval: WATCH_INTERVAL,
         })
     }
 
-    /// Runs `hook` once, in its own thread, after the first `boot-complete`.
-    pub fn on_boot_complete(mut self, hook: BootHook) -> DockerWorkload {
-        self.on_boot_complete = Some(hook);
+    /// Runs `hook` once per boot, in its own thread, when stage 2 starts the workload: before the
+    /// network and the engine, so that the bless gate's timeout also covers an engine that never
+    /// comes up.
+    pub fn on_start(mut self, hook: BootHook) -> DockerWorkload {
+        self.on_start = Some(hook);
         self
     }
 
@@ -405,6 +408,7 @@ impl Workload for DockerWorkload {
     }
 
     fn after_start(&self) -> Result<()> {
+        self.start_hook();
         self.network();
         self.engine_loop();
         Ok(())
@@ -417,8 +421,23 @@ impl Workload for DockerWorkload {
 }
 
 impl DockerWorkload {
+    /// Runs the start hook (the bless gate) in its own thread: it may wait a long time, and it
+    /// must see an engine that never answers as well as one that does.
+    fn start_hook(&self) {
+        let Some(hook) = self.on_start.clone() else {
+            return;
+        };
+        let (client, definition) = (self.client(), self.definition.clone());
+        let started = std::thread::Builder::new()
+            .name("start-hook".into())
+            .spawn(move || hook(&client, &definition));
+        if let Err(e) = started {
+            crate::info!("starting the bless gate failed: {e}");
+        }
+    }
+
     /// After each engine start: wait for the engine, `engine-ready`, reconcile, (the first time)
-    /// `boot-complete` and the hook, then watch until the engine goes away. Returns at shutdown.
+    /// `boot-complete`, then watch until the engine goes away. Returns at shutdown.
     fn engine_loop(&self) {
         let client = self.client();
         let mut booted = false;
@@ -435,16 +454,6 @@ impl DockerWorkload {
             if !booted {
                 booted = true;
                 crate::status::status("boot-complete", &[("uptime-ms", &uptime_ms())]);
-                if let Some(hook) = self.on_boot_complete.clone() {
-                    // The hook may wait a long time (the bless gate); the watch goes on meanwhile.
-                    let (client, definition) = (client.clone(), self.definition.clone());
-                    let started = std::thread::Builder::new()
-                        .name("boot-complete".into())
-                        .spawn(move || hook(&client, &definition));
-                    if let Err(e) = started {
-                        crate::info!("starting the boot-complete hook failed: {e}");
-                    }
-                }
             }
             self.watch(&client, generation);
         }
@@ -886,13 +895,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("docker.sock");
         let (lists, down) = fake_engine(&socket);
-        let hooks = Arc::new(AtomicU64::new(0));
-        let counted = hooks.clone();
-        let mut workload = DockerWorkload::new(definition(""))
-            .expect("workload")
-            .on_boot_complete(Arc::new(move |_, _| {
-                counted.fetch_add(1, Ordering::SeqCst);
-            }));
+        let mut workload = DockerWorkload::new(definition("")).expect("workload");
         workload.socket = socket;
         workload.watch_interval = Duration::from_millis(20);
         let workload = Arc::new(workload);
@@ -901,7 +904,6 @@ mod tests {
         let engine_loop = std::thread::spawn(move || looping.engine_loop());
 
         wait_for("first reconcile", || lists.load(Ordering::SeqCst) == 1);
-        wait_for("boot-complete hook", || hooks.load(Ordering::SeqCst) == 1);
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(
             lists.load(Ordering::SeqCst),
@@ -913,11 +915,6 @@ mod tests {
         wait_for("reconcile after the restart", || {
             lists.load(Ordering::SeqCst) == 2
         });
-        assert_eq!(
-            hooks.load(Ordering::SeqCst),
-            1,
-            "the hook runs once per boot"
-        );
 
         // An engine that stops answering is waited for, then reconciled again.
         down.store(true, Ordering::SeqCst);
@@ -931,5 +928,29 @@ mod tests {
         workload.stopping.store(true, Ordering::SeqCst);
         engine_loop.join().expect("the loop ends at shutdown");
         assert_eq!(lists.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn the_start_hook_runs_without_waiting_for_the_engine() {
+        // No engine listens on the socket: the hook (the bless gate) must still run, so that its
+        // timeout covers an engine that never comes up.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (calls, engine_answered) =
+            (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(true)));
+        let (counted, answered) = (calls.clone(), engine_answered.clone());
+        let mut workload = DockerWorkload::new(definition(""))
+            .expect("workload")
+            .on_start(Arc::new(move |client, definition| {
+                answered.store(client.ping().is_ok(), Ordering::SeqCst);
+                assert_eq!(definition.image.name.as_str(), "demo");
+                counted.fetch_add(1, Ordering::SeqCst);
+            }));
+        workload.socket = dir.path().join("docker.sock");
+        workload.start_hook();
+        wait_for("the start hook", || calls.load(Ordering::SeqCst) == 1);
+        assert!(
+            !engine_answered.load(Ordering::SeqCst),
+            "the hook ran against a missing engine"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! End-to-end test harness: boots Plinth disk images with OVMF under QEMU (TCG), reads the serial
-//! console, waits for `PLINTH-STATUS` lines with timeouts, and prints the console log on failure.
+//! console, waits for `PLINTH-STATUS` lines with timeouts, and on failure saves the console log
+//! and prints its Plinth lines and tail.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -166,7 +167,7 @@ impl Vm {
     }
 
     /// Waits until a console line contains `needle`; returns that line. On timeout the error
-    /// carries the whole console log.
+    /// carries the console report of [`Vm::report`].
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         self.wait_for_after(needle, 0, timeout)
             .map(|(line, _)| line)
@@ -200,9 +201,8 @@ impl Vm {
                 if now >= deadline {
                     drop(text);
                     bail!(
-                        "timed out after {:?} waiting for `{needle}` on the guest console\n----- console log -----\n{}\n----- end of console log -----",
-                        timeout,
-                        self.console()
+                        "timed out after {timeout:?} waiting for `{needle}` on the guest console\n{}",
+                        self.report()
                     );
                 }
                 let _unused = self
@@ -213,7 +213,10 @@ impl Vm {
             if let Some(status) = self.child.try_wait()? {
                 let text = self.console();
                 if !text[from.min(text.len())..].contains(needle) {
-                    bail!("QEMU exited ({status}) before `{needle}` appeared\n----- console log -----\n{text}\n----- end of console log -----");
+                    bail!(
+                        "QEMU exited ({status}) before `{needle}` appeared\n{}",
+                        self.report()
+                    );
                 }
             }
         }
@@ -265,13 +268,19 @@ impl Vm {
                 return Ok(status);
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "QEMU still running after {timeout:?}\n----- console log -----\n{}\n----- end of console log -----",
-                    self.console()
-                );
+                bail!("QEMU still running after {timeout:?}\n{}", self.report());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// What a failing test prints about the guest: the whole console goes to a file under
+    /// `target/qemu-tests/logs` (named in the report); the report itself holds Plinth's own
+    /// lines and the console's last lines, so it stays readable in a long CI log.
+    pub fn report(&self) -> String {
+        let text = self.console();
+        let saved = save_log(&text);
+        console_report(&text, saved.as_deref())
     }
 
     /// Kills QEMU at once, as a power cut would.
@@ -313,6 +322,55 @@ fn pump(stream: Box<dyn Read + Send>, console: &Console, echo: bool) {
     }
 }
 
+/// Lines of the console tail a failure report shows.
+const REPORT_TAIL_LINES: usize = 60;
+
+/// Writes a console log to `target/qemu-tests/logs/console-<pid>-<n>.log`; returns its path.
+fn save_log(text: &str) -> Option<PathBuf> {
+    static SAVED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = image::workspace().join("target/qemu-tests/logs");
+    std::fs::create_dir_all(&dir).ok()?;
+    let n = SAVED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = dir.join(format!("console-{}-{n}.log", std::process::id()));
+    std::fs::write(&path, text).ok()?;
+    Some(path)
+}
+
+/// The failure report of [`Vm::report`] for console text `text`.
+fn console_report(text: &str, saved: Option<&Path>) -> String {
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    let tail_from = lines.len().saturating_sub(REPORT_TAIL_LINES);
+    let plinth: Vec<&str> = lines[..tail_from]
+        .iter()
+        .copied()
+        .filter(|l| {
+            l.contains("plinth-init") || l.contains("plinth-update") || l.contains("Command line:")
+        })
+        .collect();
+    let mut out = match saved {
+        Some(path) => format!("whole console log: {}\n", path.display()),
+        None => "whole console log: could not be saved\n".to_owned(),
+    };
+    out.push_str(&format!(
+        "----- Plinth lines before the tail ({}) -----\n",
+        plinth.len()
+    ));
+    for line in plinth {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "----- last {} console lines -----\n",
+        lines.len() - tail_from
+    ));
+    for line in &lines[tail_from..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str("----- end of console log -----");
+    out
+}
+
 /// Splits `... PLINTH-STATUS event k=v k2=v2` into its fields (plus `event`).
 pub fn parse_status(line: &str) -> BTreeMap<String, String> {
     let mut fields = BTreeMap::new();
@@ -349,5 +407,24 @@ mod tests {
         assert_eq!(f["name"], "web");
         assert_eq!(f["id"], "abc");
         assert!(parse_status("no status here").is_empty());
+    }
+
+    #[test]
+    fn failure_reports_keep_plinth_lines_and_the_tail() {
+        let mut text = String::from("[    0.0] Command line: plinth.slot=a\r\n");
+        for i in 0..200 {
+            text.push_str(&format!("[ {i}.0] kernel noise {i}\n"));
+            if i == 50 {
+                text.push_str("[ 50.5] plinth-init: PLINTH-STATUS root-mounted slot=a\n");
+            }
+        }
+        let report = console_report(&text, Some(Path::new("/tmp/x.log")));
+        assert!(report.starts_with("whole console log: /tmp/x.log\n"));
+        assert!(report.contains("Command line: plinth.slot=a\n"), "{report}");
+        assert!(report.contains("PLINTH-STATUS root-mounted slot=a"));
+        assert!(!report.contains("kernel noise 139\n"), "{report}");
+        assert!(report.contains("kernel noise 140\n"));
+        assert!(report.contains("kernel noise 199\n"));
+        assert!(!report.contains('\r'));
     }
 }

@@ -163,7 +163,10 @@ fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> S
     } else {
         "command = [\"/bin/busybox\", \"false\"]\nrestart = \"no\""
     };
-    let bless_timeout = if healthy { "60s" } else { "15s" };
+    // Counted from the start of stage 2: the engine answers about 30 s later under TCG. A
+    // healthy version has room for a busy machine; v4 gets about as long as its container needs
+    // to be seen exiting.
+    let bless_timeout = if healthy { "180s" } else { "50s" };
     format!(
         "[image]\nname = \"upd\"\nversion = \"{version}\"\n\n[debian]\nsuite = \"bookworm\"\n\n\
          [kernel]\ncmdline = [\"console=ttyS0\"{extra_cmdline}]\n\n\
@@ -509,5 +512,208 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
     if requests.is_empty() {
         bail!("the release server saw no requests");
     }
+    Ok(())
+}
+
+/// A release folder on a disk image of its own: ext4 (`mkfs.ext4 -d`) or FAT (`mkfs.vfat` and
+/// `mcopy`), as a user would carry it on a USB stick.
+fn release_disk(release: &Path, image: &Path, fat: bool) -> Result<()> {
+    let run = |cmd: &mut std::process::Command| -> Result<()> {
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {cmd:?} (scripts/host-packages.sh installs it)"))?;
+        ensure!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    if fat {
+        run(std::process::Command::new("mkfs.vfat")
+            .args(["-n", "PLINTHREL", "-C"])
+            .arg(image)
+            .arg("262144"))?;
+        let mut mcopy = std::process::Command::new("mcopy");
+        mcopy.args(["-s", "-i"]).arg(image);
+        for entry in std::fs::read_dir(release)? {
+            mcopy.arg(entry?.path());
+        }
+        run(mcopy.arg("::/"))
+    } else {
+        run(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "plinth-release", "-d"])
+            .arg(release)
+            .arg(image)
+            .arg("256M"))
+    }
+}
+
+/// Runs `plinth-update ARGS` on the guest from a privileged container in the host's PID
+/// namespace (`nsenter` into PID 1's mount namespace), as a user without a shell on the machine
+/// would; returns its exit code and output.
+fn plinth_update(engine: &qemu_tests::engine::Engine, args: &[&str]) -> Result<(i64, String)> {
+    let mut cmd = vec![
+        "/bin/busybox",
+        "nsenter",
+        "-t",
+        "1",
+        "-m",
+        "--",
+        "/usr/bin/plinth-update",
+    ];
+    cmd.extend_from_slice(args);
+    let run = engine.run("plinth/busybox:1", &cmd, true, &[])?;
+    Ok((run.exit_code, run.output))
+}
+
+#[test]
+fn offline_releases_from_media_are_checked_before_anything_is_written() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let work = dir.path();
+    let key = work.join("release.key");
+    std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
+    let secret = builder::publish::read_secret_key(&key)?;
+    let public = secret.public().to_string();
+
+    // The same definitions (so the same cached builds) as the power-cut test.
+    let v1_text = definition(
+        "1.0.0",
+        &public,
+        true,
+        &format!(", \"plinth.update-stage-delay-ms={STAGE_DELAY_MS}\""),
+    );
+    let v2_text = definition("2.0.0", &public, true, "");
+    let v3_text = definition("3.0.0", &public, true, "");
+    let v1 = build(work, "update-v1", &v1_text, "1.0.0")?;
+    let v2 = build(work, "update-v2", &v2_text, "2.0.0")?;
+    let v3 = build(work, "update-v3", &v3_text, "3.0.0")?;
+    publish(&v1_text, &v1, &key, &work.join("lower"), work)?;
+    let manifest = publish(&v3_text, &v3, &key, &work.join("good"), work)?;
+
+    // A medium with one flipped byte in the root artifact (a real copy: the good one is kept).
+    copy_tree(&work.join("good"), &work.join("flipped"))?;
+    let artifact = work.join("flipped").join(&manifest.artifacts.root.path);
+    let mut bytes = std::fs::read(&artifact)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::remove_file(&artifact)?;
+    std::fs::write(&artifact, &bytes)?;
+    // A release of another image, signed with the trusted key.
+    copy_tree(&work.join("good"), &work.join("other"))?;
+    for manifest_dir in [work.join("other/stable"), work.join("other/stable/3.0.0")] {
+        let path = manifest_dir.join(manifest::MANIFEST_FILE);
+        let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        value["name"] = serde_json::json!("other");
+        let text = serde_json::to_vec_pretty(&value)?;
+        std::fs::remove_file(&path)?;
+        std::fs::write(&path, &text)?;
+        let sig = manifest_dir.join(manifest::SIGNATURE_FILE);
+        std::fs::remove_file(&sig)?;
+        std::fs::write(&sig, secret.sign(&text))?;
+    }
+    let mut disks = Vec::new();
+    for (name, fat) in [
+        ("lower", false),
+        ("flipped", false),
+        ("other", false),
+        ("good", true),
+    ] {
+        let image = work.join(format!("{name}.img"));
+        release_disk(&work.join(name), &image, fat)?;
+        disks.push(image);
+    }
+
+    // v2 in slot A; the media are vdb (lower) … vde (good, FAT). The release server has nothing,
+    // so the agent's own polling finds no release.
+    let empty = work.join("empty");
+    std::fs::create_dir_all(&empty)?;
+    let server = Server::start(&empty)?;
+    let disk = image::private_copy(&v2, work)?;
+    let api = qemu_tests::free_port()?;
+    let mut opts = VmOptions::new(&disk);
+    opts.guest_forwards = vec![(GUEST_SERVER.to_owned(), server.port)];
+    opts.forwards = vec![(api, 2375)];
+    opts.extra_disks = disks;
+    let mut vm = Vm::boot(&opts)?;
+    let mut at = 0;
+    next_status(&mut vm, &mut at, "container-running name=web", BOOT)?;
+    let engine = qemu_tests::engine::Engine { port: api };
+    engine.wait_ready(Duration::from_secs(60))?;
+
+    for (device, version, reason) in [
+        (
+            "/dev/vdb",
+            "1.0.0",
+            "version 1.0.0 is not newer than the running version 2.0.0",
+        ),
+        ("/dev/vdc", "3.0.0", "artifact root: "),
+        (
+            "/dev/vdd",
+            "3.0.0",
+            "release is for image `other`, this machine runs `upd`",
+        ),
+    ] {
+        let (code, output) = plinth_update(&engine, &["apply", "--from", device])?;
+        eprintln!("apply --from {device}: exit {code}\n{output}");
+        let refused = output
+            .lines()
+            .find(|l| l.contains("PLINTH-STATUS update-refused"))
+            .with_context(|| format!("apply --from {device} was not refused:\n{output}"))?;
+        expect_field(&parse_status(refused), "version", version)?;
+        ensure!(refused.contains(reason), "unexpected refusal: {refused}");
+        ensure!(code != 0, "a refused apply exits non-zero: {output}");
+        ensure!(
+            !output.contains("stage=boot-files-written") && !output.contains("update-staged"),
+            "a refused release got as far as the boot files:\n{output}"
+        );
+    }
+    // Nothing was staged: slot B still has no version and no boot entry.
+    let (code, output) = plinth_update(&engine, &["--json", "status"])?;
+    ensure!(code == 0, "plinth-update status failed:\n{output}");
+    let json = output
+        .lines()
+        .skip_while(|l| !l.starts_with('{'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let status: serde_json::Value =
+        serde_json::from_str(&json).with_context(|| format!("status JSON:\n{output}"))?;
+    let slot_b = status["slots"]
+        .as_array()
+        .and_then(|slots| slots.iter().find(|s| s["slot"] == "b"))
+        .with_context(|| format!("no slot b in {status}"))?;
+    ensure!(
+        slot_b["version"].is_null() && slot_b["boot"] == "empty",
+        "a refused release left a boot entry: {slot_b}"
+    );
+    ensure!(status["staged"].is_null(), "something is staged: {status}");
+
+    // The good medium (FAT): staged into slot B, and the machine reboots into it on trial. The
+    // engine goes away with the reboot, so the container's output may not come back.
+    let applying = Instant::now();
+    match plinth_update(&engine, &["apply", "--from", "/dev/vde"]) {
+        Ok((code, output)) => {
+            eprintln!("apply --from /dev/vde: exit {code}\n{output}");
+            ensure!(
+                !output.contains("update-refused"),
+                "the good medium was refused:\n{output}"
+            );
+        }
+        Err(e) => eprintln!("apply --from /dev/vde: no reply ({e:#}); the machine reboots"),
+    }
+    let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
+    expect_field(&mounted, "slot", "b")?;
+    eprintln!(
+        "applied from FAT media and rebooted into slot B in {:.0}s",
+        applying.elapsed().as_secs_f64()
+    );
+    let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
+    expect_field(&state, "slot", "b")?;
+    expect_field(&state, "version", "3.0.0")?;
+    ensure!(
+        state.get("state").is_some_and(|s| s.starts_with("trying")),
+        "v3 from the medium does not boot on trial: {state:?}"
+    );
+    vm.kill();
     Ok(())
 }

@@ -17,7 +17,7 @@ fn main() {
                 // A boot whose entry still carries a boot counter is blessed only once healthy.
                 Ok(workload) => {
                     let gate = init::update::gate::bless_hook(init::update::Paths::default());
-                    init::stage2::run(Arc::new(workload.on_boot_complete(gate)))
+                    init::stage2::run(Arc::new(workload.on_start(gate)))
                 }
                 Err(e) => init::stage2::fatal(e),
             }

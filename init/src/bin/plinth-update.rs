@@ -1,6 +1,6 @@
 //! `plinth-update`: the update agent. Parses arguments and dispatches to `init::update`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -8,16 +8,23 @@ use anyhow::{bail, Context, Result};
 use init::update::agent::{self, Agent, Outcome, Paths};
 use init::update::apply::Event;
 use init::update::fetch::Source;
+use init::update::media;
 use os_config::definition::UpdateStrategy;
 
 const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] COMMAND
 commands:
   status              slots, versions, boot states and the agent's state
-  check               look for a newer release without writing anything
-  apply [--from DIR]  write a newer release to the other slot (then reboot when [update] strategy = \"immediate\")
+  check [--from SRC]  look for a newer release without writing anything
+  apply [--from SRC]  write a newer release to the other slot (then reboot when [update] strategy = \"immediate\")
+                      SRC: a release folder, or a block device (mounted read-only) holding one
   rollback            boot the other slot next and mark the running version bad
   bless               mark the running boot good (plinth-init's health gate does this)
-  daemon              check and apply every [update] interval (with jitter), report rollbacks";
+  daemon              check and apply every [update] interval (with jitter), report rollbacks
+exit status: 0 done, 1 error, 3 the release was refused (apply and check)";
+
+/// Exit status of `apply` and `check` when the release is refused (bad signature, not newer,
+/// another image, an artifact that does not match its manifest).
+const EXIT_REFUSED: u8 = 3;
 
 struct Args {
     json: bool,
@@ -142,13 +149,21 @@ fn stage_delay() {
     }
 }
 
-fn apply_once(agent: &Agent, from: Option<&Source>, json: bool) -> Result<()> {
+fn apply_once(agent: &Agent, from: Option<&Source>, json: bool) -> Result<Outcome> {
     let outcome = agent.apply(from, &mut progress)?;
     print_outcome(json, &outcome)?;
     if matches!(outcome, Outcome::Staged { .. }) && agent.strategy == UpdateStrategy::Immediate {
         reboot()?;
     }
-    Ok(())
+    Ok(outcome)
+}
+
+/// The exit status for what `apply` or `check` found.
+fn exit_for(outcome: &Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Refused { .. } => ExitCode::from(EXIT_REFUSED),
+        _ => ExitCode::SUCCESS,
+    }
 }
 
 /// Interval ± 10 %, so a fleet does not poll in step.
@@ -167,9 +182,25 @@ fn jittered(interval: Duration) -> Duration {
     Duration::from_millis(interval.as_millis() as u64 - spread / 2 + offset)
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args) -> Result<ExitCode> {
     let agent = Agent::load(args.paths.clone())?;
-    let from = args.from.as_ref().map(|d| Source::Dir(d.clone()));
+    // Media stay mounted until `run` returns.
+    let media = match &args.from {
+        Some(device) if media::is_block_device(device) => {
+            let mounted = media::Mounted::mount(device, Path::new(media::MEDIA_ROOT))?;
+            eprintln!(
+                "plinth-update: reading the release on {} ({})",
+                device.display(),
+                mounted.fstype()
+            );
+            Some(mounted)
+        }
+        _ => None,
+    };
+    let from = match &media {
+        Some(mounted) => Some(Source::Dir(mounted.path().to_owned())),
+        None => args.from.as_ref().map(|d| Source::Dir(d.clone())),
+    };
     match args.command.as_str() {
         "status" => {
             report_rollback(&agent)?;
@@ -203,11 +234,13 @@ fn run(args: Args) -> Result<()> {
         }
         "check" => {
             report_rollback(&agent)?;
-            print_outcome(args.json, &agent.check(from.as_ref())?)?;
+            let outcome = agent.check(from.as_ref())?;
+            print_outcome(args.json, &outcome)?;
+            return Ok(exit_for(&outcome));
         }
         "apply" => {
             report_rollback(&agent)?;
-            apply_once(&agent, from.as_ref(), args.json)?;
+            return Ok(exit_for(&apply_once(&agent, from.as_ref(), args.json)?));
         }
         "rollback" => {
             let rb = agent.rollback()?;
@@ -229,7 +262,7 @@ fn run(args: Args) -> Result<()> {
         }
         "daemon" => loop {
             if let Err(e) =
-                report_rollback(&agent).and_then(|()| apply_once(&agent, None, args.json))
+                report_rollback(&agent).and_then(|()| apply_once(&agent, None, args.json).map(drop))
             {
                 eprintln!("plinth-update: {e:#}");
             }
@@ -237,12 +270,12 @@ fn run(args: Args) -> Result<()> {
         },
         other => bail!("unknown command `{other}`\n{USAGE}"),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
     match parse_args().and_then(run) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("plinth-update: error: {e:#}");
             ExitCode::FAILURE

@@ -1,6 +1,7 @@
-//! `plinth-init`'s health-gated bless: after `boot-complete`, a boot whose entry still carries a
-//! boot counter is blessed once the workload has been healthy for `[update] bless-after`, or the
-//! machine reboots when that is not reached within `[update] bless-timeout`. A boot that is
+//! `plinth-init`'s health-gated bless: from the start of stage 2, a boot whose entry still carries
+//! a boot counter is blessed once the workload has been healthy for `[update] bless-after`, or the
+//! machine reboots when that is not reached within `[update] bless-timeout` (an engine that never
+//! answers counts as unhealthy). A boot that is
 //! already good instead reports a rollback the update agent has not recorded yet. Every boot from
 //! a slot reports `PLINTH-STATUS boot-state slot=… version=… state=…` first.
 
@@ -155,7 +156,7 @@ fn report_rollback(paths: &Paths) {
     }
 }
 
-/// The gate as a [`BootHook`] for [`crate::workload::DockerWorkload::on_boot_complete`]:
+/// The gate as a [`BootHook`] for [`crate::workload::DockerWorkload::on_start`]:
 /// `PLINTH-STATUS boot-blessed slot=… version=…` on success; on failure `boot-unhealthy` and a
 /// reboot (the boot counter is already spent, so the tries run out and the old slot boots).
 pub fn bless_hook(paths: Paths) -> BootHook {

@@ -21,6 +21,7 @@ pub mod blockdev;
 pub mod esp;
 pub mod fetch;
 pub mod gate;
+pub mod media;
 pub mod state;
 pub mod verity;
 
