@@ -4,7 +4,6 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::process::Command;
 
 use builder::cli::PublishArgs;
 use builder::disk::slice::Slice;
@@ -15,38 +14,17 @@ use os_config::units::{Name, Version};
 const MIB: u64 = 1 << 20;
 
 /// Runs `veritysetup format` over `data` and returns (hash device bytes, root hash hex).
-fn verity_format(dir: &Path, data: &[u8]) -> (Vec<u8>, String) {
-    let data_path = dir.join("verity-data");
-    let hash_path = dir.join("verity-hash");
-    fs::write(&data_path, data).expect("write data");
-    let _ = fs::remove_file(&hash_path);
-    let out = Command::new("veritysetup")
-        .args(["format", "--salt", "0123456789abcdef"])
-        .arg(&data_path)
-        .arg(&hash_path)
-        .output()
-        .expect("veritysetup must be installed (cryptsetup-bin)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let root = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Root hash:"))
-        .expect("root hash line")
-        .trim()
-        .to_owned();
-    (fs::read(&hash_path).expect("hash file"), root)
+fn verity_format(data: &[u8]) -> (Vec<u8>, String) {
+    let f = os_config::oracle::veritysetup_format(data, Some("0123456789abcdef"), None);
+    (f.hash_device, f.root_hash)
 }
 
 /// A disk image shaped like `plinth build`'s output; returns the root hash of slot A.
-fn make_disk(dir: &Path, path: &Path, seed: u8, blocks: usize) -> (Vec<u8>, String) {
+fn make_disk(path: &Path, seed: u8, blocks: usize) -> (Vec<u8>, String) {
     let root_data: Vec<u8> = (0..blocks * 4096)
         .map(|i| (i as u8).wrapping_mul(seed).wrapping_add((i >> 12) as u8))
         .collect();
-    let (verity, root_hash) = verity_format(dir, &root_data);
+    let (verity, root_hash) = verity_format(&root_data);
     let file = fs::File::create(path).expect("create disk");
     file.set_len(64 * MIB).expect("size disk");
     let mut file = fs::OpenOptions::new()
@@ -160,7 +138,7 @@ fn publishes_signed_content_addressed_releases_and_keeps_older_ones() {
     let v2 = Version::parse("2").expect("v");
 
     let disk1 = dir.join("demo-1.raw");
-    let (root1, hash1) = make_disk(dir, &disk1, 1, 300);
+    let (root1, hash1) = make_disk(&disk1, 1, 300);
     let m1 = publish::publish_release(&release(&disk1, &name, &v1, &channel), &key, &out)
         .expect("publish v1");
     assert_eq!(
@@ -203,7 +181,7 @@ fn publishes_signed_content_addressed_releases_and_keeps_older_ones() {
     publish::publish_release(&release(&disk1, &name, &v1, &channel), &key, &out)
         .expect("republish identical v1");
     let disk2 = dir.join("demo-2.raw");
-    let (root2, _) = make_disk(dir, &disk2, 2, 200);
+    let (root2, _) = make_disk(&disk2, 2, 200);
     let err = publish::publish_release(&release(&disk2, &name, &v1, &channel), &key, &out)
         .expect_err("different content under v1");
     assert!(

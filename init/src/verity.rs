@@ -268,31 +268,10 @@ mod tests {
 
     #[test]
     fn table_from_a_veritysetup_superblock() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (data, hash) = (dir.path().join("data"), dir.path().join("hash"));
         let bytes: Vec<u8> = (0..16 * 4096u32).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::write(&data, &bytes).expect("write data");
         let salt = "5a".repeat(32);
-        let out = std::process::Command::new("veritysetup")
-            .arg("format")
-            .arg(&data)
-            .arg(&hash)
-            .arg(format!("--salt={salt}"))
-            .output()
-            .expect("veritysetup runs (install cryptsetup-bin)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let root = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Root hash:"))
-            .expect("root hash printed")
-            .trim()
-            .to_owned();
-        let device = std::fs::read(&hash).expect("read hash device");
+        let oracle = os_config::oracle::veritysetup_format(&bytes, Some(&salt), None);
+        let (root, device) = (oracle.root_hash, oracle.hash_device);
         let sb = Superblock::parse(&device).expect("veritysetup's superblock parses");
         assert_eq!(
             (sb.version, sb.hash_type, sb.algorithm.as_str()),

@@ -154,7 +154,25 @@ impl StatusSink for ConsoleStatus {
 
 /// Something to run once per boot, in its own thread, as soon as stage 2 starts the workload
 /// (the bless gate), with a client for the engine that may not answer yet.
-pub type BootHook = Arc<dyn Fn(&docker::Client, &Definition) + Send + Sync>;
+pub type BootHook = Arc<dyn Fn(&BootContext) + Send + Sync>;
+
+/// What the start hook works with.
+#[derive(Debug, Clone)]
+pub struct BootContext {
+    /// A client for the engine (which may not answer yet).
+    pub client: docker::Client,
+    /// The image definition.
+    pub definition: Definition,
+    reconciled: Arc<AtomicBool>,
+}
+
+impl BootContext {
+    /// Whether the first reconciliation of this boot is done (`boot-complete`): before it, a
+    /// container may run briefly on its way to being judged failed.
+    pub fn reconciled(&self) -> bool {
+        self.reconciled.load(Ordering::SeqCst)
+    }
+}
 
 /// Docker Engine and the containers an image definition declares.
 pub struct DockerWorkload {
@@ -169,6 +187,7 @@ pub struct DockerWorkload {
     engine_starts: Arc<AtomicU64>,
     stopping: AtomicBool,
     on_start: Option<BootHook>,
+    reconciled: Arc<AtomicBool>,
     watch_interval: Duration,
 }
 
@@ -204,6 +223,7 @@ impl DockerWorkload {
             engine_starts: Arc::new(AtomicU64::new(0)),
             stopping: AtomicBool::new(false),
             on_start: None,
+            reconciled: Arc::new(AtomicBool::new(false)),
             watch_interval: WATCH_INTERVAL,
         })
     }
@@ -427,10 +447,14 @@ impl DockerWorkload {
         let Some(hook) = self.on_start.clone() else {
             return;
         };
-        let (client, definition) = (self.client(), self.definition.clone());
+        let context = BootContext {
+            client: self.client(),
+            definition: self.definition.clone(),
+            reconciled: Arc::clone(&self.reconciled),
+        };
         let started = std::thread::Builder::new()
             .name("start-hook".into())
-            .spawn(move || hook(&client, &definition));
+            .spawn(move || hook(&context));
         if let Err(e) = started {
             crate::info!("starting the bless gate failed: {e}");
         }
@@ -453,6 +477,7 @@ impl DockerWorkload {
             }
             if !booted {
                 booted = true;
+                self.reconciled.store(true, Ordering::SeqCst);
                 crate::status::status("boot-complete", &[("uptime-ms", &uptime_ms())]);
             }
             self.watch(&client, generation);
@@ -572,17 +597,24 @@ pub fn check_health(
     }
 }
 
-/// The bless gate: true once the engine has answered and every declared container has been
-/// running (and healthy where declared) continuously for `bless_after`; false if that did not
-/// happen within `timeout`.
+/// The bless gate: true once the engine has answered, the first reconciliation is done
+/// (`reconciled`), and every declared container has been running (and healthy where declared)
+/// continuously for `bless_after`; false if that did not happen within `timeout`.
 pub fn wait_healthy(
     client: &docker::Client,
     decls: &[Container],
+    reconciled: &dyn Fn() -> bool,
     bless_after: Duration,
     timeout: Duration,
 ) -> Result<bool> {
     gate(
-        || check_health(client, decls),
+        || {
+            if reconciled() {
+                return check_health(client, decls);
+            }
+            client.ping().map_err(|e| e.to_string())?;
+            Err("the declared containers are not reconciled yet".to_owned())
+        },
         &RealClock::default(),
         bless_after,
         timeout,
@@ -940,9 +972,10 @@ mod tests {
         let (counted, answered) = (calls.clone(), engine_answered.clone());
         let mut workload = DockerWorkload::new(definition(""))
             .expect("workload")
-            .on_start(Arc::new(move |client, definition| {
-                answered.store(client.ping().is_ok(), Ordering::SeqCst);
-                assert_eq!(definition.image.name.as_str(), "demo");
+            .on_start(Arc::new(move |boot| {
+                answered.store(boot.client.ping().is_ok(), Ordering::SeqCst);
+                assert_eq!(boot.definition.image.name.as_str(), "demo");
+                assert!(!boot.reconciled(), "nothing was reconciled yet");
                 counted.fetch_add(1, Ordering::SeqCst);
             }));
         workload.socket = dir.path().join("docker.sock");

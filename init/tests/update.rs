@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use init::update::agent::{bless_disk, Agent, Outcome, Paths};
 use init::update::apply::Event;
-use init::update::blockdev::{Disk, Region};
+use init::update::blockdev::Disk;
 use init::update::esp::{Blessed, Esp};
 use init::update::fetch::Source;
 use init::update::state::{Stage, State};
@@ -138,7 +138,7 @@ struct Content {
     initrd: Vec<u8>,
 }
 
-fn content(scratch: &Path, seed: u8, blocks: usize) -> Content {
+fn content(seed: u8, blocks: usize) -> Content {
     // Pseudo-random, so that it does not compress (like a squashfs image).
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
     let root: Vec<u8> = (0..blocks * 4096)
@@ -149,32 +149,11 @@ fn content(scratch: &Path, seed: u8, blocks: usize) -> Content {
             x as u8
         })
         .collect();
-    let data_path = scratch.join(format!("data-{seed}"));
-    let hash_path = scratch.join(format!("hash-{seed}"));
-    fs::write(&data_path, &root).expect("write data");
-    let _ = fs::remove_file(&hash_path);
-    let out = Command::new("veritysetup")
-        .args(["format", "--salt", "a1b2c3d4"])
-        .arg(&data_path)
-        .arg(&hash_path)
-        .output()
-        .expect("veritysetup must be installed (cryptsetup-bin)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let root_hash = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Root hash:"))
-        .expect("root hash")
-        .trim()
-        .to_owned();
+    let oracle = os_config::oracle::veritysetup_format(&root, Some("a1b2c3d4"), None);
     Content {
         root,
-        verity: fs::read(&hash_path).expect("tree"),
-        root_hash,
+        verity: oracle.hash_device,
+        root_hash: oracle.root_hash,
         kernel: (0..200_000u32).map(|i| (i % 253) as u8 ^ seed).collect(),
         initrd: format!("initrd of release {seed}").into_bytes(),
     }
@@ -274,7 +253,7 @@ impl Machine {
         fs::create_dir_all(&releases).expect("mkdir");
         let server = Server::start(releases.clone());
         let key = SecretKey::from_seed([5; 32]);
-        let v1 = content(&dir, 1, 300);
+        let v1 = content(1, 300);
         let disk = dir.join("disk.raw");
         make_disk(&disk, &v1);
         let machine = Machine {
@@ -533,7 +512,7 @@ fn applies_a_release_over_http_resuming_a_broken_download() {
     let m = Machine::new();
     let agent = m.agent();
     assert_eq!(agent.check(None).expect("check"), Outcome::NoRelease);
-    let v2 = content(&m.dir, 2, 400);
+    let v2 = content(2, 400);
     let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
     assert_eq!(
         agent.check(None).expect("check"),
@@ -577,7 +556,7 @@ fn applies_a_release_over_http_resuming_a_broken_download() {
     // blessed; then the health gate blesses it.
     m.boot(Slot::B, "2");
     m.rename_entry("plinth-b-2+3.conf", "plinth-b-2+2-1.conf");
-    let v3 = content(&m.dir, 3, 200);
+    let v3 = content(3, 200);
     publish(&m.releases, &m.key, "demo", "3", &v3);
     assert_eq!(
         m.agent()
@@ -617,7 +596,7 @@ fn applies_a_release_over_http_resuming_a_broken_download() {
     assert_eq!(status.staged, None);
 
     // v3 goes to slot A, which is removed first and rewritten.
-    let v3 = content(&m.dir, 3, 200);
+    let v3 = content(3, 200);
     publish(&m.releases, &m.key, "demo", "3", &v3);
     assert_eq!(
         agent.apply(None, &mut |_| Ok(())).expect("apply v3"),
@@ -634,7 +613,7 @@ fn applies_a_release_over_http_resuming_a_broken_download() {
 #[test]
 fn offline_apply_from_a_folder() {
     let m = Machine::new();
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     let usb = m.dir.join("usb");
     publish(&usb, &m.key, "demo", "2", &v2);
     let agent = m.agent();
@@ -655,7 +634,7 @@ fn offline_apply_from_a_folder() {
 fn refuses_bad_releases_and_never_writes_the_entry() {
     let m = Machine::new();
     let agent = m.agent();
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     let zeros = vec![0u8; v2.root.len()];
 
     // Signed with another key.
@@ -792,7 +771,7 @@ fn an_interrupted_update_resumes_or_restarts_and_never_exposes_a_partial_slot() 
     ];
     for (point, stop) in stops {
         let m = Machine::new();
-        let v2 = content(&m.dir, 2, 600);
+        let v2 = content(2, 600);
         let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
         m.write_entry("plinth-b-0.5.conf");
         let agent = m.agent();
@@ -850,7 +829,7 @@ fn an_interrupted_update_resumes_or_restarts_and_never_exposes_a_partial_slot() 
 #[test]
 fn a_version_that_ran_out_of_tries_is_recorded_bad_and_not_downloaded_again() {
     let m = Machine::new();
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     publish(&m.releases, &m.key, "demo", "2", &v2);
     let agent = m.agent();
     assert_eq!(
@@ -889,7 +868,7 @@ fn a_version_that_ran_out_of_tries_is_recorded_bad_and_not_downloaded_again() {
     );
 
     // A fixed v3 is accepted and replaces the bad entry.
-    let v3 = content(&m.dir, 3, 150);
+    let v3 = content(3, 150);
     publish(&m.releases, &m.key, "demo", "3", &v3);
     assert_eq!(
         agent.apply(None, &mut |_| Ok(())).expect("apply"),
@@ -904,7 +883,7 @@ fn a_version_that_ran_out_of_tries_is_recorded_bad_and_not_downloaded_again() {
 #[test]
 fn manual_rollback_boots_the_other_slot_and_marks_the_version_bad() {
     let m = Machine::new();
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     publish(&m.releases, &m.key, "demo", "2", &v2);
     m.agent().apply(None, &mut |_| Ok(())).expect("apply");
     m.boot(Slot::B, "2");
@@ -922,16 +901,9 @@ fn manual_rollback_boots_the_other_slot_and_marks_the_version_bad() {
 }
 
 #[test]
-fn region_helper_is_bounded() {
-    let mut data = std::io::Cursor::new(vec![0u8; 10]);
-    let mut region = Region::new(&mut data, 2, 4).expect("region");
-    assert!(region.write_all(&[1; 5]).is_err());
-}
-
-#[test]
 fn the_command_line_applies_from_a_folder_and_reports_status() {
     let m = Machine::new();
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     let usb = m.dir.join("usb");
     publish(&usb, &m.key, "demo", "2", &v2);
     let run = |args: &[&str]| {
@@ -986,7 +958,7 @@ fn the_command_line_applies_from_a_folder_and_reports_status() {
 #[test]
 fn two_agents_never_apply_at_once() {
     let m = Machine::new();
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     publish(&m.releases, &m.key, "demo", "2", &v2);
     let first = m.agent();
     let second = m.agent();
@@ -1047,7 +1019,7 @@ fn a_staged_rollout_defers_the_release_until_the_machines_moment() {
         "0123456789abcdef0123456789abcdef\n",
     )
     .expect("machine id");
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     let rollout = manifest::Rollout {
         start: 1_000_000,
         spread_seconds: 86_400,
@@ -1089,7 +1061,7 @@ fn a_staged_rollout_defers_the_release_until_the_machines_moment() {
 fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
     use init::update::gate::{run_gate, Verdict};
     let m = Machine::new();
-    let v2 = content(&m.dir, 2, 150);
+    let v2 = content(2, 150);
     publish(&m.releases, &m.key, "demo", "2", &v2);
     assert!(matches!(
         m.agent().apply(None, &mut |_| Ok(())).expect("apply"),

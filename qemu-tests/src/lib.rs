@@ -377,14 +377,35 @@ pub fn parse_status(line: &str) -> BTreeMap<String, String> {
     let Some(rest) = line.split("PLINTH-STATUS ").nth(1) else {
         return fields;
     };
-    let mut words = rest.split_whitespace();
-    if let Some(event) = words.next() {
-        fields.insert("event".to_owned(), event.to_owned());
-    }
-    for word in words {
-        if let Some((k, v)) = word.split_once('=') {
-            fields.insert(k.to_owned(), v.to_owned());
-        }
+    let rest = rest.trim_end();
+    let (event, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    fields.insert("event".to_owned(), event.to_owned());
+    // `key=value` words; a value may be quoted (`reason="two words"`, `"` escaped as `\"`).
+    while let Some((key, after)) = rest.trim_start().split_once('=') {
+        let (value, next) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let mut value = String::new();
+                let mut chars = quoted.char_indices();
+                let mut end = quoted.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                (value, &quoted[end..])
+            }
+            None => {
+                let (value, next) = after.split_once(' ').unwrap_or((after, ""));
+                (value.to_owned(), next)
+            }
+        };
+        fields.insert(key.trim().to_owned(), value);
+        rest = next;
     }
     fields
 }
@@ -407,6 +428,13 @@ mod tests {
         assert_eq!(f["name"], "web");
         assert_eq!(f["id"], "abc");
         assert!(parse_status("no status here").is_empty());
+        let quoted = parse_status(
+            "PLINTH-STATUS boot-state slot=b state=\"trying 2/3\" reason=\"a \\\"b\\\" c\" v=1",
+        );
+        assert_eq!(quoted["state"], "trying 2/3");
+        assert_eq!(quoted["reason"], "a \"b\" c");
+        assert_eq!(quoted["v"], "1");
+        assert_eq!(quoted["slot"], "b");
     }
 
     #[test]

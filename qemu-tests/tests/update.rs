@@ -1,14 +1,17 @@
 //! A/B updates under QEMU (OVMF, TCG), with releases served by a static HTTP server on 127.0.0.1
 //! that the guest reaches through `guestfwd`: a release signed with another key is refused; power
-//! cuts mid-write, after the partition write, mid-ESP write and just before the reboot each leave
-//! a machine that boots slot A and whose agent carries on with the update; v1 → v2 (slot B, blessed) → v3 (slot A, blessed); a v4 whose container exits at once
-//! is tried three times, never blessed, rolled back to v3 by itself, marked bad and never
-//! downloaded again.
+//! cuts mid-download, mid-write, after the partition write, mid-ESP write and just before the
+//! reboot each leave a machine that boots slot A and whose agent carries on with the update;
+//! v1 → v2 (slot B, blessed) → v3 (slot A, blessed); a v4 whose container exits at once is tried
+//! three times, never blessed, rolled back to v3 by itself, marked bad and never downloaded again.
+//! Offline: releases on ext4 and FAT disks are applied with `plinth-update apply --from /dev/…`,
+//! and a lower version, another image's release and a flipped artifact byte are refused with
+//! nothing staged.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -26,11 +29,27 @@ const TRUSTED_KEY: &str =
 const STAGE_DELAY_MS: u64 = 5000;
 
 /// A minimal static file server for the release folder, switchable to another folder (publishing
-/// a new release) and logging every request path.
+/// a new release), logging every request path, and able to stall one download midway.
 struct Server {
     root: Arc<Mutex<PathBuf>>,
     log: Arc<Mutex<Vec<(Instant, String)>>>,
+    stall: Arc<Stall>,
     port: u16,
+}
+
+/// A download the server holds back: after `after` bytes of `path` it sends nothing more until
+/// released, as a stalled network would.
+#[derive(Default)]
+struct Stall {
+    state: Mutex<StallState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct StallState {
+    path: Option<String>,
+    after: u64,
+    reached: bool,
 }
 
 impl Server {
@@ -39,18 +58,64 @@ impl Server {
         let port = listener.local_addr()?.port();
         let root = Arc::new(Mutex::new(root.to_path_buf()));
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (r, l) = (Arc::clone(&root), Arc::clone(&log));
+        let stall = Arc::new(Stall::default());
+        let (r, l, st) = (Arc::clone(&root), Arc::clone(&log), Arc::clone(&stall));
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (r, l) = (Arc::clone(&r), Arc::clone(&l));
+                let (r, l, st) = (Arc::clone(&r), Arc::clone(&l), Arc::clone(&st));
                 std::thread::spawn(move || {
-                    if let Err(e) = serve(stream, &r, &l) {
+                    if let Err(e) = serve(stream, &r, &l, &st) {
                         eprintln!("release server: {e:#}");
                     }
                 });
             }
         });
-        Ok(Server { root, log, port })
+        Ok(Server {
+            root,
+            log,
+            stall,
+            port,
+        })
+    }
+
+    /// From now on, a download of `path` stops after `after` bytes until [`Server::release`].
+    fn stall(&self, path: &str, after: u64) {
+        if let Ok(mut state) = self.stall.state.lock() {
+            *state = StallState {
+                path: Some(path.to_owned()),
+                after,
+                reached: false,
+            };
+        }
+    }
+
+    /// Waits until a download has reached the stall point.
+    fn wait_stalled(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self
+            .stall
+            .state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("stall lock poisoned"))?;
+        while !state.reached {
+            let left = deadline.saturating_duration_since(Instant::now());
+            ensure!(!left.is_zero(), "no download reached the stall point");
+            state = self
+                .stall
+                .changed
+                .wait_timeout(state, left)
+                .map_err(|_| anyhow::anyhow!("stall lock poisoned"))?
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets a stalled download go on (to a guest that may be gone).
+    fn release(&self) {
+        if let Ok(mut state) = self.stall.state.lock() {
+            *state = StallState::default();
+        }
+        self.stall.changed.notify_all();
     }
 
     /// Serves `root` from now on.
@@ -81,6 +146,7 @@ fn serve(
     stream: TcpStream,
     root: &Mutex<PathBuf>,
     log: &Mutex<Vec<(Instant, String)>>,
+    stall: &Stall,
 ) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
@@ -117,11 +183,17 @@ fn serve(
         if let Ok(mut log) = log.lock() {
             log.push((Instant::now(), path.clone()));
         }
-        respond(&mut out, root, &path, offset)?;
+        respond(&mut out, root, &path, offset, stall)?;
     }
 }
 
-fn respond(out: &mut TcpStream, root: &Mutex<PathBuf>, path: &str, offset: u64) -> Result<()> {
+fn respond(
+    out: &mut TcpStream,
+    root: &Mutex<PathBuf>,
+    path: &str,
+    offset: u64,
+    stall: &Stall,
+) -> Result<()> {
     let dir = root
         .lock()
         .map_err(|_| anyhow::anyhow!("root lock poisoned"))?
@@ -150,7 +222,28 @@ fn respond(out: &mut TcpStream, root: &Mutex<PathBuf>, path: &str, offset: u64) 
         write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n")?;
         0
     };
-    std::io::copy(&mut file.take(len - start), out)?;
+    let held_at = stall
+        .state
+        .lock()
+        .ok()
+        .and_then(|s| (s.path.as_deref() == Some(path) && s.after > start).then_some(s.after));
+    if let Some(after) = held_at {
+        std::io::copy(&mut (&mut file).take(after - start), out)?;
+        out.flush()?;
+        let mut state = stall
+            .state
+            .lock()
+            .map_err(|_| anyhow::anyhow!("stall lock poisoned"))?;
+        state.reached = true;
+        stall.changed.notify_all();
+        while state.path.as_deref() == Some(path) {
+            state = stall
+                .changed
+                .wait(state)
+                .map_err(|_| anyhow::anyhow!("stall lock poisoned"))?;
+        }
+    }
+    std::io::copy(&mut file, out)?;
     out.flush()?;
     Ok(())
 }
@@ -344,39 +437,47 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
     expect_field(&boot1, "version", "1.0.0")?;
     expect_field(&boot1, "state", "good")?;
 
-    // Power cut 1: in the middle of writing root-b (or, on a fast machine, just after it).
+    // Power cut 1, mid-download: the server stops sending the root artifact halfway through, and
+    // the power goes while the agent waits for the rest (what it got is partly written).
+    let root_artifact = &manifests[0].artifacts.root;
+    server.stall(&format!("/{}", root_artifact.path), root_artifact.size / 2);
     server.publish(&work.join("rel2"));
-    next_status(
-        &mut vm,
-        &mut at,
-        "update-progress stage=entry-removed",
-        BOOT,
-    )?;
-    std::thread::sleep(Duration::from_millis(STAGE_DELAY_MS + 1500));
+    server.wait_stalled(BOOT)?;
+    std::thread::sleep(Duration::from_secs(2));
     vm.kill();
-    let point = if vm.console()[at..].contains("stage=root-written") {
-        "after the root partition write"
-    } else {
-        "mid-write of the root partition"
-    };
+    server.release();
+    ensure!(
+        !vm.console()[at..].contains("stage=root-written"),
+        "the root was written although its download stalled halfway"
+    );
     eprintln!(
-        "power cut 1 ({point}) at {:.0}s",
+        "power cut 1 (mid-download: {} of {} bytes of the root artifact sent) at {:.0}s",
+        root_artifact.size / 2,
+        root_artifact.size,
         qemu_started.elapsed().as_secs_f64()
     );
 
-    // Boots 2 and 3: slot A and v1 again each time, the agent carries on with the update; power
-    // cut 2 after both partitions are written, power cut 3 while the kernel and initrd go to the
-    // ESP (checked from the stages the agent reported).
+    // Boots 2 to 4: slot A and v1 again each time, the agent carries on with the update (resuming
+    // the root from its last complete frame); power cut 2 while the rest of the root is written,
+    // power cut 3 after both partitions are written, power cut 4 while the kernel and initrd go
+    // to the ESP (checked from the stages the agent reported).
     for (cut, stage, wait_ms, not_reached, point) in [
         (
             2,
+            "entry-removed",
+            STAGE_DELAY_MS + 1500,
+            "stage=root-written",
+            "mid-write of the root partition",
+        ),
+        (
+            3,
             "verity-written",
             0,
             "stage=verified",
             "after the partition write",
         ),
         (
-            3,
+            4,
             "uuids-set",
             STAGE_DELAY_MS + 700,
             "stage=boot-files-written",
@@ -403,7 +504,7 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
         );
     }
 
-    // Boot 4: slot A and v1 again; the agent completes the update; power cut 4 just before the
+    // Boot 5: slot A and v1 again; the agent completes the update; power cut 5 just before the
     // reboot it asks for.
     let mut vm = Vm::boot(&opts)?;
     let mut at = 0;
@@ -415,11 +516,11 @@ fn updates_bless_roll_back_and_survive_power_cuts() -> Result<()> {
     next_status(&mut vm, &mut at, "update-rebooting", BOOT)?;
     vm.kill();
     eprintln!(
-        "power cut 4 (before reboot) at {:.0}s",
+        "power cut 5 (before reboot) at {:.0}s",
         qemu_started.elapsed().as_secs_f64()
     );
 
-    // Boot 5: v2 in slot B on trial, blessed once healthy.
+    // Boot 6: v2 in slot B on trial, blessed once healthy.
     let mut vm = Vm::boot(&opts)?;
     let mut at = 0;
     let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;

@@ -68,6 +68,23 @@ impl RootFormat {
     }
 }
 
+/// The `mksquashfs` options of every squashfs root image (after the tree and the output; the
+/// build adds its timestamps). Public so that benchmarks compare against the same settings.
+pub const SQUASHFS_OPTIONS: &[&str] = &[
+    "-noappend",
+    "-comp",
+    "zstd",
+    "-Xcompression-level",
+    "15",
+    "-b",
+    "131072",
+    "-all-root",
+    "-no-xattrs",
+    "-no-exports",
+    "-quiet",
+    "-no-progress",
+];
+
 /// Writes the root image of `tree` to `out` (replacing it) and returns its size, a multiple of
 /// 4096. `uuid` is the filesystem UUID where the format has one (EROFS).
 pub fn build(
@@ -85,23 +102,11 @@ pub fn build(
     let mut cmd = Command::new(&program);
     match format {
         RootFormat::Squashfs => {
-            cmd.arg(tree).arg(out).args([
-                "-noappend",
-                "-comp",
-                "zstd",
-                "-Xcompression-level",
-                "15",
-                "-b",
-                "131072",
-                "-all-root",
-                "-no-xattrs",
-                "-no-exports",
+            cmd.arg(tree).arg(out).args(SQUASHFS_OPTIONS).args([
                 "-mkfs-time",
                 &epoch,
                 "-all-time",
                 &epoch,
-                "-quiet",
-                "-no-progress",
             ]);
         }
         RootFormat::Erofs => {

@@ -176,7 +176,6 @@ pub fn verify(data: &mut impl Read, hash_device: &[u8], expected_root: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
 
     fn pseudo_random(len: usize, seed: u8) -> Vec<u8> {
         let mut out = Vec::with_capacity(len);
@@ -191,31 +190,13 @@ mod tests {
 
     /// Runs `veritysetup format` and returns (root hash hex, hash device bytes).
     fn veritysetup_format(data: &[u8], params: &VerityParams) -> (String, Vec<u8>) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (data_path, hash_path) = (dir.path().join("data"), dir.path().join("hash"));
-        std::fs::write(&data_path, data).expect("write data");
         let uuid = uuid::Uuid::from_bytes(params.uuid).to_string();
-        let out = Command::new("veritysetup")
-            .arg("format")
-            .arg(&data_path)
-            .arg(&hash_path)
-            .arg(format!("--salt={}", hex::encode(params.salt)))
-            .arg(format!("--uuid={uuid}"))
-            .output()
-            .expect("veritysetup runs (install cryptsetup-bin)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let f = os_config::oracle::veritysetup_format(
+            data,
+            Some(&hex::encode(params.salt)),
+            Some(&uuid),
         );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let root = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Root hash:"))
-            .expect("root hash printed")
-            .trim()
-            .to_owned();
-        (root, std::fs::read(&hash_path).expect("read hash device"))
+        (f.root_hash, f.hash_device)
     }
 
     #[test]

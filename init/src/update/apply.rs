@@ -10,13 +10,13 @@ use os_config::manifest::{Artifact, Frame, Manifest};
 use sha2::{Digest, Sha256};
 
 use super::blockdev::Disk;
-use super::blockdev::Region;
 use super::esp::Esp;
 use super::fetch::Source;
 use super::state::{InProgress, Resume, Stage, Staged, State};
 use super::verity;
 use os_config::boot::{Entry, EntryName};
 use os_config::layout::Slot;
+use os_config::slice::Slice;
 
 /// Size of each read and write while streaming.
 pub const CHUNK: usize = 1 << 20;
@@ -252,7 +252,7 @@ pub trait Sink: Write {
     fn sync(&mut self) -> io::Result<()>;
 }
 
-impl Sink for Region<&mut std::fs::File> {
+impl Sink for Slice<&mut std::fs::File> {
     fn sync(&mut self) -> io::Result<()> {
         self.flush()?;
         self.get_mut().sync_data()
@@ -447,8 +447,7 @@ fn read_back(
     let path = disk.path.clone();
     let open = || std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()));
     let (mut data_file, mut tree_file) = (open()?, open()?);
-    let data = super::blockdev::Region::new(&mut data_file, root_part.start, root_part.size)
-        .context("opening the root partition")?;
+    let data = Slice::new(&mut data_file, root_part.start, root_part.size);
     let mut data = HashReader {
         inner: io::BufReader::with_capacity(
             CHUNK,
@@ -458,12 +457,11 @@ fn read_back(
         len: 0,
         io_failed: false,
     };
-    let mut tree = super::blockdev::Region::new(
+    let mut tree = Slice::new(
         &mut tree_file,
         verity_part.start,
         artifact.uncompressed_size,
-    )
-    .context("opening the verity partition")?;
+    );
     let hash = verity::verify_tree(&mut data, &mut tree, manifest.data_blocks)
         .context("checking the written verity tree against the root partition")?;
     io::copy(&mut data, &mut io::sink()).context("reading back the root partition")?;

@@ -3,12 +3,13 @@
 //! slot's partition UUIDs.
 
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use os_config::layout::Slot;
+use os_config::slice::Slice;
 
 /// A GPT partition of the boot disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,8 +64,8 @@ impl Disk {
     }
 
     /// A partition as a device of its own.
-    pub fn region(&mut self, part: &Partition) -> io::Result<Region<&mut fs::File>> {
-        Region::new(&mut self.file, part.start, part.size)
+    pub fn region(&mut self, part: &Partition) -> io::Result<Slice<&mut fs::File>> {
+        Ok(Slice::new(&mut self.file, part.start, part.size))
     }
 
     /// Flushes everything written to the medium, then drops cached pages so later reads come
@@ -172,108 +173,5 @@ pub fn find_boot_disk(
             "no disk under {} has Plinth's partitions (esp, root-a, verity-a, root-b, verity-b); pass --disk DEVICE",
             sys_block.display()
         ),
-    }
-}
-
-/// A byte range of a device seen as a device of its own.
-#[derive(Debug)]
-pub struct Region<D> {
-    inner: D,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl<D: Seek> Region<D> {
-    /// The `len` bytes of `inner` from `start`, positioned at its beginning.
-    pub fn new(mut inner: D, start: u64, len: u64) -> io::Result<Self> {
-        inner.seek(SeekFrom::Start(start))?;
-        Ok(Region {
-            inner,
-            start,
-            len,
-            pos: 0,
-        })
-    }
-
-    /// Size of the range in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// The underlying device.
-    pub fn get_mut(&mut self) -> &mut D {
-        &mut self.inner
-    }
-
-    /// Whether the range is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl<D: Read + Seek> Read for Region<D> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let n = self.inner.read(&mut buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl<D: Write + Seek> Write for Region<D> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
-        if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "write past the end of the partition",
-            ));
-        }
-        let n = self.inner.write(&buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<D: Seek> Seek for Region<D> {
-    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        let target = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        }
-        .filter(|t| *t <= self.len)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek outside the partition"))?;
-        self.inner.seek(SeekFrom::Start(self.start + target))?;
-        self.pos = target;
-        Ok(target)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn region_stays_inside_its_range() {
-        let mut data = io::Cursor::new(vec![0u8; 64]);
-        let mut region = Region::new(&mut data, 8, 16).expect("region");
-        region.write_all(&[7; 16]).expect("fits");
-        assert!(region.write_all(&[7]).is_err());
-        region.seek(SeekFrom::Start(0)).expect("rewind");
-        let mut back = Vec::new();
-        region.read_to_end(&mut back).expect("read");
-        assert_eq!(back, vec![7; 16]);
-        assert!(region.seek(SeekFrom::End(1)).is_err());
-        let inner = data.into_inner();
-        assert_eq!((inner[7], inner[8], inner[23], inner[24]), (0, 7, 7, 0));
     }
 }

@@ -160,8 +160,18 @@ fn report_rollback(paths: &Paths) {
 /// `PLINTH-STATUS boot-blessed slot=… version=…` on success; on failure `boot-unhealthy` and a
 /// reboot (the boot counter is already spent, so the tries run out and the old slot boots).
 pub fn bless_hook(paths: Paths) -> BootHook {
-    Arc::new(move |client, definition| {
-        let healthy = |after, timeout| wait_healthy(client, &definition.containers, after, timeout);
+    Arc::new(move |boot| {
+        let definition = &boot.definition;
+        let reconciled = || boot.reconciled();
+        let healthy = |after, timeout| {
+            wait_healthy(
+                &boot.client,
+                &definition.containers,
+                &reconciled,
+                after,
+                timeout,
+            )
+        };
         match run_gate(&paths, definition, &healthy) {
             Ok(Verdict::NotOnTrial) => {
                 if definition.update.is_some() {

@@ -379,20 +379,7 @@ fn standard_build(
     run(Command::new("mksquashfs")
         .arg(tree)
         .arg(work.join("root.img"))
-        .args([
-            "-noappend",
-            "-comp",
-            "zstd",
-            "-Xcompression-level",
-            "15",
-            "-b",
-            "131072",
-            "-all-root",
-            "-no-xattrs",
-            "-no-exports",
-            "-quiet",
-            "-no-progress",
-        ]))?;
+        .args(builder::disk::rootimage::SQUASHFS_OPTIONS))?;
     run(Command::new("veritysetup")
         .arg("format")
         .arg(work.join("root.img"))
