@@ -1,4 +1,6 @@
-//! Reading GUID partition tables of block devices (primary header at LBA 1 and its entry array).
+//! Reading GUID partition tables of block devices: the primary header at LBA 1 and its entry
+//! array, or, when the primary is damaged (a write torn by a power cut), the backup header in the
+//! disk's last sector and its entry array, as UEFI firmware does.
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -28,6 +30,8 @@ pub struct Table {
     pub disk_guid: String,
     /// Used entries (non-zero type GUID).
     pub partitions: Vec<Partition>,
+    /// Read from the backup GPT because the primary one is damaged.
+    pub from_backup: bool,
 }
 
 impl Table {
@@ -91,8 +95,43 @@ fn guid_at(buf: &[u8], offset: usize) -> [u8; 16] {
     raw
 }
 
-/// Reads the primary GPT, trying 512- then 4096-byte sectors; checks both CRCs.
+/// Reads the primary GPT, trying 512- then 4096-byte sectors, and checks both CRCs; falls back to
+/// the backup GPT (equally checked) when the primary is missing or damaged. The error is the
+/// primary's when neither is usable.
 pub fn read<R: Read + Seek>(disk: &mut R) -> Result<Table, GptError> {
+    let primary = match read_primary(disk) {
+        Err(e @ (GptError::NotGpt | GptError::Corrupt(_))) => e,
+        other => return other,
+    };
+    match read_backup(disk) {
+        Ok(Some(table)) => Ok(table),
+        Ok(None) | Err(_) => Err(primary),
+    }
+}
+
+/// The backup GPT: its header in the last sector, for 512- or 4096-byte sectors.
+fn read_backup<R: Read + Seek>(disk: &mut R) -> Result<Option<Table>, GptError> {
+    let len = disk.seek(SeekFrom::End(0))?;
+    for sector_size in [512u64, 4096] {
+        if len < 3 * sector_size || len % sector_size != 0 {
+            continue;
+        }
+        let last_lba = len / sector_size - 1;
+        let mut header = vec![0u8; 512];
+        disk.seek(SeekFrom::Start(last_lba * sector_size))?;
+        disk.read_exact(&mut header)?;
+        if &header[0..8] != b"EFI PART" || u64_at(&header, 24) != last_lba {
+            continue;
+        }
+        if let Ok(mut table) = read_with_header(disk, sector_size, &header) {
+            table.from_backup = true;
+            return Ok(Some(table));
+        }
+    }
+    Ok(None)
+}
+
+fn read_primary<R: Read + Seek>(disk: &mut R) -> Result<Table, GptError> {
     for sector_size in [512u64, 4096] {
         let mut header = vec![0u8; 512];
         disk.seek(SeekFrom::Start(sector_size))?;
@@ -171,6 +210,7 @@ fn read_with_header<R: Read + Seek>(
         sector_size,
         disk_guid: guid_to_string(&guid_at(header, 56)),
         partitions,
+        from_backup: false,
     })
 }
 
@@ -225,6 +265,25 @@ pub(crate) mod tests {
         disk[s..s + 92].copy_from_slice(&header);
         disk[2 * s..2 * s + entries.len()].copy_from_slice(&entries);
         disk
+    }
+
+    /// Adds the backup GPT of a [`build_disk`] disk: entries before the last sector, the header
+    /// in it.
+    pub(crate) fn add_backup(disk: &mut [u8], sector: u64) {
+        let s = sector as usize;
+        let total = disk.len() / s;
+        let mut header = disk[s..s + 92].to_vec();
+        let entries_len = u32_at(&header, 80) as usize * u32_at(&header, 84) as usize;
+        let entries = disk[2 * s..2 * s + entries_len].to_vec();
+        let entries_lba = total - 1 - entries_len.div_ceil(s);
+        header[24..32].copy_from_slice(&(total as u64 - 1).to_le_bytes());
+        header[32..40].copy_from_slice(&1u64.to_le_bytes());
+        header[72..80].copy_from_slice(&(entries_lba as u64).to_le_bytes());
+        header[16..20].fill(0);
+        let crc = crc32(&header);
+        header[16..20].copy_from_slice(&crc.to_le_bytes());
+        disk[entries_lba * s..entries_lba * s + entries_len].copy_from_slice(&entries);
+        disk[(total - 1) * s..(total - 1) * s + 92].copy_from_slice(&header);
     }
 
     pub(crate) const ROOT_TYPE: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
@@ -289,5 +348,40 @@ pub(crate) mod tests {
         disk[1024 + 56] ^= 1; // flip a bit in the first entry
         let err = read(&mut Cursor::new(disk)).expect_err("corrupt");
         assert!(err.to_string().contains("entry array CRC32"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_primary_falls_back_to_the_backup() {
+        for sector in [512u64, 4096] {
+            let parts = [(
+                "root-a",
+                ROOT_TYPE,
+                "00112233-4455-6677-8899-aabbccddeeff",
+                60,
+                99,
+            )];
+            let mut disk = build_disk(sector, 200, &parts);
+            add_backup(&mut disk, sector);
+            let good = read(&mut Cursor::new(disk.clone())).expect("primary");
+            assert!(!good.from_backup);
+
+            // A torn header write, then a torn entry array write.
+            for damage in [sector as usize + 20, 2 * sector as usize + 16] {
+                let mut torn = disk.clone();
+                torn[damage] ^= 0xff;
+                let table = read(&mut Cursor::new(torn)).expect("backup");
+                assert!(table.from_backup, "sector {sector}, byte {damage}");
+                assert_eq!(table.partitions, good.partitions);
+                assert_eq!(table.sector_size, sector);
+            }
+
+            // Both damaged: the primary's error.
+            let mut both = disk.clone();
+            both[sector as usize + 20] ^= 0xff;
+            let last = disk.len() - sector as usize;
+            both[last + 20] ^= 0xff;
+            let err = read(&mut Cursor::new(both)).expect_err("no usable table");
+            assert!(err.to_string().contains("header CRC32"), "{err}");
+        }
     }
 }

@@ -112,6 +112,9 @@ fn read_header<R: Read + Seek>(disk: &mut R, sector_size: u64) -> Result<Header,
 /// be the last one on the disk.
 pub fn plan<R: Read + Seek>(disk: &mut R, label: &str) -> Result<Plan> {
     let table = gpt::read(disk).context("reading the primary GPT")?;
+    if table.from_backup {
+        bail!("the primary GPT is damaged (only the backup is valid): not growing the disk");
+    }
     let sector = table.sector_size;
     let header = read_header(disk, sector).context("reading the primary GPT header")?;
     let disk_bytes = disk.seek(SeekFrom::End(0)).context("measuring the disk")?;

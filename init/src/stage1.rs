@@ -308,6 +308,9 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
                 .and_then(|mut disk| gpt::read(&mut disk));
             match table {
                 Ok(table) => {
+                    if table.from_backup {
+                        crate::info!("the primary GPT of {name} is damaged: using its backup");
+                    }
                     seen.push(format!("{name} (GPT: {})", labels(&table)));
                     if table.by_label(&root_label).is_some() {
                         candidates.push(Candidate { disk: name, table });
