@@ -1120,3 +1120,95 @@ fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
         Verdict::NotOnTrial
     );
 }
+
+/// A FleetLock server on 127.0.0.1 that answers every request with `status` and `body`; returns
+/// its URL and how many requests it answered.
+fn lock_server(status: u16, body: &'static str) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            log.lock().expect("log").push(line.trim().to_owned());
+            // The rest of the request is not needed: answer and close.
+            let _ = write!(
+                &stream,
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn staged_updates_reboot_as_the_strategy_says() {
+    use init::update::strategy::{decide, Decision};
+    let m = Machine::new();
+    fs::write(m.dir.join("machine-id"), "0123456789abcdef0123456789abcdef\n").expect("machine-id");
+    let with_update = |extra: &str| {
+        let text = fs::read_to_string(m.dir.join("image.toml")).expect("definition");
+        let text = text.replace("strategy = \"manual\"\n", extra);
+        fs::write(m.dir.join("image.toml"), text).expect("definition");
+        let agent = m.agent();
+        m.boot(Slot::A, "1");
+        agent
+    };
+    assert_eq!(decide(&m.agent()), Decision::Never, "manual");
+
+    // A window that opened an hour ago and one that opens in an hour (UTC, every day).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let at = |secs: u64| format!("{:02}:{:02}", secs % 86_400 / 3600, secs % 3600 / 60);
+    let open = with_update(&format!(
+        "strategy = \"window\"\nwindow = {{ start = \"{}\", length = \"2h\" }}\n",
+        at(now - 3600)
+    ));
+    assert_eq!(decide(&open), Decision::Reboot);
+    let closed = with_update(&format!(
+        "strategy = \"window\"\nwindow = {{ start = \"{}\", length = \"30m\" }}\n",
+        at(now + 3600 + 60)
+    ));
+    match decide(&closed) {
+        Decision::Wait { reason, retry } => {
+            assert!(retry > Duration::from_secs(3600), "{retry:?}");
+            assert!(retry <= Duration::from_secs(3600 + 120), "{retry:?}");
+            assert!(reason.contains("maintenance window opens in"), "{reason}");
+        }
+        other => panic!("a closed window allowed {other:?}"),
+    }
+
+    // FleetLock: a full group waits, a granted slot reboots, no server waits too.
+    let (full, seen) = lock_server(409, r#"{"kind":"failed_lock","value":"no slot left"}"#);
+    let refused = with_update(&format!(
+        "strategy = \"fleetlock\"\nfleetlock = {{ url = \"{full}\", group = \"workers\" }}\n"
+    ));
+    match decide(&refused) {
+        Decision::Wait { reason, .. } => assert!(reason.contains("no slot left"), "{reason}"),
+        other => panic!("a refused lock allowed {other:?}"),
+    }
+    assert_eq!(
+        seen.lock().expect("log").as_slice(),
+        ["POST /v1/pre-reboot HTTP/1.1"]
+    );
+    let (granting, _) = lock_server(200, "");
+    let granted = with_update(&format!(
+        "strategy = \"fleetlock\"\nfleetlock = {{ url = \"{granting}\" }}\n"
+    ));
+    assert_eq!(decide(&granted), Decision::Reboot);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let gone = with_update(&format!(
+        "strategy = \"fleetlock\"\nfleetlock = {{ url = \"http://127.0.0.1:{port}\" }}\n"
+    ));
+    assert!(matches!(decide(&gone), Decision::Wait { .. }));
+}

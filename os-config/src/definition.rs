@@ -195,6 +195,12 @@ pub struct Update {
     /// How often the agent polls for a release.
     #[serde(default = "default_interval")]
     pub interval: Duration,
+    /// When `strategy = "window"` may reboot.
+    #[serde(default)]
+    pub window: Option<Window>,
+    /// The lock server `strategy = "fleetlock"` asks before rebooting.
+    #[serde(default)]
+    pub fleetlock: Option<FleetLock>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -205,6 +211,81 @@ pub enum UpdateStrategy {
     Immediate,
     /// Stage only; reboot when the operator says so.
     Manual,
+    /// Reboot once the maintenance window `[update] window` is open.
+    Window,
+    /// Reboot once the FleetLock server `[update] fleetlock` grants a reboot slot; give it back
+    /// after a good boot.
+    Fleetlock,
+}
+
+/// `[update] window`: a maintenance window in UTC, for example
+/// `{ days = ["sat", "sun"], start = "02:00", length = "3h" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Window {
+    /// Days on which the window opens; every day when empty.
+    #[serde(default)]
+    pub days: Vec<Weekday>,
+    /// When it opens, `HH:MM` UTC.
+    pub start: TimeOfDay,
+    /// How long it stays open (it may run past midnight).
+    pub length: Duration,
+}
+
+/// A day of the week, as `mon` … `sun`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+impl Weekday {
+    /// Monday is 0.
+    pub fn index(self) -> u64 {
+        self as u64
+    }
+}
+
+/// A time of day, `HH:MM` (24-hour), stored as minutes after midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TimeOfDay(pub u32);
+
+impl TryFrom<String> for TimeOfDay {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<TimeOfDay, String> {
+        let parsed = text.split_once(':').and_then(|(h, m)| {
+            let (h, m) = (h.parse::<u32>().ok()?, m.parse::<u32>().ok()?);
+            (h < 24 && m < 60 && text.len() == 5).then_some(h * 60 + m)
+        });
+        parsed.map(TimeOfDay).ok_or_else(|| {
+            format!("`{text}` is not a time of day: expected HH:MM, 00:00 to 23:59 (UTC)")
+        })
+    }
+}
+
+impl From<TimeOfDay> for String {
+    fn from(t: TimeOfDay) -> String {
+        format!("{:02}:{:02}", t.0 / 60, t.0 % 60)
+    }
+}
+
+/// `[update] fleetlock`: a FleetLock server (the protocol of Zincati and airlock).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FleetLock {
+    /// Base URL; the agent posts to `<url>/v1/pre-reboot` and `<url>/v1/steady-state`.
+    pub url: String,
+    /// The group of machines that share the server's reboot slots.
+    #[serde(default = "default_fleetlock_group")]
+    pub group: Name,
 }
 
 /// `[[container]]`: one container that exists exactly as declared at every boot.
@@ -381,6 +462,54 @@ impl Definition {
                     ),
                 );
             }
+            match (update.strategy, &update.window, &update.fleetlock) {
+                (UpdateStrategy::Window, None, _) => {
+                    return fail(
+                        "strategy",
+                        "[update] strategy = \"window\" needs a window, for example window = { days = [\"sat\", \"sun\"], start = \"02:00\", length = \"3h\" }".to_owned(),
+                    )
+                }
+                (UpdateStrategy::Fleetlock, _, None) => {
+                    return fail(
+                        "strategy",
+                        "[update] strategy = \"fleetlock\" needs fleetlock = { url = \"http://…\", group = \"default\" }".to_owned(),
+                    )
+                }
+                (strategy, Some(_), _) if strategy != UpdateStrategy::Window => {
+                    return fail(
+                        "window",
+                        "[update] window is only used with strategy = \"window\"".to_owned(),
+                    )
+                }
+                (strategy, _, Some(_)) if strategy != UpdateStrategy::Fleetlock => {
+                    return fail(
+                        "fleetlock",
+                        "[update] fleetlock is only used with strategy = \"fleetlock\"".to_owned(),
+                    )
+                }
+                _ => {}
+            }
+            if let Some(window) = &update.window {
+                if window.length.0.is_zero()
+                    || window.length.0 > std::time::Duration::from_secs(7 * 86400)
+                {
+                    return fail(
+                        "length",
+                        "[update] window length must be more than 0 and at most 7 days".to_owned(),
+                    );
+                }
+            }
+            if let Some(lock) = &update.fleetlock {
+                if !lock.url.starts_with("http://") {
+                    return fail(
+                        &lock.url,
+                        format!(
+                            "[update] fleetlock url `{}`: expected an http:// URL",
+                            lock.url
+                        ),
+                    );
+                }
+            }
             if update.bless_timeout <= update.bless_after {
                 return fail(
                     "bless-timeout",
@@ -521,6 +650,9 @@ fn default_bless_after() -> Duration {
 fn default_bless_timeout() -> Duration {
     Duration(std::time::Duration::from_secs(600))
 }
+fn default_fleetlock_group() -> Name {
+    Name::parse("default").unwrap_or_else(|_| unreachable!("`default` is a valid name"))
+}
 fn default_interval() -> Duration {
     Duration(std::time::Duration::from_secs(3600))
 }
@@ -554,6 +686,50 @@ mod tests {
         assert_eq!(def.disk.root, ByteSize(512 << 20));
         assert!(def.image.verity);
         assert_eq!(def.hostname().as_str(), "demo");
+    }
+
+    #[test]
+    fn reboot_strategies_need_their_settings() {
+        let update = "[update]\nurl = \"http://10.0.0.1/r\"\n";
+        let window = parse(&format!(
+            "{MINIMAL}{update}strategy = \"window\"\nwindow = {{ days = [\"sat\", \"sun\"], start = \"23:30\", length = \"3h\" }}\n"
+        ))
+        .expect("a window parses");
+        let w = window.update.and_then(|u| u.window).expect("window");
+        assert_eq!(w.days, [Weekday::Sat, Weekday::Sun]);
+        assert_eq!(w.start, TimeOfDay(23 * 60 + 30));
+        assert_eq!(w.length.0, std::time::Duration::from_secs(3 * 3600));
+        let lock = parse(&format!(
+            "{MINIMAL}{update}strategy = \"fleetlock\"\nfleetlock = {{ url = \"http://10.0.0.2:3333\" }}\n"
+        ))
+        .expect("fleetlock parses");
+        let lock = lock.update.and_then(|u| u.fleetlock).expect("fleetlock");
+        assert_eq!(lock.group.as_str(), "default");
+
+        let cases = [
+            ("strategy = \"window\"\n", "needs a window"),
+            ("strategy = \"fleetlock\"\n", "needs fleetlock"),
+            (
+                "window = { start = \"02:00\", length = \"1h\" }\n",
+                "only used with strategy = \"window\"",
+            ),
+            (
+                "strategy = \"window\"\nwindow = { start = \"24:00\", length = \"1h\" }\n",
+                "expected HH:MM",
+            ),
+            (
+                "strategy = \"window\"\nwindow = { days = [\"someday\"], start = \"02:00\", length = \"1h\" }\n",
+                "sat",
+            ),
+            (
+                "strategy = \"fleetlock\"\nfleetlock = { url = \"https://lock\" }\n",
+                "expected an http:// URL",
+            ),
+        ];
+        for (extra, want) in cases {
+            let err = parse(&format!("{MINIMAL}{update}{extra}")).expect_err(extra);
+            assert!(err.to_string().contains(want), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -9,13 +9,14 @@ use init::update::agent::{self, Agent, Outcome, Paths};
 use init::update::apply::Event;
 use init::update::fetch::Source;
 use init::update::media;
-use os_config::definition::UpdateStrategy;
+use init::update::strategy::{self, Decision};
 
 const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] COMMAND
 commands:
   status              slots, versions, boot states and the agent's state
   check [--from SRC]  look for a newer release without writing anything
-  apply [--from SRC]  write a newer release to the other slot (then reboot when [update] strategy = \"immediate\")
+  apply [--from SRC]  write a newer release to the other slot, then reboot as [update] strategy says
+                      (immediate; window: once it is open; fleetlock: once a slot is granted)
                       SRC: a release folder, or a block device (mounted read-only) holding one
   rollback            boot the other slot next and mark the running version bad
   bless               mark the running boot good (plinth-init's health gate does this)
@@ -149,13 +150,33 @@ fn stage_delay() {
     }
 }
 
-fn apply_once(agent: &Agent, from: Option<&Source>, json: bool) -> Result<Outcome> {
+/// Applies a release; once one is staged, reboots when the strategy allows it. Returns the
+/// outcome and, when a staged update waits for its window or lock, how soon to ask again.
+fn apply_once(
+    agent: &Agent,
+    from: Option<&Source>,
+    json: bool,
+) -> Result<(Outcome, Option<Duration>)> {
     let outcome = agent.apply(from, &mut progress)?;
     print_outcome(json, &outcome)?;
-    if matches!(outcome, Outcome::Staged { .. }) && agent.strategy == UpdateStrategy::Immediate {
-        reboot()?;
+    let mut retry = None;
+    if let Outcome::Staged { version, .. } | Outcome::AlreadyStaged { version, .. } = &outcome {
+        match strategy::decide(agent) {
+            Decision::Reboot => reboot()?,
+            Decision::Never => {}
+            Decision::Wait {
+                reason,
+                retry: after,
+            } => {
+                println!(
+                    "PLINTH-STATUS update-waiting version={version} reason=\"{}\"",
+                    reason.replace('"', "'")
+                );
+                retry = Some(after);
+            }
+        }
     }
-    Ok(outcome)
+    Ok((outcome, retry))
 }
 
 /// The exit status for what `apply` or `check` found.
@@ -240,7 +261,7 @@ fn run(args: Args) -> Result<ExitCode> {
         }
         "apply" => {
             report_rollback(&agent)?;
-            return Ok(exit_for(&apply_once(&agent, from.as_ref(), args.json)?));
+            return Ok(exit_for(&apply_once(&agent, from.as_ref(), args.json)?.0));
         }
         "rollback" => {
             let rb = agent.rollback()?;
@@ -260,14 +281,35 @@ fn run(args: Args) -> Result<ExitCode> {
             let blessed = agent.bless()?;
             println!("{blessed:?}");
         }
-        "daemon" => loop {
-            if let Err(e) =
-                report_rollback(&agent).and_then(|()| apply_once(&agent, None, args.json).map(drop))
-            {
-                eprintln!("plinth-update: {e:#}");
+        "daemon" => {
+            let mut released = false;
+            loop {
+                let mut next = jittered(agent.interval);
+                match report_rollback(&agent).and_then(|()| apply_once(&agent, None, args.json)) {
+                    Ok((outcome, retry)) => {
+                        // A good boot with nothing staged gives its FleetLock slot back (once
+                        // per start); a staged update keeps, or has just taken, the slot.
+                        let settled = !matches!(
+                            outcome,
+                            Outcome::WaitingForBless { .. }
+                                | Outcome::Staged { .. }
+                                | Outcome::AlreadyStaged { .. }
+                        );
+                        if settled && !released {
+                            match strategy::release_after_good_boot(&agent) {
+                                Ok(done) => released = done,
+                                Err(e) => eprintln!("plinth-update: {e:#}"),
+                            }
+                        }
+                        if let Some(retry) = retry {
+                            next = next.min(retry + Duration::from_secs(1));
+                        }
+                    }
+                    Err(e) => eprintln!("plinth-update: {e:#}"),
+                }
+                std::thread::sleep(next);
             }
-            std::thread::sleep(jittered(agent.interval));
-        },
+        }
         other => bail!("unknown command `{other}`\n{USAGE}"),
     }
     Ok(ExitCode::SUCCESS)

@@ -239,6 +239,54 @@ impl Resuming<'_> {
     }
 }
 
+/// One `POST` of `body` with `headers` to `url`, `Connection: close`; returns the status and the
+/// body (at most [`SMALL_FILE_LIMIT`] bytes), for small API calls like FleetLock's.
+pub fn http_post(url: &HttpUrl, headers: &[(&str, &str)], body: &[u8]) -> Result<(u16, String)> {
+    let what = url.to_string();
+    let addr = (url.host.as_str(), url.port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {what}"))?
+        .next()
+        .with_context(|| format!("{what}: host has no address"))?;
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
+        .with_context(|| format!("connecting to {what}"))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut request = format!(
+        "POST {} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: plinth-update\r\nConnection: close\r\nContent-Length: {}\r\n",
+        url.path,
+        url.host,
+        url.port,
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    (&stream)
+        .write_all(request.as_bytes())
+        .and_then(|()| (&stream).write_all(body))
+        .with_context(|| format!("sending to {what}"))?;
+    let mut reply = Vec::new();
+    (&stream)
+        .take(SMALL_FILE_LIMIT)
+        .read_to_end(&mut reply)
+        .with_context(|| format!("reading the reply of {what}"))?;
+    let reply = String::from_utf8_lossy(&reply);
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| {
+            format!(
+                "{what}: malformed reply `{}`",
+                head.lines().next().unwrap_or("")
+            )
+        })?;
+    Ok((status, body.to_owned()))
+}
+
 fn http_get(
     url: &HttpUrl,
     offset: u64,

@@ -13,6 +13,7 @@
 //! - Tests interrupt [`Agent::apply`] through its hook at any [`apply::Event`].
 //!
 //! Console lines the agent prints: `update-progress stage=…`, `update-staged version=… slot=…`,
+//! `update-waiting version=… reason="…"` (a window or FleetLock, see [`strategy`]),
 //! `update-refused version=… reason="…"`, `update-rebooting`, `rollback from=… to=…`.
 
 pub mod agent;
@@ -23,6 +24,7 @@ pub mod fetch;
 pub mod gate;
 pub mod media;
 pub mod state;
+pub mod strategy;
 pub mod verity;
 
 pub use agent::{bless_disk, Agent, Outcome, Paths, Rollback, Status};
