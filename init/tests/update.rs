@@ -1149,7 +1149,11 @@ fn lock_server(status: u16, body: &'static str) -> (String, Arc<Mutex<Vec<String
 fn staged_updates_reboot_as_the_strategy_says() {
     use init::update::strategy::{decide, Decision};
     let m = Machine::new();
-    fs::write(m.dir.join("machine-id"), "0123456789abcdef0123456789abcdef\n").expect("machine-id");
+    fs::write(
+        m.dir.join("machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .expect("machine-id");
     let with_update = |extra: &str| {
         let text = fs::read_to_string(m.dir.join("image.toml")).expect("definition");
         let text = text.replace("strategy = \"manual\"\n", extra);
