@@ -1171,7 +1171,8 @@ fn bench_update(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>) -> 
         .arg(&media)
         .arg("512M"))?;
     let tools = tools_archive(&work, &lock)?;
-    let baseline_name = "zstd -d | dd conv=fsync of the root and verity artifacts";
+    // No `|` in the name: it is a Markdown table cell.
+    let baseline_name = "zstd -d into dd conv=fsync, root and verity artifacts";
     let mut wall = Row::new(
         "Update: apply from a local release disk, wall time",
         "s",
