@@ -161,22 +161,34 @@ fn apply_once(
     print_outcome(json, &outcome)?;
     let mut retry = None;
     if let Outcome::Staged { version, .. } | Outcome::AlreadyStaged { version, .. } = &outcome {
-        match strategy::decide(agent) {
-            Decision::Reboot => reboot()?,
-            Decision::Never => {}
-            Decision::Wait {
-                reason,
-                retry: after,
-            } => {
-                println!(
-                    "PLINTH-STATUS update-waiting version={version} reason=\"{}\"",
-                    reason.replace('"', "'")
-                );
-                retry = Some(after);
-            }
-        }
+        retry = reboot_when_allowed(agent, version)?;
     }
     Ok((outcome, retry))
+}
+
+/// Reboots into the staged `version` when the strategy allows it now; otherwise says why and
+/// returns how soon to ask again.
+fn reboot_when_allowed(agent: &Agent, version: &str) -> Result<Option<Duration>> {
+    match strategy::decide(agent) {
+        Decision::Reboot => reboot().map(|()| None),
+        Decision::Never => Ok(None),
+        Decision::Wait { reason, retry } => {
+            println!(
+                "PLINTH-STATUS update-waiting version={version} reason=\"{}\"",
+                reason.replace('"', "'")
+            );
+            Ok(Some(retry))
+        }
+    }
+}
+
+/// [`reboot_when_allowed`] for the update the state records as staged (and not running yet).
+fn reboot_if_staged(agent: &Agent) -> Option<Duration> {
+    let staged = agent.status().ok()?.staged?;
+    reboot_when_allowed(agent, &staged.version.to_string()).unwrap_or_else(|e| {
+        eprintln!("plinth-update: {e:#}");
+        None
+    })
 }
 
 /// The exit status for what `apply` or `check` found.
@@ -305,7 +317,14 @@ fn run(args: Args) -> Result<ExitCode> {
                             next = next.min(retry + Duration::from_secs(1));
                         }
                     }
-                    Err(e) => eprintln!("plinth-update: {e:#}"),
+                    Err(e) => {
+                        eprintln!("plinth-update: {e:#}");
+                        // The server may be gone while an update is staged: its window or lock
+                        // does not depend on the server.
+                        if let Some(retry) = reboot_if_staged(&agent) {
+                            next = next.min(retry + Duration::from_secs(1));
+                        }
+                    }
                 }
                 std::thread::sleep(next);
             }
