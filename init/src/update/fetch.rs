@@ -267,24 +267,39 @@ pub fn http_post(url: &HttpUrl, headers: &[(&str, &str)], body: &[u8]) -> Result
         .write_all(request.as_bytes())
         .and_then(|()| (&stream).write_all(body))
         .with_context(|| format!("sending to {what}"))?;
-    let mut reply = Vec::new();
-    (&stream)
-        .take(SMALL_FILE_LIMIT)
-        .read_to_end(&mut reply)
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
         .with_context(|| format!("reading the reply of {what}"))?;
-    let reply = String::from_utf8_lossy(&reply);
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-    let status = head
+    let status = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .with_context(|| {
-            format!(
-                "{what}: malformed reply `{}`",
-                head.lines().next().unwrap_or("")
-            )
-        })?;
-    Ok((status, body.to_owned()))
+        .with_context(|| format!("{what}: malformed reply `{}`", line.trim()))?;
+    let mut length = None;
+    loop {
+        line.clear();
+        reader
+            .read_line(&mut line)
+            .with_context(|| format!("reading the reply of {what}"))?;
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse::<u64>().ok();
+            }
+        }
+    }
+    // With a length, read just that (the server may keep the connection open); else to the end.
+    let mut body = Vec::new();
+    reader
+        .take(length.unwrap_or(SMALL_FILE_LIMIT).min(SMALL_FILE_LIMIT))
+        .read_to_end(&mut body)
+        .with_context(|| format!("reading the reply of {what}"))?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 fn http_get(
@@ -470,6 +485,35 @@ impl<R: BufRead> Read for Chunked<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_post_reply_is_read_to_its_length_on_a_connection_left_open() {
+        // Like a host service behind QEMU's guestfwd, the server never closes the connection.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = HttpUrl::parse(&format!(
+            "http://{}/v1/x",
+            listener.local_addr().expect("addr")
+        ))
+        .expect("url");
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            (&stream)
+                .write_all(b"HTTP/1.1 409 Conflict\r\nContent-Length: 4\r\n\r\nfull")
+                .expect("reply");
+            let _ = finished.recv();
+        });
+        let (status, body) =
+            http_post(&url, &[("fleet-lock-protocol", "true")], b"").expect("post");
+        assert_eq!((status, body.as_str()), (409, "full"));
+        drop(done);
+        server.join().expect("server");
+    }
 
     #[test]
     fn urls_parse() {
