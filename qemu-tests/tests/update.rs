@@ -818,3 +818,193 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
     vm.kill();
     Ok(())
 }
+
+/// Where the guest finds the FleetLock server.
+const GUEST_LOCK_SERVER: &str = "10.0.2.101:8001";
+
+/// A FleetLock server for the guest: answers every request on a connection (QEMU's `guestfwd`
+/// keeps one open) with the current status, and logs `<path> -> <status>`.
+struct LockServer {
+    status: Arc<Mutex<u16>>,
+    log: Arc<Mutex<Vec<String>>>,
+    port: u16,
+}
+
+impl LockServer {
+    fn start(status: u16) -> Result<LockServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the lock server")?;
+        let port = listener.local_addr()?.port();
+        let (status, log) = (
+            Arc::new(Mutex::new(status)),
+            Arc::new(Mutex::new(Vec::new())),
+        );
+        let (st, lg) = (Arc::clone(&status), Arc::clone(&log));
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (st, lg) = (Arc::clone(&st), Arc::clone(&lg));
+                std::thread::spawn(move || {
+                    let _ = lock_serve(stream, &st, &lg);
+                });
+            }
+        });
+        Ok(LockServer { status, log, port })
+    }
+
+    fn answer(&self, status: u16) {
+        if let Ok(mut current) = self.status.lock() {
+            *current = status;
+        }
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+fn lock_serve(stream: TcpStream, status: &Mutex<u16>, log: &Mutex<Vec<String>>) -> Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request)? == 0 {
+            return Ok(());
+        }
+        if request.trim().is_empty() {
+            continue;
+        }
+        let path = request.split_whitespace().nth(1).unwrap_or("?").to_owned();
+        let mut length = 0usize;
+        let mut protocol = false;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            protocol |= lower.trim() == "fleet-lock-protocol: true";
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        let group = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["client_params"]["group"].as_str().map(str::to_owned));
+        let code = if protocol && group.as_deref() == Some("workers") {
+            *status
+                .lock()
+                .map_err(|_| anyhow::anyhow!("lock poisoned"))?
+        } else {
+            400
+        };
+        let reply = if code == 200 {
+            String::new()
+        } else {
+            r#"{"kind":"failed_lock","value":"all reboot slots of group workers are taken"}"#
+                .to_owned()
+        };
+        if let Ok(mut log) = log.lock() {
+            log.push(format!("{path} -> {code}"));
+        }
+        write!(
+            out,
+            "HTTP/1.1 {code} X\r\nContent-Length: {}\r\n\r\n{reply}",
+            reply.len()
+        )?;
+        out.flush()?;
+    }
+}
+
+#[test]
+fn fleetlock_takes_a_reboot_slot_first_and_gives_it_back_after_the_bless() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let work = dir.path();
+    let key = work.join("release.key");
+    std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
+    let public = builder::publish::read_secret_key(&key)?
+        .public()
+        .to_string();
+    let fleetlock = |version: &str| {
+        definition(version, &public, true, "").replacen(
+            "interval = \"10s\"\n",
+            &format!(
+                "interval = \"10s\"\nstrategy = \"fleetlock\"\nfleetlock = {{ url = \"http://{GUEST_LOCK_SERVER}\", group = \"workers\" }}\n"
+            ),
+            1,
+        )
+    };
+    let (v2_text, v3_text) = (fleetlock("2.0.0"), fleetlock("3.0.0"));
+    ensure!(v2_text.contains("strategy = \"fleetlock\""), "{v2_text}");
+    let v2 = build(work, "update-fl-v2", &v2_text, "2.0.0")?;
+    let v3 = build(work, "update-fl-v3", &v3_text, "3.0.0")?;
+    publish(&v3_text, &v3, &key, &work.join("rel3"), work)?;
+
+    let releases = Server::start(&work.join("rel3"))?;
+    let lock = LockServer::start(409)?;
+    let disk = image::private_copy(&v2, work)?;
+    let mut opts = VmOptions::new(&disk);
+    opts.guest_forwards = vec![
+        (GUEST_SERVER.to_owned(), releases.port),
+        (GUEST_LOCK_SERVER.to_owned(), lock.port),
+    ];
+    let mut vm = Vm::boot(&opts)?;
+    let mut at = 0;
+    let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
+    expect_field(&staged, "version", "3.0.0")?;
+    // The group is full: the staged update waits, and asks again at the next poll.
+    let waiting = next_status(&mut vm, &mut at, "update-waiting", BOOT)?;
+    expect_field(&waiting, "version", "3.0.0")?;
+    let reason = waiting.get("reason").cloned().unwrap_or_default();
+    ensure!(
+        reason.contains("all reboot slots of group workers are taken"),
+        "unexpected wait: {reason}"
+    );
+    next_status(&mut vm, &mut at, "update-waiting", BOOT)?;
+    ensure!(
+        !vm.console()[..at].contains("update-rebooting"),
+        "rebooted without a slot"
+    );
+    // A slot frees up: the agent takes it and reboots into v3, which is blessed; then it gives
+    // the slot back.
+    lock.answer(200);
+    next_status(&mut vm, &mut at, "update-rebooting", BOOT)?;
+    let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
+    expect_field(&mounted, "slot", "b")?;
+    let blessed = next_status(&mut vm, &mut at, "boot-blessed", BOOT)?;
+    expect_field(&blessed, "version", "3.0.0")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !lock.log().iter().any(|l| l.starts_with("/v1/steady-state")) {
+        ensure!(
+            Instant::now() < deadline,
+            "no steady-state after the bless: {:?}",
+            lock.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    vm.kill();
+    let log = lock.log();
+    eprintln!("FleetLock requests: {log:?}");
+    let granted = log
+        .iter()
+        .position(|l| l == "/v1/pre-reboot -> 200")
+        .context("no granted pre-reboot")?;
+    ensure!(
+        log[..granted]
+            .iter()
+            .filter(|l| *l == "/v1/pre-reboot -> 409")
+            .count()
+            >= 2,
+        "the agent did not wait on the full group: {log:?}"
+    );
+    let released = log
+        .iter()
+        .position(|l| l == "/v1/steady-state -> 200")
+        .context("no steady-state")?;
+    ensure!(released > granted, "released before the reboot: {log:?}");
+    ensure!(
+        !log.iter().any(|l| l.ends_with("-> 400")),
+        "a request without the protocol header or the group: {log:?}"
+    );
+    Ok(())
+}
