@@ -7,6 +7,8 @@
 //! Offline: releases on ext4 and FAT disks are applied with `plinth-update apply --from /dev/…`,
 //! and a lower version, another image's release and a flipped artifact byte are refused with
 //! nothing staged.
+//! FleetLock: a staged update waits while the lock server's group is full, reboots once it grants
+//! a slot, and gives the slot back after the bless.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
