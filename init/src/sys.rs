@@ -181,9 +181,11 @@ pub fn block_signals(signals: &[libc::c_int]) -> io::Result<SignalSet> {
     Ok(SignalSet(set))
 }
 
-/// Makes `command`'s child start with no blocked signals. PID 1 blocks the signals it waits for,
-/// and a forked child inherits the mask (std does not reset it): a dockerd with SIGTERM blocked
-/// would ignore the shutdown.
+/// Makes `command`'s child start with no blocked and no ignored signals. PID 1 blocks the signals
+/// it waits for, and a forked child inherits the mask (std does not reset it): a dockerd with
+/// SIGTERM blocked would ignore the shutdown. Ignored signals also stay ignored across exec (a
+/// process started from a shell's background job ignores SIGINT and SIGQUIT), so every standard
+/// signal goes back to its default action too.
 pub fn unblock_signals_in_child(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: `sigset_t` is plain data; all-zero is a valid value and `sigemptyset` initializes it.
@@ -191,13 +193,19 @@ pub fn unblock_signals_in_child(command: &mut std::process::Command) {
     // SAFETY: `empty` is a valid, exclusively borrowed `sigset_t`.
     unsafe { libc::sigemptyset(&mut empty) };
     // SAFETY: the hook runs between fork and exec and only calls `pthread_sigmask` (the
-    // `rt_sigprocmask` system call, async-signal-safe) on a set copied into the closure before the
-    // fork; it neither allocates nor takes locks (a raw OS error needs no allocation).
+    // `rt_sigprocmask` system call) on a set copied into the closure before the fork, and
+    // `signal` with `SIG_DFL` (a `rt_sigaction` system call); both are async-signal-safe. It
+    // neither allocates nor takes locks (a raw OS error needs no allocation).
     unsafe {
         command.pre_exec(move || {
             let rc = libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             if rc != 0 {
                 return Err(io::Error::from_raw_os_error(rc));
+            }
+            for signal in 1..32 {
+                if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                    libc::signal(signal, libc::SIG_DFL);
+                }
             }
             Ok(())
         });
