@@ -52,7 +52,15 @@ impl VmOptions {
 struct Console {
     text: Mutex<String>,
     changed: Condvar,
+    /// When the guest last printed anything.
+    last_output: Mutex<Option<Instant>>,
 }
+
+/// How long the console may stay silent after the guest's `reboot: machine restart` before the
+/// harness presses reset: under TCG, OVMF now and then hangs in the reset the guest asked for
+/// (nothing, not even the firmware's boot lines, follows), which is the emulator's fault, not
+/// the guest's. A real machine would need its reset button or a watchdog alike.
+pub const RESET_SILENCE: Duration = Duration::from_secs(90);
 
 /// A running QEMU guest. Killed when dropped.
 #[derive(Debug)]
@@ -62,6 +70,8 @@ pub struct Vm {
     monitor: PathBuf,
     dir: tempfile::TempDir,
     started: Instant,
+    /// Console length at which reset was last pressed (once per hang).
+    reset_pressed_at: Option<usize>,
 }
 
 /// Checks that QEMU and OVMF are installed; tests fail (not skip) without them.
@@ -149,6 +159,7 @@ impl Vm {
             monitor,
             dir,
             started: Instant::now(),
+            reset_pressed_at: None,
         })
     }
 
@@ -210,6 +221,7 @@ impl Vm {
                     .changed
                     .wait_timeout(text, (deadline - now).min(Duration::from_millis(500)));
             }
+            self.unstick_reset();
             if let Some(status) = self.child.try_wait()? {
                 let text = self.console();
                 if !text[from.min(text.len())..].contains(needle) {
@@ -283,6 +295,29 @@ impl Vm {
         console_report(&text, saved.as_deref())
     }
 
+    /// Presses reset (the monitor's `system_reset`) once when the guest asked for a reboot and
+    /// then printed nothing for [`RESET_SILENCE`]; see there.
+    fn unstick_reset(&mut self) {
+        let text = self.console();
+        let quiet = self
+            .console
+            .last_output
+            .lock()
+            .ok()
+            .and_then(|last| last.map(|t| t.elapsed()))
+            .unwrap_or_default();
+        if needs_reset(&text, quiet, self.reset_pressed_at) {
+            self.reset_pressed_at = Some(text.len());
+            eprintln!(
+                "harness: the guest printed nothing for {} s after `reboot: machine restart` (a firmware hang on reset under TCG); pressing reset",
+                quiet.as_secs()
+            );
+            if let Err(e) = self.monitor("system_reset") {
+                eprintln!("harness: pressing reset failed: {e:#}");
+            }
+        }
+    }
+
     /// Kills QEMU at once, as a power cut would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -316,10 +351,21 @@ fn pump(stream: Box<dyn Read + Send>, console: &Console, echo: bool) {
                 if let Ok(mut all) = console.text.lock() {
                     all.push_str(&text);
                 }
+                if let Ok(mut last) = console.last_output.lock() {
+                    *last = Some(Instant::now());
+                }
                 console.changed.notify_all();
             }
         }
     }
+}
+
+/// Whether a console that ends with the guest's reboot and has been quiet for `quiet` needs reset
+/// pressed (not again for the same hang, marked by the console length `pressed_at`).
+fn needs_reset(text: &str, quiet: Duration, pressed_at: Option<usize>) -> bool {
+    text.trim_end().ends_with("reboot: machine restart")
+        && quiet >= RESET_SILENCE
+        && pressed_at != Some(text.len())
 }
 
 /// Lines of the console tail a failure report shows.
@@ -435,6 +481,21 @@ mod tests {
         assert_eq!(quoted["reason"], "a \"b\" c");
         assert_eq!(quoted["v"], "1");
         assert_eq!(quoted["slot"], "b");
+    }
+
+    #[test]
+    fn reset_is_pressed_once_for_a_silent_reboot_only() {
+        let hung = "[ 54.68] reboot: Restarting system\r\n[ 54.69] reboot: machine restart\r\n";
+        let long = RESET_SILENCE + Duration::from_secs(1);
+        assert!(needs_reset(hung, long, None));
+        assert!(!needs_reset(hung, long, Some(hung.len())), "once per hang");
+        assert!(
+            !needs_reset(hung, Duration::from_secs(5), None),
+            "not before the silence"
+        );
+        let booting = format!("{hung}BdsDxe: loading Boot0001\r\n");
+        assert!(!needs_reset(&booting, long, None), "the firmware came back");
+        assert!(!needs_reset("plinth-init: waiting\n", long, None));
     }
 
     #[test]
