@@ -152,41 +152,78 @@ fn serve(
 ) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    loop {
-        let mut request = String::new();
-        if reader.read_line(&mut request)? == 0 {
-            return Ok(());
-        }
-        if request.trim().is_empty() {
-            continue;
-        }
-        let path = request
-            .split_whitespace()
-            .nth(1)
-            .context("request line without a path")?
-            .to_owned();
-        let mut offset = 0u64;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-                break;
-            }
-            if let Some((key, value)) = line.split_once(':') {
-                if key.trim().eq_ignore_ascii_case("range") {
-                    offset = value
-                        .trim()
-                        .strip_prefix("bytes=")
-                        .and_then(|v| v.strip_suffix('-'))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                }
-            }
-        }
+    while let Some(request) = read_request(&mut reader)? {
+        let path = &request.path;
+        let offset = request
+            .header("range")
+            .and_then(|v| v.strip_prefix("bytes="))
+            .and_then(|v| v.strip_suffix('-'))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0u64);
         if let Ok(mut log) = log.lock() {
             log.push((Instant::now(), path.clone()));
         }
-        respond(&mut out, root, &path, offset, stall)?;
+        respond(&mut out, root, path, offset, stall)?;
     }
+    Ok(())
+}
+
+/// One HTTP request: its path, its headers (names in lowercase) and its body.
+struct Request {
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads the next request of a connection (the body by its `Content-Length`); `None` once the
+/// peer has closed it.
+fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        if !line.trim().is_empty() {
+            break;
+        }
+    }
+    let path = line
+        .split_whitespace()
+        .nth(1)
+        .context("request line without a path")?
+        .to_owned();
+    let mut headers = Vec::new();
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    let mut request = Request {
+        path,
+        headers,
+        body: Vec::new(),
+    };
+    let length = request
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0usize);
+    request.body = vec![0u8; length];
+    reader.read_exact(&mut request.body)?;
+    Ok(Some(request))
 }
 
 fn respond(
@@ -868,31 +905,12 @@ impl LockServer {
 fn lock_serve(stream: TcpStream, status: &Mutex<u16>, log: &Mutex<Vec<String>>) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    loop {
-        let mut request = String::new();
-        if reader.read_line(&mut request)? == 0 {
-            return Ok(());
-        }
-        if request.trim().is_empty() {
-            continue;
-        }
-        let path = request.split_whitespace().nth(1).unwrap_or("?").to_owned();
-        let mut length = 0usize;
-        let mut protocol = false;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-                break;
-            }
-            let lower = line.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-            protocol |= lower.trim() == "fleet-lock-protocol: true";
-        }
-        let mut body = vec![0u8; length];
-        reader.read_exact(&mut body)?;
-        let group = serde_json::from_slice::<serde_json::Value>(&body)
+    while let Some(request) = read_request(&mut reader)? {
+        let (path, body) = (&request.path, &request.body);
+        let protocol = request
+            .header("fleet-lock-protocol")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let group = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v["client_params"]["group"].as_str().map(str::to_owned));
         let code = if protocol && group.as_deref() == Some("workers") {
@@ -918,6 +936,7 @@ fn lock_serve(stream: TcpStream, status: &Mutex<u16>, log: &Mutex<Vec<String>>) 
         )?;
         out.flush()?;
     }
+    Ok(())
 }
 
 #[test]
