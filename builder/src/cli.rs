@@ -31,6 +31,10 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Write a signed release of a built image into a static folder.
     Publish(PublishArgs),
+    /// Answer one guest connection on standard input and output with files of a release folder
+    /// (started by QEMU for `plinth run --serve`).
+    #[command(hide = true)]
+    ServeConnection(ServeConnectionArgs),
 }
 
 /// Options shared by every command that reads packages.
@@ -97,6 +101,10 @@ pub struct RunArgs {
     /// Boot a throw-away copy-on-write overlay instead of the disk itself.
     #[arg(long)]
     pub snapshot: bool,
+    /// Serve this release folder (as `plinth publish --to DIR` writes it) to the guest at
+    /// http://10.0.2.100:8000, the `[update] url` to build the image with.
+    #[arg(long, value_name = "DIR")]
+    pub serve: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +152,12 @@ pub struct PublishArgs {
     pub rollout: Option<os_config::units::Duration>,
 }
 
+#[derive(Debug, Args)]
+pub struct ServeConnectionArgs {
+    /// The release folder whose files are served.
+    pub dir: PathBuf,
+}
+
 /// Runs the command the user asked for.
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
@@ -155,6 +169,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Verify(args) => crate::inspect::verify(&args),
         Command::Keygen(args) => crate::publish::keygen(&args),
         Command::Publish(args) => crate::publish::publish(&args),
+        Command::ServeConnection(args) => crate::serve::serve_stdio(&args),
     }
 }
 

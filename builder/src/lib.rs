@@ -12,4 +12,5 @@ pub mod progress;
 pub mod publish;
 pub mod qemu;
 pub mod rootfs;
+pub mod serve;
 pub mod tools;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::cli::RunArgs;
-use crate::tools;
+use crate::{serve, tools};
 
 /// OVMF firmware code (read-only flash), from Debian's `ovmf`.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
@@ -63,7 +63,8 @@ pub struct QemuOptions {
     pub mem_mib: u32,
     pub cpus: u32,
     pub forwards: Vec<Forward>,
-    /// Extra `guestfwd=` rules of the user network (`tcp:10.0.2.100:80-tcp:127.0.0.1:8000`).
+    /// Extra `guestfwd=` rules of the user network (`tcp:10.0.2.100:80-tcp:127.0.0.1:8000`, or
+    /// `tcp:10.0.2.100:8000-cmd:COMMAND`); commas in them are doubled on the command line.
     pub guest_forwards: Vec<String>,
     /// Writes go to a throw-away overlay.
     pub snapshot: bool,
@@ -139,7 +140,8 @@ pub fn qemu_command(opts: &QemuOptions) -> Vec<String> {
         ));
     }
     for g in &opts.guest_forwards {
-        netdev.push_str(&format!(",guestfwd={g}"));
+        // QEMU's option parser reads a doubled comma as one comma inside a value.
+        netdev.push_str(&format!(",guestfwd={}", g.replace(',', ",,")));
     }
     push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"]);
     push(&["-device", "virtio-rng-pci"]);
@@ -215,6 +217,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .iter()
         .map(|f| parse_forward(f))
         .collect::<Result<Vec<_>>>()?;
+    let served = args
+        .serve
+        .as_deref()
+        .map(serve::release_folder)
+        .transpose()?;
     tools::require(&[tools::QEMU_SYSTEM])?;
     for firmware in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(firmware).is_file() {
@@ -229,6 +236,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     opts.mem_mib = args.mem;
     opts.snapshot = args.snapshot;
     opts.forwards = forwards;
+    if let Some(dir) = served {
+        let plinth = std::env::current_exe().context("finding the plinth program")?;
+        opts.guest_forwards
+            .push(serve::guest_forward(&plinth, &dir)?);
+        eprintln!(
+            "plinth: serving {} to the guest at {}",
+            dir.display(),
+            serve::GUEST_URL
+        );
+    }
     let qemu = tools::QEMU_SYSTEM.find()?;
     match args.accel.as_str() {
         "tcg" => exec(&qemu, &opts),
@@ -352,6 +369,24 @@ mod tests {
     }
 
     #[test]
+    fn a_served_folder_is_a_command_rule_with_its_commas_doubled() {
+        let mut opts = QemuOptions::new(Path::new("/img/d.raw"), Path::new("/img/d.raw.vars.fd"));
+        let rule = serve::guest_forward(Path::new("/opt/a,b/plinth"), Path::new("/srv/releases"))
+            .expect("rule");
+        opts.guest_forwards = vec![rule];
+        let args = qemu_command(&opts);
+        let netdev = args
+            .windows(2)
+            .find(|w| w[0] == "-netdev")
+            .map(|w| w[1].clone())
+            .expect("-netdev");
+        assert_eq!(
+            netdev,
+            "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:8000-cmd:'/opt/a,,b/plinth' serve-connection '/srv/releases'"
+        );
+    }
+
+    #[test]
     fn forwards_parse_or_say_what_is_expected() {
         assert_eq!(
             parse_forward("2222:22/udp").expect("valid"),
@@ -373,7 +408,16 @@ mod tests {
             mem: 512,
             forwards: vec![forward.to_owned()],
             snapshot: true,
+            serve: None,
         };
+        let mut serving = args("/nonexistent/d.raw", "tcg", "1:2");
+        serving.serve = Some(PathBuf::from("/nonexistent/releases"));
+        let err = run(&serving).expect_err("no release folder");
+        assert!(
+            err.to_string()
+                .contains("release folder /nonexistent/releases does not exist"),
+            "{err}"
+        );
         let err = run(&args("/nonexistent/d.raw", "tcg", "1:2")).expect_err("no disk");
         assert!(
             err.to_string()

@@ -281,3 +281,175 @@ fn large_artifacts_are_cut_into_independent_frames() {
         publish::store_artifact_framed(&content[..1000], tmp.path(), 262_144).expect("store");
     assert!(small.frames.is_empty(), "one frame needs no frame table");
 }
+
+/// The host-side commands of the README's Updates section, run as printed with the built `plinth`
+/// in a scratch folder: the `sh` block (the comment line that asks for the public key in
+/// `[update] keys` is done here, with the `[update] url` that `plinth run --serve` serves), and
+/// the `mkfs.ext4 …` of the offline updates. The disk that `plinth publish` would otherwise build
+/// is a synthetic one at the path the command reads; `plinth run --serve` boots it until QEMU has
+/// accepted the guest network with its `-cmd:` rule and quits through the console's Ctrl-A X.
+#[test]
+fn readme_updates_commands_run_as_printed() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let readme = fs::read_to_string(workspace.join("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Updates\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README.md has an `## Updates` section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("the Updates section starts with an sh block");
+    let mut commands: Vec<String> = block
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim().to_owned())
+        .filter(|line| !line.is_empty())
+        .collect();
+    let offline = section
+        .split('`')
+        .find(|span| span.starts_with("mkfs.ext4 "))
+        .expect("the offline updates paragraph shows a mkfs.ext4 command");
+    commands.push(offline.to_owned());
+    assert!(commands.len() >= 4, "{commands:?}");
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let plinth = env!("CARGO_BIN_EXE_plinth");
+    let mut public_key = None;
+    for command in &commands {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        eprintln!("$ {command}");
+        match words.as_slice() {
+            ["plinth", "keygen", args @ ..] => {
+                let out = std::process::Command::new(plinth)
+                    .arg("keygen")
+                    .args(args)
+                    .current_dir(dir)
+                    .output()
+                    .expect("running plinth keygen");
+                assert!(out.status.success(), "{command}: {out:?}");
+                public_key = Some(
+                    String::from_utf8(out.stdout)
+                        .expect("utf-8")
+                        .trim()
+                        .to_owned(),
+                );
+            }
+            ["plinth", "publish", definition, args @ ..] => {
+                // The README's comment line: the public key into [update] keys of the definition.
+                let key = public_key.as_deref().expect("keygen runs before publish");
+                let source = fs::read_to_string(workspace.join(definition)).expect(definition);
+                let target = dir.join(definition);
+                fs::create_dir_all(target.parent().expect("folder")).expect("mkdir");
+                fs::write(
+                    &target,
+                    format!("{source}\n[update]\nurl = \"http://10.0.2.100:8000\"\nkeys = [\"{key}\"]\n"),
+                )
+                .expect("definition");
+                let def = builder::build::load_definition(&target).expect("edited definition");
+                let disk = dir.join(format!("out/{}-{}.raw", def.image.name, def.image.version));
+                fs::create_dir_all(dir.join("out")).expect("mkdir");
+                make_disk(&disk, 3, 64);
+                let out = std::process::Command::new(plinth)
+                    .args(["publish", definition])
+                    .args(args)
+                    .current_dir(dir)
+                    .output()
+                    .expect("running plinth publish");
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{command}: {out:?}");
+                assert!(!stderr.contains("warning"), "{command}: {stderr}");
+                let to = args
+                    .windows(2)
+                    .find(|w| w[0] == "--to")
+                    .map(|w| w[1])
+                    .expect("--to");
+                let bytes = fs::read(dir.join(to).join("stable/manifest.json")).expect("manifest");
+                let sig = fs::read(dir.join(to).join("stable/manifest.json.sig")).expect("sig");
+                let trusted = os_config::manifest::PublicKey::parse(key).expect("public key");
+                let m = manifest::verify_signed(&bytes, &sig, &[trusted]).expect("signed");
+                assert_eq!(m.version, def.image.version);
+            }
+            ["plinth", "run", args @ ..] => run_until_qemu_is_up(plinth, args, dir, command),
+            ["mkfs.ext4", args @ ..] => {
+                let mkfs = builder::tools::MKFS_EXT4.find().expect("mkfs.ext4");
+                let out = std::process::Command::new(mkfs)
+                    .args(args)
+                    .current_dir(dir)
+                    .output()
+                    .expect("running mkfs.ext4");
+                assert!(out.status.success(), "{command}: {out:?}");
+            }
+            _ => panic!(
+                "the README's Updates section shows `{command}`, which this test does not run yet"
+            ),
+        }
+    }
+}
+
+/// Runs `plinth run ARGS` until it says what it serves and QEMU has been up for 3 s, then quits
+/// QEMU as a user does (Ctrl-A X on the console) and expects a clean exit.
+fn run_until_qemu_is_up(plinth: &str, args: &[&str], dir: &Path, command: &str) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(plinth)
+        .arg("run")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("running plinth run");
+    let group = child.id();
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let serving = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{command}: nothing on stderr ({e})"));
+    let kill_group = || {
+        let _ = rustix::process::kill_process_group(
+            rustix::process::Pid::from_raw(group as i32).expect("pid"),
+            rustix::process::Signal::Kill,
+        );
+    };
+    if !serving.contains("to the guest at http://10.0.2.100:8000") {
+        kill_group();
+        panic!("{command}: stderr starts with `{serving}`");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    if let Some(status) = child.try_wait().expect("wait") {
+        let rest: Vec<String> = rx.try_iter().collect();
+        panic!("{command}: exited early with {status}: {rest:?}");
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"\x01x").expect("Ctrl-A X");
+    drop(stdin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let rest: Vec<String> = rx.try_iter().collect();
+            assert!(status.success(), "{command}: {status}: {rest:?}");
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            kill_group();
+            panic!("{command}: QEMU did not quit on Ctrl-A X");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
