@@ -590,8 +590,9 @@ fn reconcile_one(
 }
 
 /// Makes every declared container exist exactly as declared and running, removes managed
-/// containers no longer declared, and reports `container-running`/`container-failed` per
-/// declared container. Fails only when the engine cannot list its containers; a container that
+/// containers no longer declared, and reports `container-started`/`container-failed` per
+/// declared container (`container-running` comes later, from [`crate::stability`], once a
+/// container has stayed up). Fails only when the engine cannot list its containers; a container that
 /// cannot be brought up is recorded in the report and does not stop the others.
 pub fn reconcile(
     engine: &dyn Engine,
@@ -625,7 +626,7 @@ pub fn reconcile(
                     Decision::Recreate { .. } => report.recreated.push(name.to_owned()),
                     Decision::Create => report.created.push(name.to_owned()),
                 }
-                sink.status("container-running", &[("name", name)]);
+                sink.status("container-started", &[("name", name)]);
             }
             Err(reason) => {
                 sink.status("container-failed", &[("name", name), ("reason", &reason)]);
@@ -712,11 +713,47 @@ pub enum ContainerHealth {
     Missing,
 }
 
+impl std::fmt::Display for ContainerHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContainerHealth::Healthy => f.write_str("healthy"),
+            ContainerHealth::Starting => f.write_str("health check not passed yet"),
+            ContainerHealth::Unhealthy => f.write_str("unhealthy"),
+            ContainerHealth::NotRunning(status) => write!(f, "not running ({status})"),
+            ContainerHealth::Missing => f.write_str("missing"),
+        }
+    }
+}
+
+/// One run of a container: what changes when the engine restarts it or it is created again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// The container ID (a new one after it was created again).
+    pub id: String,
+    /// When the run started (`State.StartedAt`).
+    pub started_at: String,
+    /// Restarts under the restart policy so far (`RestartCount`).
+    pub restarts: u64,
+}
+
+/// One declared container as seen at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The declared name.
+    pub name: String,
+    /// Running and healthy, or why not.
+    pub health: ContainerHealth,
+    /// Its current run; `None` when it does not exist.
+    pub run: Option<Run>,
+    /// Exit code of its last run (meaningful when it is not running).
+    pub exit_code: i64,
+}
+
 /// Health of all declared containers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    /// Each declared container by name, in declaration order.
-    pub containers: Vec<(String, ContainerHealth)>,
+    /// Each declared container, in declaration order.
+    pub containers: Vec<Observed>,
 }
 
 impl Health {
@@ -724,35 +761,45 @@ impl Health {
     pub fn is_healthy(&self) -> bool {
         self.containers
             .iter()
-            .all(|(_, h)| *h == ContainerHealth::Healthy)
+            .all(|c| c.health == ContainerHealth::Healthy)
     }
 
     /// The first container that is not healthy, for log lines.
-    pub fn first_problem(&self) -> Option<&(String, ContainerHealth)> {
+    pub fn first_problem(&self) -> Option<&Observed> {
         self.containers
             .iter()
-            .find(|(_, h)| *h != ContainerHealth::Healthy)
+            .find(|c| c.health != ContainerHealth::Healthy)
     }
 }
 
-/// Checks that every declared container runs, and is healthy where it has a health check.
+/// Looks at every declared container: does it run, and is it healthy where it has a health check.
 pub fn health(engine: &dyn Engine, decls: &[Container]) -> docker::Result<Health> {
     let mut containers = Vec::new();
     for decl in decls {
-        let state = match engine.inspect_container(decl.name.as_str())? {
+        let details = engine.inspect_container(decl.name.as_str())?;
+        let health = match &details {
             None => ContainerHealth::Missing,
             // A container between restarts counts as running for the engine, not for us.
             Some(details) if !details.state.running || details.state.restarting => {
-                ContainerHealth::NotRunning(details.state.status)
+                ContainerHealth::NotRunning(details.state.status.clone())
             }
-            Some(details) => match (&decl.health, details.state.health) {
+            Some(details) => match (&decl.health, &details.state.health) {
                 (None, _) => ContainerHealth::Healthy,
                 (Some(_), Some(h)) if h.status == "healthy" => ContainerHealth::Healthy,
                 (Some(_), Some(h)) if h.status == "unhealthy" => ContainerHealth::Unhealthy,
                 (Some(_), _) => ContainerHealth::Starting,
             },
         };
-        containers.push((decl.name.to_string(), state));
+        containers.push(Observed {
+            name: decl.name.to_string(),
+            health,
+            exit_code: details.as_ref().map_or(0, |d| d.state.exit_code),
+            run: details.map(|d| Run {
+                id: d.id,
+                started_at: d.state.started_at,
+                restarts: d.restart_count,
+            }),
+        });
     }
     Ok(Health { containers })
 }
@@ -947,6 +994,7 @@ mod tests {
                         }),
                         ..Default::default()
                     },
+                    restart_count: 0,
                     config: ContainerConfig {
                         labels: c.labels.clone(),
                     },
@@ -1235,7 +1283,7 @@ mod tests {
         std::fs::remove_dir_all(&www).expect("cleanup");
         assert_eq!(
             lines.lock().expect("lock").as_slice(),
-            ["PLINTH-STATUS container-running name=plinth-web"; 3]
+            ["PLINTH-STATUS container-started name=plinth-web"; 3]
         );
     }
 
@@ -1390,9 +1438,9 @@ mod tests {
         assert_eq!(
             *lines.borrow(),
             [
-                "PLINTH-STATUS container-running name=web",
-                "PLINTH-STATUS container-running name=changed",
-                "PLINTH-STATUS container-running name=baked",
+                "PLINTH-STATUS container-started name=web",
+                "PLINTH-STATUS container-started name=changed",
+                "PLINTH-STATUS container-started name=baked",
                 "PLINTH-STATUS container-failed name=nopull reason=\"pulling image absent:1: manifest unknown\"",
             ]
         );
@@ -1416,8 +1464,8 @@ mod tests {
         let health = health(&engine, &decls).expect("health");
         assert!(!health.is_healthy());
         assert_eq!(
-            health.first_problem(),
-            Some(&("nopull".to_owned(), ContainerHealth::Missing))
+            health.first_problem().map(|c| (c.name.as_str(), &c.health)),
+            Some(("nopull", &ContainerHealth::Missing))
         );
         assert!(super::health(&engine, &decls[..3])
             .expect("health")
@@ -1531,12 +1579,10 @@ mod tests {
         };
         let state = health(&engine, &[plain]).expect("health");
         assert_eq!(
-            state.containers,
-            [(
-                "web".to_owned(),
-                ContainerHealth::NotRunning("restarting".into())
-            )]
+            state.containers[0].health,
+            ContainerHealth::NotRunning("restarting".into())
         );
+        assert_eq!(state.containers[0].name, "web");
         let stop = stop_all(&engine, Duration::from_secs(1)).expect("stop");
         assert_eq!(
             stop.stopped,

@@ -320,6 +320,9 @@ pub struct ContainerDetails {
     pub image: String,
     /// Runtime state.
     pub state: ContainerState,
+    /// How many times the engine restarted it under its restart policy since it was started.
+    #[serde(default)]
+    pub restart_count: u64,
     /// Configuration it was created with.
     #[serde(default)]
     pub config: ContainerConfig,
@@ -341,6 +344,9 @@ pub struct ContainerState {
     /// Exit code of the last run.
     #[serde(default)]
     pub exit_code: i64,
+    /// When the current (or last) run started, RFC 3339; changes at every restart.
+    #[serde(default)]
+    pub started_at: String,
     /// Why the last start failed, if it did.
     #[serde(default)]
     pub error: String,

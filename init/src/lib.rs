@@ -14,6 +14,7 @@ pub mod kmod;
 pub mod mounts;
 pub mod net;
 pub mod shutdown;
+pub mod stability;
 pub mod stage1;
 pub mod stage2;
 pub mod supervise;

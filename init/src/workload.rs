@@ -18,6 +18,7 @@ use os_config::Definition;
 use crate::containers::{self, ContainerHealth, Health, StatusSink};
 use crate::docker;
 use crate::net;
+use crate::stability::{self, GateClock as _, GateResult, Judgement, RealClock, Tracker};
 use crate::stage2::{uptime_ms, Workload};
 use crate::supervise::{command, Program, Service, DOCKER_SOCKET};
 
@@ -163,14 +164,87 @@ pub struct BootContext {
     pub client: docker::Client,
     /// The image definition.
     pub definition: Definition,
-    reconciled: Arc<AtomicBool>,
+    settle: Arc<Settle>,
 }
 
 impl BootContext {
     /// Whether the first reconciliation of this boot is done (`boot-complete`): before it, a
     /// container may run briefly on its way to being judged failed.
     pub fn reconciled(&self) -> bool {
-        self.reconciled.load(Ordering::SeqCst)
+        self.settle.get().reconciled_once
+    }
+
+    /// Records that the boot is good (blessed, or not on trial): updates may act once the
+    /// containers are reconciled.
+    pub fn boot_is_good(&self) {
+        self.settle.update(|s| s.boot_good = true);
+    }
+}
+
+/// Where plinth-init says that the boot has settled, for the update agent: the boot is blessed
+/// or was already good, the declared containers were reconciled once, and no reconciliation is
+/// under way. The agent applies nothing and reboots for nothing while it is absent.
+pub const SETTLED_MARKER: &str = "/run/plinth/boot-settled";
+
+/// What settling depends on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettleState {
+    /// Blessed, or good from the start.
+    pub boot_good: bool,
+    /// The first reconciliation of this boot is done.
+    pub reconciled_once: bool,
+    /// A reconciliation is under way.
+    pub reconciling: bool,
+}
+
+impl SettleState {
+    /// Whether the update agent may act.
+    pub fn settled(&self) -> bool {
+        self.boot_good && self.reconciled_once && !self.reconciling
+    }
+}
+
+/// The settle state, mirrored by a marker file that exists exactly while it is settled.
+#[derive(Debug)]
+pub struct Settle {
+    marker: PathBuf,
+    state: std::sync::Mutex<SettleState>,
+}
+
+impl Settle {
+    /// A state with nothing settled; removes a marker left from an earlier stage 2.
+    pub fn new(marker: PathBuf) -> Settle {
+        let settle = Settle {
+            marker,
+            state: std::sync::Mutex::new(SettleState::default()),
+        };
+        settle.update(|_| {});
+        settle
+    }
+
+    /// The current state.
+    pub fn get(&self) -> SettleState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the state and makes the marker follow it, under one lock.
+    pub fn update(&self, change: impl FnOnce(&mut SettleState)) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut state);
+        let result = if state.settled() {
+            self.marker
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&self.marker, b"settled\n"))
+        } else {
+            match std::fs::remove_file(&self.marker) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = result {
+            crate::info!("updating {} failed: {e}", self.marker.display());
+        }
     }
 }
 
@@ -187,7 +261,7 @@ pub struct DockerWorkload {
     engine_starts: Arc<AtomicU64>,
     stopping: AtomicBool,
     on_start: Option<BootHook>,
-    reconciled: Arc<AtomicBool>,
+    settle: Arc<Settle>,
     watch_interval: Duration,
 }
 
@@ -223,7 +297,7 @@ impl DockerWorkload {
             engine_starts: Arc::new(AtomicU64::new(0)),
             stopping: AtomicBool::new(false),
             on_start: None,
-            reconciled: Arc::new(AtomicBool::new(false)),
+            settle: Arc::new(Settle::new(PathBuf::from(SETTLED_MARKER))),
             watch_interval: WATCH_INTERVAL,
         })
     }
@@ -341,12 +415,15 @@ impl DockerWorkload {
         }
     }
 
-    /// Checks the engine and the containers every [`WATCH_INTERVAL`]; returns when the engine
+    /// Checks the engine and the containers, every [`GATE_POLL`] while a container is on its way
+    /// up and every [`WATCH_INTERVAL`] once all are up or stopped; reports `container-running`,
+    /// `container-restarting` and `container-stopped` (see [`stability`]). Returns when the engine
     /// stopped answering or was restarted since `generation`, or at shutdown.
     fn watch(&self, client: &docker::Client, generation: u64) {
+        let clock = RealClock::default();
+        let mut tracker = Tracker::new(stability::SETTLE);
         let mut last: Option<Health> = None;
         loop {
-            std::thread::sleep(self.watch_interval);
             if self.stopping() {
                 return;
             }
@@ -360,6 +437,12 @@ impl DockerWorkload {
             }
             match containers::health(client, &self.definition.containers) {
                 Ok(health) => {
+                    for event in tracker.observe(clock.now(), &health) {
+                        let (name, fields) = event.status();
+                        let fields: Vec<(&str, &str)> =
+                            fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                        crate::status::status(name, &fields);
+                    }
                     if last.as_ref() != Some(&health) {
                         log_health(&health);
                     }
@@ -367,6 +450,12 @@ impl DockerWorkload {
                 }
                 Err(e) => crate::info!("checking container health failed: {e}"),
             }
+            let pause = if tracker.settled() || self.definition.containers.is_empty() {
+                self.watch_interval
+            } else {
+                GATE_POLL.min(self.watch_interval)
+            };
+            std::thread::sleep(pause);
         }
     }
 }
@@ -377,21 +466,10 @@ fn log_health(health: &Health) {
         crate::info!("all {} containers healthy", health.containers.len());
         return;
     }
-    for (name, state) in &health.containers {
-        if *state != ContainerHealth::Healthy {
-            crate::info!("container {name}: {}", describe(state));
+    for container in &health.containers {
+        if container.health != ContainerHealth::Healthy {
+            crate::info!("container {}: {}", container.name, container.health);
         }
-    }
-}
-
-/// A container's state in words.
-pub fn describe(state: &ContainerHealth) -> String {
-    match state {
-        ContainerHealth::Healthy => "healthy".into(),
-        ContainerHealth::Starting => "health check not passed yet".into(),
-        ContainerHealth::Unhealthy => "unhealthy".into(),
-        ContainerHealth::NotRunning(status) => format!("not running ({status})"),
-        ContainerHealth::Missing => "missing".into(),
     }
 }
 
@@ -450,7 +528,7 @@ impl DockerWorkload {
         let context = BootContext {
             client: self.client(),
             definition: self.definition.clone(),
-            reconciled: Arc::clone(&self.reconciled),
+            settle: Arc::clone(&self.settle),
         };
         let started = std::thread::Builder::new()
             .name("start-hook".into())
@@ -471,13 +549,17 @@ impl DockerWorkload {
                 return;
             }
             crate::status::status("engine-ready", &[("uptime-ms", &uptime_ms())]);
+            self.settle.update(|s| s.reconciling = true);
             self.reconcile(&client);
+            self.settle.update(|s| {
+                s.reconciling = false;
+                s.reconciled_once = true;
+            });
             if self.stopping() {
                 return;
             }
             if !booted {
                 booted = true;
-                self.reconciled.store(true, Ordering::SeqCst);
                 crate::status::status("boot-complete", &[("uptime-ms", &uptime_ms())]);
             }
             self.watch(&client, generation);
@@ -508,112 +590,43 @@ pub fn stop_containers(socket: &Path, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Monotonic time and sleeping for the health gate; tests use a fake one.
-pub trait GateClock {
-    /// Time since an arbitrary fixed start.
-    fn now(&self) -> Duration;
-    /// Waits `duration`.
-    fn sleep(&self, duration: Duration);
-}
-
-/// The real clock.
-#[derive(Debug, Clone, Copy)]
-pub struct RealClock(Instant);
-
-impl Default for RealClock {
-    fn default() -> RealClock {
-        RealClock(Instant::now())
-    }
-}
-
-impl GateClock for RealClock {
-    fn now(&self) -> Duration {
-        self.0.elapsed()
-    }
-    fn sleep(&self, duration: Duration) {
-        std::thread::sleep(duration);
-    }
-}
-
-/// Polls `check` every `poll` until it has passed without a break for `bless_after` (true) or
-/// `timeout` has passed (false). `check` returns why the system is not healthy; the reason is
-/// logged when it changes.
-pub fn gate(
-    mut check: impl FnMut() -> std::result::Result<(), String>,
-    clock: &dyn GateClock,
-    bless_after: Duration,
-    timeout: Duration,
-    poll: Duration,
-) -> Result<bool> {
-    if bless_after > timeout {
-        bail!(
-            "the bless time {} s is longer than the time allowed to become healthy ({} s)",
-            bless_after.as_secs(),
-            timeout.as_secs()
-        );
-    }
-    let start = clock.now();
-    let mut healthy_since: Option<Duration> = None;
-    let mut last_reason: Option<String> = None;
-    loop {
-        let now = clock.now();
-        match check() {
-            Ok(()) => {
-                let since = *healthy_since.get_or_insert(now);
-                if last_reason.take().is_some() {
-                    crate::info!("health gate: healthy");
-                }
-                if now - since >= bless_after {
-                    return Ok(true);
-                }
-            }
-            Err(reason) => {
-                healthy_since = None;
-                if last_reason.as_ref() != Some(&reason) {
-                    crate::info!("health gate: {reason}");
-                    last_reason = Some(reason);
-                }
-            }
-        }
-        let elapsed = now - start;
-        if elapsed >= timeout {
-            return Ok(false);
-        }
-        clock.sleep(poll.min(timeout - elapsed));
-    }
-}
-
-/// Whether the engine answers and every declared container runs (and is healthy where it has a
-/// health check); `Err` says what is not.
-pub fn check_health(
-    client: &docker::Client,
-    decls: &[Container],
-) -> std::result::Result<(), String> {
+/// One look at the declared containers through an engine that must answer; `Err` says why
+/// there was nothing to look at.
+pub fn look(client: &docker::Client, decls: &[Container]) -> std::result::Result<Health, String> {
     client.ping().map_err(|e| e.to_string())?;
-    let health = containers::health(client, decls).map_err(|e| e.to_string())?;
-    match health.first_problem() {
-        None => Ok(()),
-        Some((name, state)) => Err(format!("container {name}: {}", describe(state))),
-    }
+    containers::health(client, decls).map_err(|e| e.to_string())
 }
 
-/// The bless gate: true once the engine has answered, the first reconciliation is done
-/// (`reconciled`), and every declared container has been running (and healthy where declared)
-/// continuously for `bless_after`; false if that did not happen within `timeout`.
+/// The bless gate: healthy once the engine has answered, the first reconciliation is done
+/// (`reconciled`), and every declared container has kept one run up (and healthy where declared)
+/// for `bless_after`; unhealthy at once when a container restarts, or when that did not happen
+/// within `timeout`.
 pub fn wait_healthy(
     client: &docker::Client,
     decls: &[Container],
     reconciled: &dyn Fn() -> bool,
     bless_after: Duration,
     timeout: Duration,
-) -> Result<bool> {
-    gate(
-        || {
-            if reconciled() {
-                return check_health(client, decls);
+) -> Result<GateResult> {
+    let mut tracker = Tracker::new(stability::SETTLE);
+    stability::gate(
+        |now| {
+            if !reconciled() {
+                return match client.ping() {
+                    Ok(()) => Judgement::NotYet(
+                        "the declared containers are not reconciled yet".to_owned(),
+                    ),
+                    Err(e) => Judgement::NotYet(e.to_string()),
+                };
             }
-            client.ping().map_err(|e| e.to_string())?;
-            Err("the declared containers are not reconciled yet".to_owned())
+            match look(client, decls) {
+                Ok(health) => {
+                    // The watcher reports the events; the gate only judges.
+                    tracker.observe(now, &health);
+                    tracker.judge()
+                }
+                Err(reason) => Judgement::NotYet(reason),
+            }
         },
         &RealClock::default(),
         bless_after,
@@ -625,7 +638,6 @@ pub fn wait_healthy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::{Cell, RefCell};
 
     const BASE: &str =
         "[image]\nname = \"demo\"\nversion = \"1.0.0\"\n\n[debian]\nsuite = \"bookworm\"\n";
@@ -793,68 +805,6 @@ mod tests {
         );
     }
 
-    /// A clock that only moves when the gate sleeps.
-    struct FakeClock(Cell<Duration>);
-
-    impl GateClock for FakeClock {
-        fn now(&self) -> Duration {
-            self.0.get()
-        }
-        fn sleep(&self, duration: Duration) {
-            self.0.set(self.0.get() + duration);
-        }
-    }
-
-    /// Runs the gate over `states` (one per poll of 1 s; the last repeats); returns the result
-    /// and the fake time at which it came.
-    fn run_gate(states: &[bool], bless_after: u64, timeout: u64) -> (bool, u64) {
-        let clock = FakeClock(Cell::new(Duration::from_secs(100)));
-        let polls = RefCell::new(0usize);
-        let check = || {
-            let mut n = polls.borrow_mut();
-            let healthy = states[(*n).min(states.len() - 1)];
-            *n += 1;
-            if healthy {
-                Ok(())
-            } else {
-                Err("container web: missing".to_string())
-            }
-        };
-        let s = Duration::from_secs;
-        let result = gate(check, &clock, s(bless_after), s(timeout), s(1)).expect("gate");
-        (result, clock.now().as_secs() - 100)
-    }
-
-    #[test]
-    fn the_gate_passes_after_a_continuous_healthy_period() {
-        assert_eq!(run_gate(&[true], 5, 60), (true, 5));
-        assert_eq!(run_gate(&[false, false, true], 5, 60), (true, 7));
-        assert_eq!(run_gate(&[true], 0, 60), (true, 0));
-    }
-
-    #[test]
-    fn a_break_restarts_the_healthy_period() {
-        let states = [true, true, true, true, false, true];
-        assert_eq!(run_gate(&states, 5, 60), (true, 10));
-    }
-
-    #[test]
-    fn the_gate_fails_at_the_timeout() {
-        assert_eq!(run_gate(&[false], 5, 30), (false, 30));
-        // Healthy too late to last the bless time before the timeout.
-        let mut late = vec![false; 28];
-        late.push(true);
-        assert_eq!(run_gate(&late, 5, 30), (false, 30));
-    }
-
-    #[test]
-    fn a_bless_time_beyond_the_timeout_is_an_error() {
-        let clock = FakeClock(Cell::new(Duration::ZERO));
-        let s = Duration::from_secs;
-        let error = gate(|| Ok(()), &clock, s(60), s(30), s(1)).expect_err("impossible");
-        assert!(error.to_string().contains("bless time 60 s"), "{error}");
-    }
-
     #[test]
     fn stopping_without_an_engine_fails_quickly() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -869,7 +819,7 @@ mod tests {
     fn health_without_an_engine_names_the_socket() {
         let dir = tempfile::tempdir().expect("tempdir");
         let client = docker::Client::new(dir.path().join("docker.sock"));
-        let reason = check_health(&client, &[]).expect_err("no engine");
+        let reason = look(&client, &[]).expect_err("no engine");
         assert!(reason.contains("docker.sock"), "{reason}");
     }
 

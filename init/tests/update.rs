@@ -269,8 +269,16 @@ impl Machine {
         machine
     }
 
-    /// Writes the definition and command line of `version` running from `slot`.
+    /// The marker plinth-init writes once the boot has settled.
+    fn settled_marker(&self) -> PathBuf {
+        self.dir.join("run/boot-settled")
+    }
+
+    /// Writes the definition and command line of `version` running from `slot`, whose boot has
+    /// settled (as plinth-init says once it is blessed and its containers are reconciled).
     fn boot(&self, slot: Slot, version: &str) {
+        fs::create_dir_all(self.dir.join("run")).expect("mkdir");
+        fs::write(self.settled_marker(), "settled\n").expect("settled");
         let definition = format!(
             "[image]\nname = \"demo\"\nversion = \"{version}\"\n\n[update]\nurl = \"{}\"\nkeys = [\"{}\"]\nstrategy = \"manual\"\n",
             self.server.url,
@@ -291,6 +299,7 @@ impl Machine {
             cmdline: self.dir.join("cmdline"),
             machine_id: self.dir.join("machine-id"),
             disk: Some(self.disk.clone()),
+            settled: self.settled_marker(),
             ..Paths::default()
         })
         .expect("agent loads");
@@ -309,6 +318,23 @@ impl Machine {
         let mut data = vec![0u8; len];
         region.read_exact(&mut data).expect("read partition");
         data
+    }
+
+    /// Every byte of slot B's partitions and of the ESP, and the GPT (whose partition UUIDs
+    /// carry the slot's root hash).
+    fn slot_b_and_esp(&self) -> Vec<u8> {
+        let mut disk = Disk::open(&self.disk).expect("disk");
+        let mut bytes = Vec::new();
+        for label in ["root-b", "verity-b", "esp"] {
+            let part = disk.partition(label).expect(label);
+            let mut region = disk.region(&part).expect("region");
+            region.read_to_end(&mut bytes).expect("read partition");
+        }
+        let mut gpt = vec![0u8; 34 * 512];
+        let mut file = fs::File::open(&self.disk).expect("disk");
+        file.read_exact(&mut gpt).expect("GPT");
+        bytes.extend_from_slice(&gpt);
+        bytes
     }
 
     fn entries(&self) -> Vec<String> {
@@ -671,9 +697,14 @@ fn refuses_bad_releases_and_never_writes_the_entry() {
         "nothing written before the artifacts"
     );
 
-    // A flipped byte in the root artifact: refused with the hash mismatch; slot B has no entry.
-    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+    // Slot B holds an older version with its entry: the fallback a refused release must not
+    // cost. Nothing of it, nor of the ESP, changes through the refusals below.
     m.write_entry("plinth-b-0.5.conf");
+    let before = m.slot_b_and_esp();
+
+    // A flipped byte in the root artifact: refused with the hash mismatch before anything is
+    // written.
+    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
     let path = m.releases.join(&manifest.artifacts.root.path);
     let mut data = fs::read(&path).expect("artifact");
     let middle = data.len() / 2;
@@ -684,14 +715,24 @@ fn refuses_bad_releases_and_never_writes_the_entry() {
         reason.contains("artifact root: sha256 of the download is"),
         "{reason}"
     );
-    assert_eq!(
-        m.entries(),
-        ["plinth-a-1.conf"],
-        "old slot B entry removed, new one never written"
+    assert!(
+        m.slot_b_and_esp() == before,
+        "a refused release changed slot B or the ESP"
     );
+    assert_eq!(m.entries(), ["plinth-a-1.conf", "plinth-b-0.5.conf"]);
+    // Remembered with its reason: the same manifest is refused again without a download.
+    let requests = m.server.artifact_requests();
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(
+        reason.contains("sha256 of the download is") && reason.contains("refused before"),
+        "{reason}"
+    );
+    assert_eq!(m.server.artifact_requests(), requests, "downloaded again");
+    assert_eq!(m.state().refused.len(), 1);
+    assert_eq!(m.state().refused[0].version.as_str(), "2");
 
-    // A flipped byte in the kernel, after the partitions were written.
-    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+    // A flipped byte near the end of the kernel, the third artifact: still nothing written.
+    let manifest = publish(&m.releases, &m.key, "demo", "2.0.1", &v2);
     let path = m.releases.join(&manifest.artifacts.kernel.path);
     let mut data = fs::read(&path).expect("artifact");
     let last = data.len() - 5;
@@ -699,13 +740,68 @@ fn refuses_bad_releases_and_never_writes_the_entry() {
     fs::write(&path, &data).expect("flip");
     let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
     assert!(reason.contains("artifact kernel:"), "{reason}");
-    assert_eq!(m.entries(), ["plinth-a-1.conf"]);
+    assert!(
+        m.slot_b_and_esp() == before,
+        "a refused kernel changed slot B or the ESP"
+    );
+
+    // An artifact longer than its manifest says (the server sends more bytes).
+    let manifest = publish(&m.releases, &m.key, "demo", "2.0.2", &v2);
+    let path = m.releases.join(&manifest.artifacts.verity.path);
+    let mut data = fs::read(&path).expect("artifact");
+    data.extend_from_slice(b"more");
+    fs::write(&path, &data).expect("extend");
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(
+        reason.contains("artifact verity: the download is more than"),
+        "{reason}"
+    );
+    assert!(
+        m.slot_b_and_esp() == before,
+        "a longer artifact changed slot B or the ESP"
+    );
     let state = m.state();
     assert_eq!(
         (state.staged, state.newest_accepted, state.in_progress),
         (None, None, None)
     );
+    assert_eq!(state.refused.len(), 3);
+    assert!(
+        !m.dir.join("var/lib/plinth/staging/artifacts").exists(),
+        "refused downloads are not kept"
+    );
+
+    // The same manifest stays refused even once the server sends the right bytes; a new
+    // manifest is taken.
+    publish(&m.releases, &m.key, "demo", "2.0.2", &v2);
+    let reason = refused_reason(agent.apply(None, &mut |_| Ok(())).expect("apply"));
+    assert!(reason.contains("refused before"), "{reason}");
+    publish(&m.releases, &m.key, "demo", "2.0.3", &v2);
+    assert!(matches!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged { .. }
+    ));
     m.fsck_esp();
+}
+
+#[test]
+fn nothing_is_fetched_or_written_before_the_boot_settles() {
+    let m = Machine::new();
+    let v2 = content(2, 150);
+    publish(&m.releases, &m.key, "demo", "2", &v2);
+    fs::remove_file(m.settled_marker()).expect("unsettle");
+    let agent = m.agent();
+    assert_eq!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::NotSettled
+    );
+    assert!(m.server.requests("/").is_empty(), "fetched before settling");
+    assert_eq!(m.entries(), ["plinth-a-1.conf"]);
+    fs::write(m.settled_marker(), "settled\n").expect("settle");
+    assert!(matches!(
+        agent.apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged { .. }
+    ));
 }
 
 #[test]
@@ -797,7 +893,20 @@ fn an_interrupted_update_resumes_or_restarts_and_never_exposes_a_partial_slot() 
         let stage = m.state().in_progress.map(|p| p.stage);
         let root_requests = m.server.requests(&manifest.artifacts.root.path).len();
 
-        let outcome = m.agent().apply(None, &mut |_| Ok(())).expect(point);
+        let mut first_root_write = None;
+        let outcome = m
+            .agent()
+            .apply(None, &mut |e| {
+                if let Event::Written {
+                    artifact: "root",
+                    bytes,
+                } = e
+                {
+                    first_root_write.get_or_insert(*bytes);
+                }
+                Ok(())
+            })
+            .expect(point);
         assert_eq!(
             outcome,
             Outcome::Staged {
@@ -808,22 +917,65 @@ fn an_interrupted_update_resumes_or_restarts_and_never_exposes_a_partial_slot() 
         );
         m.assert_slot_b_holds(&v2, "2");
         m.fsck_esp();
-        // Completed stages are not redone: once the root was written it is not downloaded again.
+        // Every artifact was staged on /var before the first write: nothing is downloaded again.
         let requests = m.server.requests(&manifest.artifacts.root.path);
-        let again = requests.len() - root_requests;
-        let expect_again = usize::from(stage.is_none_or(|s| s < Stage::RootWritten));
-        assert_eq!(again, expect_again, "{point}: stage {stage:?}");
-        if point == "mid root" {
-            // Resumed at the first frame not yet synced, not from the start.
-            let resumed_at = manifest.artifacts.root.frames[3].offset;
-            assert!(
-                requests
-                    .last()
-                    .is_some_and(|r| r.ends_with(&format!("range={resumed_at}-"))),
-                "{requests:?}"
-            );
+        assert_eq!(requests.len(), root_requests, "{point}: stage {stage:?}");
+        // Completed stages are not redone; an interrupted root write resumes at the first frame
+        // not yet synced, not from the start.
+        let frames = &manifest.artifacts.root.frames;
+        match point {
+            "mid root" => assert!(
+                first_root_write.is_some_and(
+                    |b| b > frames[3].uncompressed_offset && b <= frames[4].uncompressed_offset
+                ),
+                "{point}: first write ended at {first_root_write:?}"
+            ),
+            _ if stage.is_some_and(|s| s >= Stage::RootWritten) => {
+                assert_eq!(
+                    first_root_write, None,
+                    "{point}: the root was written again"
+                )
+            }
+            _ => assert!(first_root_write.is_some_and(|b| b <= frames[1].uncompressed_offset)),
         }
     }
+}
+
+#[test]
+fn a_download_cut_short_resumes_from_what_was_staged_and_writes_nothing_before() {
+    let m = Machine::new();
+    let v2 = content(2, 400);
+    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+    m.write_entry("plinth-b-0.5.conf");
+    let before = m.slot_b_and_esp();
+    // The connection breaks after 100 kB and this agent does not reconnect: the apply fails
+    // with what arrived kept under /var (as after a power cut mid-download).
+    m.server.control.lock().expect("lock").cut =
+        Some((manifest.artifacts.root.path.clone(), 100_000));
+    let mut agent = m.agent();
+    agent.retries = 0;
+    let error = agent.apply(None, &mut |_| Ok(())).expect_err("cut short");
+    assert!(format!("{error:#}").contains("artifact root"), "{error:#}");
+    assert!(
+        m.slot_b_and_esp() == before,
+        "an unfinished download changed slot B"
+    );
+    let part = m
+        .dir
+        .join("var/lib/plinth/staging")
+        .join(format!("{}.part", manifest.artifacts.root.path));
+    assert_eq!(fs::metadata(&part).expect("partial file").len(), 100_000);
+
+    let outcome = m.agent().apply(None, &mut |_| Ok(())).expect("apply");
+    assert!(matches!(outcome, Outcome::Staged { .. }), "{outcome:?}");
+    let requests = m.server.requests(&manifest.artifacts.root.path);
+    assert!(
+        requests
+            .last()
+            .is_some_and(|r| r.ends_with("range=100000-")),
+        "{requests:?}"
+    );
+    m.assert_slot_b_holds(&v2, "2");
 }
 
 #[test]
@@ -916,6 +1068,8 @@ fn the_command_line_applies_from_a_folder_and_reports_status() {
             .arg(m.dir.join("cmdline"))
             .arg("--disk")
             .arg(&m.disk)
+            .arg("--settled")
+            .arg(m.settled_marker())
             .args(args)
             .output()
             .expect("run plinth-update");
@@ -1059,6 +1213,7 @@ fn a_staged_rollout_defers_the_release_until_the_machines_moment() {
 
 #[test]
 fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
+    use init::stability::GateResult;
     use init::update::gate::{run_gate, Verdict};
     let m = Machine::new();
     let v2 = content(2, 150);
@@ -1074,7 +1229,7 @@ fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
     };
 
     // Slot A's entry is good: no trial, the health check is never asked.
-    let never = |_: Duration, _: Duration| -> anyhow::Result<bool> { panic!("not on trial") };
+    let never = |_: Duration, _: Duration| -> anyhow::Result<GateResult> { panic!("not on trial") };
     assert_eq!(
         run_gate(&paths, &definition(&m), &never).expect("gate"),
         Verdict::NotOnTrial
@@ -1084,15 +1239,18 @@ fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
     m.rename_entry("plinth-b-2+3.conf", "plinth-b-2+2-1.conf");
     m.boot(Slot::B, "2");
     let asked = std::cell::Cell::new(None);
-    let unhealthy = |after: Duration, timeout: Duration| -> anyhow::Result<bool> {
+    let unhealthy = |after: Duration, timeout: Duration| -> anyhow::Result<GateResult> {
         asked.set(Some((after, timeout)));
-        Ok(false)
+        Ok(GateResult::Unhealthy(
+            "container web restarted 1 time".into(),
+        ))
     };
     assert_eq!(
         run_gate(&paths, &definition(&m), &unhealthy).expect("gate"),
         Verdict::Unhealthy {
             slot: Slot::B,
-            version: "2".into()
+            version: "2".into(),
+            reason: "container web restarted 1 time".into()
         }
     );
     // No [update] bless times in this definition: os-config's defaults (30 s within 600 s).
@@ -1104,7 +1262,8 @@ fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
 
     // Second try: healthy, blessed by renaming the entry without its counter.
     m.rename_entry("plinth-b-2+2-1.conf", "plinth-b-2+1-2.conf");
-    let healthy = |_: Duration, _: Duration| -> anyhow::Result<bool> { Ok(true) };
+    let healthy =
+        |_: Duration, _: Duration| -> anyhow::Result<GateResult> { Ok(GateResult::Healthy) };
     assert_eq!(
         run_gate(&paths, &definition(&m), &healthy).expect("gate"),
         Verdict::Blessed {

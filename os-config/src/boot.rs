@@ -48,9 +48,10 @@ pub struct Counter {
 pub enum BootState {
     /// No counter: blessed (or the first image's entry).
     Good,
-    /// Counter with tries left.
-    Trying { left: u32, done: u32 },
-    /// Counter at zero tries left: systemd-boot sorts it last.
+    /// On trial: try `attempt` (counted from 1) of `of`. For a running boot this is the try in
+    /// progress; for an entry seen from outside, the try its next boot makes.
+    Trying { attempt: u32, of: u32 },
+    /// Every try was made and none was blessed: systemd-boot sorts it last.
     Bad { done: u32 },
 }
 
@@ -58,8 +59,7 @@ impl std::fmt::Display for BootState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BootState::Good => f.write_str("good"),
-            // The try that runs (or comes) next, of all the entry gets.
-            BootState::Trying { left, done } => write!(f, "trying {}/{}", done + 1, left + done),
+            BootState::Trying { attempt, of } => write!(f, "trying {attempt}/{of}"),
             BootState::Bad { .. } => f.write_str("bad"),
         }
     }
@@ -141,17 +141,39 @@ impl EntryName {
         format!("{ENTRIES_DIR}/{}", self.file_name())
     }
 
-    /// Good, trying or bad, from the counter.
+    /// Good, trying or bad, as seen from outside (not the running boot): `Trying` names the try
+    /// the entry's next boot makes; with no try left it is `Bad`.
     pub fn state(&self) -> BootState {
         match self.counter {
             None => BootState::Good,
             Some(Counter { left: 0, done }) => BootState::Bad {
                 done: done.unwrap_or(0),
             },
-            Some(Counter { left, done }) => BootState::Trying {
-                left,
-                done: done.unwrap_or(0),
-            },
+            Some(Counter { left, done }) => {
+                let done = done.unwrap_or(0);
+                BootState::Trying {
+                    attempt: done + 1,
+                    of: left + done,
+                }
+            }
+        }
+    }
+
+    /// The state of the entry the machine is running from. systemd-boot counts a try before it
+    /// boots it, so the counter already includes the running try: `+2-1` is try 1 of 3 and
+    /// `+0-3` try 3 of 3, still on trial (it is bad only once that try has failed).
+    pub fn running_state(&self) -> BootState {
+        match self.counter {
+            None => BootState::Good,
+            Some(Counter { left, done }) => {
+                // A counter not counted down (a loader without boot counting) is the first try.
+                let done = done.unwrap_or(0);
+                let attempt = done.max(1);
+                BootState::Trying {
+                    attempt,
+                    of: (left + done).max(attempt),
+                }
+            }
         }
     }
 }
@@ -310,7 +332,7 @@ mod tests {
                     left: 3,
                     done: None,
                 }),
-                BootState::Trying { left: 3, done: 0 },
+                BootState::Trying { attempt: 1, of: 3 },
             ),
             (
                 "plinth-b-2+1-2.conf",
@@ -320,7 +342,7 @@ mod tests {
                     left: 1,
                     done: Some(2),
                 }),
-                BootState::Trying { left: 1, done: 2 },
+                BootState::Trying { attempt: 3, of: 3 },
             ),
             (
                 "plinth-a-2026.11.3+0-3.conf",
@@ -417,6 +439,18 @@ mod tests {
         assert_eq!(state("plinth-b-3+2-1.conf"), "trying 2/3");
         assert_eq!(state("plinth-b-3+1-2.conf"), "trying 3/3");
         assert_eq!(state("plinth-a-2+0-3.conf"), "bad");
+        // The running boot's own entry: the try in progress, and never bad while it runs.
+        let running = |name: &str| {
+            EntryName::parse(name)
+                .expect(name)
+                .running_state()
+                .to_string()
+        };
+        assert_eq!(running("plinth-a-1.2.conf"), "good");
+        assert_eq!(running("plinth-b-3+2-1.conf"), "trying 1/3");
+        assert_eq!(running("plinth-b-3+1-2.conf"), "trying 2/3");
+        assert_eq!(running("plinth-b-3+0-3.conf"), "trying 3/3");
+        assert_eq!(running("plinth-b-3+3.conf"), "trying 1/3");
         for other in [
             "debian.conf",
             "plinth-c-1.conf",

@@ -11,7 +11,7 @@ use init::update::fetch::Source;
 use init::update::media;
 use init::update::strategy::{self, Decision};
 
-const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] COMMAND
+const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] [--settled FILE] COMMAND
 commands:
   status              slots, versions, boot states and the agent's state
   check [--from SRC]  look for a newer release without writing anything
@@ -53,6 +53,7 @@ fn parse_args() -> Result<Args> {
             "--definition" => args.paths.definition = value("--definition")?.into(),
             "--state" => args.paths.state = value("--state")?.into(),
             "--cmdline" => args.paths.cmdline = value("--cmdline")?.into(),
+            "--settled" => args.paths.settled = value("--settled")?.into(),
             "--from" => args.from = Some(value("--from")?.into()),
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -73,10 +74,24 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Asks `plinth-init` for a clean reboot: it reboots on SIGINT, as on Ctrl-Alt-Del.
-fn reboot() -> Result<()> {
+/// Asks `plinth-init` for a clean reboot: it reboots on SIGINT, as on Ctrl-Alt-Del. An update's
+/// reboot (`settle`) first waits while plinth-init reconciles the containers, so it never
+/// interrupts a reconciliation.
+fn reboot(settle: Option<&Agent>) -> Result<()> {
     println!("PLINTH-STATUS update-rebooting");
     stage_delay();
+    if let Some(agent) = settle {
+        let mut said = false;
+        while !agent.settled() {
+            if !said {
+                eprintln!(
+                    "plinth-update: waiting for plinth-init to finish reconciling the containers"
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     rustix::process::kill_process(rustix::process::Pid::INIT, rustix::process::Signal::Int)
         .context("asking plinth-init (PID 1) to reboot")
 }
@@ -102,6 +117,9 @@ fn print_outcome(json: bool, outcome: &Outcome) -> Result<()> {
             Outcome::WaitingForBless { slot, version } => {
                 println!("{version} in slot {slot} is not blessed yet; updates wait until it is")
             }
+            Outcome::NotSettled => println!(
+                "the running boot has not settled yet (bless pending or containers being reconciled); updates wait until it has"
+            ),
             _ => {}
         }
     }
@@ -170,7 +188,7 @@ fn apply_once(
 /// returns how soon to ask again.
 fn reboot_when_allowed(agent: &Agent, version: &str) -> Result<Option<Duration>> {
     match strategy::decide(agent) {
-        Decision::Reboot => reboot().map(|()| None),
+        Decision::Reboot => reboot(Some(agent)).map(|()| None),
         Decision::Never => Ok(None),
         Decision::Wait { reason, retry } => {
             println!(
@@ -287,7 +305,7 @@ fn run(args: Args) -> Result<ExitCode> {
                     rb.from
                 );
             }
-            reboot()?;
+            reboot(None)?;
         }
         "bless" => {
             let blessed = agent.bless()?;
@@ -304,6 +322,7 @@ fn run(args: Args) -> Result<ExitCode> {
                         let settled = !matches!(
                             outcome,
                             Outcome::WaitingForBless { .. }
+                                | Outcome::NotSettled
                                 | Outcome::Staged { .. }
                                 | Outcome::AlreadyStaged { .. }
                         );
@@ -315,6 +334,10 @@ fn run(args: Args) -> Result<ExitCode> {
                         }
                         if let Some(retry) = retry {
                             next = next.min(retry + Duration::from_secs(1));
+                        }
+                        // The first check of a boot comes before it settles: look again soon.
+                        if outcome == Outcome::NotSettled {
+                            next = next.min(strategy::SETTLE_RETRY);
                         }
                     }
                     Err(e) => {

@@ -15,7 +15,8 @@ use super::apply::{self, ApplyError, Event, Job};
 use super::blockdev::{self, Disk};
 use super::esp::{self, Blessed, Esp};
 use super::fetch::{FetchError, Source};
-use super::state::{InProgress, Staged, State};
+use super::staging::Staging;
+use super::state::{InProgress, Refused, Staged, State};
 use os_config::boot::{BootState, Counter, EntryName};
 use os_config::layout::Slot;
 
@@ -34,6 +35,8 @@ pub struct Paths {
     pub disk: Option<PathBuf>,
     pub sys_block: PathBuf,
     pub dev: PathBuf,
+    /// Present while the running boot has settled (`plinth-init` writes it): updates act only then.
+    pub settled: PathBuf,
 }
 
 impl Default for Paths {
@@ -46,6 +49,7 @@ impl Default for Paths {
             disk: None,
             sys_block: PathBuf::from("/sys/block"),
             dev: PathBuf::from("/dev"),
+            settled: PathBuf::from(crate::workload::SETTLED_MARKER),
         }
     }
 }
@@ -97,6 +101,9 @@ pub enum Outcome {
         slot: Slot,
         version: String,
     },
+    /// The running boot has not settled yet (its bless is pending or its containers are being
+    /// reconciled): nothing is fetched or written until it has.
+    NotSettled,
     /// A newer release exists, but this machine's moment in its staged rollout is still to come.
     Deferred { version: String, until: String },
     /// A newer release exists (`check` only).
@@ -138,6 +145,8 @@ pub struct Status {
     pub bad_versions: Vec<String>,
     pub in_progress: Option<InProgress>,
     pub staged: Option<Staged>,
+    /// Releases refused for their content, with the reason; not downloaded again.
+    pub refused: Vec<Refused>,
 }
 
 /// A rollback found at startup.
@@ -253,11 +262,19 @@ impl Agent {
             .into_iter()
             .map(|slot| {
                 let entry = entries.iter().find(|e| e.slot == slot);
+                let running = slot == self.running_slot;
+                let state = |e: &EntryName| {
+                    if running && e.version == self.running_version.as_str() {
+                        e.running_state()
+                    } else {
+                        e.state()
+                    }
+                };
                 SlotStatus {
                     slot,
                     version: entry.map(|e| e.version.clone()),
-                    boot: entry.map_or("empty".to_owned(), |e| e.state().to_string()),
-                    running: slot == self.running_slot,
+                    boot: entry.map_or("empty".to_owned(), |e| state(e).to_string()),
+                    running,
                 }
             })
             .collect();
@@ -271,6 +288,7 @@ impl Agent {
             bad_versions: state.bad_versions.iter().map(ToString::to_string).collect(),
             in_progress: state.in_progress,
             staged: state.staged,
+            refused: state.refused,
         })
     }
 
@@ -407,6 +425,15 @@ impl Agent {
             }
         }
         let digest = hex::encode(Sha256::digest(&bytes));
+        if let Some(refused) = state.refusal(&digest) {
+            return Ok(Err(Outcome::Refused {
+                version: Some(version),
+                reason: format!(
+                    "{} (refused before; waiting for a different manifest)",
+                    refused.reason
+                ),
+            }));
+        }
         Ok(Ok((manifest, digest)))
     }
 
@@ -432,6 +459,9 @@ impl Agent {
         hook: &mut dyn FnMut(&Event) -> Result<()>,
     ) -> Result<Outcome> {
         let source = from.unwrap_or(&self.source);
+        if !self.settled() {
+            return Ok(Outcome::NotSettled);
+        }
         let _lock = self.lock()?;
         let mut disk = Disk::open(&self.disk)?;
         let on_trial = read_entries(&mut disk)?.into_iter().any(|e| {
@@ -451,31 +481,76 @@ impl Agent {
             Err(outcome) => return Ok(outcome),
         };
         let slot = self.running_slot.other();
+        if let Some(reason) = fits_slot(&mut disk, &manifest, slot)? {
+            return self.refuse(&mut state, &manifest, &digest, reason);
+        }
+        // Everything is downloaded and checked on /var before the first byte of the slot, its
+        // entry or the ESP changes.
+        let staging = Staging::new(self.staging_dir());
+        match staging.stage(source, &manifest, self.retries) {
+            Ok(()) => hook(&Event::Downloaded)?,
+            Err(ApplyError::Rejected(reason)) => {
+                return self.refuse(&mut state, &manifest, &digest, reason)
+            }
+            Err(ApplyError::Failed(e)) => {
+                return Err(e.context(format!(
+                    "downloading {} {}",
+                    manifest.name, manifest.version
+                )))
+            }
+        }
+        let staged = staging.source();
         let job = Job {
-            source,
+            source: &staged,
             manifest: &manifest,
             manifest_sha256: &digest,
             slot,
             retries: self.retries,
         };
         match apply::apply(&job, &mut disk, &mut state, &self.paths.state, hook) {
-            Ok(()) => Ok(Outcome::Staged {
-                version: manifest.version.to_string(),
-                slot,
-            }),
+            Ok(()) => {
+                staging.clear()?;
+                Ok(Outcome::Staged {
+                    version: manifest.version.to_string(),
+                    slot,
+                })
+            }
             Err(ApplyError::Rejected(reason)) => {
                 state.in_progress = None;
-                state.save(&self.paths.state)?;
-                Ok(Outcome::Refused {
-                    version: Some(manifest.version.to_string()),
-                    reason,
-                })
+                self.refuse(&mut state, &manifest, &digest, reason)
             }
             Err(ApplyError::Failed(e)) => Err(e.context(format!(
                 "applying {} {} to slot {slot}",
                 manifest.name, manifest.version
             ))),
         }
+    }
+
+    /// Where releases are staged before they are written: beside the state file.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.paths.state.with_file_name("staging")
+    }
+
+    /// Records a release refused for its content (so it is not downloaded again), drops what
+    /// was staged of it, and returns the outcome.
+    fn refuse(
+        &self,
+        state: &mut State,
+        manifest: &Manifest,
+        digest: &str,
+        reason: String,
+    ) -> Result<Outcome> {
+        state.remember_refusal(Refused {
+            manifest_sha256: digest.to_owned(),
+            version: manifest.version.clone(),
+            reason: reason.clone(),
+        });
+        state.save(&self.paths.state)?;
+        Staging::new(self.staging_dir()).clear()?;
+        Ok(Outcome::Refused {
+            version: Some(manifest.version.to_string()),
+            reason,
+        })
     }
 
     /// Makes the other slot boot next by marking the running entry as out of tries; the running
@@ -522,10 +597,34 @@ impl Agent {
         Ok(rollback)
     }
 
+    /// Whether the running boot has settled: blessed or good, containers reconciled, no
+    /// reconciliation under way (see [`crate::workload::SETTLED_MARKER`]).
+    pub fn settled(&self) -> bool {
+        self.paths.settled.exists()
+    }
+
     /// Blesses the running boot (see [`bless_disk`]).
     pub fn bless(&self) -> Result<Blessed> {
         bless_disk(&self.disk, self.running_slot, self.running_version.as_str())
     }
+}
+
+/// Why the release cannot go into `slot` of `disk` (a partition too small for its artifact),
+/// checked before anything is downloaded or written.
+fn fits_slot(disk: &mut Disk, manifest: &Manifest, slot: Slot) -> Result<Option<String>> {
+    for (name, artifact, label) in [
+        ("root", &manifest.artifacts.root, slot.root_label()),
+        ("verity", &manifest.artifacts.verity, slot.verity_label()),
+    ] {
+        let part = disk.partition(label)?;
+        if artifact.uncompressed_size > part.size {
+            return Ok(Some(format!(
+                "artifact {name}: {} bytes do not fit partition {} ({} bytes)",
+                artifact.uncompressed_size, part.label, part.size
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Marks the running boot good on `disk` and syncs: renames the counted entry of `slot` and

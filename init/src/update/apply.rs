@@ -30,6 +30,8 @@ pub enum Event {
     Stage(Stage),
     /// `bytes` of an artifact's content were written so far.
     Written { artifact: &'static str, bytes: u64 },
+    /// Every artifact is staged on `/var` and checked; nothing was written before this.
+    Downloaded,
 }
 
 /// Why applying stopped.

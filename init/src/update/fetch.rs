@@ -78,8 +78,9 @@ impl std::fmt::Display for HttpUrl {
 pub enum FetchError {
     #[error("{0}: not found")]
     NotFound(String),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    /// The cause is part of the message, not a `source()`: a chain would print it twice.
+    #[error("{what}: {error}")]
+    Io { what: String, error: io::Error },
     #[error("{0}")]
     Protocol(String),
 }
@@ -113,9 +114,9 @@ impl Source {
         (&mut reader)
             .take(SMALL_FILE_LIMIT + 1)
             .read_to_end(&mut data)
-            .map_err(|source| FetchError::Io {
+            .map_err(|error| FetchError::Io {
                 what: self.describe(relative),
-                source,
+                error,
             })?;
         if data.len() as u64 > SMALL_FILE_LIMIT {
             return Err(FetchError::Protocol(format!(
@@ -131,13 +132,13 @@ impl Source {
         match self {
             Source::Dir(dir) => {
                 let path = dir.join(relative);
-                let io_err = |source: io::Error| {
-                    if source.kind() == io::ErrorKind::NotFound {
+                let io_err = |error: io::Error| {
+                    if error.kind() == io::ErrorKind::NotFound {
                         FetchError::NotFound(path.display().to_string())
                     } else {
                         FetchError::Io {
                             what: path.display().to_string(),
-                            source,
+                            error,
                         }
                     }
                 };
@@ -308,9 +309,9 @@ fn http_get(
     redirects_left: u32,
 ) -> Result<Box<dyn Read + Send>, FetchError> {
     let what = url.to_string();
-    let io_err = |source: io::Error| FetchError::Io {
+    let io_err = |error: io::Error| FetchError::Io {
         what: what.clone(),
-        source,
+        error,
     };
     let addr = (url.host.as_str(), url.port)
         .to_socket_addrs()
@@ -485,6 +486,23 @@ impl<R: BufRead> Read for Chunked<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_error_is_named_once() {
+        // Nothing listens on this port once the listener is gone.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let source = Source::parse(&format!("http://127.0.0.1:{port}/releases")).expect("url");
+        let error = source.get("stable/manifest.json").expect_err("refused");
+        let text = format!(
+            "{:#}",
+            anyhow::Error::from(error).context("fetching the manifest")
+        );
+        assert_eq!(text.matches("os error").count(), 1, "{text}");
+        assert!(text.contains("127.0.0.1"), "{text}");
+    }
 
     #[test]
     fn a_post_reply_is_read_to_its_length_on_a_connection_left_open() {

@@ -1,7 +1,9 @@
 //! `plinth-init`'s health-gated bless: from the start of stage 2, a boot whose entry still carries
 //! a boot counter is blessed once the workload has been healthy for `[update] bless-after`, or the
 //! machine reboots when that is not reached within `[update] bless-timeout` (an engine that never
-//! answers counts as unhealthy). A boot that is
+//! answers counts as unhealthy), or at once when a container restarts during the trial (see
+//! [`crate::stability`]). Once the boot is blessed or known good, the update agent may act
+//! ([`crate::workload::SETTLED_MARKER`]). A boot that is
 //! already good instead reports a rollback the update agent has not recorded yet. Every boot from
 //! a slot reports `PLINTH-STATUS boot-state slot=… version=… state=…` first.
 
@@ -18,6 +20,7 @@ use os_config::Definition;
 use super::agent::{read_disk_entries, Agent, Paths};
 use super::blockdev;
 use super::esp::Blessed;
+use crate::stability::GateResult;
 use crate::workload::{wait_healthy, BootHook};
 
 /// What the gate found about the running boot.
@@ -85,8 +88,12 @@ pub enum Verdict {
     NotOnTrial,
     /// Healthy for long enough: the entry was renamed without its counter.
     Blessed { slot: Slot, version: String },
-    /// Not healthy within the timeout: the caller reboots.
-    Unhealthy { slot: Slot, version: String },
+    /// Not healthy within the timeout, or a container restarted: the caller reboots.
+    Unhealthy {
+        slot: Slot,
+        version: String,
+        reason: String,
+    },
 }
 
 /// Runs the gate for the running boot: waits for health through `healthy(bless_after,
@@ -94,7 +101,7 @@ pub enum Verdict {
 pub fn run_gate(
     paths: &Paths,
     definition: &Definition,
-    healthy: &dyn Fn(Duration, Duration) -> Result<bool>,
+    healthy: &dyn Fn(Duration, Duration) -> Result<GateResult>,
 ) -> Result<Verdict> {
     let version = definition.image.version.to_string();
     let Some(boot) = running_boot(paths, &version)? else {
@@ -103,7 +110,7 @@ pub fn run_gate(
     let state = boot
         .entry
         .as_ref()
-        .map_or("no-entry".to_owned(), |e| e.state().to_string());
+        .map_or("no-entry".to_owned(), |e| e.running_state().to_string());
     crate::status::status(
         "boot-state",
         &[
@@ -123,17 +130,19 @@ pub fn run_gate(
         update.bless_after.0.as_secs(),
         update.bless_timeout.0.as_secs()
     );
-    if healthy(update.bless_after.0, update.bless_timeout.0)? {
-        let _: Blessed = super::agent::bless_disk(&boot.disk, boot.slot, &boot.version)?;
-        Ok(Verdict::Blessed {
+    match healthy(update.bless_after.0, update.bless_timeout.0)? {
+        GateResult::Healthy => {
+            let _: Blessed = super::agent::bless_disk(&boot.disk, boot.slot, &boot.version)?;
+            Ok(Verdict::Blessed {
+                slot: boot.slot,
+                version: boot.version,
+            })
+        }
+        GateResult::Unhealthy(reason) => Ok(Verdict::Unhealthy {
             slot: boot.slot,
             version: boot.version,
-        })
-    } else {
-        Ok(Verdict::Unhealthy {
-            slot: boot.slot,
-            version: boot.version,
-        })
+            reason,
+        }),
     }
 }
 
@@ -174,27 +183,43 @@ pub fn bless_hook(paths: Paths) -> BootHook {
         };
         match run_gate(&paths, definition, &healthy) {
             Ok(Verdict::NotOnTrial) => {
+                boot.boot_is_good();
                 if definition.update.is_some() {
                     report_rollback(&paths);
                 }
             }
-            Ok(Verdict::Blessed { slot, version }) => crate::status::status(
-                "boot-blessed",
-                &[("slot", slot.as_str()), ("version", &version)],
-            ),
-            Ok(Verdict::Unhealthy { slot, version }) => {
+            Ok(Verdict::Blessed { slot, version }) => {
                 crate::status::status(
-                    "boot-unhealthy",
+                    "boot-blessed",
                     &[("slot", slot.as_str()), ("version", &version)],
                 );
+                boot.boot_is_good();
+            }
+            Ok(Verdict::Unhealthy {
+                slot,
+                version,
+                reason,
+            }) => {
+                crate::status::status(
+                    "boot-unhealthy",
+                    &[
+                        ("slot", slot.as_str()),
+                        ("version", &version),
+                        ("reason", &reason),
+                    ],
+                );
                 crate::info!(
-                    "{version} in slot {slot} did not become healthy in time; rebooting (its boot counter is spent)"
+                    "{version} in slot {slot} is not healthy ({reason}); rebooting (its boot counter is spent)"
                 );
                 request_reboot();
             }
             // Not knowing whether the boot is on trial, rebooting could loop: leave the decision
-            // to the boot counter (an unblessed entry runs out of tries on later boots).
-            Err(e) => crate::info!("the bless gate failed: {e:#}"),
+            // to the boot counter (an unblessed entry runs out of tries on later boots). The
+            // agent still refuses to replace the other slot while the running entry is counted.
+            Err(e) => {
+                crate::info!("the bless gate failed: {e:#}");
+                boot.boot_is_good();
+            }
         }
     })
 }

@@ -23,6 +23,7 @@ pub mod esp;
 pub mod fetch;
 pub mod gate;
 pub mod media;
+pub mod staging;
 pub mod state;
 pub mod strategy;
 pub mod verity;

@@ -67,6 +67,20 @@ pub struct Staged {
     pub slot: Slot,
 }
 
+/// A release that was refused for what its artifacts hold; it is not downloaded again until the
+/// server publishes a different manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Refused {
+    /// sha256 of the refused manifest's bytes.
+    pub manifest_sha256: String,
+    pub version: Version,
+    pub reason: String,
+}
+
+/// How many refused releases are remembered (the oldest is forgotten first).
+pub const REFUSED_KEPT: usize = 16;
+
 /// Everything the agent remembers across boots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -78,9 +92,28 @@ pub struct State {
     pub bad_versions: Vec<Version>,
     pub in_progress: Option<InProgress>,
     pub staged: Option<Staged>,
+    /// Releases refused for their artifacts, newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Refused>,
 }
 
 impl State {
+    /// The refusal recorded for the manifest with this sha256, if any.
+    pub fn refusal(&self, manifest_sha256: &str) -> Option<&Refused> {
+        self.refused
+            .iter()
+            .find(|r| r.manifest_sha256 == manifest_sha256)
+    }
+
+    /// Remembers a refused release (keeping the newest [`REFUSED_KEPT`]).
+    pub fn remember_refusal(&mut self, refused: Refused) {
+        self.refused
+            .retain(|r| r.manifest_sha256 != refused.manifest_sha256);
+        self.refused.push(refused);
+        let excess = self.refused.len().saturating_sub(REFUSED_KEPT);
+        self.refused.drain(..excess);
+    }
+
     /// Reads the state; a missing file is the empty state.
     pub fn load(path: &Path) -> Result<State> {
         match fs::read(path) {
@@ -142,6 +175,7 @@ mod tests {
                 }),
             }),
             staged: None,
+            refused: Vec::new(),
         };
         state.save(&path).expect("save");
         assert_eq!(State::load(&path).expect("load"), state);

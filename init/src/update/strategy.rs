@@ -27,9 +27,21 @@ pub enum Decision {
     Wait { reason: String, retry: Duration },
 }
 
-/// Decides for the agent's `[update] strategy`; for FleetLock this takes a reboot slot.
+/// How soon a reboot waiting for the running boot to settle asks again.
+pub const SETTLE_RETRY: Duration = Duration::from_secs(5);
+
+/// Decides for the agent's `[update] strategy`; for FleetLock this takes a reboot slot. No
+/// strategy reboots before the running boot has settled ([`Agent::settled`]).
 pub fn decide(agent: &Agent) -> Decision {
     let update = agent.definition.update.as_ref();
+    if agent.strategy != UpdateStrategy::Manual && !agent.settled() {
+        return Decision::Wait {
+            reason:
+                "the running boot has not settled (bless pending or containers being reconciled)"
+                    .to_owned(),
+            retry: SETTLE_RETRY,
+        };
+    }
     match agent.strategy {
         UpdateStrategy::Immediate => Decision::Reboot,
         UpdateStrategy::Manual => Decision::Never,

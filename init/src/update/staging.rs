@@ -1,0 +1,284 @@
+//! Staging a release on `/var` before anything of it is written.
+//!
+//! Every artifact is downloaded into `/var/lib/plinth/staging/artifacts/<sha256>.zst.part`
+//! (resuming a partial download), checked against the signed manifest (size and sha256 of the
+//! compressed file, then size and sha256 of its decompressed content) and only then renamed to
+//! its final name. The inactive slot, its boot entry and the ESP are not touched until every
+//! artifact is staged, so a refused release costs the machine nothing: its fallback slot stays.
+//! A power cut while staging leaves only files under the staging folder; the next check resumes
+//! from the partial file.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context as _};
+use os_config::manifest::{Artifact, Manifest};
+use sha2::{Digest, Sha256};
+
+use super::apply::{ApplyError, CHUNK, ZSTD_WINDOW_LOG_MAX};
+use super::fetch::Source;
+
+/// Room left free on `/var` beyond the staged release, for the engine and the containers.
+pub const RESERVE: u64 = 64 << 20;
+
+/// The staging folder of one machine.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    dir: PathBuf,
+}
+
+/// The final and the partial path of a staged artifact.
+fn paths(dir: &Path, artifact: &Artifact) -> (PathBuf, PathBuf) {
+    let done = dir.join(&artifact.path);
+    let part = done.with_extension("zst.part");
+    (done, part)
+}
+
+fn len_of(path: &Path) -> u64 {
+    fs::metadata(path).map_or(0, |m| m.len())
+}
+
+impl Staging {
+    /// Staging under `dir` (normally `/var/lib/plinth/staging`).
+    pub fn new(dir: PathBuf) -> Staging {
+        Staging { dir }
+    }
+
+    /// Where the staged release can be read as a release folder.
+    pub fn source(&self) -> Source {
+        Source::Dir(self.dir.clone())
+    }
+
+    /// Downloads and checks every artifact of `manifest` from `source`, after removing whatever
+    /// the folder holds for other releases. `Rejected` when an artifact differs from the manifest
+    /// (its partial file is removed, so a fixed release is downloaded afresh); `Failed` for
+    /// anything else, such as a network error or too little room on `/var`.
+    pub fn stage(
+        &self,
+        source: &Source,
+        manifest: &Manifest,
+        retries: u32,
+    ) -> Result<(), ApplyError> {
+        let artifacts_dir = self.dir.join("artifacts");
+        fs::create_dir_all(&artifacts_dir)
+            .with_context(|| format!("creating {}", artifacts_dir.display()))?;
+        self.remove_others(manifest)?;
+        let needed: u64 = manifest
+            .artifacts
+            .named()
+            .iter()
+            .map(|(_, a)| {
+                let (done, part) = paths(&self.dir, a);
+                if len_of(&done) == a.size {
+                    0
+                } else {
+                    a.size.saturating_sub(len_of(&part))
+                }
+            })
+            .sum();
+        let free = free_bytes(&self.dir)?;
+        if free < needed.saturating_add(RESERVE) {
+            return Err(ApplyError::Failed(anyhow!(
+                "not enough room in {} to stage {} {}: it needs {} MiB more (and {} MiB to spare), {} MiB are free",
+                self.dir.display(),
+                manifest.name,
+                manifest.version,
+                needed.div_ceil(1 << 20),
+                RESERVE >> 20,
+                free >> 20
+            )));
+        }
+        for (name, artifact) in manifest.artifacts.named() {
+            self.stage_one(source, name, artifact, retries)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every file of the folder that `manifest` does not name (older releases).
+    fn remove_others(&self, manifest: &Manifest) -> anyhow::Result<()> {
+        let keep: Vec<PathBuf> = manifest
+            .artifacts
+            .named()
+            .iter()
+            .flat_map(|(_, a)| {
+                let (done, part) = paths(&self.dir, a);
+                [done, part]
+            })
+            .collect();
+        let dir = self.dir.join("artifacts");
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry
+                .with_context(|| format!("reading {}", dir.display()))?
+                .path();
+            if !keep.contains(&path) {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Downloads one artifact (resuming its partial file) and checks it; renames it into place.
+    fn stage_one(
+        &self,
+        source: &Source,
+        name: &str,
+        artifact: &Artifact,
+        retries: u32,
+    ) -> Result<(), ApplyError> {
+        let (done, part) = paths(&self.dir, artifact);
+        if len_of(&done) == artifact.size {
+            return Ok(());
+        }
+        let rejected = |reason: String| {
+            // A fixed release with the same artifact name starts from scratch.
+            let _ = fs::remove_file(&part);
+            ApplyError::Rejected(format!("artifact {name}: {reason}"))
+        };
+        if let Source::Dir(dir) = source {
+            let len = len_of(&dir.join(&artifact.path));
+            if len != artifact.size {
+                return Err(rejected(format!(
+                    "the file is {len} bytes, the manifest says {}",
+                    artifact.size
+                )));
+            }
+        }
+        let mut offset = len_of(&part);
+        if offset > artifact.size {
+            fs::remove_file(&part).with_context(|| format!("removing {}", part.display()))?;
+            offset = 0;
+        }
+        let mut hasher = Sha256::new();
+        if offset > 0 {
+            let mut existing =
+                fs::File::open(&part).with_context(|| format!("opening {}", part.display()))?;
+            io::copy(
+                &mut (&mut existing).take(offset),
+                &mut HashWriter(&mut hasher),
+            )
+            .with_context(|| format!("reading {}", part.display()))?;
+        }
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .with_context(|| format!("opening {}", part.display()))?;
+        let download = source
+            .open_resuming(&artifact.path, offset, artifact.size, retries)
+            .map_err(|e| ApplyError::Failed(anyhow!("artifact {name}: {e}")))?;
+        // One byte more than the manifest allows tells a longer file from a complete one.
+        let mut limited = download.take(artifact.size - offset + 1);
+        let mut buf = vec![0u8; CHUNK];
+        let mut len = offset;
+        loop {
+            let n = match limited.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // What arrived is kept for the next attempt.
+                    let _ = file.sync_data();
+                    return Err(ApplyError::Failed(anyhow!("artifact {name}: {e}")));
+                }
+            };
+            len += n as u64;
+            if len > artifact.size {
+                return Err(rejected(format!(
+                    "the download is more than the {} bytes the manifest says",
+                    artifact.size
+                )));
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", part.display()))?;
+        }
+        file.sync_all()
+            .with_context(|| format!("writing {}", part.display()))?;
+        drop(file);
+        let sha = hex::encode(hasher.finalize());
+        if len != artifact.size {
+            return Err(rejected(format!(
+                "the download is {len} bytes, the manifest says {}",
+                artifact.size
+            )));
+        }
+        if sha != artifact.sha256.as_str() {
+            return Err(rejected(format!(
+                "sha256 of the download is {sha}, the manifest says {}",
+                artifact.sha256
+            )));
+        }
+        check_content(&part, artifact).map_err(rejected)?;
+        fs::rename(&part, &done)
+            .with_context(|| format!("renaming {} to {}", part.display(), done.display()))?;
+        if let Some(dir) = done.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the staged files (after the release was written, or refused).
+    pub fn clear(&self) -> anyhow::Result<()> {
+        let dir = self.dir.join("artifacts");
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Decompresses the staged file and checks size and sha256 of its content against the manifest.
+fn check_content(path: &Path, artifact: &Artifact) -> Result<(), String> {
+    let file = fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let mut decoder = zstd::stream::read::Decoder::new(file)
+        .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    let mut hasher = Sha256::new();
+    let mut limited = (&mut decoder).take(artifact.uncompressed_size + 1);
+    let len = io::copy(&mut limited, &mut HashWriter(&mut hasher))
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    let sha = hex::encode(hasher.finalize());
+    if len != artifact.uncompressed_size {
+        return Err(format!(
+            "its content is {}{len} bytes, the manifest says {}",
+            if len > artifact.uncompressed_size {
+                "more than "
+            } else {
+                ""
+            },
+            artifact.uncompressed_size
+        ));
+    }
+    if sha != artifact.uncompressed_sha256.as_str() {
+        return Err(format!(
+            "sha256 of its content is {sha}, the manifest says {}",
+            artifact.uncompressed_sha256
+        ));
+    }
+    Ok(())
+}
+
+/// Free bytes for an unprivileged writer on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Feeds everything written into a hasher.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
