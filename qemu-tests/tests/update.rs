@@ -293,11 +293,12 @@ fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> S
     let container = if healthy {
         "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo '<h1>Hello from Plinth</h1>' > /www/index.html; exec /bin/busybox httpd -f -p 80 -h /www\"]\nmounts = [\"/var/lib/web:/www\"]\nrestart = \"always\""
     } else {
-        "command = [\"/bin/busybox\", \"false\"]\nrestart = \"no\""
+        // A crash loop: the engine restarts it at once, so most looks see it running.
+        "command = [\"/bin/busybox\", \"false\"]\nrestart = \"always\""
     };
     // Counted from the start of stage 2: the engine answers about 30 s later under TCG. A
-    // healthy version has room for a busy machine; v4 gets about as long as its container needs
-    // to be seen exiting.
+    // healthy version has room for a busy machine; v4 fails at its first restart, and the
+    // timeout only bounds a gate that would miss it.
     let bless_timeout = if healthy { "180s" } else { "50s" };
     format!(
         "[image]\nname = \"upd\"\nversion = \"{version}\"\n\n[debian]\nsuite = \"bookworm\"\n\n\
@@ -365,6 +366,77 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Slot B of a disk as the host reads it: the sha256 of its root and verity partitions, their
+/// partition UUIDs, and its boot entries.
+#[derive(Debug, PartialEq, Eq)]
+struct SlotB {
+    sha256: String,
+    uuids: Vec<String>,
+    entries: Vec<String>,
+}
+
+fn slot_b(disk: &Path) -> Result<SlotB> {
+    use sha2::Digest as _;
+    use std::io::Seek as _;
+    let info = builder::inspect::inspect_disk(disk)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut uuids = Vec::new();
+    let mut file = std::fs::File::open(disk)?;
+    for label in ["root-b", "verity-b"] {
+        let part = info
+            .partitions
+            .iter()
+            .find(|p| p.label == label)
+            .with_context(|| format!("no {label} on {}", disk.display()))?;
+        file.seek(std::io::SeekFrom::Start(part.start))?;
+        std::io::copy(&mut (&mut file).take(part.size), &mut hasher)?;
+        uuids.push(part.uuid.clone());
+    }
+    let entries = info
+        .entries
+        .iter()
+        .filter(|e| e.slot == Some("b"))
+        .map(|e| e.file.clone())
+        .collect();
+    Ok(SlotB {
+        sha256: hex::encode(hasher.finalize()),
+        uuids,
+        entries,
+    })
+}
+
+/// Copies a release folder whose root artifact differs from its manifest: `tamper` changes the
+/// artifact's bytes. The manifest is written again in another layout and signed with `key`, so
+/// it is a different manifest from the original's (a refusal is remembered per manifest).
+fn tampered_release(
+    from: &Path,
+    to: &Path,
+    manifest: &Manifest,
+    key: &os_config::manifest::SecretKey,
+    tamper: impl Fn(&mut Vec<u8>),
+) -> Result<()> {
+    copy_tree(from, to)?;
+    let artifact = to.join(&manifest.artifacts.root.path);
+    let mut bytes = std::fs::read(&artifact)?;
+    tamper(&mut bytes);
+    std::fs::remove_file(&artifact)?;
+    std::fs::write(&artifact, &bytes)?;
+    for manifest_dir in [
+        to.join("stable"),
+        to.join("stable").join(manifest.version.as_str()),
+    ] {
+        let path = manifest_dir.join(manifest::MANIFEST_FILE);
+        let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let text = serde_json::to_vec(&value)?;
+        std::fs::remove_file(&path)?;
+        std::fs::write(&path, &text)?;
+        let sig = manifest_dir.join(manifest::SIGNATURE_FILE);
+        std::fs::remove_file(&sig)?;
+        std::fs::write(&sig, key.sign(&text))?;
+    }
+    Ok(())
+}
+
 /// Waits for the next `PLINTH-STATUS <event>` line after console offset `*at`, moves `*at` past
 /// it and returns its fields.
 fn next_status(
@@ -408,9 +480,8 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     // from run to run; the one a forged release is signed with is made by `plinth keygen`.
     let key = work.join("release.key");
     std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
-    let public = builder::publish::read_secret_key(&key)?
-        .public()
-        .to_string();
+    let trusted = builder::publish::read_secret_key(&key)?;
+    let public = trusted.public().to_string();
     let other = work.join("other");
     builder::publish::write_keypair(&other)?;
     let other = builder::publish::read_secret_key(&work.join("other.key"))?;
@@ -488,8 +559,9 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     vm.kill();
     server.release();
     ensure!(
-        !vm.console()[at..].contains("stage=root-written"),
-        "the root was written although its download stalled halfway"
+        !vm.console()[at..].contains("update-progress"),
+        "the update started writing although its download stalled halfway:\n{}",
+        &vm.console()[at..]
     );
     eprintln!(
         "power cut 1 (mid-download: {} of {} bytes of the root artifact sent) at {:.0}s",
@@ -568,6 +640,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     expect_field(&mounted, "slot", "b")?;
     let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
     expect_field(&state, "version", "2.0.0")?;
+    expect_field(&state, "state", "trying 1/3")?;
     let blessed = next_status(&mut vm, &mut at, "boot-blessed", BOOT)?;
     expect_field(&blessed, "slot", "b")?;
     expect_field(&blessed, "version", "2.0.0")?;
@@ -596,17 +669,88 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     expect_field(&blessed, "version", "3.0.0")?;
     eprintln!("v3 blessed at {:.0}s", qemu_started.elapsed().as_secs_f64());
 
-    // v4's container exits at once: three tries, never blessed, back on v3 by itself.
+    // Slot B holds v2, the fallback. A v4 whose root artifact was tampered with is refused
+    // before anything is written, remembered, and not downloaded again; slot B is unchanged.
+    let fallback = slot_b(&disk)?;
+    ensure!(
+        fallback.entries == ["plinth-b-2.0.0.conf"],
+        "slot B does not hold the blessed v2: {fallback:?}"
+    );
+    let v4 = &manifests[2];
+    tampered_release(
+        &work.join("rel4"),
+        &work.join("rel4-tampered"),
+        v4,
+        &trusted,
+        |bytes| {
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x01;
+        },
+    )?;
+    let tampered_published = Instant::now();
+    server.publish(&work.join("rel4-tampered"));
+    let line = next_line(&mut vm, &mut at, "update-refused version=4.0.0", BOOT)?;
+    ensure!(
+        line.contains("artifact root: sha256 of the download is"),
+        "unexpected refusal: {line}"
+    );
+    let line = next_line(&mut vm, &mut at, "update-refused version=4.0.0", BOOT)?;
+    ensure!(
+        line.contains("refused before"),
+        "unexpected refusal: {line}"
+    );
+    let root_path = format!("/{}", v4.artifacts.root.path);
+    let fetched = server
+        .requests_since(tampered_published)
+        .iter()
+        .filter(|r| **r == root_path)
+        .count();
+    ensure!(
+        fetched == 1,
+        "the tampered root artifact was requested {fetched} times (expected once)"
+    );
+    ensure!(
+        !vm.console()[at..].contains("stage=entry-removed"),
+        "a refused release removed an entry"
+    );
+    let after = slot_b(&disk)?;
+    ensure!(
+        after == fallback,
+        "a refused release changed slot B: {fallback:?} -> {after:?}"
+    );
+    eprintln!(
+        "tampered v4 refused twice, slot B unchanged, at {:.0}s",
+        qemu_started.elapsed().as_secs_f64()
+    );
+
+    // v4's container crash-loops (`restart = "always"`, exits at once): each of the three tries
+    // fails at its first restart, never blessed, back on v3 by itself.
     let v4_published = Instant::now();
     server.publish(&work.join("rel4"));
     let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
     expect_field(&staged, "version", "4.0.0")?;
     for attempt in 1..=3 {
         let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
+        let tried_from = at;
         expect_field(&state, "slot", "b")?;
         expect_field(&state, "version", "4.0.0")?;
+        expect_field(&state, "state", &format!("trying {attempt}/3"))?;
         let unhealthy = next_status(&mut vm, &mut at, "boot-unhealthy", BOOT)?;
         expect_field(&unhealthy, "version", "4.0.0")?;
+        let reason = unhealthy.get("reason").cloned().unwrap_or_default();
+        ensure!(
+            reason.contains("container web restarted"),
+            "v4 try {attempt} failed for another reason: {reason}"
+        );
+        let tried = &vm.console()[tried_from..at];
+        ensure!(
+            tried.contains("PLINTH-STATUS container-restarting name=web restarts="),
+            "no container-restarting line in try {attempt}"
+        );
+        ensure!(
+            !tried.contains("PLINTH-STATUS container-running name=web"),
+            "a crash-looping container was reported running in try {attempt}"
+        );
         eprintln!(
             "v4 try {attempt} failed at {:.0}s",
             qemu_started.elapsed().as_secs_f64()
@@ -635,7 +779,6 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     let line = next_line(&mut vm, &mut at, "update-refused version=4.0.0", BOOT)?;
     ensure!(line.contains("marked bad"), "unexpected refusal: {line}");
     next_status(&mut vm, &mut at, "update-refused version=4.0.0", BOOT)?;
-    let v4 = &manifests[2];
     let requests = server.requests_since(v4_published);
     for (name, artifact) in v4.artifacts.named() {
         let path = format!("/{}", artifact.path);
@@ -709,6 +852,13 @@ fn plinth_update(engine: &qemu_tests::engine::Engine, args: &[&str]) -> Result<(
     Ok((run.exit_code, run.output))
 }
 
+/// Flushes every write of the guest to its disks (`sync(2)` is machine-wide, so a container
+/// can ask for it).
+fn guest_sync(engine: &qemu_tests::engine::Engine) -> Result<(i64, String)> {
+    let run = engine.run("plinth/busybox:1", &["/bin/busybox", "sync"], true, &[])?;
+    Ok((run.exit_code, run.output))
+}
+
 #[test]
 fn offline_releases_from_media_are_checked_before_anything_is_written() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -733,14 +883,34 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
     publish(&v1_text, &v1, &key, &work.join("lower"), work)?;
     let manifest = publish(&v3_text, &v3, &key, &work.join("good"), work)?;
 
-    // A medium with one flipped byte in the root artifact (a real copy: the good one is kept).
-    copy_tree(&work.join("good"), &work.join("flipped"))?;
-    let artifact = work.join("flipped").join(&manifest.artifacts.root.path);
-    let mut bytes = std::fs::read(&artifact)?;
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x01;
-    std::fs::remove_file(&artifact)?;
-    std::fs::write(&artifact, &bytes)?;
+    // A medium with one flipped byte in the root artifact (a real copy: the good one is kept),
+    // one whose root artifact is longer than its manifest says, and one signed with another key.
+    tampered_release(
+        &work.join("good"),
+        &work.join("flipped"),
+        &manifest,
+        &secret,
+        |bytes| {
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x01;
+        },
+    )?;
+    tampered_release(
+        &work.join("good"),
+        &work.join("longer"),
+        &manifest,
+        &secret,
+        |bytes| bytes.extend_from_slice(&[0u8; 4096]),
+    )?;
+    builder::publish::write_keypair(&work.join("stranger"))?;
+    let stranger = builder::publish::read_secret_key(&work.join("stranger.key"))?;
+    tampered_release(
+        &work.join("good"),
+        &work.join("otherkey"),
+        &manifest,
+        &stranger,
+        |_| {},
+    )?;
     // A release of another image, signed with the trusted key.
     copy_tree(&work.join("good"), &work.join("other"))?;
     for manifest_dir in [work.join("other/stable"), work.join("other/stable/3.0.0")] {
@@ -759,6 +929,8 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
         ("lower", false),
         ("flipped", false),
         ("other", false),
+        ("longer", false),
+        ("otherkey", false),
         ("good", true),
     ] {
         let image = work.join(format!("{name}.img"));
@@ -766,12 +938,13 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
         disks.push(image);
     }
 
-    // v2 in slot A; the media are vdb (lower) … vde (good, FAT). The release server has nothing,
+    // v2 in slot A; the media are vdb (lower) … vdg (good, FAT). The release server has nothing,
     // so the agent's own polling finds no release.
     let empty = work.join("empty");
     std::fs::create_dir_all(&empty)?;
     let server = Server::start(&empty)?;
     let disk = image::private_copy(&v2, work)?;
+    let slot_b_before = slot_b(&disk)?;
     let api = qemu_tests::free_port()?;
     let mut opts = VmOptions::new(&disk);
     opts.guest_forwards = vec![(GUEST_SERVER.to_owned(), server.port)];
@@ -795,6 +968,8 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
             "3.0.0",
             "release is for image `other`, this machine runs `upd`",
         ),
+        ("/dev/vde", "3.0.0", "artifact root: the file is "),
+        ("/dev/vdf", "?", "signature does not verify"),
     ] {
         let (code, output) = plinth_update(&engine, &["apply", "--from", device])?;
         eprintln!("apply --from {device}: exit {code}\n{output}");
@@ -820,28 +995,37 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
         .join("\n");
     let status: serde_json::Value =
         serde_json::from_str(&json).with_context(|| format!("status JSON:\n{output}"))?;
-    let slot_b = status["slots"]
+    let status_b = status["slots"]
         .as_array()
         .and_then(|slots| slots.iter().find(|s| s["slot"] == "b"))
         .with_context(|| format!("no slot b in {status}"))?;
     ensure!(
-        slot_b["version"].is_null() && slot_b["boot"] == "empty",
-        "a refused release left a boot entry: {slot_b}"
+        status_b["version"].is_null() && status_b["boot"] == "empty",
+        "a refused release left a boot entry: {status_b}"
     );
     ensure!(status["staged"].is_null(), "something is staged: {status}");
+    // Byte for byte, slot B is what it was before the machine booted (the guest's writes, if
+    // any, flushed first).
+    let (code, output) = guest_sync(&engine)?;
+    ensure!(code == 0, "sync failed:\n{output}");
+    let slot_b_after = slot_b(&disk)?;
+    ensure!(
+        slot_b_after == slot_b_before,
+        "refused releases changed slot B: {slot_b_before:?} -> {slot_b_after:?}"
+    );
 
     // The good medium (FAT): staged into slot B, and the machine reboots into it on trial. The
     // engine goes away with the reboot, so the container's output may not come back.
     let applying = Instant::now();
-    match plinth_update(&engine, &["apply", "--from", "/dev/vde"]) {
+    match plinth_update(&engine, &["apply", "--from", "/dev/vdg"]) {
         Ok((code, output)) => {
-            eprintln!("apply --from /dev/vde: exit {code}\n{output}");
+            eprintln!("apply --from /dev/vdg: exit {code}\n{output}");
             ensure!(
                 !output.contains("update-refused"),
                 "the good medium was refused:\n{output}"
             );
         }
-        Err(e) => eprintln!("apply --from /dev/vde: no reply ({e:#}); the machine reboots"),
+        Err(e) => eprintln!("apply --from /dev/vdg: no reply ({e:#}); the machine reboots"),
     }
     let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
     expect_field(&mounted, "slot", "b")?;

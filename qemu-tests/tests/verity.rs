@@ -168,6 +168,7 @@ fn changed_root_block_is_refused_and_named_by_verify() -> Result<()> {
         let console = vm.console();
         for never in [
             "PLINTH-STATUS stage2-ready",
+            "PLINTH-STATUS container-started",
             "PLINTH-STATUS container-running",
         ] {
             ensure!(

@@ -138,6 +138,9 @@ fn report_rollback(agent: &Agent) -> Result<()> {
 /// line (tests that cut the power at a given stage), it pauses that long after each stage and
 /// before rebooting.
 fn progress(event: &Event) -> Result<()> {
+    if *event == Event::Downloaded {
+        println!("PLINTH-STATUS update-progress stage=downloaded");
+    }
     if let Event::Stage(stage) = event {
         let name = serde_json::to_value(stage)?;
         println!(

@@ -337,13 +337,14 @@ impl Agent {
         }))
     }
 
-    /// Fetches and verifies the channel manifest of `source` (default: the configured URL).
-    /// Returns the manifest and the sha256 of its bytes, or the outcome that ends the check.
+    /// Fetches and verifies the channel manifest of `source`; `configured` when that is the
+    /// configured URL (which honours the staged rollout and the refusals remembered). Returns the
+    /// manifest and the sha256 of its bytes, or the outcome that ends the check.
     fn fetch(
         &self,
         source: &Source,
         state: &State,
-        honor_rollout: bool,
+        configured: bool,
     ) -> Result<Result<(Manifest, String), Outcome>> {
         let path = format!("{}/{}", self.channel, manifest::MANIFEST_FILE);
         let sig_path = format!("{}/{}", self.channel, manifest::SIGNATURE_FILE);
@@ -406,7 +407,7 @@ impl Agent {
                 }))
             }
         }
-        if let (Some(rollout), true) = (manifest.rollout, honor_rollout) {
+        if let (Some(rollout), true) = (manifest.rollout, configured) {
             let machine_id = match std::fs::read_to_string(&self.paths.machine_id) {
                 Ok(id) => id,
                 // Without a machine id every machine gets the same moment; still deterministic.
@@ -425,7 +426,9 @@ impl Agent {
             }
         }
         let digest = hex::encode(Sha256::digest(&bytes));
-        if let Some(refused) = state.refusal(&digest) {
+        // A release refused from the configured server is not fetched again; one given with
+        // `--from` (say, a fresh copy on another medium) is the operator's choice and is checked.
+        if let Some(refused) = state.refusal(&digest).filter(|_| configured) {
             return Ok(Err(Outcome::Refused {
                 version: Some(version),
                 reason: format!(
@@ -481,8 +484,9 @@ impl Agent {
             Err(outcome) => return Ok(outcome),
         };
         let slot = self.running_slot.other();
+        let remember = from.is_none();
         if let Some(reason) = fits_slot(&mut disk, &manifest, slot)? {
-            return self.refuse(&mut state, &manifest, &digest, reason);
+            return self.refuse(&mut state, &manifest, &digest, reason, remember);
         }
         // Everything is downloaded and checked on /var before the first byte of the slot, its
         // entry or the ESP changes.
@@ -490,7 +494,7 @@ impl Agent {
         match staging.stage(source, &manifest, self.retries) {
             Ok(()) => hook(&Event::Downloaded)?,
             Err(ApplyError::Rejected(reason)) => {
-                return self.refuse(&mut state, &manifest, &digest, reason)
+                return self.refuse(&mut state, &manifest, &digest, reason, remember)
             }
             Err(ApplyError::Failed(e)) => {
                 return Err(e.context(format!(
@@ -517,7 +521,7 @@ impl Agent {
             }
             Err(ApplyError::Rejected(reason)) => {
                 state.in_progress = None;
-                self.refuse(&mut state, &manifest, &digest, reason)
+                self.refuse(&mut state, &manifest, &digest, reason, remember)
             }
             Err(ApplyError::Failed(e)) => Err(e.context(format!(
                 "applying {} {} to slot {slot}",
@@ -531,20 +535,23 @@ impl Agent {
         self.paths.state.with_file_name("staging")
     }
 
-    /// Records a release refused for its content (so it is not downloaded again), drops what
-    /// was staged of it, and returns the outcome.
+    /// Records a release refused for its content when it came from the configured server (so it
+    /// is not downloaded again), drops what was staged of it, and returns the outcome.
     fn refuse(
         &self,
         state: &mut State,
         manifest: &Manifest,
         digest: &str,
         reason: String,
+        remember: bool,
     ) -> Result<Outcome> {
-        state.remember_refusal(Refused {
-            manifest_sha256: digest.to_owned(),
-            version: manifest.version.clone(),
-            reason: reason.clone(),
-        });
+        if remember {
+            state.remember_refusal(Refused {
+                manifest_sha256: digest.to_owned(),
+                version: manifest.version.clone(),
+                reason: reason.clone(),
+            });
+        }
         state.save(&self.paths.state)?;
         Staging::new(self.staging_dir()).clear()?;
         Ok(Outcome::Refused {
