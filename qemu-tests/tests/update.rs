@@ -543,6 +543,16 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
         "a refused release started an update:\n{}",
         vm.console()
     );
+    // The agent looked only once the boot had settled: after the first reconciliation.
+    let console = vm.console();
+    let (complete, refused) = (
+        console.find("PLINTH-STATUS boot-complete"),
+        console.find("PLINTH-STATUS update-refused"),
+    );
+    ensure!(
+        matches!((complete, refused), (Some(c), Some(r)) if c < r),
+        "the agent checked for a release before the containers were reconciled:\n{console}"
+    );
     // The gate's line comes after boot-complete, before or after the agent's first check.
     let boot1 = next_status(&mut vm, &mut 0, "boot-state", BOOT)?;
     expect_field(&boot1, "slot", "a")?;
