@@ -123,15 +123,10 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
         Ok(list.as_array().is_some_and(Vec::is_empty))
     })
     .context("storm containers did not all finish")?;
-    let zombies = engine.run(
-        HELPER_IMAGE,
-        &["/bin/busybox", "sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null | /bin/busybox awk '$3 == \"Z\"' | /bin/busybox wc -l"],
-        true,
-        &[],
-    )?;
+    let zombies = zombie_count(&engine)?;
     ensure!(
-        zombies.output.trim() == "0",
-        "zombie processes after the storm: {zombies:?}"
+        zombies == "0",
+        "zombie processes after the storm: {zombies}"
     );
 
     // dockerd killed with SIGKILL is restarted by plinth-init and the containers come back.
@@ -153,6 +148,14 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
     ensure!(
         page.contains("Hello from Plinth"),
         "unexpected page after engine restart: {page}"
+    );
+    // The killed dockerd's children (containerd, the shims) were handed to PID 1, which reaped
+    // every one that exited.
+    engine.wait_ready(Duration::from_secs(60))?;
+    let zombies = zombie_count(&engine)?;
+    ensure!(
+        zombies == "0",
+        "zombie processes after dockerd was killed: {zombies}"
     );
 
     let boots_before = http_get(web, "/boots.txt", Duration::from_secs(60))?
@@ -180,6 +183,19 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
         "boots.txt had {boots_before} lines before the reboot, now: {boots:?}"
     );
     Ok(())
+}
+
+/// How many processes of the machine are zombies, counted from a container in the host's PID
+/// namespace.
+fn zombie_count(engine: &Engine) -> Result<String> {
+    let run = engine.run(
+        HELPER_IMAGE,
+        &["/bin/busybox", "sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null | /bin/busybox awk '$3 == \"Z\"' | /bin/busybox wc -l"],
+        true,
+        &[],
+    )?;
+    ensure!(run.exit_code == 0, "counting zombies failed: {run:?}");
+    Ok(run.output.trim().to_owned())
 }
 
 fn wait_until(timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
