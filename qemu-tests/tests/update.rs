@@ -296,10 +296,10 @@ fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> S
         // A crash loop: the engine restarts it at once, so most looks see it running.
         "command = [\"/bin/busybox\", \"false\"]\nrestart = \"always\""
     };
-    // Counted from the start of stage 2: the engine answers about 30 s later under TCG. A
-    // healthy version has room for a busy machine; v4 fails at its first restart, and the
-    // timeout only bounds a gate that would miss it.
-    let bless_timeout = if healthy { "180s" } else { "50s" };
+    // Counted from the start of stage 2: the engine answers about 30 s later under TCG, and the
+    // first reconciliation loads the image archive. Room for a busy machine; v4 fails at its
+    // first restart, long before.
+    let bless_timeout = "180s";
     format!(
         "[image]\nname = \"upd\"\nversion = \"{version}\"\n\n[debian]\nsuite = \"bookworm\"\n\n\
          [kernel]\ncmdline = [\"console=ttyS0\"{extra_cmdline}]\n\n\
@@ -658,6 +658,12 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
 
     // v3 is published: the agent writes slot A and reboots by itself; v3 is blessed.
     server.publish(&work.join("rel3"));
+    let publishing = Instant::now();
+    next_status(&mut vm, &mut at, "update-progress stage=downloaded", BOOT)?;
+    eprintln!(
+        "v3 downloaded and checked on /var {:.1}s after it was published",
+        publishing.elapsed().as_secs_f64()
+    );
     next_status(&mut vm, &mut at, "update-progress stage=accepted", BOOT)?;
     let applying = Instant::now();
     let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
@@ -674,6 +680,10 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     );
     let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
     expect_field(&mounted, "slot", "a")?;
+    eprintln!(
+        "v3 root mounted at {:.0}s",
+        qemu_started.elapsed().as_secs_f64()
+    );
     let blessed = next_status(&mut vm, &mut at, "boot-blessed", BOOT)?;
     expect_field(&blessed, "slot", "a")?;
     expect_field(&blessed, "version", "3.0.0")?;
