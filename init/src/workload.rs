@@ -164,6 +164,8 @@ pub struct BootContext {
     pub client: docker::Client,
     /// The image definition.
     pub definition: Definition,
+    /// The containers followed over the boot.
+    pub observer: Arc<Observer>,
     settle: Arc<Settle>,
 }
 
@@ -262,6 +264,7 @@ pub struct DockerWorkload {
     stopping: AtomicBool,
     on_start: Option<BootHook>,
     settle: Arc<Settle>,
+    observer: Arc<Observer>,
     watch_interval: Duration,
 }
 
@@ -298,6 +301,7 @@ impl DockerWorkload {
             stopping: AtomicBool::new(false),
             on_start: None,
             settle: Arc::new(Settle::new(PathBuf::from(SETTLED_MARKER))),
+            observer: Arc::new(Observer::default()),
             watch_interval: WATCH_INTERVAL,
         })
     }
@@ -420,8 +424,6 @@ impl DockerWorkload {
     /// `container-restarting` and `container-stopped` (see [`stability`]). Returns when the engine
     /// stopped answering or was restarted since `generation`, or at shutdown.
     fn watch(&self, client: &docker::Client, generation: u64) {
-        let clock = RealClock::default();
-        let mut tracker = Tracker::new(stability::SETTLE);
         let mut last: Option<Health> = None;
         loop {
             if self.stopping() {
@@ -435,14 +437,8 @@ impl DockerWorkload {
                 crate::info!("the engine stopped answering ({e}): waiting for it again");
                 return;
             }
-            match containers::health(client, &self.definition.containers) {
+            match self.observer.look(client, &self.definition.containers) {
                 Ok(health) => {
-                    for event in tracker.observe(clock.now(), &health) {
-                        let (name, fields) = event.status();
-                        let fields: Vec<(&str, &str)> =
-                            fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                        crate::status::status(name, &fields);
-                    }
                     if last.as_ref() != Some(&health) {
                         log_health(&health);
                     }
@@ -450,7 +446,7 @@ impl DockerWorkload {
                 }
                 Err(e) => crate::info!("checking container health failed: {e}"),
             }
-            let pause = if tracker.settled() || self.definition.containers.is_empty() {
+            let pause = if self.observer.settled() || self.definition.containers.is_empty() {
                 self.watch_interval
             } else {
                 GATE_POLL.min(self.watch_interval)
@@ -528,6 +524,7 @@ impl DockerWorkload {
         let context = BootContext {
             client: self.client(),
             definition: self.definition.clone(),
+            observer: Arc::clone(&self.observer),
             settle: Arc::clone(&self.settle),
         };
         let started = std::thread::Builder::new()
@@ -597,6 +594,59 @@ pub fn look(client: &docker::Client, decls: &[Container]) -> std::result::Result
     containers::health(client, decls).map_err(|e| e.to_string())
 }
 
+/// The declared containers followed over the whole boot: one [`Tracker`], fed by the watcher
+/// and by the bless gate, so that each change is reported once on the console and the gate
+/// judges from the freshest look. It is kept across engine restarts: a container the restarted
+/// engine starts again has a new run, which a trial boot must not miss.
+#[derive(Debug)]
+pub struct Observer {
+    clock: RealClock,
+    tracker: std::sync::Mutex<Tracker>,
+}
+
+impl Default for Observer {
+    fn default() -> Observer {
+        Observer {
+            clock: RealClock::default(),
+            tracker: std::sync::Mutex::new(Tracker::new(stability::SETTLE)),
+        }
+    }
+}
+
+impl Observer {
+    fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Looks at the declared containers through `client` and prints what changed
+    /// (`container-running`, `container-restarting`, `container-stopped`); `Err` says why there
+    /// was nothing to look at.
+    pub fn look(
+        &self,
+        client: &docker::Client,
+        decls: &[Container],
+    ) -> std::result::Result<Health, String> {
+        let health = look(client, decls)?;
+        let mut tracker = self.tracker();
+        for event in tracker.observe(self.clock.now(), &health) {
+            let (name, fields) = event.status();
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            crate::status::status(name, &fields);
+        }
+        Ok(health)
+    }
+
+    /// The gate's judgement of everything seen so far.
+    pub fn judge(&self) -> Judgement {
+        self.tracker().judge()
+    }
+
+    /// Whether every container has been reported running or stopped.
+    pub fn settled(&self) -> bool {
+        self.tracker().settled()
+    }
+}
+
 /// The bless gate: healthy once the engine has answered, the first reconciliation is done
 /// (`reconciled`), and every declared container has kept one run up (and healthy where declared)
 /// for `bless_after`; unhealthy at once when a container restarts, or when that did not happen
@@ -605,12 +655,12 @@ pub fn wait_healthy(
     client: &docker::Client,
     decls: &[Container],
     reconciled: &dyn Fn() -> bool,
+    observer: &Observer,
     bless_after: Duration,
     timeout: Duration,
 ) -> Result<GateResult> {
-    let mut tracker = Tracker::new(stability::SETTLE);
     stability::gate(
-        |now| {
+        |_now| {
             if !reconciled() {
                 return match client.ping() {
                     Ok(()) => Judgement::NotYet(
@@ -619,16 +669,12 @@ pub fn wait_healthy(
                     Err(e) => Judgement::NotYet(e.to_string()),
                 };
             }
-            match look(client, decls) {
-                Ok(health) => {
-                    // The watcher reports the events; the gate only judges.
-                    tracker.observe(now, &health);
-                    tracker.judge()
-                }
+            match observer.look(client, decls) {
+                Ok(_) => observer.judge(),
                 Err(reason) => Judgement::NotYet(reason),
             }
         },
-        &RealClock::default(),
+        &observer.clock,
         bless_after,
         timeout,
         GATE_POLL,

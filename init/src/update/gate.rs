@@ -177,6 +177,7 @@ pub fn bless_hook(paths: Paths) -> BootHook {
                 &boot.client,
                 &definition.containers,
                 &reconciled,
+                &boot.observer,
                 after,
                 timeout,
             )
