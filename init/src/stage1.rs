@@ -7,8 +7,8 @@ use crate::coldplug::{log_report, ModuleLoader};
 use crate::gpt::{self, Partition};
 use crate::mounts::{self, FsKind};
 use crate::system::{MountFlags, Paths, System};
-use crate::verity::Superblock;
 use anyhow::{anyhow, bail, Context as _, Result};
+use os_config::layout::VeritySuperblock;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -516,7 +516,7 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             cmdline.slot
         )
     })?;
-    let mut head = vec![0u8; Superblock::SIZE];
+    let mut head = vec![0u8; VeritySuperblock::SIZE];
     ctx.sys
         .open_read(verity_node)
         .and_then(|mut dev| {
@@ -525,7 +525,7 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         })
         .with_context(|| format!("reading the verity superblock of {}", verity_node.display()))?;
     let superblock =
-        Superblock::parse(&head).map_err(|e| anyhow!("{}: {e}", verity_node.display()))?;
+        VeritySuperblock::parse(&head).map_err(|e| anyhow!("{}: {e}", verity_node.display()))?;
     let partition_sectors =
         (root_part.last_lba + 1 - root_part.first_lba) * devices.sector_size / 512;
     if superblock.data_sectors() > partition_sectors {
@@ -538,10 +538,12 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             partition_sectors
         );
     }
+    // A corrupted block restarts the machine: boot counting then falls back to the other slot.
     let params = superblock.table_params(
         &root_node.to_string_lossy(),
         &verity_node.to_string_lossy(),
-        &hash,
+        &hash.to_hex(),
+        &["restart_on_corruption"],
     );
     let (major, minor) = ctx
         .sys
