@@ -2,13 +2,13 @@
 //! `state` at its `/var`, switch into it and exec stage 2.
 
 use crate::boot::{Clock, Step};
-use crate::cmdline::{Cmdline, RootHash, Slot};
+use crate::cmdline::{Cmdline, RootHash};
 use crate::coldplug::{log_report, ModuleLoader};
 use crate::gpt::{self, Partition};
 use crate::mounts::{self, FsKind};
 use crate::system::{MountFlags, Paths, System};
 use anyhow::{anyhow, bail, Context as _, Result};
-use os_config::layout::VeritySuperblock;
+use os_config::layout::{Slot, VeritySuperblock};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -226,18 +226,10 @@ fn read_cmdline<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             "OFF (plinth.verity=0, debugging image)"
         }
     );
-    if let Some((_, value)) = cmdline
-        .args
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "plinth.disk-timeout")
-    {
-        match value.as_deref().map(str::parse::<u64>) {
-            Some(Ok(seconds)) => ctx.disk_timeout = Duration::from_secs(seconds),
-            _ => crate::info!(
-                "ignoring plinth.disk-timeout={}: expected whole seconds",
-                value.as_deref().unwrap_or("")
-            ),
+    if let Some(value) = cmdline.args.value("plinth.disk-timeout") {
+        match value.parse::<u64>() {
+            Ok(seconds) => ctx.disk_timeout = Duration::from_secs(seconds),
+            Err(_) => crate::info!("ignoring plinth.disk-timeout={value}: expected whole seconds"),
         }
     }
     ctx.cmdline = Some(cmdline);
@@ -312,7 +304,7 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
                         crate::info!("the primary GPT of {name} is damaged: using its backup");
                     }
                     seen.push(format!("{name} (GPT: {})", labels(&table)));
-                    if table.by_label(&root_label).is_some() {
+                    if table.by_label(root_label).is_some() {
                         candidates.push(Candidate { disk: name, table });
                     }
                 }
@@ -320,8 +312,8 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             }
         }
         if !candidates.is_empty() {
-            let chosen = choose_candidate(&cmdline, &candidates, &root_label, &verity_label)?;
-            let devices = slot_devices(ctx, chosen, &root_label, &verity_label)?;
+            let chosen = choose_candidate(&cmdline, &candidates, root_label, verity_label)?;
+            let devices = slot_devices(ctx, chosen, root_label, verity_label)?;
             crate::info!(
                 "boot disk {}: {} on {}, {} on {}, state on {}",
                 devices.disk.display(),
@@ -639,7 +631,7 @@ fn mount_root<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             ("device", &node.to_string_lossy()),
             ("verity", verity),
             ("fstype", fstype),
-            ("slot", cmdline.slot.letter()),
+            ("slot", cmdline.slot.as_str()),
         ],
     );
     Ok(())
@@ -760,7 +752,7 @@ fn boot_failed<S: System>(sys: &S, paths: &Paths, error: anyhow::Error) -> ! {
         crate::status::status(
             "roothash-mismatch",
             &[
-                ("slot", mismatch.slot.letter()),
+                ("slot", mismatch.slot.as_str()),
                 ("expected", &mismatch.expected.to_hex()),
                 ("found", &mismatch.found),
             ],

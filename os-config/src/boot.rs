@@ -7,6 +7,7 @@
 //! each try (`+2-1`, `+1-2`, `+0-3`), and `plinth-init` blesses it by renaming it to
 //! `plinth-<slot>-<version>.conf`.
 
+use crate::cmdline::Cmdline;
 use crate::layout::Slot;
 
 /// Folder on the ESP holding the boot entries.
@@ -260,10 +261,11 @@ impl Entry {
                 options.trim()
             )
         })?;
-        let extra_args = options
-            .split_whitespace()
-            .filter(|a| !a.starts_with("plinth."))
-            .map(str::to_owned)
+        let extra_args = Cmdline::parse(options)
+            .args()
+            .iter()
+            .filter(|(key, _)| !key.starts_with("plinth."))
+            .map(|(key, value)| crate::cmdline::format_arg(key, value.as_deref()))
             .collect();
         Ok(Entry {
             slot,
@@ -275,39 +277,38 @@ impl Entry {
     }
 }
 
-/// The `plinth.*` arguments of a kernel command line.
+/// The `plinth.*` arguments of a kernel command line, read leniently: what is absent or not
+/// understood is `None` (stage 1 insists on them, see `init::cmdline`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootArgs {
     pub slot: Option<Slot>,
     pub version: Option<String>,
     pub root_hash: Option<String>,
-    /// False only when `plinth.verity=off` is given.
+    /// False only when `plinth.verity=off` (or `0`) is given.
     pub verity: bool,
 }
 
 impl BootArgs {
-    /// Reads the `plinth.*` arguments from a command line (`/proc/cmdline`); later ones win.
+    /// Reads the `plinth.*` arguments from a command line (`/proc/cmdline`) split by
+    /// [`crate::cmdline::Cmdline`]: the last value of a key wins.
     pub fn from_cmdline(cmdline: &str) -> BootArgs {
-        let mut args = BootArgs {
-            slot: None,
-            version: None,
-            root_hash: None,
-            verity: true,
-        };
-        for word in cmdline.split_whitespace() {
-            let Some((key, value)) = word.split_once('=') else {
-                continue;
-            };
-            match key {
-                ARG_SLOT => args.slot = Slot::parse(value),
-                ARG_VERSION => args.version = Some(value.to_owned()),
-                ARG_ROOTHASH => args.root_hash = Some(value.to_ascii_lowercase()),
-                ARG_VERITY => args.verity = value != "off",
-                _ => {}
-            }
-        }
-        args
+        BootArgs::from_args(&Cmdline::parse(cmdline))
     }
+
+    /// Reads the `plinth.*` arguments from a split command line.
+    pub fn from_args(args: &Cmdline) -> BootArgs {
+        BootArgs {
+            slot: args.value(ARG_SLOT).and_then(Slot::parse),
+            version: args.value(ARG_VERSION).map(str::to_owned),
+            root_hash: args.value(ARG_ROOTHASH).map(str::to_ascii_lowercase),
+            verity: !matches!(args.value(ARG_VERITY), Some(v) if verity_off(v)),
+        }
+    }
+}
+
+/// True for the `plinth.verity=` values that turn verity off (`off`, `0`).
+pub fn verity_off(value: &str) -> bool {
+    matches!(value, "off" | "0")
 }
 
 #[cfg(test)]
@@ -417,6 +418,18 @@ mod tests {
     }
 
     #[test]
+    fn quoted_extra_arguments_survive_an_entry_round_trip() {
+        let entry = Entry {
+            slot: Slot::B,
+            version: "2".to_owned(),
+            root_hash: "cd".repeat(32),
+            extra_args: vec!["console=ttyS0".to_owned(), "msg=\"a b\"".to_owned()],
+            verity: false,
+        };
+        assert_eq!(Entry::parse(&entry.format()), Ok(entry));
+    }
+
+    #[test]
     fn command_line_arguments_are_read() {
         let args = BootArgs::from_cmdline(
             "BOOT_IMAGE=x plinth.slot=b plinth.version=2 plinth.roothash=ABCD plinth.verity=off quiet",
@@ -425,6 +438,9 @@ mod tests {
         assert_eq!(args.version.as_deref(), Some("2"));
         assert_eq!(args.root_hash.as_deref(), Some("abcd"));
         assert!(!args.verity);
+        let zero = BootArgs::from_cmdline("plinth.verity=0 plinth.slot=a plinth.slot=b");
+        assert!(!zero.verity);
+        assert_eq!(zero.slot, Some(Slot::B));
         let none = BootArgs::from_cmdline("console=ttyS0");
         assert_eq!(none.slot, None);
         assert!(none.verity);

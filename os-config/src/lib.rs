@@ -3,6 +3,7 @@
 //! No I/O beyond parsing (except [`oracle`], the tests' reference tools, behind a feature).
 
 pub mod boot;
+pub mod cmdline;
 pub mod definition;
 pub mod diagnostic;
 pub mod layout;

@@ -161,7 +161,9 @@ fn stage_delay() {
         .ok()
         .or_else(|| {
             let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-            agent::cmdline_value(&cmdline, STAGE_DELAY_ARG).map(str::to_owned)
+            os_config::cmdline::Cmdline::parse(&cmdline)
+                .value(STAGE_DELAY_ARG)
+                .map(str::to_owned)
         })
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(ms) = delay {

@@ -17,7 +17,8 @@ use super::esp::{self, Blessed, Esp};
 use super::fetch::{FetchError, Source};
 use super::staging::Staging;
 use super::state::{InProgress, Refused, Staged, State};
-use os_config::boot::{BootState, Counter, EntryName};
+use os_config::boot::{BootState, Counter, EntryName, ARG_ROOTHASH, ARG_SLOT};
+use os_config::cmdline::Cmdline;
 use os_config::layout::Slot;
 
 /// Every system path the agent touches, overridable for tests.
@@ -156,13 +157,6 @@ pub struct Rollback {
     pub to: String,
 }
 
-/// A value of `key=` on a kernel command line.
-pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
 impl Agent {
     /// Reads the definition and command line, and finds the boot disk.
     pub fn load(paths: Paths) -> Result<Agent> {
@@ -183,21 +177,22 @@ impl Agent {
             .with_context(|| format!("reading [update] keys of {}", paths.definition.display()))?;
         let cmdline = std::fs::read_to_string(&paths.cmdline)
             .with_context(|| format!("reading {}", paths.cmdline.display()))?;
-        let slot_text = cmdline_value(&cmdline, "plinth.slot").with_context(|| {
+        let args = Cmdline::parse(&cmdline);
+        let slot_text = args.value(ARG_SLOT).with_context(|| {
             format!(
-                "{} has no plinth.slot=: not booted from a Plinth slot",
+                "{} has no {ARG_SLOT}=: not booted from a Plinth slot",
                 paths.cmdline.display()
             )
         })?;
         let running_slot = Slot::parse(slot_text)
-            .with_context(|| format!("plinth.slot={slot_text}: expected a or b"))?;
+            .with_context(|| format!("{ARG_SLOT}={slot_text}: expected a or b"))?;
         let disk = match &paths.disk {
             Some(disk) => disk.clone(),
             None => blockdev::find_boot_disk(
                 &paths.sys_block,
                 &paths.dev,
                 running_slot,
-                cmdline_value(&cmdline, "plinth.roothash"),
+                args.value(ARG_ROOTHASH),
             )?,
         };
         Ok(Agent {
@@ -671,18 +666,5 @@ pub fn status_line(outcome: &Outcome) -> Option<String> {
             reason.replace('"', "'")
         )),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cmdline_values() {
-        let line = "console=ttyS0 plinth.slot=b plinth.version=2 plinth.slotx=c\n";
-        assert_eq!(cmdline_value(line, "plinth.slot"), Some("b"));
-        assert_eq!(cmdline_value(line, "plinth.version"), Some("2"));
-        assert_eq!(cmdline_value(line, "plinth.roothash"), None);
     }
 }
