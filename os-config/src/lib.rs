@@ -11,6 +11,7 @@ pub mod manifest;
 #[cfg(feature = "oracles")]
 pub mod oracle;
 pub mod slice;
+pub mod status;
 pub mod units;
 
 pub use definition::Definition;

@@ -10,6 +10,7 @@ use init::update::apply::Event;
 use init::update::fetch::Source;
 use init::update::media;
 use init::update::strategy::{self, Decision};
+use os_config::status;
 
 const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] [--settled FILE] COMMAND
 commands:
@@ -78,7 +79,7 @@ fn parse_args() -> Result<Args> {
 /// reboot (`settle`) first waits while plinth-init reconciles the containers, so it never
 /// interrupts a reconciliation.
 fn reboot(settle: Option<&Agent>) -> Result<()> {
-    println!("PLINTH-STATUS update-rebooting");
+    println!("{}", status::format("update-rebooting", &[]));
     stage_delay();
     if let Some(agent) = settle {
         let mut said = false;
@@ -128,7 +129,10 @@ fn print_outcome(json: bool, outcome: &Outcome) -> Result<()> {
 
 fn report_rollback(agent: &Agent) -> Result<()> {
     if let Some(rb) = agent.detect_rollback()? {
-        println!("PLINTH-STATUS rollback from={} to={}", rb.from, rb.to);
+        println!(
+            "{}",
+            status::format("rollback", &[("from", &rb.from), ("to", &rb.to)])
+        );
     }
     Ok(())
 }
@@ -139,13 +143,19 @@ fn report_rollback(agent: &Agent) -> Result<()> {
 /// before rebooting.
 fn progress(event: &Event) -> Result<()> {
     if *event == Event::Downloaded {
-        println!("PLINTH-STATUS update-progress stage=downloaded");
+        println!(
+            "{}",
+            status::format("update-progress", &[("stage", "downloaded")])
+        );
     }
     if let Event::Stage(stage) = event {
         let name = serde_json::to_value(stage)?;
         println!(
-            "PLINTH-STATUS update-progress stage={}",
-            name.as_str().unwrap_or("?")
+            "{}",
+            status::format(
+                "update-progress",
+                &[("stage", name.as_str().unwrap_or("?"))]
+            )
         );
         stage_delay();
     }
@@ -197,8 +207,11 @@ fn reboot_when_allowed(agent: &Agent, version: &str) -> Result<Option<Duration>>
         Decision::Never => Ok(None),
         Decision::Wait { reason, retry } => {
             println!(
-                "PLINTH-STATUS update-waiting version={version} reason=\"{}\"",
-                reason.replace('"', "'")
+                "{}",
+                status::format(
+                    "update-waiting",
+                    &[("version", version), ("reason", &reason)]
+                )
             );
             Ok(Some(retry))
         }

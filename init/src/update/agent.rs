@@ -657,13 +657,16 @@ fn read_entries(disk: &mut Disk) -> Result<Vec<EntryName>> {
 /// A `PLINTH-STATUS` line for an outcome, or `None` when nothing is worth reporting.
 pub fn status_line(outcome: &Outcome) -> Option<String> {
     match outcome {
-        Outcome::Staged { version, slot } => Some(format!(
-            "PLINTH-STATUS update-staged version={version} slot={slot}"
+        Outcome::Staged { version, slot } => Some(os_config::status::format(
+            "update-staged",
+            &[("version", version), ("slot", slot.as_str())],
         )),
-        Outcome::Refused { version, reason } => Some(format!(
-            "PLINTH-STATUS update-refused version={} reason=\"{}\"",
-            version.as_deref().unwrap_or("?"),
-            reason.replace('"', "'")
+        Outcome::Refused { version, reason } => Some(os_config::status::format(
+            "update-refused",
+            &[
+                ("version", version.as_deref().unwrap_or("?")),
+                ("reason", reason),
+            ],
         )),
         _ => None,
     }
