@@ -8,6 +8,7 @@ use crate::gpt::{self, Partition};
 use crate::mounts::{self, FsKind};
 use crate::system::{MountFlags, Paths, System};
 use anyhow::{anyhow, bail, Context as _, Result};
+use os_config::boot::{BootRecord, BOOT_RECORD_IN_RUN};
 use os_config::layout::{Slot, VeritySuperblock};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -157,6 +158,10 @@ pub fn steps<'a, S: System>() -> Vec<Step<Stage1<'a, S>>> {
         Step {
             name: "find-disk",
             run: find_disk,
+        },
+        Step {
+            name: "record-boot",
+            run: record_boot,
         },
         Step {
             name: "verity",
@@ -354,6 +359,28 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             log_report("coldplug", &report);
         }
     }
+}
+
+/// Records the disk, slot and root hash this boot found under `/run`
+/// ([`os_config::boot::BootRecord`]); stage 2's bless gate and the update agent read it instead of
+/// searching the disks again. `/run` moves into the new root with the other API filesystems.
+fn record_boot<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
+    let cmdline = ctx.cmdline()?;
+    let record = BootRecord {
+        disk: ctx.devices()?.disk.clone(),
+        slot: cmdline.slot,
+        root_hash: cmdline.roothash.map(|hash| hash.to_hex()),
+    };
+    let text = record.to_json().map_err(anyhow::Error::msg)?;
+    let path = ctx.paths.run.join(BOOT_RECORD_IN_RUN);
+    if let Some(dir) = path.parent() {
+        ctx.sys
+            .create_dir_all(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    ctx.sys
+        .write(&path, text.as_bytes())
+        .with_context(|| format!("writing the boot record {}", path.display()))
 }
 
 /// Whole-disk names worth reading a GPT from: not loop, RAM, floppy, optical or device-mapper
@@ -916,6 +943,7 @@ mod tests {
                 "load /lib/modules/6.1.0-test/kernel/dm-mod.ko".into(),
                 "load /lib/modules/6.1.0-test/kernel/dm-verity.ko".into(),
                 "mknod /dev/vda2 254:2".into(),
+                "write /run/plinth/boot.json".into(),
                 format!("dm-create root ro {params}"),
                 "mount squashfs /dev/dm-0 /sysroot ro".into(),
                 "mount ext4 /dev/vda4 /sysroot/var".into(),
@@ -926,6 +954,18 @@ mod tests {
                 "switch-root /sysroot".into(),
                 "exec /usr/bin/plinth-init ".into(),
             ]
+        );
+        let record = sys
+            .read(Path::new("/run/plinth/boot.json"))
+            .expect("boot record");
+        let record = BootRecord::parse(&String::from_utf8_lossy(&record)).expect("parses");
+        assert_eq!(
+            record,
+            BootRecord {
+                disk: PathBuf::from("/dev/vda"),
+                slot: Slot::A,
+                root_hash: Some(HASH.to_owned()),
+            }
         );
     }
 

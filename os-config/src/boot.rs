@@ -311,6 +311,48 @@ pub fn verity_off(value: &str) -> bool {
     matches!(value, "off" | "0")
 }
 
+/// Where stage 1 records what it booted, relative to `/run` (a tmpfs stage 1 mounts and moves
+/// into the new root, so stage 2 sees it at `/run/plinth/boot.json`).
+pub const BOOT_RECORD_IN_RUN: &str = "plinth/boot.json";
+
+/// What stage 1 booted: the disk it found the slot on, the slot and its root hash. Stage 2's
+/// bless gate and the update agent read it instead of searching the disks again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BootRecord {
+    /// The whole disk holding the slot (`/dev/vda`).
+    pub disk: std::path::PathBuf,
+    /// The booted slot.
+    pub slot: Slot,
+    /// The slot's dm-verity root hash (64 lowercase hex digits) from the command line; absent
+    /// only when a debugging image gives none (`plinth.verity=off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_hash: Option<String>,
+}
+
+impl BootRecord {
+    /// Reads a record's JSON text.
+    pub fn parse(text: &str) -> Result<BootRecord, String> {
+        let record: BootRecord = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(hash) = &record.root_hash {
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "root-hash {hash:?} is not 64 hexadecimal digits (SHA-256)"
+                ));
+            }
+        }
+        Ok(record)
+    }
+
+    /// The record as JSON text (one object and a newline). Fails only for a disk path that is
+    /// not UTF-8.
+    pub fn to_json(&self) -> Result<String, String> {
+        serde_json::to_string(self)
+            .map(|text| text + "\n")
+            .map_err(|e| format!("writing the boot record of {}: {e}", self.disk.display()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +516,38 @@ mod tests {
             "plinth-a-1+x.conf",
         ] {
             assert_eq!(EntryName::parse(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn boot_records_round_trip_and_refuse_what_they_do_not_know() {
+        let record = BootRecord {
+            disk: "/dev/vda".into(),
+            slot: Slot::B,
+            root_hash: Some("ab".repeat(32)),
+        };
+        let text = record.to_json().expect("json");
+        assert_eq!(
+            text,
+            format!(
+                "{{\"disk\":\"/dev/vda\",\"slot\":\"b\",\"root-hash\":\"{}\"}}\n",
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(BootRecord::parse(&text), Ok(record));
+        let no_hash =
+            BootRecord::parse(r#"{"disk": "/dev/nvme0n1", "slot": "a"}"#).expect("parses");
+        assert_eq!(no_hash.slot, Slot::A);
+        assert_eq!(no_hash.root_hash, None);
+        assert!(no_hash.to_json().expect("json").find("root-hash").is_none());
+        for bad in [
+            r#"{"disk": "/dev/vda", "slot": "c"}"#,
+            r#"{"disk": "/dev/vda"}"#,
+            r#"{"disk": "/dev/vda", "slot": "a", "extra": 1}"#,
+            r#"{"disk": "/dev/vda", "slot": "a", "root-hash": "abc"}"#,
+            "",
+        ] {
+            assert!(BootRecord::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The partition layout of a Plinth disk: labels, order and Discoverable Partitions Specification
 //! type GUIDs, shared by the builder (which writes it) and the running OS (which finds its slots by it).
 
-/// One root slot: `a` or `b`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// One root slot: `a` or `b` (in JSON too).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Slot {
     A,
     B,

@@ -12,7 +12,7 @@ use init::update::media;
 use init::update::strategy::{self, Decision};
 use os_config::status;
 
-const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] [--settled FILE] COMMAND
+const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--boot-record FILE] [--settled FILE] COMMAND
 commands:
   status              slots, versions, boot states and the agent's state
   check [--from SRC]  look for a newer release without writing anything
@@ -53,7 +53,7 @@ fn parse_args() -> Result<Args> {
             "--disk" => args.paths.disk = Some(value("--disk")?.into()),
             "--definition" => args.paths.definition = value("--definition")?.into(),
             "--state" => args.paths.state = value("--state")?.into(),
-            "--cmdline" => args.paths.cmdline = value("--cmdline")?.into(),
+            "--boot-record" => args.paths.boot_record = value("--boot-record")?.into(),
             "--settled" => args.paths.settled = value("--settled")?.into(),
             "--from" => args.from = Some(value("--from")?.into()),
             "-h" | "--help" => {
