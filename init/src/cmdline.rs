@@ -32,12 +32,12 @@ impl RootHash {
 
     /// UUID of the root partition per the Discoverable Partitions Specification: the first 128 bits.
     pub fn root_uuid(&self) -> String {
-        format_uuid(&self.0[..16])
+        os_config::layout::slot_uuids_of(&self.0).0
     }
 
     /// UUID of the verity partition per the Discoverable Partitions Specification: the last 128 bits.
     pub fn verity_uuid(&self) -> String {
-        format_uuid(&self.0[16..])
+        os_config::layout::slot_uuids_of(&self.0).1
     }
 }
 
@@ -51,22 +51,6 @@ impl fmt::Display for RootHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())
     }
-}
-
-/// Formats 16 bytes in order as a lowercase `8-4-4-4-12` UUID string.
-pub fn format_uuid(bytes: &[u8]) -> String {
-    let hex = crate::verity::encode_hex(bytes);
-    if hex.len() != 32 {
-        return hex;
-    }
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
 }
 
 /// What Plinth reads from the kernel command line.

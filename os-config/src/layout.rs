@@ -166,15 +166,19 @@ pub const ALIGNMENT: u64 = 1 << 20;
 /// digits): root = first 128 bits, verity = last 128 bits, both formatted as lowercase UUIDs.
 /// Returns `None` if `root_hash` is not 64 hex digits.
 pub fn slot_uuids(root_hash: &str) -> Option<(String, String)> {
-    if root_hash.len() != 64 || !root_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let hash = root_hash.to_ascii_lowercase();
-    Some((uuid_text(&hash[..32]), uuid_text(&hash[32..])))
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(root_hash, &mut hash).ok()?;
+    Some(slot_uuids_of(&hash))
 }
 
-/// Formats 32 hex digits as `8-4-4-4-12`.
-fn uuid_text(hex32: &str) -> String {
+/// [`slot_uuids`] of a root hash's 32 bytes.
+pub fn slot_uuids_of(root_hash: &[u8; 32]) -> (String, String) {
+    (uuid_text(&root_hash[..16]), uuid_text(&root_hash[16..]))
+}
+
+/// Formats 16 bytes in order as a lowercase `8-4-4-4-12` UUID.
+fn uuid_text(bytes: &[u8]) -> String {
+    let hex32 = hex::encode(bytes);
     format!(
         "{}-{}-{}-{}-{}",
         &hex32[..8],
