@@ -1,41 +1,12 @@
-//! The kernel command line: `plinth.slot=`, `plinth.version=`, `plinth.roothash=`, `plinth.verity=`.
+//! What stage 1 requires of the kernel command line: `plinth.slot=`, `plinth.version=`,
+//! `plinth.roothash=`, `plinth.verity=`. The line is split by `os_config::cmdline` (the kernel's
+//! quoting, the last value of a key wins); the keys are `os_config::boot`'s.
 
 use std::fmt;
 
-/// An A/B root slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    /// Slot A (`root-a`, `verity-a`).
-    A,
-    /// Slot B (`root-b`, `verity-b`).
-    B,
-}
-
-impl Slot {
-    /// The slot letter as written in partition labels and on the command line.
-    pub fn letter(self) -> &'static str {
-        match self {
-            Slot::A => "a",
-            Slot::B => "b",
-        }
-    }
-
-    /// GPT label of the slot's root partition.
-    pub fn root_label(self) -> String {
-        format!("root-{}", self.letter())
-    }
-
-    /// GPT label of the slot's verity partition.
-    pub fn verity_label(self) -> String {
-        format!("verity-{}", self.letter())
-    }
-}
-
-impl fmt::Display for Slot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.letter())
-    }
-}
+use os_config::boot::{verity_off, ARG_ROOTHASH, ARG_SLOT, ARG_VERITY, ARG_VERSION};
+use os_config::cmdline::Cmdline as Args;
+use os_config::layout::Slot;
 
 /// A dm-verity root hash (SHA-256, 32 bytes).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -61,12 +32,12 @@ impl RootHash {
 
     /// UUID of the root partition per the Discoverable Partitions Specification: the first 128 bits.
     pub fn root_uuid(&self) -> String {
-        format_uuid(&self.0[..16])
+        os_config::layout::slot_uuids_of(&self.0).0
     }
 
     /// UUID of the verity partition per the Discoverable Partitions Specification: the last 128 bits.
     pub fn verity_uuid(&self) -> String {
-        format_uuid(&self.0[16..])
+        os_config::layout::slot_uuids_of(&self.0).1
     }
 }
 
@@ -82,22 +53,6 @@ impl fmt::Display for RootHash {
     }
 }
 
-/// Formats 16 bytes in order as a lowercase `8-4-4-4-12` UUID string.
-pub fn format_uuid(bytes: &[u8]) -> String {
-    let hex = crate::verity::encode_hex(bytes);
-    if hex.len() != 32 {
-        return hex;
-    }
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
 /// What Plinth reads from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
@@ -109,92 +64,52 @@ pub struct Cmdline {
     pub roothash: Option<RootHash>,
     /// False only when `plinth.verity=off` (or `0`) is present (debugging images).
     pub verity: bool,
-    /// Every argument as (key, value), in order, including the ones above.
-    pub args: Vec<(String, Option<String>)>,
+    /// Every argument, including the ones above.
+    pub args: Args,
 }
 
 impl Cmdline {
     /// Parses `/proc/cmdline` content. Double quotes group words (`key="a b"`).
     pub fn parse(text: &str) -> Result<Cmdline, String> {
-        let args = split_args(text);
-        let get = |key: &str| {
-            args.iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone().unwrap_or_default())
-        };
-        let slot = match get("plinth.slot").as_deref() {
-            Some("a") => Slot::A,
-            Some("b") => Slot::B,
-            Some(other) => {
+        let args = Args::parse(text);
+        let slot = match args.value(ARG_SLOT) {
+            Some(text) => Slot::parse(text).ok_or_else(|| {
+                format!(
+                    "{ARG_SLOT}={text:?} on the kernel command line: allowed values are a and b"
+                )
+            })?,
+            None => {
                 return Err(format!(
-                    "plinth.slot={other:?} on the kernel command line: allowed values are a and b"
+                    "{ARG_SLOT}= is missing from the kernel command line"
                 ))
             }
-            None => return Err("plinth.slot= is missing from the kernel command line".into()),
         };
-        let verity = match get("plinth.verity").as_deref() {
+        let verity = match args.value(ARG_VERITY) {
             None | Some("1" | "on") => true,
-            Some("0" | "off") => false,
+            Some(value) if verity_off(value) => false,
             Some(other) => {
                 return Err(format!(
-                    "plinth.verity={other:?} on the kernel command line: allowed values are off (or 0) and on (or 1)"
+                    "{ARG_VERITY}={other:?} on the kernel command line: allowed values are off (or 0) and on (or 1)"
                 ))
             }
         };
-        let roothash = match get("plinth.roothash") {
+        let roothash = match args.value(ARG_ROOTHASH) {
             Some(text) => Some(
-                RootHash::parse(&text).map_err(|e| format!("plinth.roothash on the kernel command line: {e}"))?,
+                RootHash::parse(text).map_err(|e| format!("{ARG_ROOTHASH} on the kernel command line: {e}"))?,
             ),
             None if verity => {
-                return Err("plinth.roothash= is missing from the kernel command line (needed for dm-verity; only debugging images may set plinth.verity=0)".into())
+                return Err(format!("{ARG_ROOTHASH}= is missing from the kernel command line (needed for dm-verity; only debugging images may set {ARG_VERITY}=0)"))
             }
             None => None,
         };
         Ok(Cmdline {
             slot,
-            version: get("plinth.version"),
+            version: args.value(ARG_VERSION).map(str::to_owned),
             roothash,
             verity,
             args,
         })
     }
-}
-
-/// Splits a command line into `key[=value]` arguments, honouring double quotes.
-fn split_args(text: &str) -> Vec<(String, Option<String>)> {
-    let mut words = Vec::new();
-    let mut current = String::new();
-    let mut in_word = false;
-    let mut quoted = false;
-    for c in text.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    words.push(std::mem::take(&mut current));
-                    in_word = false;
-                }
-            }
-            c => {
-                current.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(current);
-    }
-    words
-        .into_iter()
-        .map(|word| match word.split_once('=') {
-            Some((key, value)) => (key.to_string(), Some(value.to_string())),
-            None => (word, None),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -216,11 +131,10 @@ mod tests {
         assert_eq!(hash.to_hex(), HASH);
         assert_eq!(hash.root_uuid(), "00112233-4455-6677-8899-aabbccddeeff");
         assert_eq!(hash.verity_uuid(), "01234567-89ab-cdef-0123-456789abcdef");
-        assert!(cmdline.args.contains(&("quiet".into(), None)));
-        assert!(cmdline.args.contains(&("msg".into(), Some("a b".into()))));
-        assert!(cmdline
-            .args
-            .contains(&("console".into(), Some("ttyS0".into()))));
+        let args = cmdline.args.args();
+        assert!(args.contains(&("quiet".into(), None)));
+        assert!(args.contains(&("msg".into(), Some("a b".into()))));
+        assert!(args.contains(&("console".into(), Some("ttyS0".into()))));
     }
 
     #[test]
@@ -235,7 +149,7 @@ mod tests {
         // The boot entry of a `[image] verity = false` image keeps the hash and adds `off`.
         let hash = "ab".repeat(32);
         let line = os_config::boot::Entry {
-            slot: os_config::layout::Slot::A,
+            slot: Slot::A,
             version: "1.0".into(),
             root_hash: hash.clone(),
             extra_args: vec!["console=ttyS0".into()],

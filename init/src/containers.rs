@@ -91,34 +91,12 @@ pub trait StatusSink {
     fn status(&self, event: &str, fields: &[(&str, &str)]);
 }
 
-/// Any `Fn(&str)` is a sink that receives the whole formatted `PLINTH-STATUS` line.
+/// Any `Fn(&str)` is a sink that receives the whole `PLINTH-STATUS` line, formatted by
+/// [`os_config::status::format`] as the console's lines are.
 impl<F: Fn(&str)> StatusSink for F {
     fn status(&self, event: &str, fields: &[(&str, &str)]) {
-        self(&status_line(event, fields));
+        self(&os_config::status::format(event, fields));
     }
-}
-
-/// Formats `PLINTH-STATUS <event> key=value…`; values with spaces, quotes or `=` are double-quoted.
-pub fn status_line(event: &str, fields: &[(&str, &str)]) -> String {
-    let mut line = format!("PLINTH-STATUS {event}");
-    for (key, value) in fields {
-        let plain = !value.is_empty()
-            && !value
-                .chars()
-                .any(|c| c.is_whitespace() || c == '"' || c == '=' || c.is_control());
-        if plain {
-            let _ = write!(line, " {key}={value}");
-        } else {
-            let escaped: String = value
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect::<String>()
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"");
-            let _ = write!(line, " {key}=\"{escaped}\"");
-        }
-    }
-    line
 }
 
 /// Paths reconciliation touches, overridable for tests.
@@ -1588,18 +1566,6 @@ mod tests {
             stop.stopped,
             ["web"],
             "a restarting container is stopped too"
-        );
-    }
-
-    #[test]
-    fn status_lines_quote_values() {
-        assert_eq!(
-            status_line("engine-ready", &[]),
-            "PLINTH-STATUS engine-ready"
-        );
-        assert_eq!(
-            status_line("x", &[("a", "b"), ("r", "say \"hi\"\n")]),
-            "PLINTH-STATUS x a=b r=\"say \\\"hi\\\" \""
         );
     }
 }

@@ -517,7 +517,7 @@ mod tests {
                 let (name, fields) = event.status();
                 let fields: Vec<(&str, &str)> =
                     fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                lines.push(crate::containers::status_line(name, &fields));
+                lines.push(os_config::status::format(name, &fields));
             }
         }
         assert_eq!(

@@ -2,13 +2,14 @@
 //! `state` at its `/var`, switch into it and exec stage 2.
 
 use crate::boot::{Clock, Step};
-use crate::cmdline::{Cmdline, RootHash, Slot};
+use crate::cmdline::{Cmdline, RootHash};
 use crate::coldplug::{log_report, ModuleLoader};
 use crate::gpt::{self, Partition};
 use crate::mounts::{self, FsKind};
 use crate::system::{MountFlags, Paths, System};
-use crate::verity::Superblock;
 use anyhow::{anyhow, bail, Context as _, Result};
+use os_config::boot::{BootRecord, BOOT_RECORD_IN_RUN};
+use os_config::layout::{Slot, VeritySuperblock};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -159,6 +160,10 @@ pub fn steps<'a, S: System>() -> Vec<Step<Stage1<'a, S>>> {
             run: find_disk,
         },
         Step {
+            name: "record-boot",
+            run: record_boot,
+        },
+        Step {
             name: "verity",
             run: verity,
         },
@@ -226,18 +231,10 @@ fn read_cmdline<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             "OFF (plinth.verity=0, debugging image)"
         }
     );
-    if let Some((_, value)) = cmdline
-        .args
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "plinth.disk-timeout")
-    {
-        match value.as_deref().map(str::parse::<u64>) {
-            Some(Ok(seconds)) => ctx.disk_timeout = Duration::from_secs(seconds),
-            _ => crate::info!(
-                "ignoring plinth.disk-timeout={}: expected whole seconds",
-                value.as_deref().unwrap_or("")
-            ),
+    if let Some(value) = cmdline.args.value("plinth.disk-timeout") {
+        match value.parse::<u64>() {
+            Ok(seconds) => ctx.disk_timeout = Duration::from_secs(seconds),
+            Err(_) => crate::info!("ignoring plinth.disk-timeout={value}: expected whole seconds"),
         }
     }
     ctx.cmdline = Some(cmdline);
@@ -312,7 +309,7 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
                         crate::info!("the primary GPT of {name} is damaged: using its backup");
                     }
                     seen.push(format!("{name} (GPT: {})", labels(&table)));
-                    if table.by_label(&root_label).is_some() {
+                    if table.by_label(root_label).is_some() {
                         candidates.push(Candidate { disk: name, table });
                     }
                 }
@@ -320,8 +317,8 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             }
         }
         if !candidates.is_empty() {
-            let chosen = choose_candidate(&cmdline, &candidates, &root_label, &verity_label)?;
-            let devices = slot_devices(ctx, chosen, &root_label, &verity_label)?;
+            let chosen = choose_candidate(&cmdline, &candidates, root_label, verity_label)?;
+            let devices = slot_devices(ctx, chosen, root_label, verity_label)?;
             crate::info!(
                 "boot disk {}: {} on {}, {} on {}, state on {}",
                 devices.disk.display(),
@@ -362,6 +359,28 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             log_report("coldplug", &report);
         }
     }
+}
+
+/// Records the disk, slot and root hash this boot found under `/run`
+/// ([`os_config::boot::BootRecord`]); stage 2's bless gate and the update agent read it instead of
+/// searching the disks again. `/run` moves into the new root with the other API filesystems.
+fn record_boot<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
+    let cmdline = ctx.cmdline()?;
+    let record = BootRecord {
+        disk: ctx.devices()?.disk.clone(),
+        slot: cmdline.slot,
+        root_hash: cmdline.roothash.map(|hash| hash.to_hex()),
+    };
+    let text = record.to_json().map_err(anyhow::Error::msg)?;
+    let path = ctx.paths.run.join(BOOT_RECORD_IN_RUN);
+    if let Some(dir) = path.parent() {
+        ctx.sys
+            .create_dir_all(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    ctx.sys
+        .write(&path, text.as_bytes())
+        .with_context(|| format!("writing the boot record {}", path.display()))
 }
 
 /// Whole-disk names worth reading a GPT from: not loop, RAM, floppy, optical or device-mapper
@@ -516,7 +535,7 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             cmdline.slot
         )
     })?;
-    let mut head = vec![0u8; Superblock::SIZE];
+    let mut head = vec![0u8; VeritySuperblock::SIZE];
     ctx.sys
         .open_read(verity_node)
         .and_then(|mut dev| {
@@ -525,7 +544,7 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         })
         .with_context(|| format!("reading the verity superblock of {}", verity_node.display()))?;
     let superblock =
-        Superblock::parse(&head).map_err(|e| anyhow!("{}: {e}", verity_node.display()))?;
+        VeritySuperblock::parse(&head).map_err(|e| anyhow!("{}: {e}", verity_node.display()))?;
     let partition_sectors =
         (root_part.last_lba + 1 - root_part.first_lba) * devices.sector_size / 512;
     if superblock.data_sectors() > partition_sectors {
@@ -538,10 +557,12 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             partition_sectors
         );
     }
+    // A corrupted block restarts the machine: boot counting then falls back to the other slot.
     let params = superblock.table_params(
         &root_node.to_string_lossy(),
         &verity_node.to_string_lossy(),
-        &hash,
+        &hash.to_hex(),
+        &["restart_on_corruption"],
     );
     let (major, minor) = ctx
         .sys
@@ -637,7 +658,7 @@ fn mount_root<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             ("device", &node.to_string_lossy()),
             ("verity", verity),
             ("fstype", fstype),
-            ("slot", cmdline.slot.letter()),
+            ("slot", cmdline.slot.as_str()),
         ],
     );
     Ok(())
@@ -758,7 +779,7 @@ fn boot_failed<S: System>(sys: &S, paths: &Paths, error: anyhow::Error) -> ! {
         crate::status::status(
             "roothash-mismatch",
             &[
-                ("slot", mismatch.slot.letter()),
+                ("slot", mismatch.slot.as_str()),
                 ("expected", &mismatch.expected.to_hex()),
                 ("found", &mismatch.found),
             ],
@@ -922,6 +943,7 @@ mod tests {
                 "load /lib/modules/6.1.0-test/kernel/dm-mod.ko".into(),
                 "load /lib/modules/6.1.0-test/kernel/dm-verity.ko".into(),
                 "mknod /dev/vda2 254:2".into(),
+                "write /run/plinth/boot.json".into(),
                 format!("dm-create root ro {params}"),
                 "mount squashfs /dev/dm-0 /sysroot ro".into(),
                 "mount ext4 /dev/vda4 /sysroot/var".into(),
@@ -932,6 +954,18 @@ mod tests {
                 "switch-root /sysroot".into(),
                 "exec /usr/bin/plinth-init ".into(),
             ]
+        );
+        let record = sys
+            .read(Path::new("/run/plinth/boot.json"))
+            .expect("boot record");
+        let record = BootRecord::parse(&String::from_utf8_lossy(&record)).expect("parses");
+        assert_eq!(
+            record,
+            BootRecord {
+                disk: PathBuf::from("/dev/vda"),
+                slot: Slot::A,
+                root_hash: Some(HASH.to_owned()),
+            }
         );
     }
 

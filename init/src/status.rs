@@ -4,7 +4,6 @@
 //! use the `daemon.debug` priority so that the kernel does not echo them to the console a second
 //! time at the default console log level (7).
 
-use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::Mutex;
@@ -65,38 +64,9 @@ pub fn log(message: &str) {
     }
 }
 
-/// Formats a `PLINTH-STATUS` line: `PLINTH-STATUS <event> key=value…`.
-///
-/// Values with whitespace, quotes or `=` are double-quoted with `\"` and `\\` escapes; empty values
-/// are written as `""`.
-pub fn format_status(event: &str, fields: &[(&str, &str)]) -> String {
-    let mut line = format!("PLINTH-STATUS {event}");
-    for (key, value) in fields {
-        let plain = !value.is_empty()
-            && !value
-                .chars()
-                .any(|c| c.is_whitespace() || c == '"' || c == '\\' || c == '=');
-        if plain {
-            let _ = write!(line, " {key}={value}");
-        } else {
-            let escaped: String = value
-                .chars()
-                .flat_map(|c| match c {
-                    '"' => vec!['\\', '"'],
-                    '\\' => vec!['\\', '\\'],
-                    '\n' => vec!['\\', 'n'],
-                    c => vec![c],
-                })
-                .collect();
-            let _ = write!(line, " {key}=\"{escaped}\"");
-        }
-    }
-    line
-}
-
-/// Prints a `PLINTH-STATUS` line to the console and the kernel log.
+/// Prints a `PLINTH-STATUS` line ([`os_config::status::format`]) to the console and the kernel log.
 pub fn status(event: &str, fields: &[(&str, &str)]) {
-    emit(&format_status(event, fields), true);
+    emit(&os_config::status::format(event, fields), true);
 }
 
 /// Logs a formatted human-readable line (`plinth-init: …`).
@@ -119,28 +89,4 @@ pub fn install_panic_hook() {
             let _ = rustix::system::reboot(rustix::system::RebootCommand::Restart);
         }
     }));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_lines_quote_only_when_needed() {
-        assert_eq!(
-            format_status("stage1-start", &[]),
-            "PLINTH-STATUS stage1-start"
-        );
-        assert_eq!(
-            format_status(
-                "root-mounted",
-                &[("device", "/dev/dm-0"), ("verity", "yes")]
-            ),
-            "PLINTH-STATUS root-mounted device=/dev/dm-0 verity=yes"
-        );
-        assert_eq!(
-            format_status("boot-failed", &[("error", "no \"state\" here"), ("x", "")]),
-            "PLINTH-STATUS boot-failed error=\"no \\\"state\\\" here\" x=\"\""
-        );
-    }
 }

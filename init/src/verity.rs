@@ -1,8 +1,7 @@
-//! dm-verity: the verity superblock, the `verity` target table, and device-mapper ioctl buffers.
+//! dm-verity: device-mapper ioctl buffers for the `verity` target (the superblock and the table
+//! parameters are `os_config::layout::VeritySuperblock`'s).
 //!
 //! The buffers are built and parsed here; `sys::dm_ioctl` only passes them to the kernel.
-
-use crate::cmdline::RootHash;
 
 /// Lowercase hexadecimal encoding.
 pub fn encode_hex(bytes: &[u8]) -> String {
@@ -18,116 +17,6 @@ pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
         .collect()
-}
-
-/// The verity superblock at offset 0 of a hash device (as written by `veritysetup format`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Superblock {
-    /// Superblock version (1).
-    pub version: u32,
-    /// Hash type (1 = normal).
-    pub hash_type: u32,
-    /// Hash algorithm name (`sha256`).
-    pub algorithm: String,
-    /// Data block size in bytes.
-    pub data_block_size: u32,
-    /// Hash block size in bytes.
-    pub hash_block_size: u32,
-    /// Number of data blocks covered by the tree.
-    pub data_blocks: u64,
-    /// Salt bytes.
-    pub salt: Vec<u8>,
-}
-
-impl Superblock {
-    /// Size of the on-disk superblock.
-    pub const SIZE: usize = 512;
-
-    /// Parses the first 512 bytes of a verity partition.
-    pub fn parse(bytes: &[u8]) -> Result<Superblock, String> {
-        if bytes.len() < Self::SIZE {
-            return Err(format!(
-                "verity superblock is {} bytes, expected {}",
-                bytes.len(),
-                Self::SIZE
-            ));
-        }
-        if &bytes[0..8] != b"verity\0\0" {
-            return Err(format!(
-                "no verity superblock: signature is {:?}, expected \"verity\\0\\0\"",
-                String::from_utf8_lossy(&bytes[0..8])
-            ));
-        }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-        let version = u32_at(8);
-        let hash_type = u32_at(12);
-        let algorithm: String = bytes[32..64]
-            .iter()
-            .take_while(|&&b| b != 0)
-            .map(|&b| b as char)
-            .collect();
-        let data_block_size = u32_at(64);
-        let hash_block_size = u32_at(68);
-        let mut blocks = [0u8; 8];
-        blocks.copy_from_slice(&bytes[72..80]);
-        let data_blocks = u64::from_le_bytes(blocks);
-        let salt_size = u16::from_le_bytes([bytes[80], bytes[81]]) as usize;
-        if version != 1 {
-            return Err(format!("verity superblock version {version}, expected 1"));
-        }
-        if salt_size > 256 {
-            return Err(format!("verity salt size {salt_size}, at most 256 allowed"));
-        }
-        for (what, size) in [("data", data_block_size), ("hash", hash_block_size)] {
-            if !(512..=65536).contains(&size) || !size.is_power_of_two() {
-                return Err(format!(
-                    "verity {what} block size {size}: expected a power of two in 512..=65536"
-                ));
-            }
-        }
-        if data_blocks == 0 {
-            return Err("verity superblock covers 0 data blocks".into());
-        }
-        if algorithm.is_empty() || !algorithm.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(format!(
-                "verity hash algorithm {algorithm:?} is not a valid name"
-            ));
-        }
-        Ok(Superblock {
-            version,
-            hash_type,
-            algorithm,
-            data_block_size,
-            hash_block_size,
-            data_blocks,
-            salt: bytes[88..88 + salt_size].to_vec(),
-        })
-    }
-
-    /// Length of the protected data in 512-byte sectors.
-    pub fn data_sectors(&self) -> u64 {
-        self.data_blocks * u64::from(self.data_block_size) / 512
-    }
-
-    /// Parameters of the `verity` target. The hash tree starts at hash block 1, after the
-    /// superblock; a corrupted block restarts the machine.
-    pub fn table_params(&self, data_dev: &str, hash_dev: &str, root_hash: &RootHash) -> String {
-        let salt = if self.salt.is_empty() {
-            "-".to_string()
-        } else {
-            encode_hex(&self.salt)
-        };
-        format!(
-            "{} {data_dev} {hash_dev} {} {} {} 1 {} {} {salt} 1 restart_on_corruption",
-            self.hash_type,
-            self.data_block_size,
-            self.hash_block_size,
-            self.data_blocks,
-            self.algorithm,
-            root_hash.to_hex(),
-        )
-    }
 }
 
 /// Device-mapper ioctl interface version this code speaks.
@@ -231,6 +120,9 @@ pub fn dm_reply_dev(buf: &[u8]) -> (u32, u32) {
 mod tests {
     use super::*;
 
+    use crate::cmdline::RootHash;
+    use os_config::layout::VeritySuperblock;
+
     /// A superblock as `veritysetup format` writes it (sha256, 4096/4096, 8 blocks, 32-byte salt).
     fn superblock_bytes() -> Vec<u8> {
         let mut sb = vec![0u8; 512];
@@ -249,16 +141,25 @@ mod tests {
         sb
     }
 
+    /// The table parameters stage 1 loads: the hash tree restarts the machine on corruption.
+    fn stage1_params(sb: &VeritySuperblock, hash: &RootHash) -> String {
+        sb.table_params(
+            "/dev/vda2",
+            "/dev/vda3",
+            &hash.to_hex(),
+            &["restart_on_corruption"],
+        )
+    }
+
     #[test]
     fn parses_superblock_and_builds_table() {
-        let sb = Superblock::parse(&superblock_bytes()).expect("parses");
-        assert_eq!(sb.algorithm, "sha256");
+        let sb = VeritySuperblock::parse(&superblock_bytes()).expect("parses");
         assert_eq!(sb.data_blocks, 8);
         assert_eq!(sb.data_sectors(), 64);
         assert_eq!(sb.salt.len(), 32);
         let hash = RootHash([0x5a; 32]);
         assert_eq!(
-            sb.table_params("/dev/vda2", "/dev/vda3", &hash),
+            stage1_params(&sb, &hash),
             format!(
                 "1 /dev/vda2 /dev/vda3 4096 4096 8 1 sha256 {} 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f 1 restart_on_corruption",
                 "5a".repeat(32)
@@ -272,17 +173,13 @@ mod tests {
         let salt = "5a".repeat(32);
         let oracle = os_config::oracle::veritysetup_format(&bytes, Some(&salt), None);
         let (root, device) = (oracle.root_hash, oracle.hash_device);
-        let sb = Superblock::parse(&device).expect("veritysetup's superblock parses");
-        assert_eq!(
-            (sb.version, sb.hash_type, sb.algorithm.as_str()),
-            (1, 1, "sha256")
-        );
-        assert_eq!((sb.data_block_size, sb.hash_block_size), (4096, 4096));
+        let sb = VeritySuperblock::parse(&device).expect("veritysetup's superblock parses");
         assert_eq!(sb.data_blocks, 16);
         assert_eq!(encode_hex(&sb.salt), salt);
         let hash = RootHash::parse(&root).expect("root hash");
+        // Format version 1, hash type 1, sha256 and 4096-byte blocks, as veritysetup wrote them.
         assert_eq!(
-            sb.table_params("/dev/vda2", "/dev/vda3", &hash),
+            stage1_params(&sb, &hash),
             format!(
                 "1 /dev/vda2 /dev/vda3 4096 4096 16 1 sha256 {root} {salt} 1 restart_on_corruption"
             )
@@ -294,8 +191,13 @@ mod tests {
     fn empty_salt_is_a_dash() {
         let mut bytes = superblock_bytes();
         bytes[80..82].copy_from_slice(&0u16.to_le_bytes());
-        let sb = Superblock::parse(&bytes).expect("parses");
-        let params = sb.table_params("a", "b", &RootHash([0; 32]));
+        let sb = VeritySuperblock::parse(&bytes).expect("parses");
+        let params = sb.table_params(
+            "a",
+            "b",
+            &RootHash([0; 32]).to_hex(),
+            &["restart_on_corruption"],
+        );
         assert!(
             params.contains(&format!("{} - 1 restart", "00".repeat(32))),
             "{params}"
@@ -304,19 +206,20 @@ mod tests {
 
     #[test]
     fn rejects_bad_superblocks() {
-        let cases: [(usize, &[u8], &str); 4] = [
+        let cases: [(usize, &[u8], &str); 5] = [
             (0, b"VERITY", "no verity superblock"),
             (8, &2u32.to_le_bytes(), "version 2"),
             (64, &1000u32.to_le_bytes(), "data block size 1000"),
             (80, &300u16.to_le_bytes(), "salt size 300"),
+            (72, &0u64.to_le_bytes(), "0 data blocks"),
         ];
         for (offset, patch, expected) in cases {
             let mut bytes = superblock_bytes();
             bytes[offset..offset + patch.len()].copy_from_slice(patch);
-            let err = Superblock::parse(&bytes).expect_err(expected);
+            let err = VeritySuperblock::parse(&bytes).expect_err(expected);
             assert!(err.contains(expected), "{err}");
         }
-        assert!(Superblock::parse(&[0u8; 100]).is_err());
+        assert!(VeritySuperblock::parse(&[0u8; 100]).is_err());
     }
 
     #[test]

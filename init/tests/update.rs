@@ -274,8 +274,14 @@ impl Machine {
         self.dir.join("run/boot-settled")
     }
 
-    /// Writes the definition and command line of `version` running from `slot`, whose boot has
-    /// settled (as plinth-init says once it is blessed and its containers are reconciled).
+    /// Where stage 1 records what it booted.
+    fn boot_record(&self) -> PathBuf {
+        self.dir.join("run/plinth/boot.json")
+    }
+
+    /// Writes the definition, command line and boot record of `version` running from `slot`,
+    /// whose boot has settled (as plinth-init says once it is blessed and its containers are
+    /// reconciled).
     fn boot(&self, slot: Slot, version: &str) {
         fs::create_dir_all(self.dir.join("run")).expect("mkdir");
         fs::write(self.settled_marker(), "settled\n").expect("settled");
@@ -290,6 +296,14 @@ impl Machine {
             format!("console=ttyS0 plinth.slot={slot} plinth.version={version}\n"),
         )
         .expect("cmdline");
+        // As stage 1 writes it; the agent and the gate do not read the root hash.
+        let record = os_config::boot::BootRecord {
+            disk: self.disk.clone(),
+            slot,
+            root_hash: None,
+        };
+        fs::create_dir_all(self.dir.join("run/plinth")).expect("mkdir");
+        fs::write(self.boot_record(), record.to_json().expect("json")).expect("boot record");
     }
 
     fn agent(&self) -> Agent {
@@ -297,8 +311,8 @@ impl Machine {
             definition: self.dir.join("image.toml"),
             state: self.dir.join("var/lib/plinth/update.json"),
             cmdline: self.dir.join("cmdline"),
+            boot_record: self.boot_record(),
             machine_id: self.dir.join("machine-id"),
-            disk: Some(self.disk.clone()),
             settled: self.settled_marker(),
             ..Paths::default()
         })
@@ -1070,10 +1084,8 @@ fn the_command_line_applies_from_a_folder_and_reports_status() {
             .arg(m.dir.join("image.toml"))
             .arg("--state")
             .arg(m.dir.join("var/lib/plinth/update.json"))
-            .arg("--cmdline")
-            .arg(m.dir.join("cmdline"))
-            .arg("--disk")
-            .arg(&m.disk)
+            .arg("--boot-record")
+            .arg(m.boot_record())
             .arg("--settled")
             .arg(m.settled_marker())
             .args(args)
@@ -1139,36 +1151,56 @@ fn two_agents_never_apply_at_once() {
 }
 
 #[test]
-fn the_boot_disk_is_found_by_its_partition_labels_and_root_hash() {
+fn the_boot_disk_and_slot_come_from_the_boot_record() {
+    use init::update::gate::running_boot;
     let m = Machine::new();
-    let sys = m.dir.join("sys/block");
-    let dev = m.dir.join("dev");
-    for name in ["loop0", "vda", "vdb", "vdc"] {
-        fs::create_dir_all(sys.join(name)).expect("sys entry");
-    }
-    fs::create_dir_all(&dev).expect("dev");
-    fs::write(dev.join("vda"), vec![0u8; 1 << 20]).expect("blank disk");
-    fs::copy(&m.disk, dev.join("loop0")).expect("loop device is skipped");
-    fs::copy(&m.disk, dev.join("vdb")).expect("copy");
-    fs::copy(&m.disk, dev.join("vdc")).expect("copy");
-    // vdc's slot A carries the running root hash as its partition UUID (DPS), vdb's does not.
-    let mut hash = [0u8; 32];
-    hash[..16].copy_from_slice(&[0xab; 16]);
-    Disk::open(&dev.join("vdc"))
-        .expect("vdc")
-        .set_slot_uuids(Slot::A, &hash)
-        .expect("uuids");
-    let find = |root_hash: Option<&str>| {
-        init::update::blockdev::find_boot_disk(&sys, &dev, Slot::A, root_hash)
+    // The agent finds the disk through the record alone (Machine::agent passes no --disk).
+    let agent = m.agent();
+    assert_eq!(agent.disk, m.disk);
+    assert_eq!(agent.running_slot, Slot::A);
+    let boot = running_boot(&agent.paths, "1")
+        .expect("gate reads the record")
+        .expect("booted from a slot");
+    assert_eq!(
+        (boot.disk.as_path(), boot.slot),
+        (m.disk.as_path(), Slot::A)
+    );
+    assert_eq!(
+        boot.entry.map(|e| e.file_name()).as_deref(),
+        Some("plinth-a-1.conf")
+    );
+    // An explicit disk wins over the record's.
+    let other = m.dir.join("other.raw");
+    fs::copy(&m.disk, &other).expect("copy");
+    let paths = Paths {
+        disk: Some(other.clone()),
+        ..agent.paths.clone()
     };
-    let hash_hex = hex::encode(hash);
-    assert_eq!(find(Some(&hash_hex)).expect("found"), dev.join("vdc"));
-    let any = find(None).expect("found");
-    assert!(any == dev.join("vdb") || any == dev.join("vdc"), "{any:?}");
-    fs::remove_file(dev.join("vdb")).expect("rm");
-    fs::remove_file(dev.join("vdc")).expect("rm");
-    let err = find(None).expect_err("no Plinth disk");
-    assert!(format!("{err:#}").contains("pass --disk"), "{err:#}");
+    assert_eq!(Agent::load(paths).expect("loads").disk, other);
+    // A record of another slot than the command line's is refused by the gate.
+    fs::write(
+        m.dir.join("cmdline"),
+        "console=ttyS0 plinth.slot=b plinth.version=1\n",
+    )
+    .expect("cmdline");
+    let err = running_boot(&agent.paths, "1").expect_err("slots disagree");
+    assert!(format!("{err:#}").contains("names slot a"), "{err:#}");
+    // Without a record, both say which file is missing.
+    fs::remove_file(m.boot_record()).expect("rm");
+    let err = Agent::load(agent.paths.clone()).expect_err("no record");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&format!(
+            "boot record {} is missing",
+            m.boot_record().display()
+        )),
+        "{text}"
+    );
+    let err = running_boot(&agent.paths, "1").expect_err("no record");
+    assert!(format!("{err:#}").contains("is missing"), "{err:#}");
+    // A machine not booted from a slot has no running boot to judge.
+    fs::write(m.dir.join("cmdline"), "console=ttyS0\n").expect("cmdline");
+    assert_eq!(running_boot(&agent.paths, "1").expect("no slot"), None);
 }
 
 #[test]

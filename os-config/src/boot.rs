@@ -7,6 +7,7 @@
 //! each try (`+2-1`, `+1-2`, `+0-3`), and `plinth-init` blesses it by renaming it to
 //! `plinth-<slot>-<version>.conf`.
 
+use crate::cmdline::Cmdline;
 use crate::layout::Slot;
 
 /// Folder on the ESP holding the boot entries.
@@ -260,10 +261,11 @@ impl Entry {
                 options.trim()
             )
         })?;
-        let extra_args = options
-            .split_whitespace()
-            .filter(|a| !a.starts_with("plinth."))
-            .map(str::to_owned)
+        let extra_args = Cmdline::parse(options)
+            .args()
+            .iter()
+            .filter(|(key, _)| !key.starts_with("plinth."))
+            .map(|(key, value)| crate::cmdline::format_arg(key, value.as_deref()))
             .collect();
         Ok(Entry {
             slot,
@@ -275,38 +277,79 @@ impl Entry {
     }
 }
 
-/// The `plinth.*` arguments of a kernel command line.
+/// The `plinth.*` arguments of a kernel command line, read leniently: what is absent or not
+/// understood is `None` (stage 1 insists on them, see `init::cmdline`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootArgs {
     pub slot: Option<Slot>,
     pub version: Option<String>,
     pub root_hash: Option<String>,
-    /// False only when `plinth.verity=off` is given.
+    /// False only when `plinth.verity=off` (or `0`) is given.
     pub verity: bool,
 }
 
 impl BootArgs {
-    /// Reads the `plinth.*` arguments from a command line (`/proc/cmdline`); later ones win.
+    /// Reads the `plinth.*` arguments from a command line (`/proc/cmdline`) split by
+    /// [`crate::cmdline::Cmdline`]: the last value of a key wins.
     pub fn from_cmdline(cmdline: &str) -> BootArgs {
-        let mut args = BootArgs {
-            slot: None,
-            version: None,
-            root_hash: None,
-            verity: true,
-        };
-        for word in cmdline.split_whitespace() {
-            let Some((key, value)) = word.split_once('=') else {
-                continue;
-            };
-            match key {
-                ARG_SLOT => args.slot = Slot::parse(value),
-                ARG_VERSION => args.version = Some(value.to_owned()),
-                ARG_ROOTHASH => args.root_hash = Some(value.to_ascii_lowercase()),
-                ARG_VERITY => args.verity = value != "off",
-                _ => {}
+        BootArgs::from_args(&Cmdline::parse(cmdline))
+    }
+
+    /// Reads the `plinth.*` arguments from a split command line.
+    pub fn from_args(args: &Cmdline) -> BootArgs {
+        BootArgs {
+            slot: args.value(ARG_SLOT).and_then(Slot::parse),
+            version: args.value(ARG_VERSION).map(str::to_owned),
+            root_hash: args.value(ARG_ROOTHASH).map(str::to_ascii_lowercase),
+            verity: !matches!(args.value(ARG_VERITY), Some(v) if verity_off(v)),
+        }
+    }
+}
+
+/// True for the `plinth.verity=` values that turn verity off (`off`, `0`).
+pub fn verity_off(value: &str) -> bool {
+    matches!(value, "off" | "0")
+}
+
+/// Where stage 1 records what it booted, relative to `/run` (a tmpfs stage 1 mounts and moves
+/// into the new root, so stage 2 sees it at `/run/plinth/boot.json`).
+pub const BOOT_RECORD_IN_RUN: &str = "plinth/boot.json";
+
+/// What stage 1 booted: the disk it found the slot on, the slot and its root hash. Stage 2's
+/// bless gate and the update agent read it instead of searching the disks again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BootRecord {
+    /// The whole disk holding the slot (`/dev/vda`).
+    pub disk: std::path::PathBuf,
+    /// The booted slot.
+    pub slot: Slot,
+    /// The slot's dm-verity root hash (64 lowercase hex digits) from the command line; absent
+    /// only when a debugging image gives none (`plinth.verity=off`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_hash: Option<String>,
+}
+
+impl BootRecord {
+    /// Reads a record's JSON text.
+    pub fn parse(text: &str) -> Result<BootRecord, String> {
+        let record: BootRecord = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(hash) = &record.root_hash {
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "root-hash {hash:?} is not 64 hexadecimal digits (SHA-256)"
+                ));
             }
         }
-        args
+        Ok(record)
+    }
+
+    /// The record as JSON text (one object and a newline). Fails only for a disk path that is
+    /// not UTF-8.
+    pub fn to_json(&self) -> Result<String, String> {
+        serde_json::to_string(self)
+            .map(|text| text + "\n")
+            .map_err(|e| format!("writing the boot record of {}: {e}", self.disk.display()))
     }
 }
 
@@ -417,6 +460,18 @@ mod tests {
     }
 
     #[test]
+    fn quoted_extra_arguments_survive_an_entry_round_trip() {
+        let entry = Entry {
+            slot: Slot::B,
+            version: "2".to_owned(),
+            root_hash: "cd".repeat(32),
+            extra_args: vec!["console=ttyS0".to_owned(), "msg=\"a b\"".to_owned()],
+            verity: false,
+        };
+        assert_eq!(Entry::parse(&entry.format()), Ok(entry));
+    }
+
+    #[test]
     fn command_line_arguments_are_read() {
         let args = BootArgs::from_cmdline(
             "BOOT_IMAGE=x plinth.slot=b plinth.version=2 plinth.roothash=ABCD plinth.verity=off quiet",
@@ -425,6 +480,9 @@ mod tests {
         assert_eq!(args.version.as_deref(), Some("2"));
         assert_eq!(args.root_hash.as_deref(), Some("abcd"));
         assert!(!args.verity);
+        let zero = BootArgs::from_cmdline("plinth.verity=0 plinth.slot=a plinth.slot=b");
+        assert!(!zero.verity);
+        assert_eq!(zero.slot, Some(Slot::B));
         let none = BootArgs::from_cmdline("console=ttyS0");
         assert_eq!(none.slot, None);
         assert!(none.verity);
@@ -458,6 +516,38 @@ mod tests {
             "plinth-a-1+x.conf",
         ] {
             assert_eq!(EntryName::parse(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn boot_records_round_trip_and_refuse_what_they_do_not_know() {
+        let record = BootRecord {
+            disk: "/dev/vda".into(),
+            slot: Slot::B,
+            root_hash: Some("ab".repeat(32)),
+        };
+        let text = record.to_json().expect("json");
+        assert_eq!(
+            text,
+            format!(
+                "{{\"disk\":\"/dev/vda\",\"slot\":\"b\",\"root-hash\":\"{}\"}}\n",
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(BootRecord::parse(&text), Ok(record));
+        let no_hash =
+            BootRecord::parse(r#"{"disk": "/dev/nvme0n1", "slot": "a"}"#).expect("parses");
+        assert_eq!(no_hash.slot, Slot::A);
+        assert_eq!(no_hash.root_hash, None);
+        assert!(no_hash.to_json().expect("json").find("root-hash").is_none());
+        for bad in [
+            r#"{"disk": "/dev/vda", "slot": "c"}"#,
+            r#"{"disk": "/dev/vda"}"#,
+            r#"{"disk": "/dev/vda", "slot": "a", "extra": 1}"#,
+            r#"{"disk": "/dev/vda", "slot": "a", "root-hash": "abc"}"#,
+            "",
+        ] {
+            assert!(BootRecord::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The partition layout of a Plinth disk: labels, order and Discoverable Partitions Specification
 //! type GUIDs, shared by the builder (which writes it) and the running OS (which finds its slots by it).
 
-/// One root slot: `a` or `b`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// One root slot: `a` or `b` (in JSON too).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Slot {
     A,
     B,
@@ -163,15 +166,19 @@ pub const ALIGNMENT: u64 = 1 << 20;
 /// digits): root = first 128 bits, verity = last 128 bits, both formatted as lowercase UUIDs.
 /// Returns `None` if `root_hash` is not 64 hex digits.
 pub fn slot_uuids(root_hash: &str) -> Option<(String, String)> {
-    if root_hash.len() != 64 || !root_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let hash = root_hash.to_ascii_lowercase();
-    Some((uuid_text(&hash[..32]), uuid_text(&hash[32..])))
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(root_hash, &mut hash).ok()?;
+    Some(slot_uuids_of(&hash))
 }
 
-/// Formats 32 hex digits as `8-4-4-4-12`.
-fn uuid_text(hex32: &str) -> String {
+/// [`slot_uuids`] of a root hash's 32 bytes.
+pub fn slot_uuids_of(root_hash: &[u8; 32]) -> (String, String) {
+    (uuid_text(&root_hash[..16]), uuid_text(&root_hash[16..]))
+}
+
+/// Formats 16 bytes in order as a lowercase `8-4-4-4-12` UUID.
+fn uuid_text(bytes: &[u8]) -> String {
+    let hex32 = hex::encode(bytes);
     format!(
         "{}-{}-{}-{}-{}",
         &hex32[..8],
@@ -225,10 +232,13 @@ pub struct VeritySuperblock {
 pub const VERITY_BLOCK_SIZE: u64 = 4096;
 
 impl VeritySuperblock {
+    /// Size of the on-disk superblock: the bytes [`VeritySuperblock::parse`] needs.
+    pub const SIZE: usize = 512;
+
     /// Parses the first 512 bytes of a verity partition; only the format Plinth writes (format
-    /// version 1, sha256, 4 KiB blocks) is accepted.
+    /// version 1, sha256, 4 KiB blocks) is accepted. Every field is checked before it is used.
     pub fn parse(bytes: &[u8]) -> Result<VeritySuperblock, String> {
-        if bytes.len() < 512 || &bytes[..8] != b"verity\0\0" {
+        if bytes.len() < Self::SIZE || &bytes[..8] != b"verity\0\0" {
             return Err("no verity superblock (signature `verity` missing)".to_owned());
         }
         let u32_at =
@@ -241,16 +251,26 @@ impl VeritySuperblock {
                 String::from_utf8_lossy(algorithm)
             ));
         }
-        if u64::from(u32_at(64)) != VERITY_BLOCK_SIZE || u64::from(u32_at(68)) != VERITY_BLOCK_SIZE
+        let (data_block_size, hash_block_size) = (u32_at(64), u32_at(68));
+        if u64::from(data_block_size) != VERITY_BLOCK_SIZE
+            || u64::from(hash_block_size) != VERITY_BLOCK_SIZE
         {
             return Err(format!(
-                "unsupported verity block sizes {} / {} (expected 4096)",
-                u32_at(64),
-                u32_at(68)
+                "unsupported verity data block size {data_block_size} / hash block size {hash_block_size} (expected {VERITY_BLOCK_SIZE})"
             ));
         }
         let mut data_blocks = [0u8; 8];
         data_blocks.copy_from_slice(&bytes[72..80]);
+        let data_blocks = u64::from_le_bytes(data_blocks);
+        if data_blocks == 0 {
+            return Err("verity superblock covers 0 data blocks".to_owned());
+        }
+        // Sectors must fit in a u64 for the device-mapper table.
+        if data_blocks.checked_mul(VERITY_BLOCK_SIZE).is_none() {
+            return Err(format!(
+                "verity superblock covers {data_blocks} data blocks: too many"
+            ));
+        }
         let salt_size = usize::from(u16::from_le_bytes([bytes[80], bytes[81]]));
         if salt_size > 256 {
             return Err(format!("verity salt size {salt_size} is larger than 256"));
@@ -258,30 +278,49 @@ impl VeritySuperblock {
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&bytes[16..32]);
         Ok(VeritySuperblock {
-            data_blocks: u64::from_le_bytes(data_blocks),
+            data_blocks,
             salt: bytes[88..88 + salt_size].to_vec(),
             uuid,
         })
     }
 
-    /// The device-mapper table line of the verity target (`dmsetup create --table` syntax):
-    /// the hash tree starts at hash block 1, after this superblock. `extra` are optional
-    /// arguments such as `restart_on_corruption`.
-    pub fn table(&self, data_dev: &str, hash_dev: &str, root_hash: &str, extra: &[&str]) -> String {
-        let sectors = self.data_blocks * (VERITY_BLOCK_SIZE / 512);
+    /// Length of the protected data in 512-byte sectors.
+    pub fn data_sectors(&self) -> u64 {
+        self.data_blocks * (VERITY_BLOCK_SIZE / 512)
+    }
+
+    /// Parameters of the `verity` target (what follows `verity` in a table line): the hash tree
+    /// starts at hash block 1, after this superblock. `extra` are optional arguments such as
+    /// `restart_on_corruption`.
+    pub fn table_params(
+        &self,
+        data_dev: &str,
+        hash_dev: &str,
+        root_hash: &str,
+        extra: &[&str],
+    ) -> String {
         let salt = if self.salt.is_empty() {
             "-".to_owned()
         } else {
-            self.salt.iter().map(|b| format!("{b:02x}")).collect()
+            hex::encode(&self.salt)
         };
-        let mut line = format!(
-            "0 {sectors} verity 1 {data_dev} {hash_dev} {VERITY_BLOCK_SIZE} {VERITY_BLOCK_SIZE} {} 1 sha256 {root_hash} {salt}",
+        let mut params = format!(
+            "1 {data_dev} {hash_dev} {VERITY_BLOCK_SIZE} {VERITY_BLOCK_SIZE} {} 1 sha256 {root_hash} {salt}",
             self.data_blocks
         );
         if !extra.is_empty() {
-            line.push_str(&format!(" {} {}", extra.len(), extra.join(" ")));
+            params.push_str(&format!(" {} {}", extra.len(), extra.join(" ")));
         }
-        line
+        params
+    }
+
+    /// The device-mapper table line of the verity target (`dmsetup create --table` syntax).
+    pub fn table(&self, data_dev: &str, hash_dev: &str, root_hash: &str, extra: &[&str]) -> String {
+        format!(
+            "0 {} verity {}",
+            self.data_sectors(),
+            self.table_params(data_dev, hash_dev, root_hash, extra)
+        )
     }
 }
 
@@ -327,5 +366,10 @@ mod verity_tests {
         let mut sb = superblock();
         sb[64..68].copy_from_slice(&512u32.to_le_bytes());
         assert!(VeritySuperblock::parse(&sb).is_err());
+        let mut sb = superblock();
+        sb[72..80].copy_from_slice(&0u64.to_le_bytes());
+        let err = VeritySuperblock::parse(&sb).expect_err("no data blocks");
+        assert!(err.contains("0 data blocks"), "{err}");
+        assert!(VeritySuperblock::parse(&superblock()[..511]).is_err());
     }
 }

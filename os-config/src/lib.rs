@@ -1,8 +1,10 @@
 //! The contract between the Plinth build host and the running OS: the image definition schema and
-//! its validation, the partition layout, boot-entry naming and the update manifest format.
+//! its validation, the partition layout and verity superblock, boot entries and the boot record,
+//! the kernel command line, the `PLINTH-STATUS` line and the update manifest format.
 //! No I/O beyond parsing (except [`oracle`], the tests' reference tools, behind a feature).
 
 pub mod boot;
+pub mod cmdline;
 pub mod definition;
 pub mod diagnostic;
 pub mod layout;
@@ -10,6 +12,7 @@ pub mod manifest;
 #[cfg(feature = "oracles")]
 pub mod oracle;
 pub mod slice;
+pub mod status;
 pub mod units;
 
 pub use definition::Definition;

@@ -417,42 +417,14 @@ fn console_report(text: &str, saved: Option<&Path>) -> String {
     out
 }
 
-/// Splits `... PLINTH-STATUS event k=v k2=v2` into its fields (plus `event`).
+/// Reads `... PLINTH-STATUS event k=v k2=v2` with os-config's parser (the one the guest's
+/// formatter is tested against) into its fields, plus `event`; empty when the line has none.
 pub fn parse_status(line: &str) -> BTreeMap<String, String> {
-    let mut fields = BTreeMap::new();
-    let Some(rest) = line.split("PLINTH-STATUS ").nth(1) else {
-        return fields;
+    let Some(status) = os_config::status::parse(line) else {
+        return BTreeMap::new();
     };
-    let rest = rest.trim_end();
-    let (event, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
-    fields.insert("event".to_owned(), event.to_owned());
-    // `key=value` words; a value may be quoted (`reason="two words"`, `"` escaped as `\"`).
-    while let Some((key, after)) = rest.trim_start().split_once('=') {
-        let (value, next) = match after.strip_prefix('"') {
-            Some(quoted) => {
-                let mut value = String::new();
-                let mut chars = quoted.char_indices();
-                let mut end = quoted.len();
-                while let Some((i, c)) = chars.next() {
-                    match c {
-                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
-                        '"' => {
-                            end = i + 1;
-                            break;
-                        }
-                        c => value.push(c),
-                    }
-                }
-                (value, &quoted[end..])
-            }
-            None => {
-                let (value, next) = after.split_once(' ').unwrap_or((after, ""));
-                (value.to_owned(), next)
-            }
-        };
-        fields.insert(key.trim().to_owned(), value);
-        rest = next;
-    }
+    let mut fields: BTreeMap<String, String> = status.fields.into_iter().collect();
+    fields.insert("event".to_owned(), status.event);
     fields
 }
 
@@ -481,6 +453,13 @@ mod tests {
         assert_eq!(quoted["reason"], "a \"b\" c");
         assert_eq!(quoted["v"], "1");
         assert_eq!(quoted["slot"], "b");
+        let formatted = os_config::status::format(
+            "update-refused",
+            &[("version", "4"), ("reason", "bad \"sig\"\nsecond line")],
+        );
+        let refused = parse_status(&format!("[ 9.9] {formatted}\r"));
+        assert_eq!(refused["reason"], "bad \"sig\"\nsecond line");
+        assert_eq!(refused["version"], "4");
     }
 
     #[test]

@@ -10,8 +10,9 @@ use init::update::apply::Event;
 use init::update::fetch::Source;
 use init::update::media;
 use init::update::strategy::{self, Decision};
+use os_config::status;
 
-const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--cmdline FILE] [--settled FILE] COMMAND
+const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--boot-record FILE] [--settled FILE] COMMAND
 commands:
   status              slots, versions, boot states and the agent's state
   check [--from SRC]  look for a newer release without writing anything
@@ -52,7 +53,7 @@ fn parse_args() -> Result<Args> {
             "--disk" => args.paths.disk = Some(value("--disk")?.into()),
             "--definition" => args.paths.definition = value("--definition")?.into(),
             "--state" => args.paths.state = value("--state")?.into(),
-            "--cmdline" => args.paths.cmdline = value("--cmdline")?.into(),
+            "--boot-record" => args.paths.boot_record = value("--boot-record")?.into(),
             "--settled" => args.paths.settled = value("--settled")?.into(),
             "--from" => args.from = Some(value("--from")?.into()),
             "-h" | "--help" => {
@@ -78,7 +79,7 @@ fn parse_args() -> Result<Args> {
 /// reboot (`settle`) first waits while plinth-init reconciles the containers, so it never
 /// interrupts a reconciliation.
 fn reboot(settle: Option<&Agent>) -> Result<()> {
-    println!("PLINTH-STATUS update-rebooting");
+    println!("{}", status::format("update-rebooting", &[]));
     stage_delay();
     if let Some(agent) = settle {
         let mut said = false;
@@ -128,7 +129,10 @@ fn print_outcome(json: bool, outcome: &Outcome) -> Result<()> {
 
 fn report_rollback(agent: &Agent) -> Result<()> {
     if let Some(rb) = agent.detect_rollback()? {
-        println!("PLINTH-STATUS rollback from={} to={}", rb.from, rb.to);
+        println!(
+            "{}",
+            status::format("rollback", &[("from", &rb.from), ("to", &rb.to)])
+        );
     }
     Ok(())
 }
@@ -139,13 +143,19 @@ fn report_rollback(agent: &Agent) -> Result<()> {
 /// before rebooting.
 fn progress(event: &Event) -> Result<()> {
     if *event == Event::Downloaded {
-        println!("PLINTH-STATUS update-progress stage=downloaded");
+        println!(
+            "{}",
+            status::format("update-progress", &[("stage", "downloaded")])
+        );
     }
     if let Event::Stage(stage) = event {
         let name = serde_json::to_value(stage)?;
         println!(
-            "PLINTH-STATUS update-progress stage={}",
-            name.as_str().unwrap_or("?")
+            "{}",
+            status::format(
+                "update-progress",
+                &[("stage", name.as_str().unwrap_or("?"))]
+            )
         );
         stage_delay();
     }
@@ -161,7 +171,9 @@ fn stage_delay() {
         .ok()
         .or_else(|| {
             let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
-            agent::cmdline_value(&cmdline, STAGE_DELAY_ARG).map(str::to_owned)
+            os_config::cmdline::Cmdline::parse(&cmdline)
+                .value(STAGE_DELAY_ARG)
+                .map(str::to_owned)
         })
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(ms) = delay {
@@ -195,8 +207,11 @@ fn reboot_when_allowed(agent: &Agent, version: &str) -> Result<Option<Duration>>
         Decision::Never => Ok(None),
         Decision::Wait { reason, retry } => {
             println!(
-                "PLINTH-STATUS update-waiting version={version} reason=\"{}\"",
-                reason.replace('"', "'")
+                "{}",
+                status::format(
+                    "update-waiting",
+                    &[("version", version), ("reason", &reason)]
+                )
             );
             Ok(Some(retry))
         }

@@ -12,12 +12,12 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::apply::{self, ApplyError, Event, Job};
-use super::blockdev::{self, Disk};
+use super::blockdev::Disk;
 use super::esp::{self, Blessed, Esp};
 use super::fetch::{FetchError, Source};
 use super::staging::Staging;
 use super::state::{InProgress, Refused, Staged, State};
-use os_config::boot::{BootState, Counter, EntryName};
+use os_config::boot::{BootRecord, BootState, Counter, EntryName, BOOT_RECORD_IN_RUN};
 use os_config::layout::Slot;
 
 /// Every system path the agent touches, overridable for tests.
@@ -27,14 +27,14 @@ pub struct Paths {
     pub definition: PathBuf,
     /// The agent's state file.
     pub state: PathBuf,
-    /// The kernel command line (slot, version, root hash).
+    /// The kernel command line: the bless gate reads whether the machine booted from a slot.
     pub cmdline: PathBuf,
+    /// What stage 1 booted (disk, slot, root hash): [`os_config::boot::BootRecord`].
+    pub boot_record: PathBuf,
     /// The machine id, which seeds the machine's moment in a staged rollout.
     pub machine_id: PathBuf,
-    /// The boot disk; found under `sys_block` when not given.
+    /// The boot disk; the boot record's when not given.
     pub disk: Option<PathBuf>,
-    pub sys_block: PathBuf,
-    pub dev: PathBuf,
     /// Present while the running boot has settled (`plinth-init` writes it): updates act only then.
     pub settled: PathBuf,
 }
@@ -45,10 +45,9 @@ impl Default for Paths {
             definition: PathBuf::from("/usr/lib/plinth/image.toml"),
             state: PathBuf::from("/var/lib/plinth/update.json"),
             cmdline: PathBuf::from("/proc/cmdline"),
+            boot_record: Path::new("/run").join(BOOT_RECORD_IN_RUN),
             machine_id: PathBuf::from("/etc/machine-id"),
             disk: None,
-            sys_block: PathBuf::from("/sys/block"),
-            dev: PathBuf::from("/dev"),
             settled: PathBuf::from(crate::workload::SETTLED_MARKER),
         }
     }
@@ -156,15 +155,21 @@ pub struct Rollback {
     pub to: String,
 }
 
-/// A value of `key=` on a kernel command line.
-pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+/// Reads the record of what stage 1 booted; a missing record is an error that names the file.
+pub fn read_boot_record(path: &Path) -> Result<BootRecord> {
+    let text = match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "the boot record {} is missing: plinth-init's stage 1 writes it with the disk and slot it booted (was this machine booted through Plinth's initramfs?)",
+            path.display()
+        ),
+        result => result.with_context(|| format!("reading the boot record {}", path.display()))?,
+    };
+    BootRecord::parse(&text)
+        .map_err(|e| anyhow::anyhow!("reading the boot record {}: {e}", path.display()))
 }
 
 impl Agent {
-    /// Reads the definition and command line, and finds the boot disk.
+    /// Reads the definition and the boot record (the running slot and the boot disk).
     pub fn load(paths: Paths) -> Result<Agent> {
         let text = std::fs::read_to_string(&paths.definition)
             .with_context(|| format!("reading image definition {}", paths.definition.display()))?;
@@ -181,25 +186,9 @@ impl Agent {
             .map(|k| PublicKey::parse(k))
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("reading [update] keys of {}", paths.definition.display()))?;
-        let cmdline = std::fs::read_to_string(&paths.cmdline)
-            .with_context(|| format!("reading {}", paths.cmdline.display()))?;
-        let slot_text = cmdline_value(&cmdline, "plinth.slot").with_context(|| {
-            format!(
-                "{} has no plinth.slot=: not booted from a Plinth slot",
-                paths.cmdline.display()
-            )
-        })?;
-        let running_slot = Slot::parse(slot_text)
-            .with_context(|| format!("plinth.slot={slot_text}: expected a or b"))?;
-        let disk = match &paths.disk {
-            Some(disk) => disk.clone(),
-            None => blockdev::find_boot_disk(
-                &paths.sys_block,
-                &paths.dev,
-                running_slot,
-                cmdline_value(&cmdline, "plinth.roothash"),
-            )?,
-        };
+        let record = read_boot_record(&paths.boot_record)?;
+        let running_slot = record.slot;
+        let disk = paths.disk.clone().unwrap_or(record.disk);
         Ok(Agent {
             keys,
             source: Source::parse(&update.url)?,
@@ -662,27 +651,17 @@ fn read_entries(disk: &mut Disk) -> Result<Vec<EntryName>> {
 /// A `PLINTH-STATUS` line for an outcome, or `None` when nothing is worth reporting.
 pub fn status_line(outcome: &Outcome) -> Option<String> {
     match outcome {
-        Outcome::Staged { version, slot } => Some(format!(
-            "PLINTH-STATUS update-staged version={version} slot={slot}"
+        Outcome::Staged { version, slot } => Some(os_config::status::format(
+            "update-staged",
+            &[("version", version), ("slot", slot.as_str())],
         )),
-        Outcome::Refused { version, reason } => Some(format!(
-            "PLINTH-STATUS update-refused version={} reason=\"{}\"",
-            version.as_deref().unwrap_or("?"),
-            reason.replace('"', "'")
+        Outcome::Refused { version, reason } => Some(os_config::status::format(
+            "update-refused",
+            &[
+                ("version", version.as_deref().unwrap_or("?")),
+                ("reason", reason),
+            ],
         )),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cmdline_values() {
-        let line = "console=ttyS0 plinth.slot=b plinth.version=2 plinth.slotx=c\n";
-        assert_eq!(cmdline_value(line, "plinth.slot"), Some("b"));
-        assert_eq!(cmdline_value(line, "plinth.version"), Some("2"));
-        assert_eq!(cmdline_value(line, "plinth.roothash"), None);
     }
 }

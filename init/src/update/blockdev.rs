@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use os_config::layout::Slot;
 use os_config::slice::Slice;
@@ -125,53 +125,4 @@ fn read_partitions(file: &mut fs::File, path: &Path) -> Result<Vec<Partition>> {
         .collect::<io::Result<Vec<_>>>()
         .with_context(|| format!("reading GPT of {}", path.display()))?;
     Ok(parts)
-}
-
-/// Finds the boot disk: the disk whose GPT has Plinth's labels and, when `root_hash` is known,
-/// whose `root-<slot>` partition UUID is the first half of it.
-pub fn find_boot_disk(
-    sys_block: &Path,
-    dev: &Path,
-    slot: Slot,
-    root_hash: Option<&str>,
-) -> Result<PathBuf> {
-    let mut candidates = Vec::new();
-    let entries =
-        fs::read_dir(sys_block).with_context(|| format!("listing {}", sys_block.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", sys_block.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if ["loop", "ram", "dm-", "sr", "zram", "nbd"]
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
-            continue;
-        }
-        let path = dev.join(&name);
-        let Ok(mut file) = fs::File::open(&path) else {
-            continue;
-        };
-        let Ok(parts) = read_partitions(&mut file, &path) else {
-            continue;
-        };
-        let has = |label: &str| parts.iter().find(|p| p.label == label);
-        if ["esp", "root-a", "root-b", "verity-a", "verity-b"]
-            .iter()
-            .all(|l| has(l).is_some())
-        {
-            let matches_hash = match (root_hash, has(slot.root_label())) {
-                (Some(hash), Some(root)) => hex::encode(root.uuid) == hash.get(..32).unwrap_or(""),
-                _ => false,
-            };
-            candidates.push((matches_hash, path));
-        }
-    }
-    candidates.sort_by_key(|(matches, _)| !*matches);
-    match candidates.into_iter().next() {
-        Some((_, path)) => Ok(path),
-        None => bail!(
-            "no disk under {} has Plinth's partitions (esp, root-a, verity-a, root-b, verity-b); pass --disk DEVICE",
-            sys_block.display()
-        ),
-    }
 }

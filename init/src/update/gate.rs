@@ -11,14 +11,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use os_config::boot::{BootArgs, EntryName};
+use anyhow::{bail, Context, Result};
+use os_config::boot::{BootArgs, EntryName, ARG_SLOT};
 use os_config::definition::Update;
 use os_config::layout::Slot;
 use os_config::Definition;
 
-use super::agent::{read_disk_entries, Agent, Paths};
-use super::blockdev;
+use super::agent::{read_boot_record, read_disk_entries, Agent, Paths};
 use super::esp::Blessed;
 use crate::stability::GateResult;
 use crate::workload::{wait_healthy, BootHook};
@@ -51,25 +50,24 @@ pub fn update_settings(definition: &Definition) -> Result<Update> {
     }
 }
 
-/// Finds the boot disk and the running slot's entry from the kernel command line at
-/// `paths.cmdline`; `version` is the running image's version. `None` when the machine was not
-/// booted from a Plinth slot.
+/// Finds the boot disk and the running slot's entry from the boot record stage 1 wrote at
+/// `paths.boot_record`; `version` is the running image's version. `None` when the kernel command
+/// line at `paths.cmdline` names no slot (the machine was not booted from a Plinth slot).
 pub fn running_boot(paths: &Paths, version: &str) -> Result<Option<RunningBoot>> {
     let cmdline = std::fs::read_to_string(&paths.cmdline)
         .with_context(|| format!("reading {}", paths.cmdline.display()))?;
-    let args = BootArgs::from_cmdline(&cmdline);
-    let Some(slot) = args.slot else {
+    let Some(slot) = BootArgs::from_cmdline(&cmdline).slot else {
         return Ok(None);
     };
-    let disk = match &paths.disk {
-        Some(disk) => disk.clone(),
-        None => blockdev::find_boot_disk(
-            &paths.sys_block,
-            &paths.dev,
-            slot,
-            args.root_hash.as_deref(),
-        )?,
-    };
+    let record = read_boot_record(&paths.boot_record)?;
+    if record.slot != slot {
+        bail!(
+            "the boot record {} names slot {}, the kernel command line {ARG_SLOT}={slot}",
+            paths.boot_record.display(),
+            record.slot
+        );
+    }
+    let disk = paths.disk.clone().unwrap_or(record.disk);
     let entry = read_disk_entries(&disk)?
         .into_iter()
         .find(|e| e.slot == slot && e.version == version);

@@ -4,11 +4,12 @@
 //!
 //! How the pieces are called:
 //! - `plinth-update` builds an [`Agent`] from [`Paths`] (the baked definition
-//!   `/usr/lib/plinth/image.toml`, `/var/lib/plinth/update.json`, `/proc/cmdline`, the boot disk),
+//!   `/usr/lib/plinth/image.toml`, `/var/lib/plinth/update.json`, the boot record
+//!   `/run/plinth/boot.json` that names the running slot and the boot disk),
 //!   then calls [`Agent::detect_rollback`], [`Agent::check`], [`Agent::apply`], [`Agent::status`]
 //!   or [`Agent::rollback`].
-//! - `plinth-init`'s health gate calls [`bless_disk`] with the boot disk (see
-//!   [`blockdev::find_boot_disk`]) and the running slot and version, then prints
+//! - `plinth-init`'s health gate calls [`bless_disk`] with the boot disk (from the boot record,
+//!   see [`agent::read_boot_record`]) and the running slot and version, then prints
 //!   `PLINTH-STATUS boot-blessed …`.
 //! - Tests interrupt [`Agent::apply`] through its hook at any [`apply::Event`].
 //!
