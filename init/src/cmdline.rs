@@ -44,19 +44,16 @@ pub struct RootHash(pub [u8; 32]);
 impl RootHash {
     /// Parses 64 hexadecimal digits.
     pub fn parse(text: &str) -> Result<RootHash, String> {
-        let bytes = crate::verity::decode_hex(text)
-            .filter(|bytes| bytes.len() == 32)
-            .ok_or_else(|| {
-                format!("{text:?} is not a root hash: expected 64 hexadecimal digits (SHA-256)")
-            })?;
         let mut hash = [0u8; 32];
-        hash.copy_from_slice(&bytes);
+        hex::decode_to_slice(text, &mut hash).map_err(|_| {
+            format!("{text:?} is not a root hash: expected 64 hexadecimal digits (SHA-256)")
+        })?;
         Ok(RootHash(hash))
     }
 
     /// Lowercase hexadecimal form.
     pub fn to_hex(&self) -> String {
-        crate::verity::encode_hex(&self.0)
+        hex::encode(&self.0)
     }
 
     /// UUID of the root partition per the Discoverable Partitions Specification: the first 128 bits.
@@ -84,7 +81,7 @@ impl fmt::Display for RootHash {
 
 /// Formats 16 bytes in order as a lowercase `8-4-4-4-12` UUID string.
 pub fn format_uuid(bytes: &[u8]) -> String {
-    let hex = crate::verity::encode_hex(bytes);
+    let hex = hex::encode(bytes);
     if hex.len() != 32 {
         return hex;
     }

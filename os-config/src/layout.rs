@@ -272,7 +272,7 @@ impl VeritySuperblock {
         let salt = if self.salt.is_empty() {
             "-".to_owned()
         } else {
-            self.salt.iter().map(|b| format!("{b:02x}")).collect()
+            hex::encode(&self.salt)
         };
         let mut line = format!(
             "0 {sectors} verity 1 {data_dev} {hash_dev} {VERITY_BLOCK_SIZE} {VERITY_BLOCK_SIZE} {} 1 sha256 {root_hash} {salt}",
