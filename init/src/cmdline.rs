@@ -53,7 +53,7 @@ impl RootHash {
 
     /// Lowercase hexadecimal form.
     pub fn to_hex(&self) -> String {
-        hex::encode(&self.0)
+        hex::encode(self.0)
     }
 
     /// UUID of the root partition per the Discoverable Partitions Specification: the first 128 bits.
