@@ -21,7 +21,7 @@ use os_config::boot::{BootState, Counter, EntryName};
 use os_config::layout::Slot;
 
 /// Every system path the agent touches, overridable for tests.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
     /// The image definition baked into the root.
     pub definition: PathBuf,

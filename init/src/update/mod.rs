@@ -19,6 +19,8 @@
 pub mod agent;
 pub mod apply;
 pub mod blockdev;
+pub mod command;
+pub mod daemon;
 pub mod esp;
 pub mod fetch;
 pub mod gate;
