@@ -226,11 +226,7 @@ pub fn spec_hash(decl: &Container) -> String {
     let value = serde_json::to_value(decl).unwrap_or_else(|e| json!(e.to_string()));
     let mut canonical = String::new();
     write_canonical(&value, &mut canonical);
-    let digest = Sha256::digest(canonical.as_bytes());
-    digest.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
 fn write_canonical(value: &Value, out: &mut String) {
@@ -1047,10 +1043,7 @@ mod tests {
     }
 
     fn sha256_hex(data: &[u8]) -> String {
-        Sha256::digest(data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(Sha256::digest(data))
     }
 
     /// A real `docker save`-format archive of a one-layer image holding a static busybox.
