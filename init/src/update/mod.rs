@@ -3,9 +3,10 @@
 //! detection and the health-gated bless ([`gate`]).
 //!
 //! How the pieces are called:
-//! - `plinth-update` builds an [`Agent`] from [`Paths`] (the baked definition
-//!   `/usr/lib/plinth/image.toml`, `/var/lib/plinth/update.json`, `/proc/cmdline`, the boot disk),
-//!   then calls [`Agent::detect_rollback`], [`Agent::check`], [`Agent::apply`], [`Agent::status`]
+//! - `plinth-update` parses its command line with [`command::parse_args`] and runs it with
+//!   [`command::run`]; `daemon` repeats check-and-apply in [`daemon::run`]. A command builds an
+//!   [`Agent`] from [`Paths`] (the baked definition `/usr/lib/plinth/image.toml`,
+//!   `/var/lib/plinth/update.json`, `/proc/cmdline`, the boot disk), then calls [`Agent::detect_rollback`], [`Agent::check`], [`Agent::apply`], [`Agent::status`]
 //!   or [`Agent::rollback`].
 //! - `plinth-init`'s health gate calls [`bless_disk`] with the boot disk (see
 //!   [`blockdev::find_boot_disk`]) and the running slot and version, then prints
