@@ -15,7 +15,8 @@ pub struct RootHash(pub [u8; 32]);
 impl RootHash {
     /// Parses 64 hexadecimal digits.
     pub fn parse(text: &str) -> Result<RootHash, String> {
-        let bytes = crate::verity::decode_hex(text)
+        let bytes = hex::decode(text)
+            .ok()
             .filter(|bytes| bytes.len() == 32)
             .ok_or_else(|| {
                 format!("{text:?} is not a root hash: expected 64 hexadecimal digits (SHA-256)")
@@ -27,7 +28,7 @@ impl RootHash {
 
     /// Lowercase hexadecimal form.
     pub fn to_hex(&self) -> String {
-        crate::verity::encode_hex(&self.0)
+        hex::encode(self.0)
     }
 
     /// UUID of the root partition per the Discoverable Partitions Specification: the first 128 bits.

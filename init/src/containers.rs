@@ -9,9 +9,8 @@
 #![warn(missing_docs)]
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -204,11 +203,7 @@ pub fn spec_hash(decl: &Container) -> String {
     let value = serde_json::to_value(decl).unwrap_or_else(|e| json!(e.to_string()));
     let mut canonical = String::new();
     write_canonical(&value, &mut canonical);
-    let digest = Sha256::digest(canonical.as_bytes());
-    digest.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
 fn write_canonical(value: &Value, out: &mut String) {
@@ -366,116 +361,37 @@ fn normalise_reference(reference: &str) -> String {
     }
 }
 
-/// Finds a top-level member of a tar archive (ustar, GNU long names and base-256 sizes, PAX
-/// `path` and `size` records) and returns its content.
-fn tar_member<R: Read + Seek>(archive: &mut R, wanted: &str) -> io::Result<Option<Vec<u8>>> {
-    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("tar archive: {m}"));
-    let mut header = [0u8; 512];
-    // Overrides for the next member, from a GNU long-name member or a PAX header.
-    let mut next_name: Option<String> = None;
-    let mut next_size: Option<u64> = None;
-    loop {
-        match archive.read_exact(&mut header) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        if header.iter().all(|b| *b == 0) {
-            return Ok(None);
-        }
-        let field = |range: std::ops::Range<usize>| {
-            let bytes = &header[range];
-            let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
-            String::from_utf8_lossy(&bytes[..end]).into_owned()
-        };
-        let size = if header[124] & 0x80 != 0 {
-            // GNU base-256: big-endian binary in the rest of the field.
-            header[125..136]
-                .iter()
-                .fold(0u64, |n, b| (n << 8) | u64::from(*b))
-        } else {
-            let text = field(124..136);
-            u64::from_str_radix(text.trim(), 8)
-                .map_err(|_| bad(&format!("bad member size {text:?}")))?
-        };
-        let size = next_size.take().unwrap_or(size);
-        let typeflag = header[156];
-        let mut name = field(0..100);
-        if &header[257..262] == b"ustar" {
-            let prefix = field(345..500);
-            if !prefix.is_empty() {
-                name = format!("{prefix}/{name}");
-            }
-        }
-        if let Some(long) = next_name.take() {
-            name = long;
-        }
-        let padded = size
-            .checked_next_multiple_of(512)
-            .ok_or_else(|| bad("member too large"))?;
-        let name = name.trim_start_matches("./");
-        let read_small = |archive: &mut R| -> io::Result<Vec<u8>> {
-            if size > 16 << 20 {
-                return Err(bad(&format!("{name} is {size} bytes")));
-            }
-            let mut data = vec![0; size as usize];
-            archive.read_exact(&mut data)?;
-            archive.seek(SeekFrom::Current((padded - size) as i64))?;
-            Ok(data)
-        };
-        match typeflag {
-            b'L' => {
-                let data = read_small(archive)?;
-                let end = data.iter().position(|b| *b == 0).unwrap_or(data.len());
-                next_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
-            }
-            b'x' => {
-                let data = read_small(archive)?;
-                for (key, value) in pax_records(&data) {
-                    match key {
-                        "path" => next_name = Some(value.to_owned()),
-                        "size" => {
-                            next_size = Some(
-                                value
-                                    .parse()
-                                    .map_err(|_| bad(&format!("bad PAX size {value:?}")))?,
-                            )
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            b'0' | 0 if name == wanted => return read_small(archive).map(Some),
-            _ => {
-                let skip = i64::try_from(padded).map_err(|_| bad("member too large"))?;
-                archive.seek(SeekFrom::Current(skip))?;
-            }
-        }
-    }
-}
+/// Largest `manifest.json` read from an image archive.
+const MAX_MANIFEST: u64 = 16 << 20;
 
-/// Splits PAX extended-header records (`"<length> <key>=<value>\n"`).
-fn pax_records(data: &[u8]) -> Vec<(&str, &str)> {
-    let mut records = Vec::new();
-    let mut rest = data;
-    while let Some(space) = rest.iter().position(|b| *b == b' ') {
-        let Some(length) = std::str::from_utf8(&rest[..space])
-            .ok()
-            .and_then(|l| l.parse::<usize>().ok())
-            .filter(|l| *l > space && *l <= rest.len())
-        else {
-            break;
-        };
-        let record = &rest[space + 1..length];
-        let record = record.strip_suffix(b"\n").unwrap_or(record);
-        if let Ok(text) = std::str::from_utf8(record) {
-            if let Some((key, value)) = text.split_once('=') {
-                records.push((key, value));
-            }
+/// Finds a top-level member of a tar archive (ustar, GNU long names and base-256 sizes, PAX
+/// `path` and `size` records, as the `tar` crate reads them) and returns its content. Members
+/// before it are skipped by seeking, not read.
+fn tar_member<R: Read + Seek>(archive: &mut R, wanted: &str) -> io::Result<Option<Vec<u8>>> {
+    let mut archive = tar::Archive::new(archive);
+    for entry in archive.entries_with_seek()? {
+        let mut entry = entry?;
+        if !entry.header().entry_type().is_file() {
+            continue;
         }
-        rest = &rest[length..];
+        let path = entry.path_bytes();
+        let name = String::from_utf8_lossy(&path);
+        let name = name.trim_start_matches("./");
+        if name != wanted {
+            continue;
+        }
+        let size = entry.size();
+        if size > MAX_MANIFEST {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("tar archive: {name} is {size} bytes, more than {MAX_MANIFEST}"),
+            ));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        entry.read_to_end(&mut data)?;
+        return Ok(Some(data));
     }
-    records
+    Ok(None)
 }
 
 /// Makes sure the engine has the image a declaration runs; returns the image ID.
@@ -1076,6 +992,14 @@ mod tests {
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
 
+    /// Overwrites a header's size field and writes its checksum again.
+    fn set_size_field(header: &mut [u8], size: &[u8; 12]) {
+        header[124..136].copy_from_slice(size);
+        header[148..156].copy_from_slice(b"        ");
+        let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+        header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    }
+
     /// A minimal `docker save` archive: a layer, then manifest.json.
     fn archive_bytes(config_hex: &str, tag: &str) -> Vec<u8> {
         let mut out = Vec::new();
@@ -1096,10 +1020,7 @@ mod tests {
     }
 
     fn sha256_hex(data: &[u8]) -> String {
-        Sha256::digest(data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(Sha256::digest(data))
     }
 
     /// A real `docker save`-format archive of a one-layer image holding a static busybox.
@@ -1274,7 +1195,7 @@ mod tests {
         let start = out.len();
         tar_member(&mut out, "truncated-nam", b"[1,2]", 0o644, b'0', "");
         // Only the PAX record carries the size (as for members over 8 GiB).
-        out[start + 124..start + 136].copy_from_slice(b"00000000000\0");
+        set_size_field(&mut out[start..start + 512], b"00000000000\0");
         let mut cursor = Cursor::new(out.clone());
         assert_eq!(
             super::tar_member(&mut cursor, "manifest.json").expect("reads"),
@@ -1292,13 +1213,15 @@ mod tests {
         );
         let start = out.len();
         tar_member(&mut out, "x", b"[3]", 0o644, b'0', "");
-        out[start + 124..start + 136].copy_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3]);
+        set_size_field(
+            &mut out[start..start + 512],
+            &[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3],
+        );
         let mut cursor = Cursor::new(out);
         assert_eq!(
             super::tar_member(&mut cursor, "manifest.json").expect("reads"),
             Some(b"[3]".to_vec())
         );
-        assert_eq!(pax_records(b"12 a=bcdefg\n9 k=v\n"), [("a", "bcdefg")]);
     }
 
     #[test]

@@ -7,13 +7,15 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::http;
 
 /// The API version every versioned request is made with.
 pub const API_VERSION: &str = "v1.41";
@@ -22,7 +24,7 @@ pub const API_VERSION: &str = "v1.41";
 pub const DEFAULT_SOCKET: &str = "/run/docker.sock";
 
 /// Largest response body accepted; progress streams of big pulls stay well below it.
-const MAX_BODY: usize = 64 << 20;
+pub const MAX_BODY: u64 = 64 << 20;
 
 /// What went wrong talking to the engine.
 #[derive(Debug, thiserror::Error)]
@@ -91,141 +93,25 @@ impl Error {
 /// Result of an engine call.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// A parsed HTTP response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    /// Status code, e.g. 200.
-    pub status: u16,
-    /// Header fields with lowercased names.
-    pub headers: BTreeMap<String, String>,
-    /// The body with any chunked transfer coding removed.
-    pub body: Vec<u8>,
-}
+pub use crate::http::Response;
 
-impl Response {
-    /// The engine's error `message` from a JSON error body, else the body as text.
-    pub fn error_message(&self) -> String {
-        #[derive(Deserialize)]
-        struct ErrorBody {
-            message: String,
-        }
-        match serde_json::from_slice::<ErrorBody>(&self.body) {
-            Ok(e) => e.message,
-            Err(_) => {
-                let text = String::from_utf8_lossy(&self.body).trim().to_owned();
-                if text.is_empty() {
-                    format!("HTTP status {} with an empty body", self.status)
-                } else {
-                    text
-                }
+/// The engine's error `message` from a JSON error body, else the body as text.
+pub fn error_message(response: &Response) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        message: String,
+    }
+    match serde_json::from_slice::<ErrorBody>(&response.body) {
+        Ok(e) => e.message,
+        Err(_) => {
+            let text = String::from_utf8_lossy(&response.body).trim().to_owned();
+            if text.is_empty() {
+                format!("HTTP status {} with an empty body", response.status)
+            } else {
+                text
             }
         }
     }
-}
-
-/// Reads one HTTP/1.1 response: status line, headers, then a body delimited by chunked coding,
-/// `Content-Length`, or the end of the connection. `head` is true for a response to HEAD.
-pub fn read_response<R: BufRead>(reader: &mut R, head: bool) -> io::Result<Response> {
-    let status_line = read_line(reader)?;
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(invalid(format!(
-            "not an HTTP/1 status line: {status_line:?}"
-        )));
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .filter(|s| (100..1000).contains(s))
-        .ok_or_else(|| invalid(format!("bad status in {status_line:?}")))?;
-    let mut headers = BTreeMap::new();
-    loop {
-        let line = read_line(reader)?;
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
-        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_owned());
-    }
-    let no_body = head || status == 204 || status == 304 || (100..200).contains(&status);
-    let body = if no_body {
-        Vec::new()
-    } else if headers
-        .get("transfer-encoding")
-        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
-    {
-        read_chunked(reader)?
-    } else if let Some(length) = headers.get("content-length") {
-        let length: usize = length
-            .parse()
-            .map_err(|_| invalid(format!("bad Content-Length {length:?}")))?;
-        if length > MAX_BODY {
-            return Err(invalid(format!("body of {length} bytes is too large")));
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body)?;
-        body
-    } else {
-        let mut body = Vec::new();
-        reader.take(MAX_BODY as u64 + 1).read_to_end(&mut body)?;
-        if body.len() > MAX_BODY {
-            return Err(invalid("body is too large".to_owned()));
-        }
-        body
-    };
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn read_chunked<R: BufRead>(reader: &mut R) -> io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let line = read_line(reader)?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| invalid(format!("bad chunk size line {line:?}")))?;
-        if size == 0 {
-            // Trailer fields, then the empty line that ends the message.
-            while !read_line(reader)?.is_empty() {}
-            return Ok(body);
-        }
-        if body.len() + size > MAX_BODY {
-            return Err(invalid("chunked body is too large".to_owned()));
-        }
-        let start = body.len();
-        body.resize(start + size, 0);
-        reader.read_exact(&mut body[start..])?;
-        if !read_line(reader)?.is_empty() {
-            return Err(invalid("chunk not followed by CRLF".to_owned()));
-        }
-    }
-}
-
-/// Reads a CRLF- (or LF-) terminated line without its terminator; EOF before one is an error.
-fn read_line<R: BufRead>(reader: &mut R) -> io::Result<String> {
-    let mut line = Vec::new();
-    reader.take(64 * 1024).read_until(b'\n', &mut line)?;
-    if line.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed in the middle of a line",
-        ));
-    }
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    String::from_utf8(line).map_err(|_| invalid("header line is not UTF-8".to_owned()))
-}
-
-fn invalid(detail: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, detail)
 }
 
 /// Percent-encodes a query-string value.
@@ -465,50 +351,54 @@ impl Client {
         stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
         stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
         let mut writer = NoSigpipe(&stream);
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: plinth-init\r\nConnection: close\r\n"
-        );
-        let json;
+        let mut headers = vec![
+            ("Host", "localhost".to_owned()),
+            ("User-Agent", "plinth-init".to_owned()),
+            ("Connection", "close".to_owned()),
+        ];
+        let mut json = None;
+        let mut file = None;
         match body {
             Body::None => {
                 if method == "POST" {
-                    head.push_str("Content-Length: 0\r\n");
+                    headers.push(("Content-Length", "0".to_owned()));
                 }
-                head.push_str("\r\n");
-                writer.write_all(head.as_bytes()).map_err(io_err)?;
             }
             Body::Json(value) => {
-                json = serde_json::to_vec(value)
+                let bytes = serde_json::to_vec(value)
                     .map_err(|e| Error::protocol(what, format!("encoding request: {e}")))?;
-                head.push_str(&format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                    json.len()
-                ));
-                writer.write_all(head.as_bytes()).map_err(io_err)?;
-                writer.write_all(&json).map_err(io_err)?;
+                headers.push(("Content-Type", "application/json".to_owned()));
+                headers.push(("Content-Length", bytes.len().to_string()));
+                json = Some(bytes);
             }
-            Body::File(file) => {
-                let mut input = File::open(file).map_err(|source| Error::Io {
-                    what: format!("{what}: opening {}", file.display()),
+            Body::File(path) => {
+                let input = File::open(path).map_err(|source| Error::Io {
+                    what: format!("{what}: opening {}", path.display()),
                     source,
                 })?;
                 let length = input.metadata().map_err(io_err)?.len();
-                head.push_str(&format!(
-                    "Content-Type: application/x-tar\r\nContent-Length: {length}\r\n\r\n"
+                headers.push(("Content-Type", "application/x-tar".to_owned()));
+                headers.push(("Content-Length", length.to_string()));
+                file = Some((path, input, length));
+            }
+        }
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        http::write_head(&mut writer, method, path, &headers).map_err(io_err)?;
+        if let Some(json) = &json {
+            writer.write_all(json).map_err(io_err)?;
+        }
+        if let Some((path, mut input, length)) = file {
+            let copied = io::copy(&mut input, &mut writer).map_err(io_err)?;
+            if copied != length {
+                return Err(Error::protocol(
+                    what,
+                    format!("{} changed size while being sent", path.display()),
                 ));
-                writer.write_all(head.as_bytes()).map_err(io_err)?;
-                let copied = io::copy(&mut input, &mut writer).map_err(io_err)?;
-                if copied != length {
-                    return Err(Error::protocol(
-                        what,
-                        format!("{} changed size while being sent", file.display()),
-                    ));
-                }
             }
         }
         writer.flush().map_err(io_err)?;
         let mut reader = BufReader::new(stream);
-        read_response(&mut reader, method == "HEAD").map_err(|source| {
+        http::read_response(&mut reader, method == "HEAD", MAX_BODY).map_err(|source| {
             if source.kind() == io::ErrorKind::InvalidData {
                 Error::protocol(what, source.to_string())
             } else {
@@ -713,7 +603,7 @@ fn check(what: &str, response: Response, ok: &[u16]) -> Result<Response> {
         Err(Error::Api {
             what: what.to_owned(),
             status: response.status,
-            message: response.error_message(),
+            message: error_message(&response),
         })
     }
 }
@@ -745,62 +635,18 @@ fn stream_messages(what: &str, body: &[u8]) -> Result<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Cursor;
+    use std::io::{Cursor, Read};
     use std::os::unix::net::UnixListener;
 
     fn parse(bytes: &[u8]) -> io::Result<Response> {
-        read_response(&mut Cursor::new(bytes), false)
-    }
-
-    #[test]
-    fn content_length_body() {
-        let r = parse(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nOKtrailing",
-        )
-        .expect("parses");
-        assert_eq!(r.status, 200);
-        assert_eq!(r.body, b"OK");
-        assert_eq!(r.headers["content-type"], "text/plain");
-    }
-
-    #[test]
-    fn chunked_body_with_extension_and_trailer() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
-            5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\n";
-        let r = parse(raw).expect("parses");
-        assert_eq!(r.body, b"hello, world");
-    }
-
-    #[test]
-    fn body_until_close_and_no_body_statuses() {
-        let r = parse(b"HTTP/1.0 200 OK\r\n\r\n[1,2]").expect("parses");
-        assert_eq!(r.body, b"[1,2]");
-        let r = parse(b"HTTP/1.1 204 No Content\r\n\r\n").expect("parses");
-        assert_eq!((r.status, r.body.len()), (204, 0));
-        let r = parse(b"HTTP/1.1 304 Not Modified\r\n\r\n").expect("parses");
-        assert_eq!(r.status, 304);
-    }
-
-    #[test]
-    fn malformed_responses_are_errors() {
-        for raw in [
-            &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
-            b"HTTP/1.1 abc OK\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nbroken header\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
-        ] {
-            assert!(parse(raw).is_err(), "{:?}", String::from_utf8_lossy(raw));
-        }
+        http::read_response(&mut Cursor::new(bytes), false, MAX_BODY)
     }
 
     #[test]
     fn engine_error_message_is_extracted() {
         let r = parse(b"HTTP/1.1 409 Conflict\r\nContent-Length: 51\r\n\r\n{\"message\":\"Conflict. The name is already in use\"}\n")
             .expect("parses");
-        assert_eq!(r.error_message(), "Conflict. The name is already in use");
+        assert_eq!(error_message(&r), "Conflict. The name is already in use");
         let err = check("creating container web", r, &[201]).expect_err("409 is an error");
         assert_eq!(err.status(), Some(409));
         assert_eq!(
@@ -850,10 +696,10 @@ mod tests {
             for (expect, answer) in answers {
                 let (stream, _) = listener.accept().expect("accepting");
                 let mut reader = BufReader::new(stream);
-                let request_line = read_line(&mut reader).expect("request line");
+                let request_line = http::read_line(&mut reader).expect("request line");
                 let mut length = 0;
                 loop {
-                    let line = read_line(&mut reader).expect("header");
+                    let line = http::read_line(&mut reader).expect("header");
                     if line.is_empty() {
                         break;
                     }

@@ -57,24 +57,7 @@ pub enum GptError {
 
 /// Formats a GUID stored on disk in mixed-endian order as its standard string.
 pub fn guid_to_string(raw: &[u8; 16]) -> String {
-    format!(
-        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-        raw[3], raw[2], raw[1], raw[0], raw[5], raw[4], raw[7], raw[6], raw[8], raw[9], raw[10],
-        raw[11], raw[12], raw[13], raw[14], raw[15]
-    )
-}
-
-/// CRC-32 (IEEE 802.3, as used by GPT).
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xedb8_8320 & mask);
-        }
-    }
-    !crc
+    uuid::Uuid::from_bytes_le(*raw).to_string()
 }
 
 fn u32_at(buf: &[u8], offset: usize) -> u32 {
@@ -162,7 +145,7 @@ fn read_with_header<R: Read + Seek>(
     let mut check = header[..header_size].to_vec();
     check[16..20].fill(0);
     let stored = u32_at(header, 16);
-    let computed = crc32(&check);
+    let computed = crc32fast::hash(&check);
     if stored != computed {
         return Err(GptError::Corrupt(format!(
             "header CRC32 is {stored:#010x}, computed {computed:#010x}"
@@ -180,7 +163,7 @@ fn read_with_header<R: Read + Seek>(
     disk.seek(SeekFrom::Start(entries_lba * sector_size))?;
     disk.read_exact(&mut entries)?;
     let stored = u32_at(header, 88);
-    let computed = crc32(&entries);
+    let computed = crc32fast::hash(&entries);
     if stored != computed {
         return Err(GptError::Corrupt(format!(
             "partition entry array CRC32 is {stored:#010x}, computed {computed:#010x}"
@@ -222,7 +205,7 @@ pub(crate) mod tests {
     /// Parses a GUID string into its mixed-endian on-disk form.
     pub(crate) fn guid_bytes(text: &str) -> [u8; 16] {
         let hex: String = text.chars().filter(|c| *c != '-').collect();
-        let b = crate::verity::decode_hex(&hex).expect("guid hex");
+        let b = hex::decode(&hex).expect("guid hex");
         [
             b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13],
             b[14], b[15],
@@ -258,8 +241,8 @@ pub(crate) mod tests {
         header[72..80].copy_from_slice(&2u64.to_le_bytes());
         header[80..84].copy_from_slice(&(entry_count as u32).to_le_bytes());
         header[84..88].copy_from_slice(&128u32.to_le_bytes());
-        header[88..92].copy_from_slice(&crc32(&entries).to_le_bytes());
-        let crc = crc32(&header);
+        header[88..92].copy_from_slice(&crc32fast::hash(&entries).to_le_bytes());
+        let crc = crc32fast::hash(&header);
         header[16..20].copy_from_slice(&crc.to_le_bytes());
         let s = sector as usize;
         disk[s..s + 92].copy_from_slice(&header);
@@ -280,7 +263,7 @@ pub(crate) mod tests {
         header[32..40].copy_from_slice(&1u64.to_le_bytes());
         header[72..80].copy_from_slice(&(entries_lba as u64).to_le_bytes());
         header[16..20].fill(0);
-        let crc = crc32(&header);
+        let crc = crc32fast::hash(&header);
         header[16..20].copy_from_slice(&crc.to_le_bytes());
         disk[entries_lba * s..entries_lba * s + entries_len].copy_from_slice(&entries);
         disk[(total - 1) * s..(total - 1) * s + 92].copy_from_slice(&header);
@@ -291,7 +274,7 @@ pub(crate) mod tests {
 
     #[test]
     fn crc32_known_value() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc32fast::hash(b"123456789"), 0xcbf4_3926);
     }
 
     #[test]

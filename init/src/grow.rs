@@ -7,7 +7,7 @@
 //! state first, so a run interrupted by a power cut is finished by the next boot and a finished
 //! one is a no-op. The backup GPT is written (and flushed) before the primary.
 
-use crate::gpt::{self, crc32, GptError};
+use crate::gpt::{self, GptError};
 use crate::stage1::Stage1;
 use crate::system::System;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -203,7 +203,7 @@ where
         )));
     }
     put_u64(&mut entries, offset + 40, plan.new_last_lba);
-    let entries_crc = crc32(&entries);
+    let entries_crc = crc32fast::hash(&entries);
     let entries_sectors = (header.entries_bytes as u64).div_ceil(sector);
     let backup_entries_lba = plan.new_alternate_lba - entries_sectors;
 
@@ -215,7 +215,7 @@ where
         put_u64(&mut raw, 72, entries_lba);
         put_u32(&mut raw, 88, entries_crc);
         put_u32(&mut raw, 16, 0);
-        let crc = crc32(&raw);
+        let crc = crc32fast::hash(&raw);
         put_u32(&mut raw, 16, crc);
         let mut block = vec![0u8; sector as usize];
         block[..raw.len()].copy_from_slice(&raw);
@@ -476,13 +476,13 @@ mod tests {
         let entries = disk[1024..1024 + 128 * 128].to_vec();
         let mut header = disk[512..512 + 92].to_vec();
         put_u32(&mut header, 16, 0);
-        let crc = crc32(&header);
+        let crc = crc32fast::hash(&header);
         put_u32(&mut disk, 512 + 16, crc);
         let mut backup = header.clone();
         put_u64(&mut backup, 24, total - 1);
         put_u64(&mut backup, 32, 1);
         put_u64(&mut backup, 72, total - 33);
-        let crc = crc32(&backup);
+        let crc = crc32fast::hash(&backup);
         put_u32(&mut backup, 16, crc);
         let end = (total * 512) as usize;
         disk[end - 33 * 512..end - 512].copy_from_slice(&entries);
@@ -661,7 +661,7 @@ mod tests {
         disk.resize(disk.len() * 2, 0);
         let mut header = disk[4096..4096 + 92].to_vec();
         put_u32(&mut header, 16, 0);
-        let crc = crc32(&header);
+        let crc = crc32fast::hash(&header);
         put_u32(&mut disk, 4096 + 16, crc);
         let (grown, planned, _) = grow_in_memory(disk);
         assert_eq!(planned.new_alternate_lba, 2 * total - 1);

@@ -10,6 +10,7 @@ pub mod containers;
 pub mod docker;
 pub mod gpt;
 pub mod grow;
+pub mod http;
 pub mod kmod;
 pub mod mounts;
 pub mod net;

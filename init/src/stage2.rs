@@ -275,7 +275,7 @@ pub fn valid_machine_id(text: &str) -> bool {
 pub fn machine_id_from_random(mut bytes: [u8; 16]) -> String {
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    crate::verity::encode_hex(&bytes)
+    hex::encode(bytes)
 }
 
 fn machine_id<S: System>(ctx: &mut Stage2<S>) -> Result<()> {

@@ -3,22 +3,6 @@
 //!
 //! The buffers are built and parsed here; `sys::dm_ioctl` only passes them to the kernel.
 
-/// Lowercase hexadecimal encoding.
-pub fn encode_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Decodes hexadecimal digits (either case); None on odd length or a non-hex digit.
-pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
-}
-
 /// Device-mapper ioctl interface version this code speaks.
 pub const DM_VERSION: [u32; 3] = [4, 0, 0];
 /// Size of `struct dm_ioctl`.
@@ -175,7 +159,7 @@ mod tests {
         let (root, device) = (oracle.root_hash, oracle.hash_device);
         let sb = VeritySuperblock::parse(&device).expect("veritysetup's superblock parses");
         assert_eq!(sb.data_blocks, 16);
-        assert_eq!(encode_hex(&sb.salt), salt);
+        assert_eq!(hex::encode(&sb.salt), salt);
         let hash = RootHash::parse(&root).expect("root hash");
         // Format version 1, hash type 1, sha256 and 4096-byte blocks, as veritysetup wrote them.
         assert_eq!(
@@ -254,13 +238,5 @@ mod tests {
         let dev: u64 = 0x23 | (253 << 8) | (0x100 << 12);
         buf[40..48].copy_from_slice(&dev.to_ne_bytes());
         assert_eq!(dm_reply_dev(&buf), (253, 0x123));
-    }
-
-    #[test]
-    fn hex_round_trip() {
-        assert_eq!(decode_hex("00ffA0"), Some(vec![0, 255, 160]));
-        assert_eq!(decode_hex("0"), None);
-        assert_eq!(decode_hex("zz"), None);
-        assert_eq!(encode_hex(&[1, 171]), "01ab");
     }
 }

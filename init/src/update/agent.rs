@@ -21,7 +21,7 @@ use os_config::boot::{BootRecord, BootState, Counter, EntryName, BOOT_RECORD_IN_
 use os_config::layout::Slot;
 
 /// Every system path the agent touches, overridable for tests.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {
     /// The image definition baked into the root.
     pub definition: PathBuf,

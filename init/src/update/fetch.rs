@@ -1,13 +1,15 @@
-//! Where releases come from: a minimal HTTP/1.1 GET client over `TcpStream` (with `Range` to resume
-//! an interrupted download) or a local folder (`file://` URLs and `--from DIR`).
+//! Where releases come from: HTTP over `TcpStream` through [`crate::http`] (with `Range` to resume
+//! an interrupted download, and redirects) or a local folder (`file://` URLs and `--from DIR`).
 
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+use crate::http::{self, Body};
 
 /// Largest manifest or signature accepted.
 pub const SMALL_FILE_LIMIT: u64 = 1 << 20;
@@ -253,53 +255,23 @@ pub fn http_post(url: &HttpUrl, headers: &[(&str, &str)], body: &[u8]) -> Result
         .with_context(|| format!("connecting to {what}"))?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut request = format!(
-        "POST {} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: plinth-update\r\nConnection: close\r\nContent-Length: {}\r\n",
-        url.path,
-        url.host,
-        url.port,
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    (&stream)
-        .write_all(request.as_bytes())
-        .and_then(|()| (&stream).write_all(body))
+    let host = format!("{}:{}", url.host, url.port);
+    let length = body.len().to_string();
+    let mut fields = vec![
+        ("Host", host.as_str()),
+        ("User-Agent", "plinth-update"),
+        ("Connection", "close"),
+        ("Content-Length", length.as_str()),
+    ];
+    fields.extend_from_slice(headers);
+    let mut writer = &stream;
+    http::write_head(&mut writer, "POST", &url.path, &fields)
+        .and_then(|()| writer.write_all(body))
         .with_context(|| format!("sending to {what}"))?;
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .with_context(|| format!("reading the reply of {what}"))?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{what}: malformed reply `{}`", line.trim()))?;
-    let mut length = None;
-    loop {
-        line.clear();
-        reader
-            .read_line(&mut line)
-            .with_context(|| format!("reading the reply of {what}"))?;
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse::<u64>().ok();
-            }
-        }
-    }
     // With a length, read just that (the server may keep the connection open); else to the end.
-    let mut body = Vec::new();
-    reader
-        .take(length.unwrap_or(SMALL_FILE_LIMIT).min(SMALL_FILE_LIMIT))
-        .read_to_end(&mut body)
+    let reply = http::read_response(&mut BufReader::new(stream), false, SMALL_FILE_LIMIT)
         .with_context(|| format!("reading the reply of {what}"))?;
+    let (status, body) = (reply.status, reply.body);
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -321,64 +293,44 @@ fn http_get(
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(io_err)?;
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    let mut request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUser-Agent: plinth-update\r\nAccept-Encoding: identity\r\nConnection: close\r\n",
-        url.path, url.host, url.port
-    );
+    let host = format!("{}:{}", url.host, url.port);
+    let range = format!("bytes={offset}-");
+    let mut fields = vec![
+        ("Host", host.as_str()),
+        ("User-Agent", "plinth-update"),
+        ("Accept-Encoding", "identity"),
+        ("Connection", "close"),
+    ];
     if offset > 0 {
-        request.push_str(&format!("Range: bytes={offset}-\r\n"));
+        fields.push(("Range", range.as_str()));
     }
-    request.push_str("\r\n");
-    (&stream).write_all(request.as_bytes()).map_err(io_err)?;
+    let mut writer = &stream;
+    http::write_head(&mut writer, "GET", &url.path, &fields).map_err(io_err)?;
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line).map_err(io_err)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            FetchError::Protocol(format!("{what}: malformed status line `{}`", line.trim()))
-        })?;
-    let mut content_length = None;
-    let mut chunked = false;
-    let mut location = None;
-    let mut range_start = None;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).map_err(io_err)?;
-        let header = line.trim_end();
-        if header.is_empty() {
-            break;
+    let head = http::read_head(&mut reader).map_err(|error| {
+        if error.kind() == io::ErrorKind::InvalidData {
+            FetchError::Protocol(format!("{what}: {error}"))
+        } else {
+            io_err(error)
         }
-        let Some((name, value)) = header.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => content_length = value.parse::<u64>().ok(),
-            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
-            "location" => location = Some(value.to_owned()),
-            "content-range" => {
-                range_start = value
-                    .strip_prefix("bytes ")
-                    .and_then(|r| r.split_once('-'))
-                    .and_then(|(s, _)| s.parse::<u64>().ok())
-            }
-            _ => {}
-        }
-    }
+    })?;
+    let status = head.status;
+    let range_start = head
+        .header("content-range")
+        .and_then(|r| r.strip_prefix("bytes "))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(s, _)| s.parse::<u64>().ok());
     match status {
         200 | 206 => {}
         301 | 302 | 303 | 307 | 308 if redirects_left > 0 => {
-            let location = location.ok_or_else(|| {
+            let location = head.header("location").ok_or_else(|| {
                 FetchError::Protocol(format!("{what}: redirect without Location"))
             })?;
             let next = if location.starts_with("http://") {
-                HttpUrl::parse(&location).map_err(|e| FetchError::Protocol(e.to_string()))?
+                HttpUrl::parse(location).map_err(|e| FetchError::Protocol(e.to_string()))?
             } else {
                 HttpUrl {
-                    path: location,
+                    path: location.to_owned(),
                     ..url.clone()
                 }
             };
@@ -387,20 +339,10 @@ fn http_get(
         404 | 410 => return Err(FetchError::NotFound(what)),
         other => return Err(FetchError::Protocol(format!("{what}: HTTP status {other}"))),
     }
-    let body: Box<dyn Read + Send> = if chunked {
-        Box::new(Chunked {
-            inner: reader,
-            left: 0,
-            done: false,
-        })
-    } else if let Some(len) = content_length {
-        Box::new(Exact {
-            inner: reader.take(len),
-            left: len,
-        })
-    } else {
-        Box::new(reader)
-    };
+    let body: Box<dyn Read + Send> = Box::new(
+        Body::new(reader, &head, false)
+            .map_err(|error| FetchError::Protocol(format!("{what}: {error}")))?,
+    );
     let mut body = body;
     if offset > 0 {
         match (status, range_start) {
@@ -419,73 +361,10 @@ fn http_get(
     Ok(body)
 }
 
-/// A body with a Content-Length: ending early is an error, not end of file.
-struct Exact<R> {
-    inner: io::Take<R>,
-    left: u64,
-}
-
-impl<R: Read> Read for Exact<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 && self.left > 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed before the end of the body",
-            ));
-        }
-        self.left -= n as u64;
-        Ok(n)
-    }
-}
-
-/// A `Transfer-Encoding: chunked` body.
-struct Chunked<R> {
-    inner: R,
-    left: u64,
-    done: bool,
-}
-
-impl<R: BufRead> Read for Chunked<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.done || buf.is_empty() {
-            return Ok(0);
-        }
-        if self.left == 0 {
-            let mut line = String::new();
-            self.inner.read_line(&mut line)?;
-            let size = line.trim().split(';').next().unwrap_or("");
-            self.left = u64::from_str_radix(size, 16).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad chunk size `{}`", line.trim()),
-                )
-            })?;
-            if self.left == 0 {
-                self.done = true;
-                return Ok(0);
-            }
-        }
-        let want = (buf.len() as u64).min(self.left) as usize;
-        let n = self.inner.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed inside a chunk",
-            ));
-        }
-        self.left -= n as u64;
-        if self.left == 0 {
-            let mut crlf = String::new();
-            self.inner.read_line(&mut crlf)?;
-        }
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufRead;
 
     #[test]
     fn a_connection_error_is_named_once() {
@@ -552,18 +431,5 @@ mod tests {
             Source::Dir(PathBuf::from("/srv/r"))
         );
         assert!(Source::parse("ftp://h/").is_err());
-    }
-
-    #[test]
-    fn chunked_bodies_decode() {
-        let body = b"4\r\nWiki\r\n5;x=y\r\npedia\r\n0\r\n\r\n";
-        let mut reader = Chunked {
-            inner: &body[..],
-            left: 0,
-            done: false,
-        };
-        let mut out = String::new();
-        reader.read_to_string(&mut out).expect("decodes");
-        assert_eq!(out, "Wikipedia");
     }
 }

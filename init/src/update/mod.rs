@@ -3,10 +3,11 @@
 //! detection and the health-gated bless ([`gate`]).
 //!
 //! How the pieces are called:
-//! - `plinth-update` builds an [`Agent`] from [`Paths`] (the baked definition
-//!   `/usr/lib/plinth/image.toml`, `/var/lib/plinth/update.json`, the boot record
-//!   `/run/plinth/boot.json` that names the running slot and the boot disk),
-//!   then calls [`Agent::detect_rollback`], [`Agent::check`], [`Agent::apply`], [`Agent::status`]
+//! - `plinth-update` parses its command line with [`command::parse_args`] and runs it with
+//!   [`command::run`]; `daemon` repeats check-and-apply in [`daemon::run`]. A command builds an
+//!   [`Agent`] from [`Paths`] (the baked definition `/usr/lib/plinth/image.toml`,
+//!   `/var/lib/plinth/update.json`, the boot record `/run/plinth/boot.json` that names the
+//!   running slot and the boot disk), then calls [`Agent::detect_rollback`], [`Agent::check`], [`Agent::apply`], [`Agent::status`]
 //!   or [`Agent::rollback`].
 //! - `plinth-init`'s health gate calls [`bless_disk`] with the boot disk (from the boot record,
 //!   see [`agent::read_boot_record`]) and the running slot and version, then prints
@@ -20,6 +21,8 @@
 pub mod agent;
 pub mod apply;
 pub mod blockdev;
+pub mod command;
+pub mod daemon;
 pub mod esp;
 pub mod fetch;
 pub mod gate;

@@ -1,0 +1,500 @@
+//! The `plinth-update` commands: the command line ([`parse_args`]) and what each command does
+//! ([`run`]). The binary only parses and dispatches; the daemon loop is in [`super::daemon`].
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::agent::{self, Agent, Outcome, Paths};
+use super::apply::Event;
+use super::daemon::{self, SystemClock, Updater};
+use super::fetch::Source;
+use super::media;
+use super::strategy::{self, Decision};
+use os_config::status;
+
+/// The usage text `--help` prints and argument errors end with.
+pub const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--boot-record FILE] [--settled FILE] COMMAND
+commands:
+  status              slots, versions, boot states and the agent's state
+  check [--from SRC]  look for a newer release without writing anything
+  apply [--from SRC]  write a newer release to the other slot, then reboot as [update] strategy says
+                      (immediate; window: once it is open; fleetlock: once a slot is granted)
+                      SRC: a release folder, or a block device (mounted read-only) holding one
+  rollback            boot the other slot next and mark the running version bad
+  bless               mark the running boot good (plinth-init's health gate does this)
+  daemon              check and apply every [update] interval (with jitter), report rollbacks
+exit status: 0 done, 1 error, 3 the release was refused (apply and check)";
+
+/// Exit status of `apply` and `check` when the release is refused (bad signature, not newer,
+/// another image, an artifact that does not match its manifest).
+pub const EXIT_REFUSED: u8 = 3;
+
+/// A `plinth-update` command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Slots, versions, boot states and the agent's state.
+    Status,
+    /// Look for a newer release without writing anything.
+    Check,
+    /// Write a newer release to the other slot, then reboot as the strategy says.
+    Apply,
+    /// Boot the other slot next and mark the running version bad.
+    Rollback,
+    /// Mark the running boot good.
+    Bless,
+    /// Check and apply every interval.
+    Daemon,
+}
+
+impl Command {
+    fn parse(name: &str) -> Option<Command> {
+        Some(match name {
+            "status" => Command::Status,
+            "check" => Command::Check,
+            "apply" => Command::Apply,
+            "rollback" => Command::Rollback,
+            "bless" => Command::Bless,
+            "daemon" => Command::Daemon,
+            _ => return None,
+        })
+    }
+}
+
+/// The parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// `--json`: machine-readable output.
+    pub json: bool,
+    /// Where the agent's files and disk are (`--disk`, `--definition`, …).
+    pub paths: Paths,
+    /// What to do.
+    pub command: Command,
+    /// `--from`: a release folder or a block device holding one (apply and check).
+    pub from: Option<PathBuf>,
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// `-h` or `--help`: print [`USAGE`].
+    Help,
+    /// Run a command.
+    Run(Box<Args>),
+}
+
+/// Parses the arguments after the program name. `-h` wins as soon as it is seen; a later bad
+/// argument is not looked at.
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
+    let mut json = false;
+    let mut paths = Paths::default();
+    let mut command = String::new();
+    let mut from: Option<PathBuf> = None;
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--json" => json = true,
+            "--disk" => paths.disk = Some(value("--disk")?.into()),
+            "--definition" => paths.definition = value("--definition")?.into(),
+            "--state" => paths.state = value("--state")?.into(),
+            "--boot-record" => paths.boot_record = value("--boot-record")?.into(),
+            "--settled" => paths.settled = value("--settled")?.into(),
+            "--from" => from = Some(value("--from")?.into()),
+            "-h" | "--help" => return Ok(Parsed::Help),
+            cmd if !cmd.starts_with('-') && command.is_empty() => command = cmd.to_owned(),
+            other => bail!("unknown argument `{other}`\n{USAGE}"),
+        }
+    }
+    if command.is_empty() {
+        bail!("no command given\n{USAGE}");
+    }
+    if from.is_some() && command != "apply" && command != "check" {
+        bail!("--from is only for apply and check\n{USAGE}");
+    }
+    let Some(command) = Command::parse(&command) else {
+        bail!("unknown command `{command}`\n{USAGE}");
+    };
+    Ok(Parsed::Run(Box::new(Args {
+        json,
+        paths,
+        command,
+        from,
+    })))
+}
+
+/// Asks `plinth-init` for a clean reboot: it reboots on SIGINT, as on Ctrl-Alt-Del. An update's
+/// reboot (`settle`) first waits while plinth-init reconciles the containers, so it never
+/// interrupts a reconciliation.
+fn reboot(settle: Option<&Agent>) -> Result<()> {
+    println!("{}", status::format("update-rebooting", &[]));
+    stage_delay();
+    if let Some(agent) = settle {
+        let mut said = false;
+        while !agent.settled() {
+            if !said {
+                eprintln!(
+                    "plinth-update: waiting for plinth-init to finish reconciling the containers"
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    rustix::process::kill_process(rustix::process::Pid::INIT, rustix::process::Signal::Int)
+        .context("asking plinth-init (PID 1) to reboot")
+}
+
+fn print_outcome(json: bool, outcome: &Outcome) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(outcome)?);
+    } else if let Some(line) = agent::status_line(outcome) {
+        println!("{line}");
+    } else {
+        match outcome {
+            Outcome::NoRelease => println!("no release published on this channel"),
+            Outcome::UpToDate { version } => println!("up to date ({version})"),
+            Outcome::AlreadyStaged { version, slot } => {
+                println!("{version} is staged in slot {slot}; reboot to use it")
+            }
+            Outcome::Available { version } => println!("{version} is available"),
+            Outcome::Deferred { version, until } => {
+                println!(
+                    "{version} is available; this machine takes it from {until} (staged rollout)"
+                )
+            }
+            Outcome::WaitingForBless { slot, version } => {
+                println!("{version} in slot {slot} is not blessed yet; updates wait until it is")
+            }
+            Outcome::NotSettled => println!(
+                "the running boot has not settled yet (bless pending or containers being reconciled); updates wait until it has"
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn report_rollback(agent: &Agent) -> Result<()> {
+    if let Some(rb) = agent.detect_rollback()? {
+        println!(
+            "{}",
+            status::format("rollback", &[("from", &rb.from), ("to", &rb.to)])
+        );
+    }
+    Ok(())
+}
+
+/// Reports each durable stage as `PLINTH-STATUS update-progress stage=…`. With
+/// `PLINTH_UPDATE_STAGE_DELAY_MS` set, or `plinth.update-stage-delay-ms=` on the kernel command
+/// line (tests that cut the power at a given stage), it pauses that long after each stage and
+/// before rebooting.
+fn progress(event: &Event) -> Result<()> {
+    if *event == Event::Downloaded {
+        println!(
+            "{}",
+            status::format("update-progress", &[("stage", "downloaded")])
+        );
+    }
+    if let Event::Stage(stage) = event {
+        let name = serde_json::to_value(stage)?;
+        println!(
+            "{}",
+            status::format(
+                "update-progress",
+                &[("stage", name.as_str().unwrap_or("?"))]
+            )
+        );
+        stage_delay();
+    }
+    Ok(())
+}
+
+/// Kernel argument with the same meaning as `PLINTH_UPDATE_STAGE_DELAY_MS` (the environment
+/// wins), so a test image can slow its agent down without changing how plinth-init starts it.
+const STAGE_DELAY_ARG: &str = "plinth.update-stage-delay-ms";
+
+fn stage_delay() {
+    let delay = std::env::var("PLINTH_UPDATE_STAGE_DELAY_MS")
+        .ok()
+        .or_else(|| {
+            let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+            os_config::cmdline::Cmdline::parse(&cmdline)
+                .value(STAGE_DELAY_ARG)
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = delay {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// Applies a release; once one is staged, reboots when the strategy allows it. Returns the
+/// outcome and, when a staged update waits for its window or lock, how soon to ask again.
+fn apply_once(
+    agent: &Agent,
+    from: Option<&Source>,
+    json: bool,
+) -> Result<(Outcome, Option<Duration>)> {
+    let outcome = agent.apply(from, &mut progress)?;
+    print_outcome(json, &outcome)?;
+    let mut retry = None;
+    if let Outcome::Staged { version, .. } | Outcome::AlreadyStaged { version, .. } = &outcome {
+        retry = reboot_when_allowed(agent, version)?;
+    }
+    Ok((outcome, retry))
+}
+
+/// Reboots into the staged `version` when the strategy allows it now; otherwise says why and
+/// returns how soon to ask again.
+fn reboot_when_allowed(agent: &Agent, version: &str) -> Result<Option<Duration>> {
+    match strategy::decide(agent) {
+        Decision::Reboot => reboot(Some(agent)).map(|()| None),
+        Decision::Never => Ok(None),
+        Decision::Wait { reason, retry } => {
+            println!(
+                "{}",
+                status::format(
+                    "update-waiting",
+                    &[("version", version), ("reason", &reason)]
+                )
+            );
+            Ok(Some(retry))
+        }
+    }
+}
+
+/// [`reboot_when_allowed`] for the update the state records as staged (and not running yet).
+fn reboot_if_staged(agent: &Agent) -> Option<Duration> {
+    let staged = agent.status().ok()?.staged?;
+    reboot_when_allowed(agent, &staged.version.to_string()).unwrap_or_else(|e| {
+        eprintln!("plinth-update: {e:#}");
+        None
+    })
+}
+
+/// The exit status for what `apply` or `check` found.
+fn exit_for(outcome: &Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Refused { .. } => ExitCode::from(EXIT_REFUSED),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// Runs a parsed command line; returns the exit status.
+pub fn run(args: Args) -> Result<ExitCode> {
+    let agent = Agent::load(args.paths.clone())?;
+    // Media stay mounted until `run` returns.
+    let media = match &args.from {
+        Some(device) if media::is_block_device(device) => {
+            let mounted = media::Mounted::mount(device, Path::new(media::MEDIA_ROOT))?;
+            eprintln!(
+                "plinth-update: reading the release on {} ({})",
+                device.display(),
+                mounted.fstype()
+            );
+            Some(mounted)
+        }
+        _ => None,
+    };
+    let from = match &media {
+        Some(mounted) => Some(Source::Dir(mounted.path().to_owned())),
+        None => args.from.as_ref().map(|d| Source::Dir(d.clone())),
+    };
+    match args.command {
+        Command::Status => {
+            report_rollback(&agent)?;
+            let status = agent.status()?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!(
+                    "{} {} on channel {} (slot {})",
+                    status.image, status.running_version, status.channel, status.running_slot
+                );
+                for slot in &status.slots {
+                    println!(
+                        "  slot {}: {} {}{}",
+                        slot.slot,
+                        slot.version.as_deref().unwrap_or("-"),
+                        slot.boot,
+                        if slot.running { " (running)" } else { "" }
+                    );
+                }
+                if !status.bad_versions.is_empty() {
+                    println!("  bad versions: {}", status.bad_versions.join(", "));
+                }
+                if let Some(p) = &status.in_progress {
+                    println!(
+                        "  in progress: {} to slot {} ({:?})",
+                        p.version, p.slot, p.stage
+                    );
+                }
+            }
+        }
+        Command::Check => {
+            report_rollback(&agent)?;
+            let outcome = agent.check(from.as_ref())?;
+            print_outcome(args.json, &outcome)?;
+            return Ok(exit_for(&outcome));
+        }
+        Command::Apply => {
+            report_rollback(&agent)?;
+            return Ok(exit_for(&apply_once(&agent, from.as_ref(), args.json)?.0));
+        }
+        Command::Rollback => {
+            let rb = agent.rollback()?;
+            if args.json {
+                println!("{}", serde_json::to_string(&rb)?);
+            } else {
+                println!(
+                    "slot {} ({}) boots next; {} will be marked bad",
+                    agent.running_slot.other(),
+                    rb.to,
+                    rb.from
+                );
+            }
+            reboot(None)?;
+        }
+        Command::Bless => {
+            let blessed = agent.bless()?;
+            println!("{blessed:?}");
+        }
+        Command::Daemon => daemon::run(
+            &mut AgentUpdater {
+                agent: &agent,
+                json: args.json,
+            },
+            &mut SystemClock,
+            agent.interval,
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon's [`Updater`]: the agent, printing what it does as the other commands do.
+struct AgentUpdater<'a> {
+    agent: &'a Agent,
+    json: bool,
+}
+
+impl Updater for AgentUpdater<'_> {
+    fn check_and_apply(&mut self) -> Result<(Outcome, Option<Duration>)> {
+        report_rollback(self.agent).and_then(|()| apply_once(self.agent, None, self.json))
+    }
+
+    fn release_after_good_boot(&mut self) -> Result<bool> {
+        strategy::release_after_good_boot(self.agent)
+    }
+
+    fn reboot_if_staged(&mut self) -> Option<Duration> {
+        reboot_if_staged(self.agent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed> {
+        parse_args(args.iter().map(|a| a.to_string()))
+    }
+
+    fn run_args(args: &[&str]) -> Args {
+        match parse(args).expect("parses") {
+            Parsed::Run(args) => *args,
+            Parsed::Help => panic!("help for {args:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_and_options_parse() {
+        let args = run_args(&[
+            "--json",
+            "--disk",
+            "/dev/vdb",
+            "--definition",
+            "/d.toml",
+            "--state",
+            "/s.json",
+            "--boot-record",
+            "/c",
+            "--settled",
+            "/run/x",
+            "apply",
+            "--from",
+            "/srv",
+        ]);
+        let paths = Paths {
+            disk: Some("/dev/vdb".into()),
+            definition: "/d.toml".into(),
+            state: "/s.json".into(),
+            boot_record: "/c".into(),
+            settled: "/run/x".into(),
+            ..Paths::default()
+        };
+        assert_eq!(
+            args,
+            Args {
+                json: true,
+                paths,
+                command: Command::Apply,
+                from: Some("/srv".into()),
+            }
+        );
+        for (name, command) in [
+            ("status", Command::Status),
+            ("check", Command::Check),
+            ("apply", Command::Apply),
+            ("rollback", Command::Rollback),
+            ("bless", Command::Bless),
+            ("daemon", Command::Daemon),
+        ] {
+            let args = run_args(&[name]);
+            assert_eq!((args.command, args.json), (command, false));
+            assert_eq!(args.paths, Paths::default());
+        }
+        assert_eq!(run_args(&["check", "--from", "/m"]).from, Some("/m".into()));
+    }
+
+    #[test]
+    fn help_wins_as_soon_as_it_is_seen() {
+        assert_eq!(parse(&["-h"]).expect("help"), Parsed::Help);
+        assert_eq!(parse(&["--help", "--bogus"]).expect("help"), Parsed::Help);
+        assert_eq!(parse(&["nonsense", "--help"]).expect("help"), Parsed::Help);
+        assert!(parse(&["--bogus", "-h"]).is_err());
+    }
+
+    #[test]
+    fn bad_command_lines_are_errors_with_the_usage() {
+        for (args, message) in [
+            (&[][..], "no command given"),
+            (&["--json"], "no command given"),
+            (&["status", "--bogus"], "unknown argument `--bogus`"),
+            (&["status", "check"], "unknown argument `check`"),
+            (&["--disk"], "--disk needs a value"),
+            (&["apply", "--from"], "--from needs a value"),
+            (
+                &["status", "--from", "/m"],
+                "--from is only for apply and check",
+            ),
+            (
+                &["daemon", "--from", "/m"],
+                "--from is only for apply and check",
+            ),
+            (&["frobnicate"], "unknown command `frobnicate`"),
+        ] {
+            let err = parse(args).expect_err("refused");
+            let text = format!("{err:#}");
+            assert!(text.starts_with(message), "{args:?}: {text}");
+            assert!(text.ends_with(USAGE), "{args:?}: {text}");
+        }
+    }
+}
