@@ -13,8 +13,6 @@ use os_config::manifest::{
 use os_config::units::{Name, Sha256, Version};
 use sha2::{Digest, Sha256 as Hasher};
 
-use crate::cli::{KeygenArgs, PublishArgs};
-
 /// zstd level of published artifacts: a good ratio at a speed a build machine tolerates.
 pub const ZSTD_LEVEL: i32 = 10;
 /// Uncompressed size of each independent zstd frame of the root and verity artifacts: an
@@ -22,12 +20,12 @@ pub const ZSTD_LEVEL: i32 = 10;
 pub const FRAME_SIZE: usize = 16 << 20;
 
 /// `plinth keygen --out PREFIX`.
-pub fn keygen(args: &KeygenArgs) -> Result<()> {
-    let public = write_keypair(&args.out)?;
+pub fn keygen(out: &Path) -> Result<()> {
+    let public = write_keypair(out)?;
     println!("{public}");
     eprintln!(
         "wrote {0}.key (keep it secret) and {0}.pub; put the line above into [update] keys",
-        args.out.display()
+        out.display()
     );
     Ok(())
 }
@@ -70,8 +68,23 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
     SecretKey::parse(&text).with_context(|| format!("parsing key {}", path.display()))
 }
 
+/// What `plinth publish` is asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The image definition whose built disk image is published.
+    pub file: PathBuf,
+    /// Private key written by `plinth keygen`.
+    pub key: PathBuf,
+    /// Release folder.
+    pub to: PathBuf,
+    /// The built disk image; `None` is `out/<name>-<version>.raw`, built first if missing.
+    pub disk: Option<PathBuf>,
+    /// Staged rollout: spread machines over this window from now.
+    pub rollout: Option<os_config::units::Duration>,
+}
+
 /// `plinth publish FILE --key KEY --to DIR [--disk IMAGE]`.
-pub fn publish(args: &PublishArgs) -> Result<()> {
+pub fn publish(args: &Options) -> Result<()> {
     let def = crate::build::load_definition(&args.file)?;
     let disk = args.disk.clone().unwrap_or_else(|| {
         PathBuf::from("out").join(format!("{}-{}.raw", def.image.name, def.image.version))
@@ -92,7 +105,7 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
             disk.display(),
             args.file.display()
         );
-        let build = crate::cli::BuildArgs {
+        let build = crate::build::Options {
             file: args.file.clone(),
             output: disk
                 .parent()
@@ -100,8 +113,8 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
             format: vec!["raw".to_owned()],
             init: std::env::var_os("PLINTH_INIT").map(PathBuf::from),
             keep_tree: None,
-            cache: crate::cli::CacheArgs {
-                cache_dir: std::env::var_os("PLINTH_CACHE_DIR").map(PathBuf::from),
+            cache: crate::cache::Options {
+                dir: std::env::var_os("PLINTH_CACHE_DIR").map(PathBuf::from),
                 offline: false,
             },
         };
