@@ -6,6 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use os_config::boot::Entry;
 use os_config::manifest::{
     self, Artifact, Artifacts, Frame, Manifest, PublicKey, SecretKey, VeritySuperblock,
     VERITY_BLOCK_SIZE,
@@ -223,25 +224,31 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let root_hash = compute_root_hash(&mut disk, &root, &verity, &sb)
         .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
 
-    let (kernel, initrd, entry_options) = read_esp(&mut disk, &esp).with_context(|| {
+    let (kernel, initrd, entry_text) = read_esp(&mut disk, &esp).with_context(|| {
         format!(
             "reading slot a files from the ESP of {}",
             disk_path.display()
         )
     })?;
-    let cmdline = match entry_options {
-        Some(options) => {
-            let (hash, rest) = split_options(&options);
-            if let Some(hash) = hash {
-                if hash != hex::encode(root_hash) {
-                    bail!(
-                        "boot entry of slot a in {} names root hash {hash}, but the verity tree gives {}",
-                        disk_path.display(),
-                        hex::encode(root_hash)
-                    );
-                }
+    let cmdline = match entry_text {
+        Some(text) => {
+            let entry = Entry::parse(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| {
+                    format!(
+                        "reading the boot entry of slot a in {}",
+                        disk_path.display()
+                    )
+                })?;
+            let hash = &entry.root_hash;
+            if !hash.is_empty() && *hash != hex::encode(root_hash) {
+                bail!(
+                    "boot entry of slot a in {} names root hash {hash}, but the verity tree gives {}",
+                    disk_path.display(),
+                    hex::encode(root_hash)
+                );
             }
-            rest
+            release_cmdline(&entry)
         }
         None => release.cmdline.to_vec(),
     };
@@ -392,7 +399,7 @@ fn compute_root_hash(
     Ok(manifest::verity_hash(&sb.salt, &block))
 }
 
-/// Reads slot A's kernel, initrd and entry options from the FAT ESP.
+/// Reads slot A's kernel, initrd and boot entry text from the FAT ESP.
 fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, Option<String>)> {
     let region = crate::disk::slice::Slice::new(disk, esp.start, esp.size);
     let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).context("opening FAT")?;
@@ -406,7 +413,7 @@ fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, O
     };
     let kernel = read("plinth/a/vmlinuz")?;
     let initrd = read("plinth/a/initrd")?;
-    let mut options = None;
+    let mut entry_text = None;
     if let Ok(entries) = root.open_dir("loader/entries") {
         for entry in entries.iter() {
             let entry = entry.context("listing loader/entries on the ESP")?;
@@ -417,28 +424,21 @@ fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, O
                     .to_file()
                     .read_to_string(&mut text)
                     .with_context(|| format!("reading loader/entries/{name} on the ESP"))?;
-                options = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("options"))
-                    .map(|o| o.trim().to_owned());
+                entry_text = Some(text);
             }
         }
     }
-    Ok((kernel, initrd, options))
+    Ok((kernel, initrd, entry_text))
 }
 
-/// Splits entry options into the root hash Plinth set and the image's own arguments.
-fn split_options(options: &str) -> (Option<String>, Vec<String>) {
-    let mut hash = None;
-    let mut rest = Vec::new();
-    for word in options.split_whitespace() {
-        if let Some(h) = word.strip_prefix("plinth.roothash=") {
-            hash = Some(h.to_owned());
-        } else if !word.starts_with("plinth.slot=") && !word.starts_with("plinth.version=") {
-            rest.push(word.to_owned());
-        }
-    }
-    (hash, rest)
+/// The kernel arguments a release carries from the boot entry it was built with: everything but
+/// the slot, version and root hash, which the agent writes for the slot it installs into.
+fn release_cmdline(entry: &Entry) -> Vec<String> {
+    let verity_off = (!entry.verity).then(|| format!("{}=off", os_config::boot::ARG_VERITY));
+    verity_off
+        .into_iter()
+        .chain(entry.extra_args.iter().cloned())
+        .collect()
 }
 
 /// Compresses `reader` as one zstd frame into `DIR/artifacts/<sha256>.zst`, never replacing
@@ -634,10 +634,18 @@ mod tests {
 
     #[test]
     fn entry_options_split_off_plinth_arguments() {
-        let (hash, rest) = split_options(
-            "plinth.slot=a plinth.version=1 plinth.roothash=abcd console=ttyS0 quiet",
+        let entry = Entry::parse(
+            "options plinth.slot=a plinth.version=1 plinth.roothash=abcd console=ttyS0 quiet\n",
+        )
+        .expect("parses");
+        assert_eq!(entry.root_hash, "abcd");
+        assert_eq!(release_cmdline(&entry), ["console=ttyS0", "quiet"]);
+        let debug = Entry::parse("options plinth.slot=a plinth.verity=off console=ttyS0\n")
+            .expect("parses");
+        assert_eq!(debug.root_hash, "");
+        assert_eq!(
+            release_cmdline(&debug),
+            ["plinth.verity=off", "console=ttyS0"]
         );
-        assert_eq!(hash.as_deref(), Some("abcd"));
-        assert_eq!(rest, ["console=ttyS0", "quiet"]);
     }
 }

@@ -203,7 +203,7 @@ pub struct Entry {
     pub version: String,
     /// dm-verity root hash of the slot's root image (64 hex digits).
     pub root_hash: String,
-    /// Kernel arguments besides the `plinth.*` ones (the image's own).
+    /// Kernel arguments besides the `plinth.*` ones this entry sets (the image's own).
     pub extra_args: Vec<String>,
     /// Whether the root is opened through dm-verity (false only in debug images).
     pub verity: bool,
@@ -248,6 +248,8 @@ impl Entry {
     }
 
     /// Reads an entry file's text back (the slot, version and root hash come from the options line).
+    /// Every argument other than the four [`Entry::options`] writes is kept, in order, in
+    /// `extra_args`, so that `format` gives back the options it was read from.
     pub fn parse(text: &str) -> Result<Entry, String> {
         let options = text
             .lines()
@@ -262,7 +264,10 @@ impl Entry {
         })?;
         let extra_args = options
             .split_whitespace()
-            .filter(|a| !a.starts_with("plinth."))
+            .filter(|a| {
+                let key = a.split_once('=').map_or(*a, |(key, _)| key);
+                ![ARG_SLOT, ARG_VERSION, ARG_ROOTHASH, ARG_VERITY].contains(&key)
+            })
             .map(str::to_owned)
             .collect();
         Ok(Entry {
@@ -412,6 +417,23 @@ mod tests {
                 "title Plinth 1.0.0 (slot a)\nsort-key plinth\nversion 1.0.0\nlinux /plinth/a/vmlinuz\n\
                  initrd /plinth/a/initrd\noptions plinth.slot=a plinth.version=1.0.0 plinth.roothash={hash} console=ttyS0 quiet\n"
             )
+        );
+        assert_eq!(Entry::parse(&text), Ok(entry));
+    }
+
+    #[test]
+    fn entry_text_round_trips_with_verity_off_and_the_images_plinth_arguments() {
+        let entry = Entry {
+            slot: Slot::B,
+            version: "2".to_owned(),
+            root_hash: "cd".repeat(32),
+            extra_args: vec!["plinth.debug=1".to_owned(), "quiet".to_owned()],
+            verity: false,
+        };
+        let text = entry.format();
+        assert!(
+            text.contains(" plinth.verity=off plinth.debug=1 quiet\n"),
+            "{text}"
         );
         assert_eq!(Entry::parse(&text), Ok(entry));
     }
