@@ -11,24 +11,6 @@ use crate::progress::Step;
 /// builds of the same inputs are identical without any setup.
 pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_704_067_200;
 
-/// Modules the initramfs carries so stage 1 can find and mount root on the common virtual and
-/// physical disk controllers. Built-in ones are skipped.
-pub const INITRD_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_scsi",
-    "sd_mod",
-    "nvme",
-    "ahci",
-    "xen_blkfront",
-    "hv_storvsc",
-    "squashfs",
-    "erofs",
-    "dm_mod",
-    "dm_verity",
-    "ext4",
-];
-
 /// Reads and validates a definition file.
 pub fn load_definition(path: &Path) -> Result<Definition> {
     let source = std::fs::read_to_string(path)
@@ -179,7 +161,8 @@ pub fn build_image(args: &Options) -> Result<Built> {
 
     let modules_dir = tree.root.join("usr/lib/modules").join(&tree.kernel_version);
     let index = crate::rootfs::kmod::ModuleIndex::load(&modules_dir)?;
-    let wanted: Vec<&str> = INITRD_MODULES
+    // The initramfs modules stage 1 loads by name (built-in and absent ones skipped).
+    let wanted: Vec<&str> = os_config::initramfs::MODULES
         .iter()
         .copied()
         .filter(|m| !index.is_builtin(m) && index.contains(m))

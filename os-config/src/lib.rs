@@ -1,10 +1,12 @@
 //! The contract between the Plinth build host and the running OS: the image definition schema and
-//! its validation, the partition layout, boot-entry naming and the update manifest format.
-//! No I/O beyond parsing (except [`oracle`], the tests' reference tools, behind a feature).
+//! its validation, the partition layout, boot-entry naming, the initramfs module set and the
+//! update manifest format. No I/O beyond parsing (except [`oracle`], the tests' reference tools,
+//! behind a feature).
 
 pub mod boot;
 pub mod definition;
 pub mod diagnostic;
+pub mod initramfs;
 pub mod layout;
 pub mod manifest;
 #[cfg(feature = "oracles")]
