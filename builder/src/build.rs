@@ -5,30 +5,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use os_config::Definition;
 
-use crate::cli::{BuildArgs, CheckArgs};
 use crate::progress::Step;
 
 /// `SOURCE_DATE_EPOCH` used when the environment sets none: 2024-01-01T00:00:00Z, so that two
 /// builds of the same inputs are identical without any setup.
 pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_704_067_200;
-
-/// Modules the initramfs carries so stage 1 can find and mount root on the common virtual and
-/// physical disk controllers. Built-in ones are skipped.
-pub const INITRD_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_scsi",
-    "sd_mod",
-    "nvme",
-    "ahci",
-    "xen_blkfront",
-    "hv_storvsc",
-    "squashfs",
-    "erofs",
-    "dm_mod",
-    "dm_verity",
-    "ext4",
-];
 
 /// Reads and validates a definition file.
 pub fn load_definition(path: &Path) -> Result<Definition> {
@@ -38,11 +19,11 @@ pub fn load_definition(path: &Path) -> Result<Definition> {
 }
 
 /// `plinth check FILE`.
-pub fn check(args: &CheckArgs) -> Result<()> {
-    let def = load_definition(&args.file)?;
+pub fn check(file: &Path) -> Result<()> {
+    let def = load_definition(file)?;
     println!(
         "{}: ok ({} {}, {} container(s), {} file(s))",
-        args.file.display(),
+        file.display(),
         def.image.name,
         def.image.version,
         def.containers.len(),
@@ -103,6 +84,23 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// What to build and where to write it.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The image definition to build.
+    pub file: PathBuf,
+    /// Folder the outputs are written to.
+    pub output: PathBuf,
+    /// Output formats: raw, qcow2, vhd, vmdk (raw is always written).
+    pub format: Vec<String>,
+    /// Static plinth-init binary to put in the image; `None` looks for it (see [`find_init`]).
+    pub init: Option<PathBuf>,
+    /// Also keep the assembled root tree in this folder.
+    pub keep_tree: Option<PathBuf>,
+    /// The download cache.
+    pub cache: crate::cache::Options,
+}
+
 /// Paths of a finished build.
 #[derive(Debug)]
 pub struct Built {
@@ -112,7 +110,7 @@ pub struct Built {
 }
 
 /// `plinth build FILE`.
-pub fn build(args: &BuildArgs) -> Result<()> {
+pub fn build(args: &Options) -> Result<()> {
     let built = build_image(args)?;
     for output in &built.outputs {
         println!("{}", output.display());
@@ -121,7 +119,7 @@ pub fn build(args: &BuildArgs) -> Result<()> {
 }
 
 /// Builds the image a definition describes; returns where it was written.
-pub fn build_image(args: &BuildArgs) -> Result<Built> {
+pub fn build_image(args: &Options) -> Result<Built> {
     let started = std::time::Instant::now();
     let def = load_definition(&args.file)?;
     let def_dir = args
@@ -163,7 +161,8 @@ pub fn build_image(args: &BuildArgs) -> Result<Built> {
 
     let modules_dir = tree.root.join("usr/lib/modules").join(&tree.kernel_version);
     let index = crate::rootfs::kmod::ModuleIndex::load(&modules_dir)?;
-    let wanted: Vec<&str> = INITRD_MODULES
+    // The initramfs modules stage 1 loads by name (built-in and absent ones skipped).
+    let wanted: Vec<&str> = os_config::initramfs::MODULES
         .iter()
         .copied()
         .filter(|m| !index.is_builtin(m) && index.contains(m))
@@ -230,7 +229,7 @@ fn install_container_images(
     def: &Definition,
     def_dir: &Path,
     tree: &crate::rootfs::Tree,
-    cache: &crate::cli::CacheArgs,
+    cache: &crate::cache::Options,
     epoch: u64,
 ) -> Result<()> {
     for container in &def.containers {

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::cli::CacheArgs;
 use crate::fetch::{self, FetchError};
 use crate::progress::Bytes;
 
@@ -34,6 +33,15 @@ pub enum CacheError {
     },
 }
 
+/// Where the cache is and whether the network may be used, as a command asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Folder of the cache; `None` is `$XDG_CACHE_HOME/plinth`, else `~/.cache/plinth`.
+    pub dir: Option<PathBuf>,
+    /// Use only what the cache (and local files) hold, never the network.
+    pub offline: bool,
+}
+
 /// The cache folder and whether the network may be used.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -44,12 +52,12 @@ pub struct Cache {
 impl Cache {
     /// Opens (creating if needed) the cache named by `--cache-dir`/`PLINTH_CACHE_DIR`, else
     /// `$XDG_CACHE_HOME/plinth`, else `~/.cache/plinth`.
-    pub fn open(args: &CacheArgs) -> Result<Cache> {
-        let dir = match &args.cache_dir {
+    pub fn open(options: &Options) -> Result<Cache> {
+        let dir = match &options.dir {
             Some(dir) => dir.clone(),
             None => default_dir()?,
         };
-        Cache::at(dir, args.offline)
+        Cache::at(dir, options.offline)
     }
 
     /// Opens (creating if needed) the cache in `dir`.
@@ -270,7 +278,7 @@ pub fn fetch_verified(
     url_or_path: &str,
     sha256: &str,
     size: Option<u64>,
-    cache: &CacheArgs,
+    cache: &Options,
 ) -> Result<PathBuf> {
     Cache::open(cache)?.fetch(url_or_path, sha256, size, None)
 }

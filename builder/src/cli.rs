@@ -161,15 +161,78 @@ pub struct ServeConnectionArgs {
 /// Runs the command the user asked for.
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Check(args) => crate::build::check(&args),
-        Command::Lock(args) => crate::debian::lock_command(&args),
-        Command::Build(args) => crate::build::build(&args),
-        Command::Run(args) => crate::qemu::run(&args),
-        Command::Inspect(args) => crate::inspect::inspect(&args),
-        Command::Verify(args) => crate::inspect::verify(&args),
-        Command::Keygen(args) => crate::publish::keygen(&args),
-        Command::Publish(args) => crate::publish::publish(&args),
-        Command::ServeConnection(args) => crate::serve::serve_stdio(&args),
+        Command::Check(args) => crate::build::check(&args.file),
+        Command::Lock(args) => crate::debian::lock_command(&args.into()),
+        Command::Build(args) => crate::build::build(&args.into()),
+        Command::Run(args) => crate::qemu::run(&args.into()),
+        Command::Inspect(args) => crate::inspect::inspect(
+            &args.disk,
+            crate::inspect::Options {
+                json: args.json,
+                verify: args.verify,
+            },
+        ),
+        Command::Verify(args) => crate::inspect::verify(&args.disk),
+        Command::Keygen(args) => crate::publish::keygen(&args.out),
+        Command::Publish(args) => crate::publish::publish(&args.into()),
+        Command::ServeConnection(args) => crate::serve::serve_stdio(&args.dir),
+    }
+}
+
+impl From<CacheArgs> for crate::cache::Options {
+    fn from(args: CacheArgs) -> Self {
+        crate::cache::Options {
+            dir: args.cache_dir,
+            offline: args.offline,
+        }
+    }
+}
+
+impl From<LockArgs> for crate::debian::LockOptions {
+    fn from(args: LockArgs) -> Self {
+        crate::debian::LockOptions {
+            file: args.file,
+            update: args.update,
+            cache: args.cache.into(),
+        }
+    }
+}
+
+impl From<BuildArgs> for crate::build::Options {
+    fn from(args: BuildArgs) -> Self {
+        crate::build::Options {
+            file: args.file,
+            output: args.output,
+            format: args.format,
+            init: args.init,
+            keep_tree: args.keep_tree,
+            cache: args.cache.into(),
+        }
+    }
+}
+
+impl From<RunArgs> for crate::qemu::RunOptions {
+    fn from(args: RunArgs) -> Self {
+        crate::qemu::RunOptions {
+            disk: args.disk,
+            accel: args.accel,
+            mem: args.mem,
+            forwards: args.forwards,
+            snapshot: args.snapshot,
+            serve: args.serve,
+        }
+    }
+}
+
+impl From<PublishArgs> for crate::publish::Options {
+    fn from(args: PublishArgs) -> Self {
+        crate::publish::Options {
+            file: args.file,
+            key: args.key,
+            to: args.to,
+            disk: args.disk,
+            rollout: args.rollout,
+        }
     }
 }
 

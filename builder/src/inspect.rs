@@ -10,7 +10,6 @@ use os_config::boot::{Entry, EntryName, ENTRIES_DIR};
 use os_config::layout::{self, Slot};
 use serde::Serialize;
 
-use crate::cli::{InspectArgs, VerifyArgs};
 use crate::disk::esp::EspReader;
 use crate::disk::gpt::{read_gpt, ReadPartition};
 use crate::disk::slice::{ReadOnly, Slice};
@@ -67,13 +66,22 @@ pub struct EntryInfo {
     pub options: Option<String>,
 }
 
+/// How `plinth inspect` reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Print JSON for scripts instead of a table.
+    pub json: bool,
+    /// Also check every slot's root against its dm-verity tree and root hash.
+    pub verify: bool,
+}
+
 /// Runs `plinth inspect`.
-pub fn inspect(args: &InspectArgs) -> Result<()> {
-    let mut info = inspect_disk(&args.disk)?;
-    if args.verify {
-        verify_slots(&args.disk, &mut info)?;
+pub fn inspect(disk: &Path, options: Options) -> Result<()> {
+    let mut info = inspect_disk(disk)?;
+    if options.verify {
+        verify_slots(disk, &mut info)?;
     }
-    if args.json {
+    if options.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&info).context("formatting JSON")?
@@ -87,9 +95,9 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
 /// Runs `plinth verify`: checks every slot that has a boot entry against its verity tree and
 /// root hash, prints one line per slot, and fails naming the first changed block of any slot
 /// that does not match (or when no slot has a boot entry to check).
-pub fn verify(args: &VerifyArgs) -> Result<()> {
-    let mut info = inspect_disk(&args.disk)?;
-    verify_slots(&args.disk, &mut info)?;
+pub fn verify(disk: &Path) -> Result<()> {
+    let mut info = inspect_disk(disk)?;
+    verify_slots(disk, &mut info)?;
     let mut checked = 0;
     for slot in &info.slots {
         match (&slot.verity_check, &slot.root_hash) {
@@ -103,7 +111,7 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
     if checked == 0 {
         bail!(
             "{} has no boot entry for any slot: nothing to verify",
-            args.disk.display()
+            disk.display()
         );
     }
     check_verdicts(&info)

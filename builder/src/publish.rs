@@ -6,14 +6,13 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use os_config::boot::Entry;
 use os_config::manifest::{
     self, Artifact, Artifacts, Frame, Manifest, PublicKey, SecretKey, VeritySuperblock,
     VERITY_BLOCK_SIZE,
 };
 use os_config::units::{Name, Sha256, Version};
 use sha2::{Digest, Sha256 as Hasher};
-
-use crate::cli::{KeygenArgs, PublishArgs};
 
 /// zstd level of published artifacts: a good ratio at a speed a build machine tolerates.
 pub const ZSTD_LEVEL: i32 = 10;
@@ -22,12 +21,12 @@ pub const ZSTD_LEVEL: i32 = 10;
 pub const FRAME_SIZE: usize = 16 << 20;
 
 /// `plinth keygen --out PREFIX`.
-pub fn keygen(args: &KeygenArgs) -> Result<()> {
-    let public = write_keypair(&args.out)?;
+pub fn keygen(out: &Path) -> Result<()> {
+    let public = write_keypair(out)?;
     println!("{public}");
     eprintln!(
         "wrote {0}.key (keep it secret) and {0}.pub; put the line above into [update] keys",
-        args.out.display()
+        out.display()
     );
     Ok(())
 }
@@ -70,8 +69,23 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
     SecretKey::parse(&text).with_context(|| format!("parsing key {}", path.display()))
 }
 
+/// What `plinth publish` is asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The image definition whose built disk image is published.
+    pub file: PathBuf,
+    /// Private key written by `plinth keygen`.
+    pub key: PathBuf,
+    /// Release folder.
+    pub to: PathBuf,
+    /// The built disk image; `None` is `out/<name>-<version>.raw`, built first if missing.
+    pub disk: Option<PathBuf>,
+    /// Staged rollout: spread machines over this window from now.
+    pub rollout: Option<os_config::units::Duration>,
+}
+
 /// `plinth publish FILE --key KEY --to DIR [--disk IMAGE]`.
-pub fn publish(args: &PublishArgs) -> Result<()> {
+pub fn publish(args: &Options) -> Result<()> {
     let def = crate::build::load_definition(&args.file)?;
     let disk = args.disk.clone().unwrap_or_else(|| {
         PathBuf::from("out").join(format!("{}-{}.raw", def.image.name, def.image.version))
@@ -92,7 +106,7 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
             disk.display(),
             args.file.display()
         );
-        let build = crate::cli::BuildArgs {
+        let build = crate::build::Options {
             file: args.file.clone(),
             output: disk
                 .parent()
@@ -100,8 +114,8 @@ pub fn publish(args: &PublishArgs) -> Result<()> {
             format: vec!["raw".to_owned()],
             init: std::env::var_os("PLINTH_INIT").map(PathBuf::from),
             keep_tree: None,
-            cache: crate::cli::CacheArgs {
-                cache_dir: std::env::var_os("PLINTH_CACHE_DIR").map(PathBuf::from),
+            cache: crate::cache::Options {
+                dir: std::env::var_os("PLINTH_CACHE_DIR").map(PathBuf::from),
                 offline: false,
             },
         };
@@ -210,25 +224,31 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let root_hash = compute_root_hash(&mut disk, &root, &verity, &sb)
         .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
 
-    let (kernel, initrd, entry_options) = read_esp(&mut disk, &esp).with_context(|| {
+    let (kernel, initrd, entry_text) = read_esp(&mut disk, &esp).with_context(|| {
         format!(
             "reading slot a files from the ESP of {}",
             disk_path.display()
         )
     })?;
-    let cmdline = match entry_options {
-        Some(options) => {
-            let (hash, rest) = split_options(&options);
-            if let Some(hash) = hash {
-                if hash != hex::encode(root_hash) {
-                    bail!(
-                        "boot entry of slot a in {} names root hash {hash}, but the verity tree gives {}",
-                        disk_path.display(),
-                        hex::encode(root_hash)
-                    );
-                }
+    let cmdline = match entry_text {
+        Some(text) => {
+            let entry = Entry::parse(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| {
+                    format!(
+                        "reading the boot entry of slot a in {}",
+                        disk_path.display()
+                    )
+                })?;
+            let hash = &entry.root_hash;
+            if !hash.is_empty() && *hash != hex::encode(root_hash) {
+                bail!(
+                    "boot entry of slot a in {} names root hash {hash}, but the verity tree gives {}",
+                    disk_path.display(),
+                    hex::encode(root_hash)
+                );
             }
-            rest
+            release_cmdline(&entry)
         }
         None => release.cmdline.to_vec(),
     };
@@ -379,7 +399,7 @@ fn compute_root_hash(
     Ok(manifest::verity_hash(&sb.salt, &block))
 }
 
-/// Reads slot A's kernel, initrd and entry options from the FAT ESP.
+/// Reads slot A's kernel, initrd and boot entry text from the FAT ESP.
 fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, Option<String>)> {
     let region = crate::disk::slice::Slice::new(disk, esp.start, esp.size);
     let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).context("opening FAT")?;
@@ -393,7 +413,7 @@ fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, O
     };
     let kernel = read("plinth/a/vmlinuz")?;
     let initrd = read("plinth/a/initrd")?;
-    let mut options = None;
+    let mut entry_text = None;
     if let Ok(entries) = root.open_dir("loader/entries") {
         for entry in entries.iter() {
             let entry = entry.context("listing loader/entries on the ESP")?;
@@ -404,28 +424,21 @@ fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, O
                     .to_file()
                     .read_to_string(&mut text)
                     .with_context(|| format!("reading loader/entries/{name} on the ESP"))?;
-                options = text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("options"))
-                    .map(|o| o.trim().to_owned());
+                entry_text = Some(text);
             }
         }
     }
-    Ok((kernel, initrd, options))
+    Ok((kernel, initrd, entry_text))
 }
 
-/// Splits entry options into the root hash Plinth set and the image's own arguments.
-fn split_options(options: &str) -> (Option<String>, Vec<String>) {
-    let mut hash = None;
-    let mut rest = Vec::new();
-    for word in options.split_whitespace() {
-        if let Some(h) = word.strip_prefix("plinth.roothash=") {
-            hash = Some(h.to_owned());
-        } else if !word.starts_with("plinth.slot=") && !word.starts_with("plinth.version=") {
-            rest.push(word.to_owned());
-        }
-    }
-    (hash, rest)
+/// The kernel arguments a release carries from the boot entry it was built with: everything but
+/// the slot, version and root hash, which the agent writes for the slot it installs into.
+fn release_cmdline(entry: &Entry) -> Vec<String> {
+    let verity_off = (!entry.verity).then(|| format!("{}=off", os_config::boot::ARG_VERITY));
+    verity_off
+        .into_iter()
+        .chain(entry.extra_args.iter().cloned())
+        .collect()
 }
 
 /// Compresses `reader` as one zstd frame into `DIR/artifacts/<sha256>.zst`, never replacing
@@ -621,10 +634,18 @@ mod tests {
 
     #[test]
     fn entry_options_split_off_plinth_arguments() {
-        let (hash, rest) = split_options(
-            "plinth.slot=a plinth.version=1 plinth.roothash=abcd console=ttyS0 quiet",
+        let entry = Entry::parse(
+            "options plinth.slot=a plinth.version=1 plinth.roothash=abcd console=ttyS0 quiet\n",
+        )
+        .expect("parses");
+        assert_eq!(entry.root_hash, "abcd");
+        assert_eq!(release_cmdline(&entry), ["console=ttyS0", "quiet"]);
+        let debug = Entry::parse("options plinth.slot=a plinth.verity=off console=ttyS0\n")
+            .expect("parses");
+        assert_eq!(debug.root_hash, "");
+        assert_eq!(
+            release_cmdline(&debug),
+            ["plinth.verity=off", "console=ttyS0"]
         );
-        assert_eq!(hash.as_deref(), Some("abcd"));
-        assert_eq!(rest, ["console=ttyS0", "quiet"]);
     }
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::RunArgs;
 use crate::{serve, tools};
 
 /// OVMF firmware code (read-only flash), from Debian's `ovmf`.
@@ -207,8 +206,25 @@ pub fn vars_for(disk: &Path) -> Result<PathBuf> {
     Ok(vars)
 }
 
+/// What `plinth run` is asked to boot, as the user wrote it (checked by [`run`]).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The disk image to boot (raw or qcow2).
+    pub disk: PathBuf,
+    /// Accelerator: `tcg`, `kvm`, or `auto` (kvm, falling back to tcg when the guest stays silent).
+    pub accel: String,
+    /// Guest memory, in MiB.
+    pub mem: u32,
+    /// Forwarded ports, each `HOST:GUEST` (see [`parse_forward`]).
+    pub forwards: Vec<String>,
+    /// Boot a throw-away copy-on-write overlay instead of the disk itself.
+    pub snapshot: bool,
+    /// Release folder served to the guest at [`serve::GUEST_URL`].
+    pub serve: Option<PathBuf>,
+}
+
 /// Runs `plinth run`.
-pub fn run(args: &RunArgs) -> Result<()> {
+pub fn run(args: &RunOptions) -> Result<()> {
     if !["tcg", "kvm", "auto"].contains(&args.accel.as_str()) {
         bail!("--accel `{}`: use tcg, kvm or auto", args.accel);
     }
@@ -402,7 +418,7 @@ mod tests {
 
     #[test]
     fn bad_run_arguments_are_named_before_anything_starts() {
-        let args = |disk: &str, accel: &str, forward: &str| RunArgs {
+        let args = |disk: &str, accel: &str, forward: &str| RunOptions {
             disk: PathBuf::from(disk),
             accel: accel.to_owned(),
             mem: 512,

@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::ServeConnectionArgs;
-
 /// Address and port the guest connects to.
 pub const GUEST_ADDR: &str = "10.0.2.100:8000";
 /// The `[update] url` of an image whose releases `plinth run --serve` serves.
@@ -62,7 +60,7 @@ pub fn release_folder(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Runs the hidden `plinth serve-connection DIR` that QEMU starts for one guest connection.
-pub fn serve_stdio(args: &ServeConnectionArgs) -> Result<()> {
+pub fn serve_stdio(dir: &Path) -> Result<()> {
     // QEMU passes the connection as standard error too: an error message written there would
     // reach the guest as response bytes, so standard error goes to /dev/null.
     let null = File::options()
@@ -71,8 +69,8 @@ pub fn serve_stdio(args: &ServeConnectionArgs) -> Result<()> {
         .context("opening /dev/null")?;
     rustix::stdio::dup2_stderr(&null).context("pointing standard error at /dev/null")?;
     let output = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
-    serve_connection(&args.dir, io::stdin().lock(), output)
-        .with_context(|| format!("serving {}", args.dir.display()))
+    serve_connection(dir, io::stdin().lock(), output)
+        .with_context(|| format!("serving {}", dir.display()))
 }
 
 /// Answers the HTTP/1.1 requests arriving on one connection (`input`, `output`) with the files

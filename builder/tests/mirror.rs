@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use builder::cache::Cache;
-use builder::cli::{CacheArgs, LockArgs};
 use builder::debian::{self, lock, sources, Lockfile};
 use os_config::Definition;
 use sha2::{Digest, Sha256};
@@ -335,15 +334,15 @@ impl Fixture {
         Definition::parse("img.toml", &text).expect("definition")
     }
 
-    fn cache_args(&self, offline: bool) -> CacheArgs {
-        CacheArgs {
-            cache_dir: Some(self.work.path().join("cache")),
+    fn cache_args(&self, offline: bool) -> builder::cache::Options {
+        builder::cache::Options {
+            dir: Some(self.work.path().join("cache")),
             offline,
         }
     }
 
     fn lock(&self, update: bool) -> anyhow::Result<()> {
-        debian::lock_command(&LockArgs {
+        debian::lock_command(&debian::LockOptions {
             file: self.def_path(),
             update,
             cache: self.cache_args(false),

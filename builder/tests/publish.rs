@@ -5,7 +5,6 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use builder::cli::PublishArgs;
 use builder::disk::slice::Slice;
 use builder::publish::{self, Release};
 use os_config::manifest::{self, Manifest, SecretKey};
@@ -251,7 +250,7 @@ fn publish_without_a_built_disk_says_to_build_first() {
     fs::write(&def, "[image]\nname = \"demo\"\nversion = \"1.0\"\n").expect("definition");
     let prefix = tmp.path().join("release");
     publish::write_keypair(&prefix).expect("keygen");
-    let args = PublishArgs {
+    let args = publish::Options {
         file: def,
         key: prefix.with_extension("key"),
         to: tmp.path().join("out"),

@@ -15,20 +15,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Modules stage 1 loads by name when the kernel has them as modules (disk controllers, root
-/// filesystems, device-mapper). Others are found by coldplug.
-pub const MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_scsi",
-    "sd_mod",
-    "nvme",
-    "ahci",
-    "squashfs",
-    "erofs",
-    "ext4",
-    "dm_mod",
-    "dm_verity",
-];
+/// filesystems, device-mapper): the set the builder packs into the initramfs. Others are found by
+/// coldplug.
+pub const MODULES: &[&str] = os_config::initramfs::MODULES;
 
 /// Name of the device-mapper device of the verified root.
 pub const DM_NAME: &str = "root";

@@ -461,7 +461,7 @@ impl Machine {
 
 /// GPT (esp, root-a, verity-a, root-b, verity-b, state) with release `c` as version 1 in slot A.
 fn make_disk(path: &Path, c: &Content) {
-    let size = 64 * MIB;
+    let size = 96 * MIB;
     fs::File::create(path)
         .and_then(|f| f.set_len(size))
         .expect("disk file");
@@ -478,7 +478,8 @@ fn make_disk(path: &Path, c: &Content) {
         .create_from_device(&mut file, Some(uuid::Uuid::from_u128(7)))
         .expect("gpt");
     for (name, size) in [
-        ("esp", 20 * MIB),
+        // FAT32, as the builder writes it, needs at least 33 MiB.
+        ("esp", 40 * MIB),
         ("root-a", 4 * MIB),
         ("verity-a", MIB),
         ("root-b", 4 * MIB),
@@ -497,44 +498,34 @@ fn make_disk(path: &Path, c: &Content) {
             .write_all(data)
             .expect("write");
     }
+    // The ESP as the builder writes it: its own FAT32 writer, version 1 in slot A.
     let esp = disk.partition("esp").expect("esp");
-    let mut region = disk.region(&esp).expect("region");
-    fatfs::format_volume(&mut region, fatfs::FormatVolumeOptions::new()).expect("format");
-    disk.sync().expect("sync");
-    // Folders come from mtools: fatfs 0.3 writes long-name entries before `.` and `..`, which
-    // fsck.vfat rejects. The builder lays out the same folders.
-    let status = Command::new("mmd")
-        .arg("-i")
-        .arg(format!("{}@@{}", path.display(), esp.start))
-        .args([
-            "::plinth",
-            "::plinth/a",
-            "::plinth/b",
-            "::loader",
-            "::loader/entries",
-        ])
-        .status()
-        .expect("mmd must be installed (mtools)");
-    assert!(status.success(), "mmd failed");
-    let esp = Esp::open(disk.region(&esp).expect("region")).expect("fat");
-    esp.write_file("plinth/a/vmlinuz", &c.kernel)
-        .expect("kernel");
-    esp.write_file("plinth/a/initrd", &c.initrd)
-        .expect("initrd");
-    esp.write_file(
-        "loader/entries/plinth-a-1.conf",
-        os_config::boot::Entry {
-            slot: Slot::A,
-            version: "1".to_owned(),
-            root_hash: c.root_hash.clone(),
-            extra_args: Vec::new(),
-            verity: true,
-        }
-        .format()
-        .as_bytes(),
+    let entry = os_config::boot::Entry {
+        slot: Slot::A,
+        version: "1".to_owned(),
+        root_hash: c.root_hash.clone(),
+        extra_args: Vec::new(),
+        verity: true,
+    };
+    let file = |path: String, data: &[u8]| builder::disk::esp::EspFile {
+        path,
+        data: data.to_vec(),
+    };
+    builder::disk::esp::write_esp(
+        disk.region(&esp).expect("region"),
+        0x1234_5678,
+        builder::build::DEFAULT_SOURCE_DATE_EPOCH,
+        &builder::disk::esp::folders(),
+        &[
+            file(os_config::boot::Entry::kernel_path(Slot::A), &c.kernel),
+            file(os_config::boot::Entry::initrd_path(Slot::A), &c.initrd),
+            file(
+                os_config::boot::EntryName::good(Slot::A, "1").esp_path(),
+                entry.format().as_bytes(),
+            ),
+        ],
     )
-    .expect("entry");
-    esp.close().expect("close");
+    .expect("esp");
     disk.sync().expect("sync");
 }
 

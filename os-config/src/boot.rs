@@ -204,7 +204,7 @@ pub struct Entry {
     pub version: String,
     /// dm-verity root hash of the slot's root image (64 hex digits).
     pub root_hash: String,
-    /// Kernel arguments besides the `plinth.*` ones (the image's own).
+    /// Kernel arguments besides the `plinth.*` ones this entry sets (the image's own).
     pub extra_args: Vec<String>,
     /// Whether the root is opened through dm-verity (false only in debug images).
     pub verity: bool,
@@ -249,6 +249,8 @@ impl Entry {
     }
 
     /// Reads an entry file's text back (the slot, version and root hash come from the options line).
+    /// Every argument other than the four [`Entry::options`] writes is kept, in order, in
+    /// `extra_args`, so that `format` gives back the options it was read from.
     pub fn parse(text: &str) -> Result<Entry, String> {
         let options = text
             .lines()
@@ -264,7 +266,9 @@ impl Entry {
         let extra_args = Cmdline::parse(options)
             .args()
             .iter()
-            .filter(|(key, _)| !key.starts_with("plinth."))
+            .filter(|(key, _)| {
+                ![ARG_SLOT, ARG_VERSION, ARG_ROOTHASH, ARG_VERITY].contains(&key.as_str())
+            })
             .map(|(key, value)| crate::cmdline::format_arg(key, value.as_deref()))
             .collect();
         Ok(Entry {
@@ -469,6 +473,23 @@ mod tests {
             verity: false,
         };
         assert_eq!(Entry::parse(&entry.format()), Ok(entry));
+    }
+
+    #[test]
+    fn entry_text_round_trips_with_verity_off_and_the_images_plinth_arguments() {
+        let entry = Entry {
+            slot: Slot::B,
+            version: "2".to_owned(),
+            root_hash: "cd".repeat(32),
+            extra_args: vec!["plinth.debug=1".to_owned(), "quiet".to_owned()],
+            verity: false,
+        };
+        let text = entry.format();
+        assert!(
+            text.contains(" plinth.verity=off plinth.debug=1 quiet\n"),
+            "{text}"
+        );
+        assert_eq!(Entry::parse(&text), Ok(entry));
     }
 
     #[test]

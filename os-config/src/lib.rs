@@ -1,15 +1,17 @@
 //! The contract between the Plinth build host and the running OS: the image definition schema and
 //! its validation, the partition layout and verity superblock, boot entries and the boot record,
-//! the kernel command line, the `PLINTH-STATUS` line and the update manifest format.
-//! No I/O beyond parsing (except [`oracle`], the tests' reference tools, behind a feature).
+//! the kernel command line, the `PLINTH-STATUS` line, the initramfs module set and the update
+//! manifest format. No I/O beyond parsing (except [`oracle`], the tests' reference tools, for
+//! tests only).
 
 pub mod boot;
 pub mod cmdline;
 pub mod definition;
 pub mod diagnostic;
+pub mod initramfs;
 pub mod layout;
 pub mod manifest;
-#[cfg(feature = "oracles")]
+#[cfg(any(test, feature = "oracles"))]
 pub mod oracle;
 pub mod slice;
 pub mod status;

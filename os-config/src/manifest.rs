@@ -658,6 +658,43 @@ mod tests {
         assert_eq!(verity_levels(129), vec![(2, 2), (1, 1)]);
         assert_eq!(verity_size(129), 4 * 4096);
         assert_eq!(verity_levels(16384 + 1), vec![(4, 129), (2, 2), (1, 1)]);
+
+        // The same sizes, and where each level lies, read from what `veritysetup format` wrote:
+        // every level holds the salted hashes of the blocks below it (level 0: the data), zero
+        // padded, and the root hash is the hash of the one top block.
+        let salt_hex = "0123456789abcdef";
+        let salt = hex::decode(salt_hex).expect("hex salt");
+        let size = VERITY_BLOCK_SIZE as usize;
+        for blocks in [1u64, 2, 128, 129, 16384 + 1] {
+            let mut data = vec![0u8; blocks as usize * size];
+            for (i, block) in data.chunks_mut(size).enumerate() {
+                block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            }
+            let oracle = crate::oracle::veritysetup_format(&data, Some(salt_hex), None);
+            let device = &oracle.hash_device;
+            assert_eq!(device.len() as u64, verity_size(blocks), "{blocks} blocks");
+            let sb = VeritySuperblock::parse(device).expect("veritysetup's superblock parses");
+            assert_eq!(sb.data_blocks, blocks);
+            assert_eq!(sb.salt, salt);
+            let mut below: Vec<&[u8]> = data.chunks(size).collect();
+            for (position, count) in verity_levels(blocks) {
+                let (start, end) = (position as usize * size, (position + count) as usize * size);
+                let mut expected: Vec<u8> =
+                    below.iter().flat_map(|b| verity_hash(&salt, b)).collect();
+                expected.resize(end - start, 0);
+                assert!(
+                    device[start..end] == expected[..],
+                    "{blocks} blocks: the level at block {position} ({count} blocks) differs"
+                );
+                below = device[start..end].chunks(size).collect();
+            }
+            assert_eq!(below.len(), 1, "{blocks} blocks: one top block");
+            assert_eq!(
+                hex::encode(verity_hash(&salt, below[0])),
+                oracle.root_hash,
+                "{blocks} blocks"
+            );
+        }
     }
 
     #[test]

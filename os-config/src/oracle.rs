@@ -1,5 +1,5 @@
-//! Reference tools as test oracles, shared by the workspace's tests (feature `oracles`, enabled
-//! only through dev-dependencies). They panic with the package to install when a tool is missing:
+//! Reference tools as test oracles, shared by the workspace's tests (this crate's own, and others'
+//! through the feature `oracles`, enabled only in dev-dependencies). They panic with the package to install when a tool is missing:
 //! a test that needs an oracle fails, it does not skip.
 
 use std::process::Command;
@@ -45,5 +45,33 @@ pub fn veritysetup_format(data: &[u8], salt: Option<&str>, uuid: Option<&str>) -
     VerityFormat {
         root_hash,
         hash_device: std::fs::read(&hash_path).expect("reading veritysetup's hash device"),
+    }
+}
+
+/// How `dpkg --compare-versions` orders Debian versions `a` and `b`.
+pub fn dpkg_compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    // Exit status 0: the relation holds; 1: it does not; anything else: dpkg refused. Its
+    // warnings (a version not starting with a digit) are kept out of the test output.
+    let holds = |relation: &str| -> bool {
+        let out = Command::new("dpkg")
+            .args(["--compare-versions", a, relation, b])
+            .output()
+            .expect("dpkg runs (the test needs the Debian package manager)");
+        match out.status.code() {
+            Some(0) => true,
+            Some(1) => false,
+            _ => panic!(
+                "dpkg --compare-versions {a} {relation} {b} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    };
+    if holds("lt") {
+        std::cmp::Ordering::Less
+    } else if holds("eq") {
+        std::cmp::Ordering::Equal
+    } else {
+        std::cmp::Ordering::Greater
     }
 }

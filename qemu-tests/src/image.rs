@@ -66,12 +66,10 @@ pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
                 "warning: {err:#}\nwarning: re-locking a copy of {} and building again",
                 definition.display()
             );
-            builder::cli::dispatch(builder::cli::Cli {
-                command: builder::cli::Command::Lock(builder::cli::LockArgs {
-                    file: def_copy.clone(),
-                    update: true,
-                    cache: args.cache.clone(),
-                }),
+            builder::debian::lock_command(&builder::debian::LockOptions {
+                file: def_copy.clone(),
+                update: true,
+                cache: args.cache.clone(),
             })?;
             builder::build::build_image(&args)
         }
@@ -123,7 +121,7 @@ fn inputs_key(def: &Path, lock: &Path, init: Option<&Path>) -> Result<String> {
 }
 
 /// The raw image of an earlier build from the same inputs, if it is still there.
-fn reusable(key_file: &Path, key: &str, args: &builder::cli::BuildArgs) -> Result<Option<PathBuf>> {
+fn reusable(key_file: &Path, key: &str, args: &builder::build::Options) -> Result<Option<PathBuf>> {
     let Ok(old) = std::fs::read_to_string(key_file) else {
         return Ok(None);
     };
@@ -134,15 +132,15 @@ fn reusable(key_file: &Path, key: &str, args: &builder::cli::BuildArgs) -> Resul
     Ok((old.trim() == key && raw.is_file()).then_some(raw))
 }
 
-fn build_args(def: &Path, out: &Path) -> Result<builder::cli::BuildArgs> {
-    Ok(builder::cli::BuildArgs {
+fn build_args(def: &Path, out: &Path) -> Result<builder::build::Options> {
+    Ok(builder::build::Options {
         file: def.to_path_buf(),
         output: out.to_path_buf(),
         format: vec!["raw".to_owned()],
         init: Some(init_binary()?),
         keep_tree: None,
-        cache: builder::cli::CacheArgs {
-            cache_dir: None,
+        cache: builder::cache::Options {
+            dir: None,
             offline: false,
         },
     })

@@ -343,7 +343,7 @@ fn build(dir: &Path, stem: &str, text: &str, version: &str) -> Result<PathBuf> {
 fn publish(def_text: &str, raw: &Path, key: &Path, to: &Path, dir: &Path) -> Result<Manifest> {
     let def = dir.join("publish.toml");
     std::fs::write(&def, def_text)?;
-    builder::publish::publish(&builder::cli::PublishArgs {
+    builder::publish::publish(&builder::publish::Options {
         file: def,
         key: key.to_path_buf(),
         to: to.to_path_buf(),

@@ -13,8 +13,7 @@ use anyhow::{bail, Context, Result};
 use os_config::definition::EngineKind;
 use os_config::Definition;
 
-use crate::cache::Cache;
-use crate::cli::{CacheArgs, LockArgs};
+use crate::cache::{self, Cache};
 use crate::fetch::FetchError;
 use crate::progress::{Bytes, Step};
 use archive::human_bytes;
@@ -73,8 +72,19 @@ pub fn resolve_lock(
     Ok(lock)
 }
 
+/// What `plinth lock` is asked to do.
+#[derive(Debug, Clone)]
+pub struct LockOptions {
+    /// The image definition whose packages are resolved.
+    pub file: std::path::PathBuf,
+    /// Re-resolve every package to the newest version, even if the lock still matches.
+    pub update: bool,
+    /// The download cache.
+    pub cache: cache::Options,
+}
+
 /// `plinth lock FILE`.
-pub fn lock_command(args: &LockArgs) -> Result<()> {
+pub fn lock_command(args: &LockOptions) -> Result<()> {
     let def = crate::build::load_definition(&args.file)?;
     let path = lock::lock_path(&args.file);
     let existing = match lock::read(&path, &args.file) {
@@ -177,7 +187,7 @@ fn missing_from_cache<'a>(lock: &'a Lockfile, cache: &Cache) -> Result<Vec<&'a L
 pub fn fetch_packages(
     lock: &Lockfile,
     def: &Definition,
-    cache: &CacheArgs,
+    cache: &cache::Options,
 ) -> Result<Vec<FetchedPackage>> {
     let cache = Cache::open(cache)?;
     fetch_with(lock, def, &cache, Path::new(sources::APT_DIR))

@@ -162,17 +162,35 @@ mod tests {
             assert_eq!(compare(a, b), Ordering::Less, "{a} < {b}");
             assert_eq!(compare(b, a), Ordering::Greater, "{b} > {a}");
         }
+        // Every pair of versions named in these tables, ordered by dpkg itself.
+        let mut versions: Vec<&str> = LESS
+            .iter()
+            .chain(EQUAL)
+            .flat_map(|(a, b)| [*a, *b])
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        for (i, a) in versions.iter().enumerate() {
+            for b in &versions[i..] {
+                let dpkg = os_config::oracle::dpkg_compare_versions(a, b);
+                assert_eq!(compare(a, b), dpkg, "{a} against {b}, as dpkg orders them");
+                assert_eq!(compare(b, a), dpkg.reverse(), "{b} against {a}");
+            }
+        }
     }
+
+    /// Versions `dpkg --compare-versions A eq B` holds equal.
+    const EQUAL: &[(&str, &str)] = &[
+        ("1.0", "1.0"),
+        ("0:1.0", "1.0"),
+        ("1.00", "1.0"),
+        ("1.0-0", "1.0-0"),
+        ("1.001", "1.1"),
+    ];
 
     #[test]
     fn equal_versions() {
-        for (a, b) in [
-            ("1.0", "1.0"),
-            ("0:1.0", "1.0"),
-            ("1.00", "1.0"),
-            ("1.0-0", "1.0-0"),
-            ("1.001", "1.1"),
-        ] {
+        for (a, b) in EQUAL {
             assert_eq!(compare(a, b), Ordering::Equal, "{a} = {b}");
         }
     }

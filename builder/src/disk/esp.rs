@@ -63,12 +63,25 @@ pub struct EspFile {
     pub data: Vec<u8>,
 }
 
-/// Formats `device` (the whole ESP, its size is the device's length) as FAT32 and writes `files`,
-/// creating folders as needed, in the order given.
+/// The folders every Plinth ESP has from the start: both slots' and the boot entries'. The update
+/// agent writes into them and so never has to create one, which fatfs would do in a way
+/// `fsck.vfat` and some firmware reject (see [`repair_dot_entries`]).
+pub fn folders() -> [&'static str; 3] {
+    [
+        os_config::layout::Slot::A.esp_dir(),
+        os_config::layout::Slot::B.esp_dir(),
+        os_config::boot::ENTRIES_DIR,
+    ]
+}
+
+/// Formats `device` (the whole ESP, its size is the device's length) as FAT32, creates `folders`
+/// (absolute, such as `/plinth/b`, empty unless a file goes there) and writes `files`, creating
+/// folders as needed, in the order given.
 pub fn write_esp<D: Read + Write + Seek>(
     mut device: D,
     volume_id: u32,
     epoch: u64,
+    folders: &[&str],
     files: &[EspFile],
 ) -> Result<()> {
     device.rewind().context("seeking to the start of the ESP")?;
@@ -86,6 +99,19 @@ pub fn write_esp<D: Read + Write + Seek>(
         .context("opening the new ESP")?;
     {
         let root = fs.root_dir();
+        // Creates (or opens) each folder of `folder` from the root, for `what`.
+        let make_folder = |folder: &str, what: &str| -> Result<_> {
+            let mut dir = root.clone();
+            for part in folder.split('/').filter(|p| !p.is_empty()) {
+                dir = dir
+                    .create_dir(part)
+                    .with_context(|| format!("creating folder {part} for {what} on the ESP"))?;
+            }
+            Ok(dir)
+        };
+        for folder in folders {
+            make_folder(folder, folder)?;
+        }
         for file in files {
             let path = file.path.trim_start_matches('/');
             let (folder, name) = match path.rsplit_once('/') {
@@ -94,15 +120,7 @@ pub fn write_esp<D: Read + Write + Seek>(
             };
             let dir = match folder {
                 None => root.clone(),
-                Some(folder) => {
-                    let mut dir = root.clone();
-                    for part in folder.split('/') {
-                        dir = dir.create_dir(part).with_context(|| {
-                            format!("creating folder {part} for {} on the ESP", file.path)
-                        })?;
-                    }
-                    dir
-                }
+                Some(folder) => make_folder(folder, &file.path)?,
             };
             let mut out = dir
                 .create_file(name)
@@ -322,6 +340,9 @@ mod tests {
     use super::*;
     use std::io::Cursor;
 
+    /// An empty folder, and one that files go into too.
+    const FOLDERS: &[&str] = &["/plinth/b", "/plinth/a"];
+
     fn files() -> Vec<EspFile> {
         vec![
             EspFile {
@@ -341,7 +362,7 @@ mod tests {
 
     fn write(epoch: u64) -> Vec<u8> {
         let mut disk = Cursor::new(vec![0u8; 64 << 20]);
-        write_esp(&mut disk, 0x1234_5678, epoch, &files()).expect("ESP writes");
+        write_esp(&mut disk, 0x1234_5678, epoch, FOLDERS, &files()).expect("ESP writes");
         disk.into_inner()
     }
 
@@ -372,6 +393,8 @@ mod tests {
         let reader = EspReader::open(Cursor::new(image)).expect("ESP opens");
         assert_eq!(reader.volume_id(), 0x1234_5678);
         assert_eq!(reader.list("/").expect("root"), ["EFI", "loader", "plinth"]);
+        assert_eq!(reader.list("/plinth").expect("plinth"), ["a", "b"]);
+        assert!(reader.list("/plinth/b").expect("empty folder").is_empty());
         assert_eq!(
             reader.read("/loader/loader.conf").expect("read"),
             b"timeout 0\n"

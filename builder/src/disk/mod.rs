@@ -258,6 +258,7 @@ pub fn write_disk_as(inputs: &DiskInputs, out: &Path, format: RootFormat) -> Res
         slice::Slice::new(&mut *file, esp_part.start, esp_part.size),
         volume_id,
         epoch,
+        &esp::folders(),
         &esp_files,
     )?;
     file.sync_all()

@@ -237,15 +237,15 @@ fn build_args(
     out: &Path,
     keep: Option<&Path>,
     cache: Option<&Path>,
-) -> Result<builder::cli::BuildArgs> {
-    Ok(builder::cli::BuildArgs {
+) -> Result<builder::build::Options> {
+    Ok(builder::build::Options {
         file: def.to_path_buf(),
         output: out.to_path_buf(),
         format: vec!["raw".to_owned()],
         init: Some(qemu_tests::image::init_binary()?),
         keep_tree: keep.map(Path::to_path_buf),
-        cache: builder::cli::CacheArgs {
-            cache_dir: cache.map(Path::to_path_buf),
+        cache: builder::cache::Options {
+            dir: cache.map(Path::to_path_buf),
             offline: false,
         },
     })
@@ -526,14 +526,12 @@ fn bench_size(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> {
         std::fs::remove_dir_all(&release)?;
     }
     let key = dir.join("bench-key");
-    builder::cli::dispatch(builder::cli::Cli {
-        command: builder::cli::Command::Publish(builder::cli::PublishArgs {
-            file: built.def.clone(),
-            key: key.with_extension("key"),
-            to: release.clone(),
-            disk: Some(built.disk.clone()),
-            rollout: None,
-        }),
+    builder::publish::publish(&builder::publish::Options {
+        file: built.def.clone(),
+        key: key.with_extension("key"),
+        to: release.clone(),
+        disk: Some(built.disk.clone()),
+        rollout: None,
     })?;
     row(
         "Update payload (plinth publish folder)",
@@ -1077,8 +1075,8 @@ fn tools_archive(dir: &Path, lock: &Path) -> Result<PathBuf> {
         .iter()
         .find(|p| p.name == "busybox-static")
         .context("the lock has no busybox-static")?;
-    let cache = builder::cache::Cache::open(&builder::cli::CacheArgs {
-        cache_dir: None,
+    let cache = builder::cache::Cache::open(&builder::cache::Options {
+        dir: None,
         offline: true,
     })?;
     let deb = cache
@@ -1150,7 +1148,7 @@ fn bench_update(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>) -> 
     if release.exists() {
         std::fs::remove_dir_all(&release)?;
     }
-    builder::publish::publish(&builder::cli::PublishArgs {
+    builder::publish::publish(&builder::publish::Options {
         file: work.join("bench-update-1.0.1.toml"),
         key: dir.join("bench-key.key"),
         to: release.clone(),
