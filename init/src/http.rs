@@ -1,4 +1,4 @@
-//! The one HTTP/1.1 client on the target, used by the engine client ([`crate::docker`], over a
+//! The one HTTP/1.1 client on the target, used by the engine client ([`crate::stage2::docker`], over a
 //! unix socket) and the update agent ([`crate::update::fetch`], over TCP).
 //!
 //! It is generic over the stream: the caller connects, sets timeouts, writes a request head with

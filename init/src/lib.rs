@@ -3,24 +3,16 @@
 
 pub mod status;
 
+// Shared by both stages and the agent.
 pub mod boot;
-pub mod cmdline;
 pub mod coldplug;
-pub mod containers;
-pub mod docker;
-pub mod gpt;
-pub mod grow;
 pub mod http;
 pub mod kmod;
 pub mod mounts;
-pub mod net;
-pub mod shutdown;
-pub mod stability;
+pub mod syscall;
+pub mod system;
+
+// Stage 1 (initramfs), stage 2 (real root), the update agent.
 pub mod stage1;
 pub mod stage2;
-pub mod supervise;
-pub mod sys;
-pub mod system;
 pub mod update;
-pub mod verity;
-pub mod workload;

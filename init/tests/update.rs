@@ -1242,7 +1242,7 @@ fn a_staged_rollout_defers_the_release_until_the_machines_moment() {
 
 #[test]
 fn the_gate_blesses_a_healthy_trial_boot_and_leaves_an_unhealthy_one_counted() {
-    use init::stability::GateResult;
+    use init::stage2::stability::GateResult;
     use init::update::gate::{run_gate, Verdict};
     let m = Machine::new();
     let v2 = content(2, 150);

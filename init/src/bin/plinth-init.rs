@@ -12,8 +12,8 @@ fn main() {
     match select_stage(&args, is_pid1, sysroot) {
         Ok(Stage::One) => init::stage1::run(),
         Ok(Stage::Two) => {
-            let path = std::path::Path::new(init::workload::DEFINITION_PATH);
-            match init::workload::DockerWorkload::load(path) {
+            let path = std::path::Path::new(init::stage2::workload::DEFINITION_PATH);
+            match init::stage2::workload::DockerWorkload::load(path) {
                 // A boot whose entry still carries a boot counter is blessed only once healthy.
                 Ok(workload) => {
                     let gate = init::update::gate::bless_hook(init::update::Paths::default());

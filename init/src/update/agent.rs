@@ -48,7 +48,7 @@ impl Default for Paths {
             boot_record: Path::new("/run").join(BOOT_RECORD_IN_RUN),
             machine_id: PathBuf::from("/etc/machine-id"),
             disk: None,
-            settled: PathBuf::from(crate::workload::SETTLED_MARKER),
+            settled: PathBuf::from(crate::stage2::workload::SETTLED_MARKER),
         }
     }
 }
@@ -594,7 +594,7 @@ impl Agent {
     }
 
     /// Whether the running boot has settled: blessed or good, containers reconciled, no
-    /// reconciliation under way (see [`crate::workload::SETTLED_MARKER`]).
+    /// reconciliation under way (see [`crate::stage2::workload::SETTLED_MARKER`]).
     pub fn settled(&self) -> bool {
         self.paths.settled.exists()
     }

@@ -2,8 +2,8 @@
 //! a boot counter is blessed once the workload has been healthy for `[update] bless-after`, or the
 //! machine reboots when that is not reached within `[update] bless-timeout` (an engine that never
 //! answers counts as unhealthy), or at once when a container restarts during the trial (see
-//! [`crate::stability`]). Once the boot is blessed or known good, the update agent may act
-//! ([`crate::workload::SETTLED_MARKER`]). A boot that is
+//! [`crate::stage2::stability`]). Once the boot is blessed or known good, the update agent may act
+//! ([`crate::stage2::workload::SETTLED_MARKER`]). A boot that is
 //! already good instead reports a rollback the update agent has not recorded yet. Every boot from
 //! a slot reports `PLINTH-STATUS boot-state slot=… version=… state=…` first.
 
@@ -19,8 +19,8 @@ use os_config::Definition;
 
 use super::agent::{read_boot_record, read_disk_entries, Agent, Paths};
 use super::esp::Blessed;
-use crate::stability::GateResult;
-use crate::workload::{wait_healthy, BootHook};
+use crate::stage2::stability::GateResult;
+use crate::stage2::workload::{wait_healthy, BootHook};
 
 /// What the gate found about the running boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +163,7 @@ fn report_rollback(paths: &Paths) {
     }
 }
 
-/// The gate as a [`BootHook`] for [`crate::workload::DockerWorkload::on_start`]:
+/// The gate as a [`BootHook`] for [`crate::stage2::workload::DockerWorkload::on_start`]:
 /// `PLINTH-STATUS boot-blessed slot=… version=…` on success; on failure `boot-unhealthy` and a
 /// reboot (the boot counter is already spent, so the tries run out and the old slot boots).
 pub fn bless_hook(paths: Paths) -> BootHook {

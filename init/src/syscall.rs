@@ -9,7 +9,7 @@ use std::time::Duration;
 /// Issues a device-mapper ioctl (`request` from `verity::DmCommand::request`) with `buf`, which
 /// starts with a `struct dm_ioctl` whose `data_size` is `buf.len()`.
 pub fn dm_ioctl(control: BorrowedFd<'_>, request: u32, buf: &mut [u8]) -> io::Result<()> {
-    if buf.len() < crate::verity::DM_IOCTL_SIZE {
+    if buf.len() < crate::stage1::verity::DM_IOCTL_SIZE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "device-mapper buffer shorter than struct dm_ioctl",

@@ -7,7 +7,7 @@
 //! state first, so a run interrupted by a power cut is finished by the next boot and a finished
 //! one is a no-op. The backup GPT is written (and flushed) before the primary.
 
-use crate::gpt::{self, GptError};
+use crate::stage1::gpt::{self, GptError};
 use crate::stage1::Stage1;
 use crate::system::System;
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -379,7 +379,7 @@ fn grow_partition<S: System>(sys: &S, disk: &Path, node: &Path) -> Result<Option
     }
     if kernel_bytes < real.new_bytes() {
         use std::os::fd::AsFd;
-        crate::sys::resize_partition(
+        crate::syscall::resize_partition(
             file.as_fd(),
             real.number,
             real.first_lba * real.sector_size,
@@ -422,7 +422,7 @@ fn grow_filesystem<S: System>(
     let dir = std::fs::File::open(mountpoint)
         .with_context(|| format!("opening {}", mountpoint.display()))?;
     use std::os::fd::AsFd;
-    crate::sys::ext4_resize(dir.as_fd(), target).with_context(|| {
+    crate::syscall::ext4_resize(dir.as_fd(), target).with_context(|| {
         format!(
             "growing ext4 at {} from {} to {target} blocks of {} bytes (EXT4_IOC_RESIZE_FS)",
             mountpoint.display(),
@@ -438,7 +438,7 @@ fn grow_filesystem<S: System>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::tests::{build_disk, ROOT_TYPE};
+    use crate::stage1::gpt::tests::{build_disk, ROOT_TYPE};
     use std::io::Cursor;
     use std::process::Command;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use crate::containers::{ContainerHealth, Health, Run};
+use crate::stage2::containers::{ContainerHealth, Health, Run};
 
 /// How long a container keeps one run up before `container-running` is reported. Docker Engine
 /// treats a container as started successfully once it has run for 10 s (its restart backoff is
@@ -317,7 +317,7 @@ pub fn gate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::containers::Observed;
+    use crate::stage2::containers::Observed;
     use std::cell::{Cell, RefCell};
 
     /// A clock that only moves when the gate sleeps.

@@ -1,11 +1,16 @@
 //! Stage 1, PID 1 in the initramfs: find the slot's root, open it through dm-verity, mount it with
 //! `state` at its `/var`, switch into it and exec stage 2.
 
+pub mod cmdline;
+pub mod gpt;
+pub mod grow;
+pub mod verity;
+
 use crate::boot::{Clock, Step};
-use crate::cmdline::{Cmdline, RootHash};
 use crate::coldplug::{log_report, ModuleLoader};
-use crate::gpt::{self, Partition};
 use crate::mounts::{self, FsKind};
+use crate::stage1::cmdline::{Cmdline, RootHash};
+use crate::stage1::gpt::Partition;
 use crate::system::{MountFlags, Paths, System};
 use anyhow::{anyhow, bail, Context as _, Result};
 use os_config::boot::{BootRecord, BOOT_RECORD_IN_RUN};
@@ -166,7 +171,7 @@ pub fn steps<'a, S: System>() -> Vec<Step<Stage1<'a, S>>> {
         },
         Step {
             name: "grow-state",
-            run: crate::grow::grow_state,
+            run: crate::stage1::grow::grow_state,
         },
         Step {
             name: "move-api",
@@ -798,7 +803,7 @@ fn boot_failed<S: System>(sys: &S, paths: &Paths, error: anyhow::Error) -> ! {
 mod tests {
     use super::*;
     use crate::boot::run_steps;
-    use crate::gpt::tests::{build_disk, ROOT_TYPE, VERITY_TYPE};
+    use crate::stage1::gpt::tests::{build_disk, ROOT_TYPE, VERITY_TYPE};
     use crate::system::FakeSystem;
 
     const HASH: &str = "00112233445566778899aabbccddeeff0123456789abcdef0123456789abcdef";

@@ -1,12 +1,20 @@
 //! Stage 2, PID 1 in the real root: prepare the system (cgroup2, tmpfs, hostname, loopback,
 //! machine-id, modules), start the workload (engine and containers) and supervise forever.
 
+pub mod containers;
+pub mod docker;
+pub mod net;
+pub mod shutdown;
+pub mod stability;
+pub mod supervise;
+pub mod workload;
+
 use crate::boot::{run_steps, Clock, Step};
 use crate::coldplug::{log_report, ModuleLoader};
 use crate::mounts;
-use crate::shutdown::{self, Action};
-use crate::supervise::{Service, Supervisor};
-use crate::sys::{self, signals};
+use crate::stage2::shutdown::Action;
+use crate::stage2::supervise::{Service, Supervisor};
+use crate::syscall::{self, signals};
 use crate::system::{MountFlags, Paths, RealSystem, System};
 use anyhow::{anyhow, Context as _, Result};
 use std::path::Path;
@@ -60,7 +68,7 @@ pub struct EngineOnly;
 
 impl Workload for EngineOnly {
     fn services(&self) -> Vec<Box<dyn Service>> {
-        vec![Box::new(crate::supervise::Program::dockerd())]
+        vec![Box::new(crate::stage2::supervise::Program::dockerd())]
     }
 }
 
@@ -400,7 +408,7 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
         crate::info!("disabling Ctrl-Alt-Del reboot failed: {e}");
     }
     // Blocked before any thread or child exists: threads inherit the mask, children get it reset.
-    let set = match sys::block_signals(&[
+    let set = match syscall::block_signals(&[
         signals::SIGCHLD,
         signals::SIGTERM,
         signals::SIGINT,
@@ -441,7 +449,7 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
             .next_deadline()
             .map_or(Duration::from_secs(60), |at| at.saturating_sub(now))
             .clamp(Duration::from_millis(10), Duration::from_secs(60));
-        match sys::wait_signal(&set, timeout) {
+        match syscall::wait_signal(&set, timeout) {
             Ok(Some(signal)) => {
                 if let Some(action) = Action::from_signal(signal) {
                     let stopper = workload.clone();

@@ -36,7 +36,7 @@ pub fn command(program: &Path) -> Command {
         .env("PATH", SERVICE_PATH)
         .env("HOME", "/root")
         .stdin(Stdio::null());
-    crate::sys::unblock_signals_in_child(&mut command);
+    crate::syscall::unblock_signals_in_child(&mut command);
     command
 }
 

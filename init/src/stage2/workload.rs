@@ -15,12 +15,12 @@ use anyhow::{bail, Context as _, Result};
 use os_config::definition::{Container, Engine};
 use os_config::Definition;
 
-use crate::containers::{self, ContainerHealth, Health, StatusSink};
-use crate::docker;
-use crate::net;
-use crate::stability::{self, GateClock as _, GateResult, Judgement, RealClock, Tracker};
+use crate::stage2::containers::{self, ContainerHealth, Health, StatusSink};
+use crate::stage2::docker;
+use crate::stage2::net;
+use crate::stage2::stability::{self, GateClock as _, GateResult, Judgement, RealClock, Tracker};
+use crate::stage2::supervise::{command, Program, Service, DOCKER_SOCKET};
 use crate::stage2::{uptime_ms, Workload};
-use crate::supervise::{command, Program, Service, DOCKER_SOCKET};
 
 /// The image definition baked into the root by the builder.
 pub const DEFINITION_PATH: &str = "/usr/lib/plinth/image.toml";

@@ -18,7 +18,7 @@ use os_config::definition::{parse_port, Container, RestartPolicy};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::docker::{self, ContainerDetails, ContainerSummary};
+use crate::stage2::docker::{self, ContainerDetails, ContainerSummary};
 
 /// Label marking a container as created by Plinth.
 pub const MANAGED_LABEL: &str = "plinth.managed";
@@ -485,7 +485,7 @@ fn reconcile_one(
 
 /// Makes every declared container exist exactly as declared and running, removes managed
 /// containers no longer declared, and reports `container-started`/`container-failed` per
-/// declared container (`container-running` comes later, from [`crate::stability`], once a
+/// declared container (`container-running` comes later, from [`crate::stage2::stability`], once a
 /// container has stayed up). Fails only when the engine cannot list its containers; a container that
 /// cannot be brought up is recorded in the report and does not stop the others.
 pub fn reconcile(
@@ -701,7 +701,7 @@ pub fn health(engine: &dyn Engine, decls: &[Container]) -> docker::Result<Health
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docker::{ContainerConfig, ContainerState};
+    use crate::stage2::docker::{ContainerConfig, ContainerState};
     use os_config::definition::{HealthCheck, ImageBuild};
     use os_config::units::{Duration as ConfigDuration, Name};
     use std::cell::RefCell;

@@ -1,7 +1,7 @@
 //! dm-verity: device-mapper ioctl buffers for the `verity` target (the superblock and the table
 //! parameters are `os_config::layout::VeritySuperblock`'s).
 //!
-//! The buffers are built and parsed here; `sys::dm_ioctl` only passes them to the kernel.
+//! The buffers are built and parsed here; `syscall::dm_ioctl` only passes them to the kernel.
 
 /// Device-mapper ioctl interface version this code speaks.
 pub const DM_VERSION: [u32; 3] = [4, 0, 0];
@@ -104,7 +104,7 @@ pub fn dm_reply_dev(buf: &[u8]) -> (u32, u32) {
 mod tests {
     use super::*;
 
-    use crate::cmdline::RootHash;
+    use crate::stage1::cmdline::RootHash;
     use os_config::layout::VeritySuperblock;
 
     /// A superblock as `veritysetup format` writes it (sha256, 4096/4096, 8 blocks, 32-byte salt).

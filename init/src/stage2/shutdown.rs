@@ -1,7 +1,7 @@
 //! Shutdown: the power button watcher, stopping everything in order, unmounting, `reboot(2)`.
 
-use crate::supervise::Supervisor;
-use crate::sys::signals;
+use crate::stage2::supervise::Supervisor;
+use crate::syscall::signals;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -202,7 +202,7 @@ pub fn shutdown(
 /// SIGTERM to every process, up to `TERM_TIMEOUT` for them to exit, then SIGKILL.
 pub fn terminate_all(supervisor: &mut Supervisor) {
     let start = Instant::now();
-    if let Err(e) = crate::sys::kill_all(signals::SIGTERM) {
+    if let Err(e) = crate::syscall::kill_all(signals::SIGTERM) {
         crate::info!("sending SIGTERM to all processes failed: {e}");
     }
     while start.elapsed() < TERM_TIMEOUT {
@@ -219,7 +219,7 @@ pub fn terminate_all(supervisor: &mut Supervisor) {
         "processes still running after {} s: sending SIGKILL",
         TERM_TIMEOUT.as_secs()
     );
-    if let Err(e) = crate::sys::kill_all(signals::SIGKILL) {
+    if let Err(e) = crate::syscall::kill_all(signals::SIGKILL) {
         crate::info!("sending SIGKILL to all processes failed: {e}");
     }
     let kill_start = Instant::now();
