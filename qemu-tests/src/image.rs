@@ -16,7 +16,18 @@ pub fn workspace() -> PathBuf {
 
 /// The static `plinth-init` that `scripts/build-init.sh` builds.
 pub fn init_binary() -> Result<PathBuf> {
-    let path = workspace().join("target/x86_64-unknown-linux-gnu/release/plinth-init");
+    static_binary("target/x86_64-unknown-linux-gnu/release/plinth-init")
+}
+
+/// The static `plinth-init` (with its `plinth-update`) built with init's `test-hooks` feature:
+/// the agent pauses after each update stage when the kernel command line says
+/// `plinth.update-stage-delay-ms=`. `scripts/build-init.sh` builds it too.
+pub fn hooks_init_binary() -> Result<PathBuf> {
+    static_binary("target/test-hooks/x86_64-unknown-linux-gnu/release/plinth-init")
+}
+
+fn static_binary(relative: &str) -> Result<PathBuf> {
+    let path = workspace().join(relative);
     if !path.is_file() {
         bail!(
             "{} is missing: build it with scripts/build-init.sh (scripts/test.sh does)",
@@ -34,6 +45,11 @@ static BUILT: Mutex<BTreeMap<PathBuf, PathBuf>> = Mutex::new(BTreeMap::new());
 /// A lock whose packages are gone from the archive does not fail the tests: the copy is
 /// re-locked against the mirror and the build retried, with a warning.
 pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
+    build_with(definition, lock, &init_binary()?)
+}
+
+/// [`build`] with the static `plinth-init` (and the `plinth-update` beside it) at `init`.
+pub fn build_with(definition: &Path, lock: &Path, init: &Path) -> Result<PathBuf> {
     let mut built = BUILT
         .lock()
         .map_err(|_| anyhow::anyhow!("image cache lock poisoned"))?;
@@ -51,7 +67,7 @@ pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
         .with_context(|| format!("copying {}", definition.display()))?;
     let lock_copy = builder::debian::lock::lock_path(&def_copy);
     std::fs::copy(lock, &lock_copy).with_context(|| format!("copying {}", lock.display()))?;
-    let args = build_args(&def_copy, &dir.join("out"))?;
+    let args = build_args(&def_copy, &dir.join("out"), init);
     let key = inputs_key(&def_copy, &lock_copy, args.init.as_deref())?;
     let key_file = dir.join("inputs.sha256");
     if let Some(raw) = reusable(&key_file, &key, &args)? {
@@ -132,18 +148,18 @@ fn reusable(key_file: &Path, key: &str, args: &builder::build::Options) -> Resul
     Ok((old.trim() == key && raw.is_file()).then_some(raw))
 }
 
-fn build_args(def: &Path, out: &Path) -> Result<builder::build::Options> {
-    Ok(builder::build::Options {
+fn build_args(def: &Path, out: &Path, init: &Path) -> builder::build::Options {
+    builder::build::Options {
         file: def.to_path_buf(),
         output: out.to_path_buf(),
         format: vec!["raw".to_owned()],
-        init: Some(init_binary()?),
+        init: Some(init.to_path_buf()),
         keep_tree: None,
         cache: builder::cache::Options {
             dir: None,
             offline: false,
         },
-    })
+    }
 }
 
 /// Copies a built disk image (sparse-aware through `cp`) so a test can change it freely.

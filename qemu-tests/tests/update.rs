@@ -29,6 +29,8 @@ const TRUSTED_KEY: &str =
     "ed25519-secret:5e0535e4a41335869a3ac61d58c054fd1fb5dea855757edb9213939930e9dc92";
 /// Pause of the agent after each durable stage in v1 (so the test can cut the power there).
 const STAGE_DELAY_MS: u64 = 5000;
+/// The kernel argument that sets it, honoured only by the `test-hooks` build of the agent.
+const STAGE_DELAY_ARG: &str = "plinth.update-stage-delay-ms";
 
 /// A minimal static file server for the release folder, switchable to another folder (publishing
 /// a new release), logging every request path, and able to stall one download midway.
@@ -313,12 +315,17 @@ fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> S
 }
 
 /// Builds one version of the series (with the shared lock). An image built earlier from the same
-/// definition, after the current `plinth-init` and `plinth-update`, is used again.
+/// definition, after the current `plinth-init` and `plinth-update`, is used again. A version that
+/// pauses its agent after each stage gets the binaries built with init's `test-hooks` feature.
 fn build(dir: &Path, stem: &str, text: &str, version: &str) -> Result<PathBuf> {
     let previous = image::workspace().join("target/qemu-tests").join(stem);
     let raw = previous.join(format!("out/upd-{version}.raw"));
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let init = image::init_binary()?;
+    let init = if text.contains(STAGE_DELAY_ARG) {
+        image::hooks_init_binary()?
+    } else {
+        image::init_binary()?
+    };
     let binaries = [
         modified(&init),
         modified(&init.with_file_name("plinth-update")),
@@ -336,7 +343,7 @@ fn build(dir: &Path, stem: &str, text: &str, version: &str) -> Result<PathBuf> {
     }
     let def = dir.join(format!("{stem}.toml"));
     std::fs::write(&def, text).with_context(|| format!("writing {}", def.display()))?;
-    image::build(&def, &image::workspace().join("images/qemu.lock"))
+    image::build_with(&def, &image::workspace().join("images/qemu.lock"), &init)
 }
 
 /// Publishes a built disk into a release folder of its own.
@@ -491,7 +498,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     );
 
     // v1 pauses its agent after each stage, so the power can be cut at a known point.
-    let delay = format!(", \"plinth.update-stage-delay-ms={STAGE_DELAY_MS}\"");
+    let delay = format!(", \"{STAGE_DELAY_ARG}={STAGE_DELAY_MS}\"");
     let defs = [
         ("update-v1", definition("1.0.0", &public, true, &delay)),
         ("update-v2", definition("2.0.0", &public, true, "")),
@@ -893,7 +900,7 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
         "1.0.0",
         &public,
         true,
-        &format!(", \"plinth.update-stage-delay-ms={STAGE_DELAY_MS}\""),
+        &format!(", \"{STAGE_DELAY_ARG}={STAGE_DELAY_MS}\""),
     );
     let v2_text = definition("2.0.0", &public, true, "");
     let v3_text = definition("3.0.0", &public, true, "");

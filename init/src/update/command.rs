@@ -190,10 +190,8 @@ fn report_rollback(agent: &Agent) -> Result<()> {
     Ok(())
 }
 
-/// Reports each durable stage as `PLINTH-STATUS update-progress stage=…`. With
-/// `PLINTH_UPDATE_STAGE_DELAY_MS` set, or `plinth.update-stage-delay-ms=` on the kernel command
-/// line (tests that cut the power at a given stage), it pauses that long after each stage and
-/// before rebooting.
+/// Reports each durable stage as `PLINTH-STATUS update-progress stage=…` (and, in test builds,
+/// pauses after it: [`stage_delay`]).
 fn progress(event: &Event) -> Result<()> {
     if *event == Event::Downloaded {
         println!(
@@ -215,26 +213,32 @@ fn progress(event: &Event) -> Result<()> {
     Ok(())
 }
 
-/// Kernel argument with the same meaning as `PLINTH_UPDATE_STAGE_DELAY_MS` (the environment
-/// wins), so a test image can slow its agent down without changing how plinth-init starts it.
+/// Kernel argument that makes a test build pause after each stage and before rebooting, so a
+/// QEMU test can cut the power at a known point.
+#[cfg(feature = "test-hooks")]
 const STAGE_DELAY_ARG: &str = "plinth.update-stage-delay-ms";
 
+/// Pauses for `plinth.update-stage-delay-ms=` on the kernel command line (only in builds with
+/// the `test-hooks` feature).
+#[cfg(feature = "test-hooks")]
 fn stage_delay() {
-    let delay = std::env::var("PLINTH_UPDATE_STAGE_DELAY_MS")
+    let delay = std::fs::read_to_string("/proc/cmdline")
         .ok()
-        .or_else(|| {
-            let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+        .and_then(|cmdline| {
             os_config::cmdline::Cmdline::parse(&cmdline)
                 .value(STAGE_DELAY_ARG)
-                .map(str::to_owned)
-        })
-        .and_then(|v| v.parse::<u64>().ok());
+                .and_then(|v| v.parse::<u64>().ok())
+        });
     if let Some(ms) = delay {
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
         std::thread::sleep(Duration::from_millis(ms));
     }
 }
+
+/// Production builds never pause.
+#[cfg(not(feature = "test-hooks"))]
+fn stage_delay() {}
 
 /// Applies a release; once one is staged, reboots when the strategy allows it. Returns the
 /// outcome and, when a staged update waits for its window or lock, how soon to ask again.
