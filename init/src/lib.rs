@@ -8,7 +8,6 @@ pub mod cmdline;
 pub mod coldplug;
 pub mod containers;
 pub mod docker;
-pub mod gpt;
 pub mod grow;
 pub mod http;
 pub mod kmod;
