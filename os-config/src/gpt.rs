@@ -419,7 +419,7 @@ fn read_primary<R: Read + Seek>(disk: &mut R, len: u64) -> Result<Table, GptErro
 fn read_backup<R: Read + Seek>(disk: &mut R, len: u64) -> Result<Table, Option<GptError>> {
     let mut error = None;
     for sector_size in SECTOR_SIZES {
-        if len < 3 * sector_size || len % sector_size != 0 {
+        if len < 3 * sector_size || !len.is_multiple_of(sector_size) {
             continue;
         }
         let last_lba = len / sector_size - 1;
