@@ -11,7 +11,9 @@ use os_config::layout::{self, Slot};
 use serde::Serialize;
 
 use crate::disk::esp::EspReader;
-use crate::disk::gpt::{read_gpt, ReadPartition};
+use os_config::gpt::Partition;
+
+use crate::disk::gpt::read_gpt;
 use crate::disk::slice::{ReadOnly, Slice};
 use crate::disk::{human, verity};
 
@@ -194,13 +196,14 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
         .metadata()
         .with_context(|| format!("reading size of {}", path.display()))?
         .len();
-    let (disk_guid, parts) = read_gpt(ReadOnly(open()?)).with_context(|| {
+    let table = read_gpt(ReadOnly(open()?)).with_context(|| {
         format!(
             "reading the partition table of {} (a raw disk image?)",
             path.display()
         )
     })?;
-    let find = |label: &str| parts.iter().find(|p| p.label == label);
+    let parts = &table.partitions;
+    let find = |label: &str| table.by_label(label);
     let Some(esp) = find(layout::ESP) else {
         bail!(
             "{} has no partition labelled `esp`: not a Plinth disk",
@@ -243,7 +246,7 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
         let root_hash = found.map(|(_, e)| e.root_hash.clone());
         let uuids_match = root_hash.as_deref().map(|hash| {
             let want = layout::slot_uuids(hash);
-            let have = |label: &str| find(label).map(|p: &ReadPartition| p.uuid.to_string());
+            let have = |label: &str| find(label).map(|p: &Partition| p.uuid.to_string());
             want.is_some_and(|(root, verity)| {
                 have(slot.root_label()) == Some(root) && have(slot.verity_label()) == Some(verity)
             })
@@ -264,7 +267,7 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
     }
 
     Ok(Inspection {
-        disk_guid: disk_guid.to_string(),
+        disk_guid: table.disk_guid.to_string(),
         size,
         partitions: parts
             .iter()
@@ -288,7 +291,7 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
 
 fn read_superblock(
     mut file: File,
-    part: &ReadPartition,
+    part: &Partition,
 ) -> Result<os_config::layout::VeritySuperblock> {
     use std::io::{Read, Seek, SeekFrom};
     let mut block = vec![0u8; 512];

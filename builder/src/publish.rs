@@ -354,32 +354,14 @@ pub fn source_date_epoch() -> Result<u64> {
     }
 }
 
-/// A GPT partition: its label and byte range.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Partition {
-    pub label: String,
-    pub start: u64,
-    pub size: u64,
-}
+/// A GPT partition, as the one reader gives it.
+pub use os_config::gpt::Partition;
 
-/// Reads the GPT partition table of a disk image.
+/// Reads the GPT partition table of a disk image through the one reader.
 pub fn read_partitions(disk: &mut fs::File, path: &Path) -> Result<Vec<Partition>> {
-    let gpt = gpt::GptConfig::new()
-        .writable(false)
-        .open_from_device(disk)
+    let table = crate::disk::gpt::read_gpt(disk)
         .with_context(|| format!("reading GPT of {}", path.display()))?;
-    let block = *gpt.logical_block_size();
-    gpt.partitions()
-        .values()
-        .map(|p| {
-            Ok(Partition {
-                label: p.name.clone(),
-                start: p.bytes_start(block)?,
-                size: p.bytes_len(block)?,
-            })
-        })
-        .collect::<io::Result<Vec<_>>>()
-        .with_context(|| format!("reading GPT of {}", path.display()))
+    Ok(table.partitions)
 }
 
 /// The verity root hash: the hash of the single top-level block (or of the one data block).

@@ -1,5 +1,6 @@
 //! The GPT of a Plinth disk: where each partition of the layout goes, its derived GUIDs, and
-//! writing the protective MBR and both partition tables with the `gpt` crate.
+//! writing the protective MBR and both partition tables with the `gpt` crate; reading goes
+//! through the one reader, [`os_config::gpt`].
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
@@ -155,40 +156,10 @@ pub fn write_gpt<D: Read + Write + Seek + std::fmt::Debug>(
     Ok(device)
 }
 
-/// A partition as read back from a disk's GPT.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadPartition {
-    pub number: u32,
-    pub label: String,
-    pub type_guid: Uuid,
-    pub uuid: Uuid,
-    pub start: u64,
-    pub size: u64,
-}
-
-/// Reads the GPT of a disk (disk GUID and used partitions, by number).
-pub fn read_gpt<D: Read + Write + Seek + std::fmt::Debug>(
-    device: D,
-) -> Result<(Uuid, Vec<ReadPartition>)> {
-    let disk = GptConfig::new()
-        .writable(false)
-        .logical_block_size(LogicalBlockSize::Lb512)
-        .open_from_device(device)
-        .context("reading the GPT")?;
-    let parts = disk
-        .partitions()
-        .iter()
-        .filter(|(_, p)| p.is_used())
-        .map(|(number, p)| ReadPartition {
-            number: *number,
-            label: p.name.clone(),
-            type_guid: p.part_type_guid.guid,
-            uuid: p.part_guid,
-            start: p.first_lba * SECTOR,
-            size: (p.last_lba + 1 - p.first_lba) * SECTOR,
-        })
-        .collect();
-    Ok((*disk.guid(), parts))
+/// Reads the GPT of a disk through the one reader, [`os_config::gpt::read`]: the primary when
+/// its CRCs hold, else the backup.
+pub fn read_gpt<D: Read + Seek>(mut device: D) -> Result<os_config::gpt::Table> {
+    os_config::gpt::read(&mut device).context("reading the GPT")
 }
 
 #[cfg(test)]
@@ -257,19 +228,28 @@ mod tests {
         let backup = bytes.len() - 512;
         assert_eq!(&bytes[backup..backup + 8], b"EFI PART");
 
-        let (guid, parts) = read_gpt(Cursor::new(bytes.clone())).expect("GPT reads");
-        assert_eq!(guid, plan.disk_guid);
+        let table = read_gpt(Cursor::new(bytes.clone())).expect("GPT reads");
+        assert!(!table.from_backup);
+        assert_eq!(table.disk_guid, plan.disk_guid);
+        let parts = &table.partitions;
         let labels: Vec<&str> = parts.iter().map(|p| p.label.as_str()).collect();
         assert_eq!(
             labels,
             ["esp", "root-a", "verity-a", "root-b", "verity-b", "state"]
         );
+        assert_eq!(parts.len(), plan.partitions.len());
         for (read, placed) in parts.iter().zip(&plan.partitions) {
             assert_eq!(read.number, placed.spec.number);
             assert_eq!(read.type_guid.to_string(), placed.spec.type_guid);
             assert_eq!(read.uuid, placed.uuid);
             assert_eq!((read.start, read.size), (placed.start, placed.size));
         }
+        // The backup the writer put at the end reads the same.
+        let mut torn = bytes.clone();
+        torn[512 + 16] ^= 1;
+        let backup = read_gpt(Cursor::new(torn)).expect("backup GPT reads");
+        assert!(backup.from_backup);
+        assert_eq!(backup.partitions, table.partitions);
         // Deterministic bytes.
         let again = write_gpt(Cursor::new(vec![0u8; plan.total_size as usize]), &plan)
             .expect("GPT writes")

@@ -7,10 +7,10 @@
 //! state first, so a run interrupted by a power cut is finished by the next boot and a finished
 //! one is a no-op. The backup GPT is written (and flushed) before the primary.
 
-use crate::stage1::gpt::{self, GptError};
 use crate::stage1::Stage1;
 use crate::system::System;
 use anyhow::{anyhow, bail, Context as _, Result};
+use os_config::gpt;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
@@ -60,26 +60,10 @@ impl Plan {
     }
 }
 
-/// The primary GPT header fields a rewrite needs.
-struct Header {
-    raw: Vec<u8>,
-    size: usize,
-    alternate_lba: u64,
-    last_usable_lba: u64,
-    entries_lba: u64,
-    entries_bytes: usize,
-}
-
 fn u32_at(buf: &[u8], offset: usize) -> u32 {
     let mut bytes = [0u8; 4];
     bytes.copy_from_slice(&buf[offset..offset + 4]);
     u32::from_le_bytes(bytes)
-}
-
-fn u64_at(buf: &[u8], offset: usize) -> u64 {
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&buf[offset..offset + 8]);
-    u64::from_le_bytes(bytes)
 }
 
 fn put_u32(buf: &mut [u8], offset: usize, value: u32) {
@@ -90,36 +74,24 @@ fn put_u64(buf: &mut [u8], offset: usize, value: u64) {
     buf[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
 }
 
-/// Reads the raw primary header at LBA 1 (already validated by `gpt::read`).
-fn read_header<R: Read + Seek>(disk: &mut R, sector_size: u64) -> Result<Header, GptError> {
-    let mut raw = vec![0u8; 512];
-    disk.seek(SeekFrom::Start(sector_size))?;
-    disk.read_exact(&mut raw)?;
-    let size = u32_at(&raw, 12) as usize;
-    let count = u32_at(&raw, 80) as usize;
-    let entry_size = u32_at(&raw, 84) as usize;
-    Ok(Header {
-        size,
-        alternate_lba: u64_at(&raw, 32),
-        last_usable_lba: u64_at(&raw, 48),
-        entries_lba: u64_at(&raw, 72),
-        entries_bytes: count * entry_size,
-        raw,
-    })
+/// Reads the GPT of `disk` through the one reader; refuses when only the backup is valid.
+fn read_primary<R: Read + Seek>(disk: &mut R) -> Result<gpt::Table> {
+    let table = gpt::read(disk).context("reading the primary GPT")?;
+    if table.from_backup {
+        bail!("the primary GPT is damaged (only the backup is valid): not growing the disk");
+    }
+    Ok(table)
 }
 
 /// Computes how the GPT of `disk` grows to the disk's size; the partition labelled `label` must
 /// be the last one on the disk.
 pub fn plan<R: Read + Seek>(disk: &mut R, label: &str) -> Result<Plan> {
-    let table = gpt::read(disk).context("reading the primary GPT")?;
-    if table.from_backup {
-        bail!("the primary GPT is damaged (only the backup is valid): not growing the disk");
-    }
+    let table = read_primary(disk)?;
     let sector = table.sector_size;
-    let header = read_header(disk, sector).context("reading the primary GPT header")?;
+    let header = &table.header;
     let disk_bytes = disk.seek(SeekFrom::End(0)).context("measuring the disk")?;
     let disk_sectors = disk_bytes / sector;
-    let entries_sectors = (header.entries_bytes as u64).div_ceil(sector);
+    let entries_sectors = header.entries_sectors();
     let new_alternate_lba = disk_sectors
         .checked_sub(1)
         .ok_or_else(|| anyhow!("the disk is empty"))?;
@@ -187,14 +159,19 @@ where
     F: FnMut(&mut D) -> io::Result<()>,
 {
     let sector = plan.sector_size;
-    let header = read_header(disk, sector).map_err(|e| match e {
-        GptError::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    })?;
-    let mut entries = vec![0u8; header.entries_bytes];
+    let table = read_primary(disk).map_err(|e| io::Error::other(format!("{e:#}")))?;
+    let header = &table.header;
+    if header.sector_size != sector {
+        return Err(io::Error::other(format!(
+            "the GPT has {}-byte sectors, the plan {sector}",
+            header.sector_size
+        )));
+    }
+    // Bounded by the reader (at most 1 MiB, inside the disk).
+    let mut entries = vec![0u8; header.entries_bytes()];
     disk.seek(SeekFrom::Start(header.entries_lba * sector))?;
     disk.read_exact(&mut entries)?;
-    let entry_size = u32_at(&header.raw, 84) as usize;
+    let entry_size = header.entry_size as usize;
     let offset = (plan.number as usize - 1) * entry_size;
     if offset + 48 > entries.len() {
         return Err(io::Error::other(format!(
@@ -204,18 +181,17 @@ where
     }
     put_u64(&mut entries, offset + 40, plan.new_last_lba);
     let entries_crc = crc32fast::hash(&entries);
-    let entries_sectors = (header.entries_bytes as u64).div_ceil(sector);
+    let entries_sectors = header.entries_sectors();
     let backup_entries_lba = plan.new_alternate_lba - entries_sectors;
 
     let sealed = |my_lba: u64, alternate_lba: u64, entries_lba: u64| -> Vec<u8> {
-        let mut raw = header.raw[..header.size].to_vec();
+        let mut raw = header.raw.clone();
         put_u64(&mut raw, 24, my_lba);
         put_u64(&mut raw, 32, alternate_lba);
         put_u64(&mut raw, 48, plan.new_last_usable_lba);
         put_u64(&mut raw, 72, entries_lba);
         put_u32(&mut raw, 88, entries_crc);
-        put_u32(&mut raw, 16, 0);
-        let crc = crc32fast::hash(&raw);
+        let crc = gpt::header_crc(&raw);
         put_u32(&mut raw, 16, crc);
         let mut block = vec![0u8; sector as usize];
         block[..raw.len()].copy_from_slice(&raw);
@@ -438,7 +414,7 @@ fn grow_filesystem<S: System>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stage1::gpt::tests::{build_disk, ROOT_TYPE};
+    use os_config::gpt::testing::{build_disk, ROOT_TYPE};
     use std::io::Cursor;
     use std::process::Command;
 

@@ -2,7 +2,6 @@
 //! `state` at its `/var`, switch into it and exec stage 2.
 
 pub mod cmdline;
-pub mod gpt;
 pub mod grow;
 pub mod verity;
 
@@ -10,10 +9,10 @@ use crate::boot::{Clock, Step};
 use crate::coldplug::{log_report, ModuleLoader};
 use crate::mounts::{self, FsKind};
 use crate::stage1::cmdline::{Cmdline, RootHash};
-use crate::stage1::gpt::Partition;
 use crate::system::{MountFlags, Paths, System};
 use anyhow::{anyhow, bail, Context as _, Result};
 use os_config::boot::{BootRecord, BOOT_RECORD_IN_RUN};
+use os_config::gpt::{self, Partition};
 use os_config::layout::{Slot, VeritySuperblock};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -406,7 +405,9 @@ fn choose_candidate<'c>(
         let root = candidate.table.by_label(root_label);
         let verity = candidate.table.by_label(verity_label);
         if let (Some(root), Some(verity)) = (root, verity) {
-            if root.uuid == hash.root_uuid() && verity.uuid == hash.verity_uuid() {
+            if root.uuid.to_string() == hash.root_uuid()
+                && verity.uuid.to_string() == hash.verity_uuid()
+            {
                 return Ok(candidate);
             }
         }
@@ -426,20 +427,16 @@ fn choose_candidate<'c>(
             labels(&first.table)
         );
     };
-    let found = format!(
-        "{}{}",
-        root.uuid.replace('-', ""),
-        verity.uuid.replace('-', "")
-    );
+    let found = format!("{}{}", root.uuid.simple(), verity.uuid.simple());
     Err(RootHashMismatch {
         slot: cmdline.slot,
         disk: first.disk.clone(),
         expected: hash,
         found,
         root_label: root_label.to_string(),
-        root_uuid: root.uuid.clone(),
+        root_uuid: root.uuid.to_string(),
         verity_label: verity_label.to_string(),
-        verity_uuid: verity.uuid.clone(),
+        verity_uuid: verity.uuid.to_string(),
     }
     .into())
 }
@@ -803,8 +800,8 @@ fn boot_failed<S: System>(sys: &S, paths: &Paths, error: anyhow::Error) -> ! {
 mod tests {
     use super::*;
     use crate::boot::run_steps;
-    use crate::stage1::gpt::tests::{build_disk, ROOT_TYPE, VERITY_TYPE};
     use crate::system::FakeSystem;
+    use os_config::gpt::testing::{build_disk, ROOT_TYPE, VERITY_TYPE};
 
     const HASH: &str = "00112233445566778899aabbccddeeff0123456789abcdef0123456789abcdef";
     const STATE_TYPE: &str = "4d21b016-b534-45c2-a9fb-5c16e091fd2d";

@@ -11,14 +11,8 @@ use anyhow::{Context, Result};
 use os_config::layout::Slot;
 use os_config::slice::Slice;
 
-/// A GPT partition of the boot disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Partition {
-    pub label: String,
-    pub start: u64,
-    pub size: u64,
-    pub uuid: [u8; 16],
-}
+/// A GPT partition of the boot disk, as the one GPT reader gives it.
+pub use os_config::gpt::Partition;
 
 /// The boot disk (a block device, or a file in tests), opened read-write.
 #[derive(Debug)]
@@ -84,6 +78,9 @@ impl Disk {
     pub fn set_slot_uuids(&mut self, slot: Slot, root_hash: &[u8; 32]) -> Result<()> {
         let (root_uuid, verity_uuid) = os_config::manifest::slot_partition_uuids(root_hash);
         let context = || format!("rewriting the GPT of {}", self.path.display());
+        // The one reader checks the table (entry size and count, CRCs) before the `gpt` crate,
+        // which asserts on what it reads, is handed the disk.
+        read_partitions(&mut self.file, &self.path)?;
         let mut gpt = gpt::GptConfig::new()
             .writable(true)
             .open_from_device(&mut self.file)
@@ -105,24 +102,10 @@ impl Disk {
     }
 }
 
+/// Reads the partitions through the one GPT reader (the primary, or the backup when the primary
+/// is damaged); this also checks the entry size and count before the `gpt` crate sees the table.
 fn read_partitions(file: &mut fs::File, path: &Path) -> Result<Vec<Partition>> {
-    let gpt = gpt::GptConfig::new()
-        .writable(false)
-        .open_from_device(&mut *file)
-        .with_context(|| format!("reading GPT of {}", path.display()))?;
-    let block = *gpt.logical_block_size();
-    let parts = gpt
-        .partitions()
-        .values()
-        .map(|p| {
-            Ok(Partition {
-                label: p.name.clone(),
-                start: p.bytes_start(block)?,
-                size: p.bytes_len(block)?,
-                uuid: *p.part_guid.as_bytes(),
-            })
-        })
-        .collect::<io::Result<Vec<_>>>()
-        .with_context(|| format!("reading GPT of {}", path.display()))?;
-    Ok(parts)
+    let table =
+        os_config::gpt::read(file).with_context(|| format!("reading GPT of {}", path.display()))?;
+    Ok(table.partitions)
 }
