@@ -208,6 +208,18 @@ mod tests {
     }
 
     #[test]
+    fn the_verity_superblock_written_is_the_one_read() {
+        let sb = VeritySuperblock {
+            data_blocks: 300,
+            salt: vec![0xab; 32],
+            uuid: [7; 16],
+        };
+        let bytes = sb.to_bytes();
+        assert_eq!(bytes.len(), VERITY_BLOCK_SIZE as usize);
+        assert_eq!(VeritySuperblock::parse(&bytes), Ok(sb));
+    }
+
+    #[test]
     fn slot_uuids_split_the_root_hash() {
         let hash = "0123456789abcdef0123456789ABCDEFfedcba9876543210fedcba9876543210";
         let (root, verity) = slot_uuids(hash).expect("valid hash");
@@ -282,6 +294,32 @@ impl VeritySuperblock {
             salt: bytes[88..88 + salt_size].to_vec(),
             uuid,
         })
+    }
+
+    /// The superblock as `veritysetup format` writes it (format 1, sha256, 4 KiB blocks), padded
+    /// to one hash block: what [`VeritySuperblock::parse`] reads. The salt must be at most 256
+    /// bytes (longer ones are cut there).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let block = VERITY_BLOCK_SIZE as usize;
+        let salt = &self.salt[..self.salt.len().min(256)];
+        let mut sb = Vec::with_capacity(block);
+        sb.extend_from_slice(b"verity\0\0");
+        sb.extend_from_slice(&1u32.to_le_bytes()); // superblock version
+        sb.extend_from_slice(&1u32.to_le_bytes()); // hash type: normal (format 1)
+        sb.extend_from_slice(&self.uuid);
+        let mut algorithm = [0u8; 32];
+        algorithm[..6].copy_from_slice(b"sha256");
+        sb.extend_from_slice(&algorithm);
+        sb.extend_from_slice(&(VERITY_BLOCK_SIZE as u32).to_le_bytes()); // data block size
+        sb.extend_from_slice(&(VERITY_BLOCK_SIZE as u32).to_le_bytes()); // hash block size
+        sb.extend_from_slice(&self.data_blocks.to_le_bytes());
+        sb.extend_from_slice(&(salt.len() as u16).to_le_bytes());
+        sb.extend_from_slice(&[0u8; 6]);
+        let mut padded_salt = [0u8; 256];
+        padded_salt[..salt.len()].copy_from_slice(salt);
+        sb.extend_from_slice(&padded_salt);
+        sb.resize(block, 0);
+        sb
     }
 
     /// Length of the protected data in 512-byte sectors.

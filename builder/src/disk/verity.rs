@@ -94,26 +94,14 @@ fn padded_len(count: usize) -> usize {
     count.div_ceil(HASHES_PER_BLOCK) * BLOCK_SIZE
 }
 
-/// The 512-byte verity superblock, padded to a whole hash block.
+/// The verity superblock, padded to a whole hash block (os-config's format).
 fn superblock(data_blocks: u64, params: &VerityParams) -> Vec<u8> {
-    let mut sb = Vec::with_capacity(BLOCK_SIZE);
-    sb.extend_from_slice(b"verity\0\0");
-    sb.extend_from_slice(&1u32.to_le_bytes()); // superblock version
-    sb.extend_from_slice(&1u32.to_le_bytes()); // hash type: normal (format 1)
-    sb.extend_from_slice(&params.uuid);
-    let mut algorithm = [0u8; 32];
-    algorithm[..6].copy_from_slice(b"sha256");
-    sb.extend_from_slice(&algorithm);
-    sb.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes()); // data block size
-    sb.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes()); // hash block size
-    sb.extend_from_slice(&data_blocks.to_le_bytes());
-    sb.extend_from_slice(&(params.salt.len() as u16).to_le_bytes());
-    sb.extend_from_slice(&[0u8; 6]);
-    let mut salt = [0u8; 256];
-    salt[..params.salt.len()].copy_from_slice(&params.salt);
-    sb.extend_from_slice(&salt);
-    sb.resize(BLOCK_SIZE, 0);
-    sb
+    VeritySuperblock {
+        data_blocks,
+        salt: params.salt.to_vec(),
+        uuid: params.uuid,
+    }
+    .to_bytes()
 }
 
 /// Reads a verity superblock (format 1, sha256, 4 KiB blocks), refusing anything else.

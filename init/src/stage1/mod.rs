@@ -807,17 +807,12 @@ mod tests {
     const STATE_TYPE: &str = "4d21b016-b534-45c2-a9fb-5c16e091fd2d";
 
     fn superblock(data_blocks: u64) -> Vec<u8> {
-        let mut sb = vec![0u8; 4096];
-        sb[0..8].copy_from_slice(b"verity\0\0");
-        sb[8..12].copy_from_slice(&1u32.to_le_bytes());
-        sb[12..16].copy_from_slice(&1u32.to_le_bytes());
-        sb[32..38].copy_from_slice(b"sha256");
-        sb[64..68].copy_from_slice(&4096u32.to_le_bytes());
-        sb[68..72].copy_from_slice(&4096u32.to_le_bytes());
-        sb[72..80].copy_from_slice(&data_blocks.to_le_bytes());
-        sb[80..82].copy_from_slice(&4u16.to_le_bytes());
-        sb[88..92].copy_from_slice(&[1, 2, 3, 4]);
-        sb
+        VeritySuperblock {
+            data_blocks,
+            salt: vec![1, 2, 3, 4],
+            uuid: [0; 16],
+        }
+        .to_bytes()
     }
 
     /// A machine whose disk vda holds slot A with the given partition UUIDs.
