@@ -10,7 +10,7 @@
 //! [`parse_header`] and [`parse_entries`] work on bytes; [`read`] is the small I/O wrapper over
 //! any `Read + Seek` (a block device, a disk image, a `Cursor` in tests).
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 
 use uuid::Uuid;
 
@@ -439,6 +439,120 @@ fn read_backup<R: Read + Seek>(disk: &mut R, len: u64) -> Result<Table, Option<G
     Err(error)
 }
 
+/// Offset of the unique partition GUID in an entry.
+pub const ENTRY_UUID: usize = 16;
+/// Offset of the last LBA in an entry.
+pub const ENTRY_LAST_LBA: usize = 40;
+
+/// Reads the entry array of `header` (bounded and inside the disk: [`parse_header`] checked it).
+pub fn read_entry_array<R: Read + Seek>(
+    disk: &mut R,
+    header: &Header,
+) -> Result<Vec<u8>, GptError> {
+    let mut entries = vec![0u8; header.entries_bytes()];
+    disk.seek(SeekFrom::Start(header.entries_lba * header.sector_size))?;
+    disk.read_exact(&mut entries)?;
+    Ok(entries)
+}
+
+/// The bytes of entry `number` (1-based) in the entry array `entries` of `header`.
+pub fn entry_mut<'a>(
+    entries: &'a mut [u8],
+    header: &Header,
+    number: u32,
+) -> Result<&'a mut [u8], GptError> {
+    let size = header.entry_size as usize;
+    let start = (number as usize)
+        .checked_sub(1)
+        .map(|index| index * size)
+        .filter(|start| start + size <= entries.len() && size >= MIN_ENTRY_SIZE as usize)
+        .ok_or_else(|| {
+            corrupt(format!(
+                "partition {number} is outside the entry array of {} entries",
+                header.entry_count
+            ))
+        })?;
+    Ok(&mut entries[start..start + size])
+}
+
+/// Writes a GPT in place: `entries` (the edited entry array of `header`, a header read by
+/// [`read`]) with both headers resealed, the backup header at `alternate_lba` with its entries
+/// just before it, and `last_usable_lba`. The backup goes first and is flushed (`sync`) before
+/// the primary is written, so a power cut leaves one valid table at every moment: the old primary
+/// until the new backup is down, the new backup until the new primary is.
+pub fn write_in_place<D, F>(
+    disk: &mut D,
+    header: &Header,
+    entries: &[u8],
+    alternate_lba: u64,
+    last_usable_lba: u64,
+    mut sync: F,
+) -> std::io::Result<()>
+where
+    D: Read + Write + Seek,
+    F: FnMut(&mut D) -> std::io::Result<()>,
+{
+    let sector = header.sector_size;
+    if entries.len() != header.entries_bytes() {
+        return Err(std::io::Error::other(format!(
+            "the entry array is {} bytes, the header says {}",
+            entries.len(),
+            header.entries_bytes()
+        )));
+    }
+    let entries_sectors = header.entries_sectors();
+    let backup_entries_lba = alternate_lba
+        .checked_sub(entries_sectors)
+        .filter(|lba| *lba > last_usable_lba)
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "no room for the backup entry array before LBA {alternate_lba} after the last usable LBA {last_usable_lba}"
+            ))
+        })?;
+    // A table read from the backup is written back to the usual primary place, LBA 2.
+    let primary_entries_lba = if header.my_lba == 1 {
+        header.entries_lba
+    } else {
+        2
+    };
+    let entries_crc = crc32fast::hash(entries);
+    let sealed = |my_lba: u64, other_lba: u64, entries_lba: u64| -> Vec<u8> {
+        let mut raw = header.raw.clone();
+        raw[24..32].copy_from_slice(&my_lba.to_le_bytes());
+        raw[32..40].copy_from_slice(&other_lba.to_le_bytes());
+        raw[48..56].copy_from_slice(&last_usable_lba.to_le_bytes());
+        raw[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+        raw[88..92].copy_from_slice(&entries_crc.to_le_bytes());
+        let crc = header_crc(&raw);
+        raw[16..20].copy_from_slice(&crc.to_le_bytes());
+        let mut block = vec![0u8; sector as usize];
+        block[..raw.len()].copy_from_slice(&raw);
+        block
+    };
+
+    let mut backup = entries.to_vec();
+    backup.resize((entries_sectors * sector) as usize, 0);
+    backup.extend_from_slice(&sealed(alternate_lba, 1, backup_entries_lba));
+    disk.seek(SeekFrom::Start(backup_entries_lba * sector))?;
+    disk.write_all(&backup)?;
+    sync(disk)?;
+
+    let primary = sealed(1, alternate_lba, primary_entries_lba);
+    if primary_entries_lba == 2 {
+        // One write for header and entries keeps the window between them as short as possible.
+        let mut both = primary;
+        both.extend_from_slice(entries);
+        disk.seek(SeekFrom::Start(sector))?;
+        disk.write_all(&both)?;
+    } else {
+        disk.seek(SeekFrom::Start(primary_entries_lba * sector))?;
+        disk.write_all(entries)?;
+        disk.seek(SeekFrom::Start(sector))?;
+        disk.write_all(&primary)?;
+    }
+    sync(disk)
+}
+
 /// Hand-built GPT disks for tests (feature `test-disks`).
 #[cfg(any(test, feature = "test-disks"))]
 pub mod testing {
@@ -804,5 +918,116 @@ mod tests {
             assert!(parse_header(block, 512, 1, 200).is_err());
         }
         assert!(parse_header(&[0u8; 512], 512, 1, 0).is_err());
+    }
+
+    /// A disk with both tables: esp, root-a and verity-a.
+    fn two_table_disk() -> Vec<u8> {
+        let mut disk = build_disk(
+            512,
+            400,
+            &[
+                (
+                    "esp",
+                    "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+                    "aaaaaaaa-0000-0000-0000-000000000001",
+                    40,
+                    59,
+                ),
+                (
+                    "root-a",
+                    ROOT_TYPE,
+                    "00112233-4455-6677-8899-aabbccddeeff",
+                    60,
+                    99,
+                ),
+                (
+                    "verity-a",
+                    VERITY_TYPE,
+                    "01234567-89ab-cdef-0123-456789abcdef",
+                    100,
+                    109,
+                ),
+            ],
+        );
+        // Usable LBAs 34..=366, as a real table has them.
+        disk[512 + 40..512 + 48].copy_from_slice(&34u64.to_le_bytes());
+        disk[512 + 48..512 + 56].copy_from_slice(&366u64.to_le_bytes());
+        reseal(&mut disk, 512);
+        add_backup(&mut disk, 512);
+        disk
+    }
+
+    fn set_uuid(disk: &mut Vec<u8>, label: &str, uuid: Uuid) {
+        let mut cursor = Cursor::new(std::mem::take(disk));
+        let table = read(&mut cursor).expect("table");
+        let number = table.by_label(label).expect("label").number;
+        let mut entries = read_entry_array(&mut cursor, &table.header).expect("entries");
+        let entry = entry_mut(&mut entries, &table.header, number).expect("entry");
+        entry[ENTRY_UUID..ENTRY_UUID + 16].copy_from_slice(&uuid.to_bytes_le());
+        let alternate = if table.from_backup {
+            table.header.my_lba
+        } else {
+            table.header.alternate_lba
+        };
+        let mut syncs = 0;
+        write_in_place(
+            &mut cursor,
+            &table.header,
+            &entries,
+            alternate,
+            table.header.last_usable_lba,
+            |_| {
+                syncs += 1;
+                Ok(())
+            },
+        )
+        .expect("write");
+        assert_eq!(syncs, 2, "the backup and the primary are each flushed");
+        *disk = cursor.into_inner();
+    }
+
+    #[test]
+    fn rewriting_an_entry_keeps_both_tables_valid_and_equal() {
+        let mut disk = two_table_disk();
+        let uuid = Uuid::parse_str("deadbeef-0000-4000-8000-000000000001").expect("uuid");
+        set_uuid(&mut disk, "root-a", uuid);
+        let primary = read(&mut Cursor::new(disk.clone())).expect("primary");
+        assert!(!primary.from_backup);
+        assert_eq!(primary.by_label("root-a").expect("root-a").uuid, uuid);
+        // The backup alone (primary header zeroed) says the same.
+        let mut backup_only = disk.clone();
+        backup_only[512..1024].fill(0);
+        let backup = read(&mut Cursor::new(backup_only)).expect("backup");
+        assert!(backup.from_backup);
+        assert_eq!(backup.partitions, primary.partitions);
+        assert_eq!(backup.header.last_usable_lba, 366);
+    }
+
+    #[test]
+    fn rewriting_a_table_read_from_the_backup_repairs_the_primary() {
+        let mut disk = two_table_disk();
+        // The primary entry array is zeroed (its CRC no longer holds).
+        disk[1024..1024 + 128 * 128].fill(0);
+        assert!(
+            read(&mut Cursor::new(disk.clone()))
+                .expect("backup")
+                .from_backup
+        );
+        let uuid = Uuid::parse_str("deadbeef-0000-4000-8000-000000000002").expect("uuid");
+        set_uuid(&mut disk, "verity-a", uuid);
+        let table = read(&mut Cursor::new(disk)).expect("repaired");
+        assert!(!table.from_backup, "the primary was written again");
+        assert_eq!(table.by_label("verity-a").expect("verity-a").uuid, uuid);
+        assert_eq!(table.partitions.len(), 3);
+    }
+
+    #[test]
+    fn entries_outside_the_array_are_errors() {
+        let disk = two_table_disk();
+        let table = read(&mut Cursor::new(disk.clone())).expect("table");
+        let mut entries = read_entry_array(&mut Cursor::new(disk), &table.header).expect("entries");
+        assert!(entry_mut(&mut entries, &table.header, 0).is_err());
+        assert!(entry_mut(&mut entries, &table.header, 129).is_err());
+        assert!(entry_mut(&mut entries, &table.header, 128).is_ok());
     }
 }

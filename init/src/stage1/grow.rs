@@ -70,6 +70,7 @@ fn put_u32(buf: &mut [u8], offset: usize, value: u32) {
     buf[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
 }
 
+#[cfg(test)]
 fn put_u64(buf: &mut [u8], offset: usize, value: u64) {
     buf[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
 }
@@ -167,59 +168,18 @@ where
             header.sector_size
         )));
     }
-    // Bounded by the reader (at most 1 MiB, inside the disk).
-    let mut entries = vec![0u8; header.entries_bytes()];
-    disk.seek(SeekFrom::Start(header.entries_lba * sector))?;
-    disk.read_exact(&mut entries)?;
-    let entry_size = header.entry_size as usize;
-    let offset = (plan.number as usize - 1) * entry_size;
-    if offset + 48 > entries.len() {
-        return Err(io::Error::other(format!(
-            "partition {} is outside the entry array",
-            plan.number
-        )));
-    }
-    put_u64(&mut entries, offset + 40, plan.new_last_lba);
-    let entries_crc = crc32fast::hash(&entries);
-    let entries_sectors = header.entries_sectors();
-    let backup_entries_lba = plan.new_alternate_lba - entries_sectors;
-
-    let sealed = |my_lba: u64, alternate_lba: u64, entries_lba: u64| -> Vec<u8> {
-        let mut raw = header.raw.clone();
-        put_u64(&mut raw, 24, my_lba);
-        put_u64(&mut raw, 32, alternate_lba);
-        put_u64(&mut raw, 48, plan.new_last_usable_lba);
-        put_u64(&mut raw, 72, entries_lba);
-        put_u32(&mut raw, 88, entries_crc);
-        let crc = gpt::header_crc(&raw);
-        put_u32(&mut raw, 16, crc);
-        let mut block = vec![0u8; sector as usize];
-        block[..raw.len()].copy_from_slice(&raw);
-        block
-    };
-
-    // Backup first: until the primary changes, the old primary (and its old backup) stay valid.
-    let mut backup = entries.clone();
-    backup.resize((entries_sectors * sector) as usize, 0);
-    backup.extend_from_slice(&sealed(plan.new_alternate_lba, 1, backup_entries_lba));
-    disk.seek(SeekFrom::Start(backup_entries_lba * sector))?;
-    disk.write_all(&backup)?;
-    sync(disk)?;
-
-    let primary_header = sealed(1, plan.new_alternate_lba, header.entries_lba);
-    if header.entries_lba == 2 {
-        // One write for header and entries keeps the window between them as short as possible.
-        let mut both = primary_header;
-        both.extend_from_slice(&entries);
-        disk.seek(SeekFrom::Start(sector))?;
-        disk.write_all(&both)?;
-    } else {
-        disk.seek(SeekFrom::Start(header.entries_lba * sector))?;
-        disk.write_all(&entries)?;
-        disk.seek(SeekFrom::Start(sector))?;
-        disk.write_all(&primary_header)?;
-    }
-    sync(disk)?;
+    let mut entries = gpt::read_entry_array(disk, header).map_err(io::Error::other)?;
+    let entry = gpt::entry_mut(&mut entries, header, plan.number).map_err(io::Error::other)?;
+    entry[gpt::ENTRY_LAST_LBA..gpt::ENTRY_LAST_LBA + 8]
+        .copy_from_slice(&plan.new_last_lba.to_le_bytes());
+    gpt::write_in_place(
+        disk,
+        header,
+        &entries,
+        plan.new_alternate_lba,
+        plan.new_last_usable_lba,
+        &mut sync,
+    )?;
 
     let mut mbr = [0u8; 512];
     disk.seek(SeekFrom::Start(0))?;

@@ -78,24 +78,38 @@ impl Disk {
     pub fn set_slot_uuids(&mut self, slot: Slot, root_hash: &[u8; 32]) -> Result<()> {
         let (root_uuid, verity_uuid) = os_config::manifest::slot_partition_uuids(root_hash);
         let context = || format!("rewriting the GPT of {}", self.path.display());
-        // The one reader checks the table (entry size and count, CRCs) before the `gpt` crate,
-        // which asserts on what it reads, is handed the disk.
-        read_partitions(&mut self.file, &self.path)?;
-        let mut gpt = gpt::GptConfig::new()
-            .writable(true)
-            .open_from_device(&mut self.file)
-            .with_context(context)?;
-        let mut parts = gpt.partitions().clone();
-        for part in parts.values_mut() {
-            if part.name == slot.root_label() {
-                part.part_guid = uuid::Uuid::from_bytes(root_uuid);
-            } else if part.name == slot.verity_label() {
-                part.part_guid = uuid::Uuid::from_bytes(verity_uuid);
-            }
+        let table = os_config::gpt::read(&mut self.file).with_context(context)?;
+        let header = &table.header;
+        let mut entries =
+            os_config::gpt::read_entry_array(&mut self.file, header).with_context(context)?;
+        for part in &table.partitions {
+            let uuid = if part.label == slot.root_label() {
+                root_uuid
+            } else if part.label == slot.verity_label() {
+                verity_uuid
+            } else {
+                continue;
+            };
+            let entry = os_config::gpt::entry_mut(&mut entries, header, part.number)
+                .with_context(context)?;
+            entry[os_config::gpt::ENTRY_UUID..os_config::gpt::ENTRY_UUID + 16]
+                .copy_from_slice(&uuid::Uuid::from_bytes(uuid).to_bytes_le());
         }
-        gpt.update_partitions(parts).with_context(context)?;
-        gpt.write_inplace().with_context(context)?;
-        drop(gpt);
+        // Where the backup is now (a table read from the backup has it at its own LBA).
+        let alternate_lba = if header.my_lba == 1 {
+            header.alternate_lba
+        } else {
+            header.my_lba
+        };
+        os_config::gpt::write_in_place(
+            &mut self.file,
+            header,
+            &entries,
+            alternate_lba,
+            header.last_usable_lba,
+            |file| file.sync_data(),
+        )
+        .with_context(context)?;
         self.sync()?;
         self.partitions = read_partitions(&mut self.file, &self.path)?;
         Ok(())
@@ -103,7 +117,7 @@ impl Disk {
 }
 
 /// Reads the partitions through the one GPT reader (the primary, or the backup when the primary
-/// is damaged); this also checks the entry size and count before the `gpt` crate sees the table.
+/// is damaged).
 fn read_partitions(file: &mut fs::File, path: &Path) -> Result<Vec<Partition>> {
     let table =
         os_config::gpt::read(file).with_context(|| format!("reading GPT of {}", path.display()))?;
