@@ -450,7 +450,7 @@ pub fn store_artifact_framed(
         let mut in_frame = 0usize;
         while in_frame < frame_size {
             let want = buf.len().min(frame_size - in_frame);
-            let n = read_full(&mut reader, &mut buf[..want])
+            let n = os_config::slice::read_full(&mut reader, &mut buf[..want])
                 .with_context(|| format!("reading content for {}", temp.display()))?;
             if n == 0 {
                 break;
@@ -520,19 +520,6 @@ pub fn store_artifact_framed(
         uncompressed_sha256: Sha256::parse(&uncompressed_sha256).map_err(anyhow::Error::msg)?,
         frames,
     })
-}
-
-fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 fn hash_file(path: &Path) -> Result<String> {

@@ -4,6 +4,21 @@
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
+/// Reads into `buf` until it is full or the reader ends (retrying interrupted reads); returns
+/// how many bytes were read, less than `buf.len()` only at the end of the input.
+pub fn read_full<R: Read + ?Sized>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Bytes `start..start + len` of `inner`. Every read and write seeks `inner` first, so the device
 /// may be shared with other users between calls.
 #[derive(Debug)]

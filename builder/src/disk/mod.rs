@@ -302,7 +302,7 @@ fn copy_into(disk: &mut File, offset: u64, src: &mut impl Read, sparse: bool) ->
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = offset;
     loop {
-        let n = read_full(src, &mut buf)?;
+        let n = os_config::slice::read_full(src, &mut buf)?;
         if n == 0 {
             break;
         }
@@ -321,19 +321,6 @@ fn copy_into(disk: &mut File, offset: u64, src: &mut impl Read, sparse: bool) ->
         }
     }
     Ok(pos - offset)
-}
-
-fn read_full(src: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match src.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 fn sha256_file(path: &Path) -> Result<[u8; 32]> {

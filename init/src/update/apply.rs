@@ -315,7 +315,7 @@ fn stream(
             let mut decoder = zstd::stream::read::Decoder::new(frame_input)?;
             decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
             loop {
-                let n = read_full(&mut decoder, &mut buf)?;
+                let n = os_config::slice::read_full(&mut decoder, &mut buf)?;
                 if n == 0 {
                     break;
                 }
@@ -492,19 +492,6 @@ fn hash_reader(reader: &mut dyn Read) -> io::Result<(u64, String)> {
         hasher.update(&buf[..n]);
         len += n as u64;
     }
-}
-
-fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// Counts and hashes the compressed bytes; remembers whether the source failed (network) as
