@@ -13,9 +13,12 @@ pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_704_067_200;
 
 /// Reads and validates a definition file.
 pub fn load_definition(path: &Path) -> Result<Definition> {
-    let source = std::fs::read_to_string(path)
+    let bytes = std::fs::read(path)
         .with_context(|| format!("reading image definition {}", path.display()))?;
-    Ok(Definition::parse(&path.display().to_string(), &source)?)
+    Ok(Definition::parse_bytes(
+        &path.display().to_string(),
+        &bytes,
+    )?)
 }
 
 /// `plinth check FILE`.
@@ -220,7 +223,7 @@ pub fn build_image(args: &Options) -> Result<Built> {
 
 /// Where `plinth-init` finds the archive of a container's image on the machine.
 pub fn image_archive_path(container: &str) -> String {
-    format!("usr/lib/plinth/images/{container}.tar")
+    format!("{}/{container}.tar", os_config::rootfs::IMAGE_ARCHIVES)
 }
 
 /// Writes the archive of every container image that is built from packages or given as an
@@ -296,11 +299,13 @@ fn install_payload(def: &Definition, def_path: &Path, init: &Path, root: &Path) 
             bail!("{} does not exist", source.display());
         }
     }
-    let lib = root.join("usr/lib/plinth");
-    std::fs::create_dir_all(&lib)?;
+    let dest = root.join(os_config::rootfs::IMAGE_DEFINITION);
+    if let Some(lib) = dest.parent() {
+        std::fs::create_dir_all(lib)?;
+    }
     let text =
         std::fs::read(def_path).with_context(|| format!("reading {}", def_path.display()))?;
-    std::fs::write(lib.join("image.toml"), text)?;
+    std::fs::write(dest, text)?;
     let _ = def;
     Ok(())
 }

@@ -60,6 +60,45 @@ pub fn format_arg(key: &str, value: Option<&str>) -> String {
     }
 }
 
+/// Prefix of the arguments Plinth reads; the build writes `plinth.slot`, `plinth.version`,
+/// `plinth.roothash` and `plinth.verity` itself.
+pub const RESERVED_PREFIX: &str = "plinth.";
+
+/// The `plinth.*` arguments an image may add to its own command line: tuning knobs Plinth reads
+/// but never writes.
+pub const SETTABLE: [&str; 2] = ["plinth.disk-timeout", "plinth.update-stage-delay-ms"];
+
+/// Checks that `text` is one argument an image may add to the kernel command line: a single
+/// token (it splits into exactly itself: no whitespace, no control characters, no quotes), and
+/// not one of Plinth's own `plinth.*` arguments.
+pub fn check_image_arg(text: &str) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("an empty argument: give `key` or `key=value`".to_owned());
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control() || is_space(*c)) {
+        return Err(format!(
+            "`{}` holds {c:?}: each entry must be exactly one kernel argument, without whitespace or control characters (give several entries instead)",
+            text.escape_debug()
+        ));
+    }
+    if text.contains('"') {
+        return Err(format!(
+            "`{text}` holds a quote, which the kernel uses to group words: each entry must be one argument without quotes"
+        ));
+    }
+    let key = text.split_once('=').map_or(text, |(k, _)| k);
+    if key.is_empty() {
+        return Err(format!("`{text}` has no key before `=`"));
+    }
+    if key.starts_with(RESERVED_PREFIX) && !SETTABLE.contains(&key) {
+        return Err(format!(
+            "`{key}` is reserved: Plinth writes its own `{RESERVED_PREFIX}*` arguments (use [image] verity = false instead of plinth.verity=off); an image may only add {}",
+            SETTABLE.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// The kernel's `isspace()` (space, `\t`, `\n`, `\v`, `\f`, `\r`).
 fn is_space(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r')
@@ -179,6 +218,30 @@ mod tests {
             assert_eq!(Cmdline::parse(&formatted), line);
         }
         assert_eq!(format_arg("msg", Some("a b")), "msg=\"a b\"");
+    }
+
+    #[test]
+    fn image_arguments_are_single_unreserved_tokens() {
+        let ok = ["quiet", "console=ttyS0", "plinth.disk-timeout=30", "k="];
+        for arg in ok {
+            assert_eq!(check_image_arg(arg), Ok(()), "{arg}");
+            assert_eq!(Cmdline::parse(arg).args().len(), 1, "{arg}");
+        }
+        let bad = [
+            ("plinth.verity=off", "reserved"),
+            ("plinth.roothash=00", "reserved"),
+            ("plinth.slot", "reserved"),
+            ("a b", "exactly one kernel argument"),
+            ("a\nplinth.verity=off", "exactly one kernel argument"),
+            ("a\u{7}", "control"),
+            ("msg=\"x", "quote"),
+            ("", "empty"),
+            ("=x", "no key"),
+        ];
+        for (arg, want) in bad {
+            let err = check_image_arg(arg).expect_err(arg);
+            assert!(err.contains(want), "{arg:?}: {err}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::diagnostic::{explain, DefinitionError};
+use crate::diagnostic::{explain, DefinitionError, Spans};
 use crate::units::{ByteSize, Duration, FileMode, Name, Sha256, Version};
 
 /// A whole image definition.
@@ -140,6 +140,24 @@ pub struct Disk {
     pub state: ByteSize,
 }
 
+impl Disk {
+    /// Bytes of the whole disk image: 1 MiB before the partitions, esp, two root and two verity
+    /// slots, state, and 1 MiB after them; `None` if the sum overflows.
+    pub fn total_size(&self) -> Option<u64> {
+        let alignment = crate::layout::ALIGNMENT;
+        [
+            self.esp.0,
+            self.root.0,
+            self.root.0,
+            self.verity.0,
+            self.verity.0,
+            self.state.0,
+        ]
+        .into_iter()
+        .try_fold(2 * alignment, u64::checked_add)
+    }
+}
+
 impl Default for Disk {
     fn default() -> Self {
         Disk {
@@ -261,10 +279,16 @@ impl TryFrom<String> for TimeOfDay {
     type Error = String;
 
     fn try_from(text: String) -> Result<TimeOfDay, String> {
-        let parsed = text.split_once(':').and_then(|(h, m)| {
-            let (h, m) = (h.parse::<u32>().ok()?, m.parse::<u32>().ok()?);
-            (h < 24 && m < 60 && text.len() == 5).then_some(h * 60 + m)
+        let b = text.as_bytes();
+        let digits =
+            b.len() == 5 && b[2] == b':' && [0, 1, 3, 4].iter().all(|&i| b[i].is_ascii_digit());
+        let parsed = digits.then(|| {
+            let number = |i: usize| u32::from(b[i] - b'0') * 10 + u32::from(b[i + 1] - b'0');
+            (number(0), number(3))
         });
+        let parsed = parsed
+            .filter(|(h, m)| *h < 24 && *m < 60)
+            .map(|(h, m)| h * 60 + m);
         parsed.map(TimeOfDay).ok_or_else(|| {
             format!("`{text}` is not a time of day: expected HH:MM, 00:00 to 23:59 (UTC)")
         })
@@ -366,7 +390,8 @@ pub struct File {
 }
 
 impl Definition {
-    /// Parses and validates a definition. `file` is only used to name the file in errors.
+    /// Parses and validates a definition. `file` is only used to name the file in errors, which
+    /// are located through the parser's spans of the offending key or value.
     pub fn parse(file: &str, source: &str) -> Result<Definition, DefinitionError> {
         let definition: Definition = toml::from_str(source).map_err(|e| {
             DefinitionError::at(
@@ -376,243 +401,41 @@ impl Definition {
                 explain(e.message()),
             )
         })?;
-        definition.validate(file, source)?;
+        if let Err(problem) = crate::validate::definition(&definition) {
+            let spans = Spans::parse(source);
+            let offset = problem
+                .paths
+                .iter()
+                .find_map(|p| spans.exact_offset(p))
+                .or_else(|| problem.paths.first().and_then(|p| spans.offset(p)));
+            let named = problem
+                .paths
+                .first()
+                .map_or(String::new(), |p| format!("{p}: "));
+            return Err(DefinitionError::at(
+                file,
+                source,
+                offset,
+                format!("{named}{}", problem.message),
+            ));
+        }
         Ok(definition)
+    }
+
+    /// [`Definition::parse`] of a file's bytes, which must be UTF-8 (an invalid byte is an error
+    /// at its line and column).
+    pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Definition, DefinitionError> {
+        Definition::parse(file, crate::diagnostic::decode(file, bytes)?)
     }
 
     /// The host name the machine takes.
     pub fn hostname(&self) -> &Name {
         self.image.hostname.as_ref().unwrap_or(&self.image.name)
     }
-
-    fn validate(&self, file: &str, source: &str) -> Result<(), DefinitionError> {
-        let fail = |needle: &str, message: String| {
-            Err(DefinitionError::at(
-                file,
-                source,
-                source.find(needle),
-                message,
-            ))
-        };
-        if self.debian.suite.is_empty() || self.debian.suite.contains(['/', ' ']) {
-            return fail(
-                "suite",
-                format!("[debian] suite `{}` is not a suite name", self.debian.suite),
-            );
-        }
-        for package in self.debian.packages.iter().chain([&self.kernel.package]) {
-            if !is_package_name(package) {
-                return fail(
-                    package,
-                    format!("`{package}` is not a Debian package name (lowercase letters, digits, `+`, `-`, `.`)"),
-                );
-            }
-        }
-        for (key, url) in [
-            ("mirror", &self.debian.mirror),
-            ("security-mirror", &self.debian.security_mirror),
-        ] {
-            if let Some(url) = url {
-                if !(url.starts_with("http://")
-                    || url.starts_with("https://")
-                    || url.starts_with("file:/"))
-                {
-                    return fail(
-                        url,
-                        format!(
-                            "[debian] {key} `{url}`: expected an http://, https:// or file:/ URL"
-                        ),
-                    );
-                }
-            }
-        }
-        let disk = &self.disk;
-        for (key, size, min) in [
-            ("esp", disk.esp, 64 * ByteSize::MIB),
-            ("root", disk.root, 64 * ByteSize::MIB),
-            ("verity", disk.verity, ByteSize::MIB),
-            ("state", disk.state, 64 * ByteSize::MIB),
-        ] {
-            if size.0 < min || !size.0.is_multiple_of(ByteSize::MIB) {
-                return fail(
-                    &format!("{key} ="),
-                    format!(
-                        "[disk] {key} = \"{size}\": must be a whole number of MiB and at least {}",
-                        ByteSize(min)
-                    ),
-                );
-            }
-        }
-        if self.network.mode == NetworkMode::Static && self.network.address.is_none() {
-            return fail(
-                "mode",
-                "[network] mode = \"static\" needs `address`".to_owned(),
-            );
-        }
-        if let Some(update) = &self.update {
-            if !(update.url.starts_with("http://")
-                || update.url.starts_with("https://")
-                || update.url.starts_with("file:/"))
-            {
-                return fail(
-                    &update.url,
-                    format!(
-                        "[update] url `{}`: expected an http://, https:// or file:/ URL",
-                        update.url
-                    ),
-                );
-            }
-            match (update.strategy, &update.window, &update.fleetlock) {
-                (UpdateStrategy::Window, None, _) => {
-                    return fail(
-                        "strategy",
-                        "[update] strategy = \"window\" needs a window, for example window = { days = [\"sat\", \"sun\"], start = \"02:00\", length = \"3h\" }".to_owned(),
-                    )
-                }
-                (UpdateStrategy::Fleetlock, _, None) => {
-                    return fail(
-                        "strategy",
-                        "[update] strategy = \"fleetlock\" needs fleetlock = { url = \"http://…\", group = \"default\" }".to_owned(),
-                    )
-                }
-                (strategy, Some(_), _) if strategy != UpdateStrategy::Window => {
-                    return fail(
-                        "window",
-                        "[update] window is only used with strategy = \"window\"".to_owned(),
-                    )
-                }
-                (strategy, _, Some(_)) if strategy != UpdateStrategy::Fleetlock => {
-                    return fail(
-                        "fleetlock",
-                        "[update] fleetlock is only used with strategy = \"fleetlock\"".to_owned(),
-                    )
-                }
-                _ => {}
-            }
-            if let Some(window) = &update.window {
-                if window.length.0.is_zero()
-                    || window.length.0 > std::time::Duration::from_secs(7 * 86400)
-                {
-                    return fail(
-                        "length",
-                        "[update] window length must be more than 0 and at most 7 days".to_owned(),
-                    );
-                }
-            }
-            if let Some(lock) = &update.fleetlock {
-                if !lock.url.starts_with("http://") {
-                    return fail(
-                        &lock.url,
-                        format!(
-                            "[update] fleetlock url `{}`: expected an http:// URL",
-                            lock.url
-                        ),
-                    );
-                }
-            }
-            if update.bless_timeout <= update.bless_after {
-                return fail(
-                    "bless-timeout",
-                    "[update] bless-timeout must be longer than bless-after".to_owned(),
-                );
-            }
-        }
-        let mut names = std::collections::BTreeSet::new();
-        for container in &self.containers {
-            let name = container.name.as_str();
-            if !names.insert(name) {
-                return fail(
-                    &format!("\"{name}\""),
-                    format!("[[container]] name `{name}` is declared twice"),
-                );
-            }
-            if container.archive.is_some() && container.build.is_some() {
-                return fail(
-                    &format!("\"{name}\""),
-                    format!("[[container]] `{name}`: give `archive` or `build`, not both"),
-                );
-            }
-            for mount in &container.mounts {
-                match mount.split_once(':') {
-                    Some((host, guest)) if host.starts_with("/var/") && guest.starts_with('/') && !host.contains("..") => {}
-                    _ => return fail(mount, format!("[[container]] `{name}` mount `{mount}`: expected \"/var/...:/path\" (host side under /var)")),
-                }
-            }
-            for port in &container.ports {
-                if parse_port(port).is_none() {
-                    return fail(port, format!("[[container]] `{name}` port `{port}`: expected \"HOST:CONTAINER\" or \"HOST:CONTAINER/udp\" with ports 1-65535"));
-                }
-            }
-            for source in container.archive.iter() {
-                check_source(source).or_else(|m| {
-                    fail(
-                        &format!("\"{name}\""),
-                        format!("[[container]] `{name}` archive: {m}"),
-                    )
-                })?;
-            }
-        }
-        let mut paths = std::collections::BTreeSet::new();
-        for file_entry in &self.files {
-            let path = file_entry.path.as_str();
-            if !path.starts_with('/')
-                || path.ends_with('/')
-                || path.split('/').any(|c| c == ".." || c == ".")
-            {
-                return fail(
-                    path,
-                    format!("[[file]] path `{path}`: expected an absolute, normalised file path"),
-                );
-            }
-            if !paths.insert(path) {
-                return fail(path, format!("[[file]] path `{path}` is declared twice"));
-            }
-            match (&file_entry.content, &file_entry.source) {
-                (Some(_), None) => {}
-                (None, Some(source)) => check_source(source)
-                    .or_else(|m| fail(path, format!("[[file]] `{path}` source: {m}")))?,
-                _ => {
-                    return fail(
-                        path,
-                        format!("[[file]] `{path}`: give exactly one of `content` or `source`"),
-                    )
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn check_source(source: &Source) -> Result<(), String> {
-    match (&source.url, &source.path) {
-        (Some(_), None) | (None, Some(_)) => Ok(()),
-        _ => Err("give exactly one of `url` or `path`".to_owned()),
-    }
 }
 
 /// Parses a published port `"HOST:CONTAINER[/tcp|/udp]"` into (host, container, protocol).
-pub fn parse_port(text: &str) -> Option<(u16, u16, &str)> {
-    let (ports, proto) = match text.split_once('/') {
-        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
-        Some(_) => return None,
-        None => (text, "tcp"),
-    };
-    let (host, guest) = ports.split_once(':')?;
-    let host: u16 = host.parse().ok().filter(|p| *p > 0)?;
-    let guest: u16 = guest.parse().ok().filter(|p| *p > 0)?;
-    Some((host, guest, proto))
-}
-
-fn is_package_name(name: &str) -> bool {
-    name.len() >= 2
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
-}
+pub use crate::validate::parse_port;
 
 fn yes() -> bool {
     true
@@ -676,6 +499,13 @@ mod tests {
         Definition::parse("test.toml", src)
     }
 
+    /// A public key that parses, for `[update] keys`.
+    fn key() -> String {
+        crate::manifest::SecretKey::from_seed([7; 32])
+            .public()
+            .to_string()
+    }
+
     #[test]
     fn minimal_definition_takes_defaults() {
         let def = parse(MINIMAL).expect("minimal definition parses");
@@ -690,7 +520,10 @@ mod tests {
 
     #[test]
     fn reboot_strategies_need_their_settings() {
-        let update = "[update]\nurl = \"http://10.0.0.1/r\"\n";
+        let update = &format!(
+            "[update]\nurl = \"http://10.0.0.1/r\"\nkeys = [\"{}\"]\n",
+            key()
+        );
         let window = parse(&format!(
             "{MINIMAL}{update}strategy = \"window\"\nwindow = {{ days = [\"sat\", \"sun\"], start = \"23:30\", length = \"3h\" }}\n"
         ))
@@ -803,7 +636,7 @@ root = "1GiB"
 
 [update]
 url = "http://127.0.0.1:9000/releases"
-keys = ["ed25519:abc"]
+keys = ["KEY"]
 bless-after = "10s"
 
 [[container]]
@@ -819,7 +652,7 @@ path = "/etc/motd"
 mode = "0600"
 content = "hello\n"
 "#;
-        let def = parse(src).expect("full definition parses");
+        let def = parse(&src.replace("KEY", &key())).expect("full definition parses");
         assert_eq!(def.containers.len(), 1);
         assert_eq!(def.containers[0].ports, ["8080:80"]);
         assert_eq!(def.files[0].mode, FileMode(0o600));
@@ -827,13 +660,5 @@ content = "hello\n"
         assert_eq!(update.channel.as_str(), "stable");
         assert_eq!(update.bless_after.0.as_secs(), 10);
         assert_eq!(def.engine.settings["log-driver"].as_str(), Some("local"));
-    }
-
-    #[test]
-    fn ports_parse() {
-        assert_eq!(parse_port("8080:80"), Some((8080, 80, "tcp")));
-        assert_eq!(parse_port("53:53/udp"), Some((53, 53, "udp")));
-        assert_eq!(parse_port("0:80"), None);
-        assert_eq!(parse_port("8080:80/sctp"), None);
     }
 }

@@ -1,6 +1,11 @@
 //! Errors in image definitions, located by `file:line:col`, with the closest valid key for a typo.
+//!
+//! Every location comes from the TOML parser: serde's errors carry their span, and a rule that
+//! fails after parsing names the [`KeyPath`] of the key it is about, which [`Spans`] resolves
+//! through the spans of the parsed document. Nothing is found by searching the text.
 
 use std::fmt;
+use std::ops::Range;
 
 /// A definition that could not be accepted, with where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +35,193 @@ impl DefinitionError {
             message,
         }
     }
+}
+
+/// The path of a key or value in a definition, as the TOML spells it: `container[2].ports[1]`,
+/// `update.bless-timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyPath {
+    segments: Vec<Segment>,
+    /// Point at the last key itself rather than its value (for rules about a key's name).
+    at_key: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    /// The path of a top-level key or table.
+    pub fn root(key: &str) -> KeyPath {
+        KeyPath::default().key(key)
+    }
+
+    /// This path with `key` appended.
+    pub fn key(&self, key: &str) -> KeyPath {
+        let mut path = self.clone();
+        path.segments.push(Segment::Key(key.to_owned()));
+        path
+    }
+
+    /// This path with array element `index` appended.
+    pub fn index(&self, index: usize) -> KeyPath {
+        let mut path = self.clone();
+        path.segments.push(Segment::Index(index));
+        path
+    }
+
+    /// The same path, located at the last key's name instead of its value.
+    pub fn at_key(&self) -> KeyPath {
+        KeyPath {
+            at_key: true,
+            ..self.clone()
+        }
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, segment) in self.segments.iter().enumerate() {
+            match segment {
+                Segment::Index(index) => write!(f, "[{index}]")?,
+                Segment::Key(key) => {
+                    if i > 0 {
+                        f.write_str(".")?;
+                    }
+                    let bare = !key.is_empty()
+                        && key
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                    if bare {
+                        f.write_str(key)?;
+                    } else {
+                        write!(f, "{key:?}")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The spans of every key and value of a definition's text, from one parse by `toml_edit` (the
+/// parser `toml` itself uses).
+#[derive(Debug)]
+pub struct Spans<'a> {
+    document: Option<toml_edit::ImDocument<&'a str>>,
+}
+
+/// One place in the parsed document while a [`KeyPath`] is followed.
+#[derive(Clone, Copy)]
+enum Node<'a> {
+    Item(&'a toml_edit::Item),
+    Value(&'a toml_edit::Value),
+    Table(&'a toml_edit::Table),
+}
+
+impl<'a> Node<'a> {
+    fn span(self) -> Option<Range<usize>> {
+        match self {
+            Node::Item(item) => item.span(),
+            Node::Value(value) => value.span(),
+            Node::Table(table) => table.span(),
+        }
+    }
+
+    /// The key and node of `segment` under this node.
+    fn child(self, segment: &Segment) -> Option<(Option<Range<usize>>, Node<'a>)> {
+        match segment {
+            Segment::Key(key) => {
+                let table: &dyn toml_edit::TableLike = match self {
+                    Node::Item(item) => item.as_table_like()?,
+                    Node::Value(value) => value.as_inline_table()?,
+                    Node::Table(table) => table,
+                };
+                let (key, item) = table.get_key_value(key)?;
+                Some((key.span(), Node::Item(item)))
+            }
+            Segment::Index(index) => match self {
+                Node::Item(toml_edit::Item::ArrayOfTables(tables)) => {
+                    tables.get(*index).map(|t| (None, Node::Table(t)))
+                }
+                Node::Item(item) => item
+                    .as_array()
+                    .and_then(|a| a.get(*index))
+                    .map(|v| (None, Node::Value(v))),
+                Node::Value(value) => value
+                    .as_array()
+                    .and_then(|a| a.get(*index))
+                    .map(|v| (None, Node::Value(v))),
+                Node::Table(_) => None,
+            },
+        }
+    }
+}
+
+impl<'a> Spans<'a> {
+    /// Parses `source` for its spans. Text `toml` accepted always parses; if it did not, every
+    /// lookup finds nothing.
+    pub fn parse(source: &'a str) -> Spans<'a> {
+        Spans {
+            document: toml_edit::ImDocument::parse(source).ok(),
+        }
+    }
+
+    /// Byte offset of the value at `path` (of its key with [`KeyPath::at_key`]), only when the
+    /// file has that very key.
+    pub fn exact_offset(&self, path: &KeyPath) -> Option<usize> {
+        self.lookup(path)
+            .filter(|(found, _)| *found)
+            .map(|(_, o)| o)
+    }
+
+    /// Byte offset of the value at `path` (of its key with [`KeyPath::at_key`]). A key that the
+    /// file leaves to its default is located at the closest enclosing key or table it has.
+    pub fn offset(&self, path: &KeyPath) -> Option<usize> {
+        self.lookup(path).map(|(_, o)| o)
+    }
+
+    /// Whether the whole of `path` was found, and the offset of what was.
+    fn lookup(&self, path: &KeyPath) -> Option<(bool, usize)> {
+        let document = self.document.as_ref()?;
+        let mut node = Node::Table(document.as_table());
+        let mut best: Option<usize> = None;
+        let last = path.segments.len().saturating_sub(1);
+        for (i, segment) in path.segments.iter().enumerate() {
+            let Some((key_span, child)) = node.child(segment) else {
+                return best.map(|o| (false, o));
+            };
+            node = child;
+            let point = if path.at_key && i == last {
+                key_span.or_else(|| child.span())
+            } else {
+                child.span().or(key_span)
+            };
+            best = point.map(|r| r.start).or(best);
+        }
+        best.map(|o| (true, o))
+    }
+}
+
+/// Decodes a definition file's bytes as UTF-8; invalid bytes are an error at the line and column
+/// of the first one.
+pub fn decode<'b>(file: &str, bytes: &'b [u8]) -> Result<&'b str, DefinitionError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = &bytes[..e.valid_up_to()];
+        // The prefix before the first bad byte is valid UTF-8 by definition of `valid_up_to`.
+        let valid = std::str::from_utf8(valid).unwrap_or_default();
+        DefinitionError::at(
+            file,
+            valid,
+            Some(valid.len()),
+            format!(
+                "invalid UTF-8 (byte 0x{:02x}): a definition must be UTF-8 text",
+                bytes[e.valid_up_to()]
+            ),
+        )
+    })
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `source`.
@@ -85,6 +277,32 @@ mod tests {
         assert_eq!(line_col(src, 0), (1, 1));
         assert_eq!(line_col(src, 6), (2, 1));
         assert_eq!(line_col(src, 9), (2, 4));
+    }
+
+    #[test]
+    fn key_paths_resolve_through_spans_not_text() {
+        let src = "# ports = [\"1:1\"]\n[[container]]\nname = \"a\"\n[[container]]\nname = \"b\"\nports = [\"8080:80\", \"9:9\"]\nenv = { \"A=B\" = \"1\" }\n";
+        let spans = Spans::parse(src);
+        let container = KeyPath::root("container").index(1);
+        let at = |path: &KeyPath| spans.offset(path).map(|o| line_col(src, o));
+        assert_eq!(at(&container.key("ports").index(1)), Some((6, 21)));
+        assert_eq!(at(&container.key("ports")), Some((6, 9)));
+        assert_eq!(at(&container.key("env").key("A=B").at_key()), Some((7, 9)));
+        // A key left to its default: the enclosing table.
+        assert_eq!(at(&container.key("restart")), Some((4, 1)));
+        assert_eq!(at(&KeyPath::root("update").key("url")), None);
+        assert_eq!(
+            container.key("env").key("A=B").to_string(),
+            "container[1].env.\"A=B\""
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_located_at_the_first_bad_byte() {
+        let err = decode("d.toml", b"a = 1\nb = \"\xc3\xa9\xff\"\n").expect_err("bad byte");
+        assert_eq!(err.location, Some((2, 7)), "{err}");
+        assert!(err.message.contains("0xff"), "{err}");
+        assert_eq!(decode("d.toml", "é".as_bytes()), Ok("é"));
     }
 
     #[test]

@@ -14,9 +14,11 @@ pub mod layout;
 pub mod manifest;
 #[cfg(any(test, feature = "oracles"))]
 pub mod oracle;
+pub mod rootfs;
 pub mod slice;
 pub mod status;
 pub mod units;
+pub mod validate;
 
 pub use definition::Definition;
 pub use diagnostic::DefinitionError;

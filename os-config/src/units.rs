@@ -10,6 +10,9 @@ pub struct ByteSize(pub u64);
 
 impl ByteSize {
     pub const MIB: u64 = 1 << 20;
+    /// The largest size a definition may give (64 TiB): far above any partition Plinth writes,
+    /// and low enough that the whole disk layout's sum can never overflow.
+    pub const MAX: u64 = 64 << 40;
 
     pub fn bytes(self) -> u64 {
         self.0
@@ -27,9 +30,12 @@ impl ByteSize {
                 "invalid size `{text}`: expected a number followed by a unit, like \"512MiB\" or \"2GiB\""
             ));
         }
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("invalid size `{text}`: number too large"))?;
+        let number: u64 = number.parse().map_err(|_| {
+            format!(
+                "invalid size `{text}`: the largest allowed is {}",
+                ByteSize(ByteSize::MAX)
+            )
+        })?;
         let factor: u64 = match unit.trim() {
             "" | "B" => 1,
             "K" | "KiB" => 1 << 10,
@@ -44,8 +50,14 @@ impl ByteSize {
         };
         number
             .checked_mul(factor)
+            .filter(|bytes| *bytes <= ByteSize::MAX)
             .map(ByteSize)
-            .ok_or_else(|| format!("invalid size `{text}`: too large"))
+            .ok_or_else(|| {
+                format!(
+                    "invalid size `{text}`: the largest allowed is {}",
+                    ByteSize(ByteSize::MAX)
+                )
+            })
     }
 }
 
@@ -84,17 +96,24 @@ impl Serialize for ByteSize {
 pub struct Duration(pub std::time::Duration);
 
 impl Duration {
+    /// The longest duration a definition may give: 365 days (8760h).
+    pub const MAX: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
+    /// Parses `"<number><unit>"` with units ms, s, m, h, up to [`Duration::MAX`].
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let split = text
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len());
         let (number, unit) = text.split_at(split);
-        let number: u64 = number.parse().map_err(|_| {
-            format!(
+        if number.is_empty() {
+            return Err(format!(
                 "invalid duration `{text}`: expected a number and a unit, like \"30s\" or \"5m\""
-            )
-        })?;
+            ));
+        }
+        let too_long =
+            || format!("invalid duration `{text}`: the longest allowed is 8760h (365 days)");
+        let number: u64 = number.parse().map_err(|_| too_long())?;
         let millis = match unit {
             "ms" => 1,
             "s" => 1000,
@@ -106,7 +125,12 @@ impl Duration {
                 ))
             }
         };
-        Ok(Duration(std::time::Duration::from_millis(number * millis)))
+        number
+            .checked_mul(millis)
+            .map(std::time::Duration::from_millis)
+            .filter(|d| *d <= Duration::MAX)
+            .map(Duration)
+            .ok_or_else(too_long)
     }
 }
 
@@ -169,11 +193,19 @@ pub struct FileMode(pub u32);
 impl<'de> Deserialize<'de> for FileMode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        match u32::from_str_radix(&text, 8) {
-            Ok(mode) if mode <= 0o7777 && !text.is_empty() => Ok(FileMode(mode)),
-            _ => Err(de::Error::custom(format!(
-                "invalid mode `{text}`: expected an octal permission string such as \"0644\" or \"0755\""
-            ))),
+        FileMode::parse(&text).map_err(de::Error::custom)
+    }
+}
+
+impl FileMode {
+    /// Parses octal digits only (no sign, no `0o`), at most `7777`.
+    pub fn parse(text: &str) -> Result<FileMode, String> {
+        let digits = !text.is_empty() && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
+        match u32::from_str_radix(text, 8) {
+            Ok(mode) if digits && mode <= 0o7777 => Ok(FileMode(mode)),
+            _ => Err(format!(
+                "invalid mode `{text}`: expected octal digits 0-7 up to 7777, such as \"0644\" or \"0755\""
+            )),
         }
     }
 }
@@ -385,5 +417,29 @@ mod tests {
         assert_eq!(Duration::parse("30s").map(|d| d.0.as_secs()), Ok(30));
         assert_eq!(Duration::parse("5m").map(|d| d.0.as_secs()), Ok(300));
         assert!(Duration::parse("5 minutes").is_err());
+        assert!(Duration::parse("+5s").is_err());
+    }
+
+    #[test]
+    fn sizes_and_durations_have_stated_maxima() {
+        assert_eq!(Duration::parse("8760h").map(|d| d.0), Ok(Duration::MAX));
+        for text in ["8761h", "5124095576031h", "99999999999999999999s"] {
+            let err = Duration::parse(text).expect_err(text);
+            assert!(err.contains("8760h (365 days)"), "{text}: {err}");
+        }
+        assert_eq!(ByteSize::parse("64TiB").map(|s| s.0), Ok(ByteSize::MAX));
+        for text in ["65TiB", "16000000TiB", "99999999999999999999"] {
+            let err = ByteSize::parse(text).expect_err(text);
+            assert!(err.contains("largest allowed is 64TiB"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn modes_are_octal_digits_only() {
+        assert_eq!(FileMode::parse("0644"), Ok(FileMode(0o644)));
+        assert_eq!(FileMode::parse("7777"), Ok(FileMode(0o7777)));
+        for text in ["+644", "", "0o644", "10000", "0888", " 644"] {
+            assert!(FileMode::parse(text).is_err(), "{text}");
+        }
     }
 }

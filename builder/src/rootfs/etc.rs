@@ -112,11 +112,9 @@ protocols: files\nservices: files\nethers: files\nrpc: files\n",
     Ok(())
 }
 
-/// Top-level directories that something is mounted over when the system runs.
-const RUNTIME_MOUNTS: [&str; 7] = ["proc", "sys", "dev", "run", "var", "tmp", "sysroot"];
-
 /// Writes the `[[file]]` entries of the definition, reading `path` sources relative to `def_dir`
-/// and checking their sha256.
+/// and checking their sha256. [`Definition::parse`] has already refused paths that would collide
+/// with the tree; the mount-point check stays as a last guard.
 pub fn write_declared(root: &Path, def: &Definition, def_dir: &Path) -> Result<()> {
     for entry in &def.files {
         let top = entry
@@ -125,7 +123,7 @@ pub fn write_declared(root: &Path, def: &Definition, def_dir: &Path) -> Result<(
             .split('/')
             .next()
             .unwrap_or("");
-        if RUNTIME_MOUNTS.contains(&top) {
+        if os_config::rootfs::RUNTIME_MOUNTS.contains(&top) {
             bail!(
                 "[[file]] {}: /{top} is mounted over at run time, so a file there would be hidden; \
                  allowed are paths in /etc, /usr and other directories of the read-only root",
@@ -225,7 +223,9 @@ mod tests {
         let err = write_declared(&root, &d, dir.path()).expect_err("sha mismatch");
         assert!(err.to_string().contains("pins"), "{err}");
 
-        let d = def("[[file]]\npath = \"/var/lib/web/index.html\"\ncontent = \"x\"\n");
+        // `Definition::parse` refuses such a path; the writer still guards against one.
+        let mut d = def("[[file]]\npath = \"/etc/web/index.html\"\ncontent = \"x\"\n");
+        d.files[0].path = "/var/lib/web/index.html".to_owned();
         let err = write_declared(&root, &d, dir.path()).expect_err("under /var");
         assert!(err.to_string().contains("hidden"), "{err}");
     }

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use os_config::rootfs::MOUNTPOINTS;
 use os_config::Definition;
 use sha2::{Digest, Sha256};
 
@@ -51,19 +52,6 @@ const XTABLES_DIR: &str = "usr/lib/x86_64-linux-gnu/xtables";
 
 /// Files of netbase that name services and protocols read.
 const NETBASE_FILES: [&str; 3] = ["etc/protocols", "etc/services", "etc/ethertypes"];
-
-/// Empty directories the system mounts over or writes at run time.
-const MOUNTPOINTS: [&str; 9] = [
-    "proc",
-    "sys",
-    "dev",
-    "run",
-    "var",
-    "tmp",
-    "sysroot",
-    "root",
-    "usr/lib/plinth",
-];
 
 /// The systemd-boot EFI binary, from `systemd-boot-efi`.
 const SYSTEMD_BOOT: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";

@@ -5,8 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-/// Top-level directories that live under `/usr` in a merged-/usr tree.
-pub const MERGED_DIRS: [&str; 6] = ["bin", "sbin", "lib", "lib64", "lib32", "libx32"];
+pub use os_config::rootfs::{merge_usr, MERGED_USR_DIRS as MERGED_DIRS};
 
 /// Most symlinks followed while resolving one path (as the kernel's limit).
 const MAX_SYMLINKS: usize = 40;
@@ -29,16 +28,6 @@ pub fn normalise(raw: &str) -> Result<Option<String>> {
         return Ok(None);
     }
     Ok(Some(parts.join("/")))
-}
-
-/// Maps a normalised path to its merged-/usr location: `bin/x` → `usr/bin/x`, `lib` → `usr/lib`.
-pub fn merge_usr(path: &str) -> String {
-    let top = path.split('/').next().unwrap_or(path);
-    if MERGED_DIRS.contains(&top) {
-        format!("usr/{path}")
-    } else {
-        path.to_owned()
-    }
 }
 
 /// The result of resolving a path inside a tree.
@@ -186,14 +175,6 @@ mod tests {
         assert_eq!(normalise("usr//lib/").expect("ok"), Some("usr/lib".into()));
         assert!(normalise("/etc/passwd").is_err());
         assert!(normalise("./usr/../../etc").is_err());
-    }
-
-    #[test]
-    fn merged_usr_mapping() {
-        assert_eq!(merge_usr("bin/busybox"), "usr/bin/busybox");
-        assert_eq!(merge_usr("lib64"), "usr/lib64");
-        assert_eq!(merge_usr("library/x"), "library/x");
-        assert_eq!(merge_usr("etc/x"), "etc/x");
     }
 
     #[test]

@@ -1,0 +1,124 @@
+//! `plinth check` refuses every definition that `plinth build` would refuse for a definition
+//! value, before any package is fetched: one row per class of build error, run through the
+//! `plinth` binary, with the `file:line:col` of the key at fault.
+
+use std::process::{Command, Output};
+
+fn check(source: &[u8]) -> (Output, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("img.toml");
+    std::fs::write(&path, source).expect("write definition");
+    let out = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args(["check", path.to_str().expect("utf-8 path")])
+        .output()
+        .expect("running plinth");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+const HEAD: &str = "[image]\nname = \"demo\"\nversion = \"1.0\"\n";
+
+#[test]
+fn check_refuses_what_build_would_refuse() {
+    let sha = "0".repeat(64);
+    // (the build step that would refuse it, body after HEAD, location, message fragment)
+    let cases = [
+        (
+            "rootfs::etc::write_declared: a file under a run-time mount",
+            "[[file]]\npath = \"/var/lib/web/index.html\"\ncontent = \"x\"\n".to_owned(),
+            "img.toml:5:8:",
+            "mounted over at run time",
+        ),
+        (
+            "rootfs::etc::declared_content: neither content nor source",
+            "[[file]]\npath = \"/etc/x\"\n".to_owned(),
+            "img.toml:5:8:",
+            "exactly one of `content` or `source`",
+        ),
+        (
+            "rootfs::etc::declared_content: url sources unsupported",
+            format!("[[file]]\npath = \"/etc/x\"\nsource = {{ url = \"http://127.0.0.1/x\", sha256 = \"{sha}\" }}\n"),
+            "img.toml:6:18:",
+            "use `path`",
+        ),
+        (
+            "rootfs::etc::declared_content: a source with neither url nor path",
+            format!("[[file]]\npath = \"/etc/x\"\nsource = {{ sha256 = \"{sha}\" }}\n"),
+            "img.toml:6:10:",
+            "exactly one of `url` or `path`",
+        ),
+        (
+            "build::install_container_images: an archive with neither url nor path",
+            format!("[[container]]\nname = \"a\"\nimage = \"a:1\"\narchive = {{ sha256 = \"{sha}\" }}\n"),
+            "img.toml:7:11:",
+            "exactly one of `url` or `path`",
+        ),
+        (
+            "disk::gpt::plan: a partition that is not a whole number of MiB",
+            "[disk]\nverity = \"1536KiB\"\n".to_owned(),
+            "img.toml:5:10:",
+            "whole number of MiB",
+        ),
+        (
+            "rootfs::etc::daemon_json: [engine] settings without a JSON form",
+            "[engine.settings]\nstarted = 1979-05-27T07:32:00Z\n".to_owned(),
+            "img.toml:5:11:",
+            "no JSON form",
+        ),
+        (
+            "rootfs::etc::write_file: a file where the tree has a folder",
+            "[[file]]\npath = \"/usr/lib\"\ncontent = \"x\"\n".to_owned(),
+            "img.toml:5:8:",
+            "directory every image has",
+        ),
+        (
+            "rootfs::paths::create_dirs: a file under another declared file",
+            "[[file]]\npath = \"/etc/a\"\ncontent = \"\"\n[[file]]\npath = \"/etc/a/b\"\ncontent = \"\"\n".to_owned(),
+            "img.toml:8:8:",
+            "folder of the other",
+        ),
+        (
+            "build::install_payload: a file Plinth writes after the declared ones",
+            "[[file]]\npath = \"/bin/plinth-init\"\ncontent = \"\"\n".to_owned(),
+            "img.toml:5:8:",
+            "Plinth's own program",
+        ),
+        (
+            "rootfs::kmod::closure: a module name that names no module",
+            "[kernel]\nmodules = [\"../x\"]\n".to_owned(),
+            "img.toml:5:12:",
+            "not a kernel module name",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (step, body, location, fragment) in cases {
+        let source = format!("{HEAD}{body}");
+        let (out, text) = check(source.as_bytes());
+        if out.status.success() || !text.contains(location) || !text.contains(fragment) {
+            failures.push(format!("{step}:\n{source}→ {text}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn invalid_utf8_is_located_at_its_byte() {
+    let mut source = HEAD.as_bytes().to_vec();
+    source.extend_from_slice(b"[debian]\n# caf\xe9\n");
+    let (out, text) = check(&source);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("img.toml:5:6: invalid UTF-8"), "{text}");
+}
+
+#[test]
+fn comments_are_never_blamed() {
+    let source =
+        format!("{HEAD}# packages = [\"x\"]\n[debian]\n# state = \"1MiB\"\npackages = [\"x\"]\n");
+    let (out, text) = check(source.as_bytes());
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("img.toml:7:13: debian.packages[0]"), "{text}");
+}
