@@ -773,7 +773,9 @@ mod tests {
     fn the_update_agent_runs_only_with_update_and_an_executable() {
         let dir = tempfile::tempdir().expect("tempdir");
         let agent = dir.path().join("plinth-update");
-        let update = "[update]\nurl = \"http://127.0.0.1:8000/releases\"\n";
+        let key = os_config::manifest::SecretKey::from_seed([7; 32]).public();
+        let update =
+            format!("[update]\nurl = \"http://127.0.0.1:8000/releases\"\nkeys = [\"{key}\"]\n");
 
         let mut without = DockerWorkload::new(definition("")).expect("workload");
         without.update_agent = agent.clone();
@@ -781,7 +783,7 @@ mod tests {
         std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         assert_eq!(names(&without.services()), ["dockerd"]);
 
-        let mut with = DockerWorkload::new(definition(update)).expect("workload");
+        let mut with = DockerWorkload::new(definition(&update)).expect("workload");
         with.update_agent = agent.clone();
         assert_eq!(names(&with.services()), ["dockerd", "plinth-update"]);
 
