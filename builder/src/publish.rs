@@ -212,17 +212,21 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let sb = VeritySuperblock::parse(&sb_bytes)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
-    let root_size = sb.data_blocks * VERITY_BLOCK_SIZE;
-    let verity_size = manifest::verity_size(sb.data_blocks);
-    if root_size > root.size || verity_size > verity.size {
-        bail!(
-            "verity superblock of {} claims {} data blocks, more than partitions root-a/verity-a hold",
-            disk_path.display(),
-            sb.data_blocks
-        );
-    }
+    let root_size = sb.data_bytes();
+    let verity_size = sb
+        .check_fits(&root.label, root.size, &verity.label, verity.size)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
     let root_hash = compute_root_hash(&mut disk, &root, &verity, &sb)
         .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
+    check_slot_a(
+        &mut disk,
+        &root,
+        &verity,
+        verity_size,
+        &hex::encode(root_hash),
+    )
+    .with_context(|| format!("checking slot a of {}", disk_path.display()))?;
 
     let (kernel, initrd, entry_text) = read_esp(&mut disk, &esp).with_context(|| {
         format!(
@@ -364,6 +368,33 @@ pub fn read_partitions(disk: &mut fs::File, path: &Path) -> Result<Vec<Partition
     Ok(table.partitions)
 }
 
+/// Checks every block of slot A's root against its verity tree (whose size the superblock was
+/// checked to fit), so a damaged disk is never published.
+fn check_slot_a(
+    disk: &mut fs::File,
+    root: &Partition,
+    verity: &Partition,
+    tree_len: u64,
+    root_hash: &str,
+) -> Result<()> {
+    let mut tree = Vec::new();
+    crate::disk::slice::Slice::new(&mut *disk, verity.start, tree_len)
+        .read_to_end(&mut tree)
+        .with_context(|| format!("reading {}", verity.label))?;
+    let mut data = io::BufReader::with_capacity(
+        1 << 20,
+        crate::disk::slice::Slice::new(&mut *disk, root.start, root.size),
+    );
+    let verdict = crate::disk::verity::verify(&mut data, &tree, root_hash)?;
+    if verdict != crate::disk::verity::Verdict::Intact {
+        bail!(
+            "slot a of the disk does not match its verity tree: {}",
+            verdict.describe(&root.label, root_hash)
+        );
+    }
+    Ok(())
+}
+
 /// The verity root hash: the hash of the single top-level block (or of the one data block).
 fn compute_root_hash(
     disk: &mut fs::File,
@@ -381,33 +412,27 @@ fn compute_root_hash(
     Ok(manifest::verity_hash(&sb.salt, &block))
 }
 
-/// Reads slot A's kernel, initrd and boot entry text from the FAT ESP.
+/// Reads slot A's kernel, initrd and boot entry text from the FAT ESP, through the bounded
+/// reader `plinth inspect` uses.
 fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, Option<String>)> {
     let region = crate::disk::slice::Slice::new(disk, esp.start, esp.size);
-    let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).context("opening FAT")?;
-    let root = fs.root_dir();
-    let read = |path: &str| -> Result<Vec<u8>> {
-        let mut data = Vec::new();
-        root.open_file(path)
-            .and_then(|mut f| f.read_to_end(&mut data))
-            .with_context(|| format!("reading {path} on the ESP"))?;
-        Ok(data)
-    };
-    let kernel = read("plinth/a/vmlinuz")?;
-    let initrd = read("plinth/a/initrd")?;
+    let reader = crate::disk::esp::EspReader::open(region).context("opening FAT")?;
+    let kernel = reader.read("plinth/a/vmlinuz")?;
+    let initrd = reader.read("plinth/a/initrd")?;
     let mut entry_text = None;
-    if let Ok(entries) = root.open_dir("loader/entries") {
-        for entry in entries.iter() {
-            let entry = entry.context("listing loader/entries on the ESP")?;
-            let name = entry.file_name();
-            if name.starts_with("plinth-a-") && name.ends_with(".conf") {
-                let mut text = String::new();
-                entry
-                    .to_file()
-                    .read_to_string(&mut text)
-                    .with_context(|| format!("reading loader/entries/{name} on the ESP"))?;
-                entry_text = Some(text);
-            }
+    let has_entries = reader.list("/")?.iter().any(|n| n == "loader")
+        && reader.list("/loader")?.iter().any(|n| n == "entries");
+    let entries = if has_entries {
+        reader.list(os_config::boot::ENTRIES_DIR)?
+    } else {
+        Vec::new()
+    };
+    for name in entries {
+        if name.starts_with("plinth-a-") && name.ends_with(".conf") {
+            let path = format!("{}/{name}", os_config::boot::ENTRIES_DIR);
+            let text = String::from_utf8(reader.read(&path)?)
+                .with_context(|| format!("reading {path} on the ESP: not UTF-8"))?;
+            entry_text = Some(text);
         }
     }
     Ok((kernel, initrd, entry_text))

@@ -262,9 +262,17 @@ impl FatGeometry {
     }
 }
 
-/// Reads a FAT filesystem without writing to it: lists and reads files.
+/// Most entries a FAT folder may hold (the specification's limit); a listing that goes on
+/// longer follows a cluster chain that loops.
+pub const MAX_FOLDER_ENTRIES: usize = 65536;
+
+/// Reads a FAT filesystem without writing to it: lists and reads files. Every listing and read
+/// is bounded (by [`MAX_FOLDER_ENTRIES`] and by the size of the filesystem), so a damaged or
+/// hostile FAT whose cluster chains loop or whose sizes lie gives an error, not an endless read.
 pub struct EspReader<D: Read + Write + Seek> {
     fs: FileSystem<D>,
+    /// Bytes of the device: no file can hold more.
+    size: u64,
 }
 
 impl<D: Read + Write + Seek> std::fmt::Debug for EspReader<D> {
@@ -275,9 +283,13 @@ impl<D: Read + Write + Seek> std::fmt::Debug for EspReader<D> {
 
 impl<D: Read + Write + Seek> EspReader<D> {
     /// Opens the filesystem on `device`.
-    pub fn open(device: D) -> Result<EspReader<D>> {
+    pub fn open(mut device: D) -> Result<EspReader<D>> {
+        let size = device
+            .seek(std::io::SeekFrom::End(0))
+            .context("measuring the ESP")?;
+        device.rewind().context("seeking to the start of the ESP")?;
         let fs = FileSystem::new(device, FsOptions::new()).context("reading the ESP (FAT)")?;
-        Ok(EspReader { fs })
+        Ok(EspReader { fs, size })
     }
 
     /// The volume id of the filesystem.
@@ -296,7 +308,12 @@ impl<D: Read + Write + Seek> EspReader<D> {
                 .with_context(|| format!("opening /{folder} on the ESP"))?
         };
         let mut names = Vec::new();
-        for entry in dir.iter() {
+        for (count, entry) in dir.iter().enumerate() {
+            if count >= MAX_FOLDER_ENTRIES {
+                bail!(
+                    "/{folder} on the ESP lists more than {MAX_FOLDER_ENTRIES} entries: its cluster chain loops"
+                );
+            }
             let entry = entry.with_context(|| format!("listing /{folder} on the ESP"))?;
             let name = entry.file_name();
             if name != "." && name != ".." {
@@ -316,8 +333,16 @@ impl<D: Read + Write + Seek> EspReader<D> {
             .open_file(path)
             .with_context(|| format!("opening /{path} on the ESP"))?;
         let mut data = Vec::new();
-        file.read_to_end(&mut data)
+        (&mut file)
+            .take(self.size + 1)
+            .read_to_end(&mut data)
             .with_context(|| format!("reading /{path} on the ESP"))?;
+        if data.len() as u64 > self.size {
+            bail!(
+                "/{path} on the ESP goes on past the ESP's {} bytes: its size or cluster chain is damaged",
+                self.size
+            );
+        }
         Ok(data)
     }
 }
