@@ -130,6 +130,8 @@ pub fn build_image(args: &Options) -> Result<Built> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // Every refusal that needs no work comes before the output folder is touched.
+    let lock = crate::debian::load_lock(&def, &args.file)?;
     let mut tools = vec![crate::tools::MKSQUASHFS, crate::tools::MKFS_EXT4];
     if args.format.iter().any(|f| f != "raw") {
         tools.push(crate::tools::QEMU_IMG);
@@ -150,7 +152,6 @@ pub fn build_image(args: &Options) -> Result<Built> {
             )
         })?;
 
-    let lock = crate::debian::load_lock(&def, &args.file)?;
     let step = Step::start("fetching packages");
     let packages = crate::debian::fetch_packages(&lock, &def, &args.cache)?;
     step.done(&format!("{} packages", packages.len()));

@@ -21,6 +21,8 @@ use crate::disk::{human, verity};
 #[derive(Debug, Serialize)]
 pub struct Inspection {
     pub disk_guid: String,
+    /// The partition table was read from the backup GPT because the primary one is damaged.
+    pub gpt_from_backup: bool,
     pub size: u64,
     pub partitions: Vec<PartitionInfo>,
     pub slots: Vec<SlotInfo>,
@@ -137,46 +139,62 @@ fn check_verdicts(info: &Inspection) -> Result<()> {
     Ok(())
 }
 
-/// Checks each slot that has a boot entry against its verity tree and root hash.
+/// Checks each slot that has a boot entry against its verity tree and root hash. A slot whose
+/// partitions or superblock are damaged gets a verdict saying what is wrong (so the report names
+/// it and [`check_verdicts`] fails), never `intact`.
 pub fn verify_slots(path: &Path, info: &mut Inspection) -> Result<()> {
-    use std::io::Read;
     for slot in &mut info.slots {
         let Some(root_hash) = slot.root_hash.clone() else {
             continue;
         };
-        let part = |label: &str| {
-            info.partitions
-                .iter()
-                .find(|p| p.label == label)
-                .with_context(|| format!("{} has no partition {label}", path.display()))
-        };
         let slot_enum = Slot::parse(slot.slot).context("slot letter")?;
-        let (root, verity) = (
-            part(slot_enum.root_label())?,
-            part(slot_enum.verity_label())?,
+        slot.verity_check = Some(
+            match verify_slot(path, &info.partitions, slot_enum, &root_hash) {
+                Ok(verdict) => verdict,
+                Err(e) => format!("damaged: {e:#}"),
+            },
         );
-        let open = || File::open(path).with_context(|| format!("opening {}", path.display()));
-        let mut hash_device = Vec::new();
-        Slice::new(open()?, verity.start, verity.size)
-            .read_to_end(&mut hash_device)
-            .with_context(|| format!("reading {}", verity.label))?;
-        let mut data =
-            std::io::BufReader::with_capacity(1 << 20, Slice::new(open()?, root.start, root.size));
-        let verdict = verity::verify(&mut data, &hash_device, &root_hash)
-            .with_context(|| format!("verifying slot {}", slot.slot))?;
-        slot.verity_check = Some(match verdict {
-            verity::Verdict::Intact => "intact".to_owned(),
-            verity::Verdict::BadDataBlock(block) => format!(
-                "data block {block} of {} (byte {} of the partition) does not match its hash",
-                root.label,
-                block * verity::BLOCK_SIZE as u64
-            ),
-            verity::Verdict::BadTree { computed_root } => format!(
-                "the verity tree gives root hash {computed_root}, the boot entry says {root_hash}"
-            ),
-        });
     }
     Ok(())
+}
+
+/// The verdict on one slot: its superblock is bounded by the partitions before anything is
+/// read by the block count it claims.
+fn verify_slot(
+    path: &Path,
+    partitions: &[PartitionInfo],
+    slot: Slot,
+    root_hash: &str,
+) -> Result<String> {
+    use std::io::Read;
+    let part = |label: &str| {
+        partitions
+            .iter()
+            .find(|p| p.label == label)
+            .with_context(|| format!("{} has no partition {label}", path.display()))
+    };
+    let (root, verity) = (part(slot.root_label())?, part(slot.verity_label())?);
+    let open = || File::open(path).with_context(|| format!("opening {}", path.display()));
+    let mut block = vec![0u8; os_config::layout::VeritySuperblock::SIZE];
+    Slice::new(open()?, verity.start, verity.size)
+        .read_exact(&mut block)
+        .with_context(|| format!("reading the verity superblock of {}", verity.label))?;
+    let sb = verity::read_superblock(&block)
+        .with_context(|| format!("reading the verity superblock of {}", verity.label))?;
+    let tree_len = sb
+        .check_fits(&root.label, root.size, &verity.label, verity.size)
+        .map_err(anyhow::Error::msg)?;
+    let mut hash_device = Vec::new();
+    Slice::new(open()?, verity.start, tree_len)
+        .read_to_end(&mut hash_device)
+        .with_context(|| format!("reading {}", verity.label))?;
+    let mut data = std::io::BufReader::with_capacity(
+        1 << 20,
+        Slice::new(open()?, root.start, sb.data_bytes()),
+    );
+    let verdict = verity::verify(&mut data, &hash_device, root_hash)
+        .with_context(|| format!("verifying slot {slot}"))?;
+    Ok(verdict.describe(&root.label, root_hash))
 }
 
 fn type_name(guid: &str) -> &'static str {
@@ -268,6 +286,7 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
 
     Ok(Inspection {
         disk_guid: table.disk_guid.to_string(),
+        gpt_from_backup: table.from_backup,
         size,
         partitions: parts
             .iter()
@@ -302,11 +321,11 @@ fn read_superblock(
 
 /// The human-readable report.
 pub fn format_text(info: &Inspection) -> String {
-    let mut out = format!(
-        "disk {} ({})\n\npartitions:\n",
-        info.disk_guid,
-        human(info.size)
-    );
+    let mut out = format!("disk {} ({})\n", info.disk_guid, human(info.size));
+    if info.gpt_from_backup {
+        out.push_str("the primary GPT is damaged: partitions read from the backup GPT\n");
+    }
+    out.push_str("\npartitions:\n");
     out.push_str(&format!(
         "  {:<3} {:<9} {:<12} {:>10} {:>10}  {}\n",
         "#", "label", "type", "start", "size", "uuid"

@@ -32,14 +32,41 @@ pub fn keygen(out: &Path) -> Result<()> {
 }
 
 /// Writes `PREFIX.key` (mode 0600, never overwritten) and `PREFIX.pub`; returns the public key.
+/// Everything that can be checked is checked before anything is written (an existing key, a
+/// `.pub` path that is a folder, a missing or unwritable folder); if writing fails after the key
+/// was created, the key and the temporary `.pub` are removed again, so a refusal leaves the
+/// folder as it was.
 pub fn write_keypair(prefix: &Path) -> Result<PublicKey> {
+    let key_path = with_suffix(prefix, ".key");
+    let pub_path = with_suffix(prefix, ".pub");
+    let folder = match prefix.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        bail!(
+            "cannot write {}: folder {} does not exist",
+            key_path.display(),
+            folder.display()
+        );
+    }
+    if key_path.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists: an existing key is never overwritten",
+            key_path.display()
+        );
+    }
+    if pub_path.is_dir() {
+        bail!(
+            "cannot write {}: it is a folder (choose another --out prefix)",
+            pub_path.display()
+        );
+    }
     let mut seed = [0u8; 32];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut seed))
         .context("reading 32 random bytes from /dev/urandom")?;
     let secret = SecretKey::from_seed(seed);
-    let key_path = with_suffix(prefix, ".key");
-    let pub_path = with_suffix(prefix, ".pub");
     let mut file = {
         use std::os::unix::fs::OpenOptionsExt;
         fs::OpenOptions::new()
@@ -47,18 +74,34 @@ pub fn write_keypair(prefix: &Path) -> Result<PublicKey> {
             .create_new(true)
             .mode(0o600)
             .open(&key_path)
-            .with_context(|| {
-                format!(
-                    "creating {} (an existing key is never overwritten)",
-                    key_path.display()
-                )
+            .map_err(|e| {
+                let why = match e.kind() {
+                    io::ErrorKind::AlreadyExists => {
+                        "it already exists: an existing key is never overwritten".to_owned()
+                    }
+                    io::ErrorKind::PermissionDenied => {
+                        format!("permission denied in folder {}", folder.display())
+                    }
+                    io::ErrorKind::NotFound => {
+                        format!("folder {} does not exist", folder.display())
+                    }
+                    _ => e.to_string(),
+                };
+                anyhow::anyhow!("cannot create {}: {why}", key_path.display())
             })?
     };
-    file.write_all(secret.to_text().as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", key_path.display()))?;
     let public = secret.public();
-    write_atomic(&pub_path, format!("{public}\n").as_bytes())?;
+    let written = file
+        .write_all(secret.to_text().as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", key_path.display()))
+        .and_then(|()| write_atomic(&pub_path, format!("{public}\n").as_bytes()));
+    if let Err(e) = written {
+        // Only what this call created: the key (create_new above) and the temporary .pub.
+        let _ = fs::remove_file(&key_path);
+        let _ = fs::remove_file(with_suffix(&pub_path, ".tmp"));
+        return Err(e);
+    }
     Ok(public)
 }
 
@@ -212,15 +255,11 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let sb = VeritySuperblock::parse(&sb_bytes)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
-    let root_size = sb.data_blocks * VERITY_BLOCK_SIZE;
-    let verity_size = manifest::verity_size(sb.data_blocks);
-    if root_size > root.size || verity_size > verity.size {
-        bail!(
-            "verity superblock of {} claims {} data blocks, more than partitions root-a/verity-a hold",
-            disk_path.display(),
-            sb.data_blocks
-        );
-    }
+    let root_size = sb.data_bytes();
+    let verity_size = sb
+        .check_fits(&root.label, root.size, &verity.label, verity.size)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
     let root_hash = compute_root_hash(&mut disk, &root, &verity, &sb)
         .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
 
@@ -381,33 +420,27 @@ fn compute_root_hash(
     Ok(manifest::verity_hash(&sb.salt, &block))
 }
 
-/// Reads slot A's kernel, initrd and boot entry text from the FAT ESP.
+/// Reads slot A's kernel, initrd and boot entry text from the FAT ESP, through the bounded
+/// reader `plinth inspect` uses.
 fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, Option<String>)> {
     let region = crate::disk::slice::Slice::new(disk, esp.start, esp.size);
-    let fs = fatfs::FileSystem::new(region, fatfs::FsOptions::new()).context("opening FAT")?;
-    let root = fs.root_dir();
-    let read = |path: &str| -> Result<Vec<u8>> {
-        let mut data = Vec::new();
-        root.open_file(path)
-            .and_then(|mut f| f.read_to_end(&mut data))
-            .with_context(|| format!("reading {path} on the ESP"))?;
-        Ok(data)
-    };
-    let kernel = read("plinth/a/vmlinuz")?;
-    let initrd = read("plinth/a/initrd")?;
+    let reader = crate::disk::esp::EspReader::open(region).context("opening FAT")?;
+    let kernel = reader.read("plinth/a/vmlinuz")?;
+    let initrd = reader.read("plinth/a/initrd")?;
     let mut entry_text = None;
-    if let Ok(entries) = root.open_dir("loader/entries") {
-        for entry in entries.iter() {
-            let entry = entry.context("listing loader/entries on the ESP")?;
-            let name = entry.file_name();
-            if name.starts_with("plinth-a-") && name.ends_with(".conf") {
-                let mut text = String::new();
-                entry
-                    .to_file()
-                    .read_to_string(&mut text)
-                    .with_context(|| format!("reading loader/entries/{name} on the ESP"))?;
-                entry_text = Some(text);
-            }
+    let has_entries = reader.list("/")?.iter().any(|n| n == "loader")
+        && reader.list("/loader")?.iter().any(|n| n == "entries");
+    let entries = if has_entries {
+        reader.list(os_config::boot::ENTRIES_DIR)?
+    } else {
+        Vec::new()
+    };
+    for name in entries {
+        if name.starts_with("plinth-a-") && name.ends_with(".conf") {
+            let path = format!("{}/{name}", os_config::boot::ENTRIES_DIR);
+            let text = String::from_utf8(reader.read(&path)?)
+                .with_context(|| format!("reading {path} on the ESP: not UTF-8"))?;
+            entry_text = Some(text);
         }
     }
     Ok((kernel, initrd, entry_text))

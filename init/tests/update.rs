@@ -247,6 +247,12 @@ struct Machine {
 impl Machine {
     /// A machine running `demo` 1 from slot A, its update URL pointing at the test server.
     fn new() -> Machine {
+        Machine::with_esp_folders(&builder::disk::esp::folders())
+    }
+
+    /// [`Machine::new`] on a disk whose ESP was made with only `folders` (an image from a builder
+    /// that did not create every slot's folder up front).
+    fn with_esp_folders(folders: &[&str]) -> Machine {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_owned();
         let releases = dir.join("releases");
@@ -255,7 +261,7 @@ impl Machine {
         let key = SecretKey::from_seed([5; 32]);
         let v1 = content(1, 300);
         let disk = dir.join("disk.raw");
-        make_disk(&disk, &v1);
+        make_disk(&disk, &v1, folders);
         let machine = Machine {
             _tmp: tmp,
             dir,
@@ -450,17 +456,19 @@ impl Machine {
             .arg(&path)
             .output()
             .expect("fsck.vfat must be installed (dosfstools)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // A clean volume gives the version line and the summary line, nothing else.
         assert!(
-            out.status.success(),
-            "fsck.vfat: {}{}",
-            String::from_utf8_lossy(&out.stdout),
+            out.status.success() && text.lines().count() == 2,
+            "fsck.vfat: {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
 }
 
-/// GPT (esp, root-a, verity-a, root-b, verity-b, state) with release `c` as version 1 in slot A.
-fn make_disk(path: &Path, c: &Content) {
+/// GPT (esp, root-a, verity-a, root-b, verity-b, state) with release `c` as version 1 in slot A,
+/// its ESP written by the builder's writer with `folders` created up front.
+fn make_disk(path: &Path, c: &Content, folders: &[&str]) {
     let size = 96 * MIB;
     fs::File::create(path)
         .and_then(|f| f.set_len(size))
@@ -515,7 +523,7 @@ fn make_disk(path: &Path, c: &Content) {
         disk.region(&esp).expect("region"),
         0x1234_5678,
         builder::build::DEFAULT_SOURCE_DATE_EPOCH,
-        &builder::disk::esp::folders(),
+        folders,
         &[
             file(os_config::boot::Entry::kernel_path(Slot::A), &c.kernel),
             file(os_config::boot::Entry::initrd_path(Slot::A), &c.initrd),
@@ -639,6 +647,43 @@ fn applies_a_release_over_http_resuming_a_broken_download() {
     assert_eq!(m.entries(), ["plinth-a-3+3.conf", "plinth-b-2.conf"]);
     assert_eq!(m.partition("root-a", v3.root.len()), v3.root);
     m.fsck_esp();
+}
+
+#[test]
+fn the_esp_stays_fsck_clean_through_updates_a_b_a_b() {
+    // A current image (every slot folder made by the builder) and an older one whose ESP lacks
+    // /plinth/b, which the agent creates on the first update.
+    let current = builder::disk::esp::folders();
+    let old: &[&str] = &[Slot::A.esp_dir(), os_config::boot::ENTRIES_DIR];
+    for folders in [&current[..], old] {
+        let m = Machine::with_esp_folders(folders);
+        m.fsck_esp();
+        let mut running = (Slot::A, "1".to_owned());
+        for version in 2..=5u8 {
+            let next = content(version, 100 + usize::from(version));
+            let version = version.to_string();
+            publish(&m.releases, &m.key, "demo", &version, &next);
+            let target = running.0.other();
+            assert_eq!(
+                m.agent().apply(None, &mut |_| Ok(())).expect("apply"),
+                Outcome::Staged {
+                    version: version.clone(),
+                    slot: target
+                },
+                "{folders:?}"
+            );
+            m.fsck_esp();
+            assert_eq!(
+                m.esp_file(&os_config::boot::Entry::kernel_path(target)),
+                next.kernel
+            );
+            m.boot(target, &version);
+            bless_disk(&m.disk, target, &version).expect("bless");
+            m.fsck_esp();
+            running = (target, version);
+        }
+        assert_eq!(running, (Slot::A, "5".to_owned()));
+    }
 }
 
 #[test]

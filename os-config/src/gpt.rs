@@ -266,7 +266,9 @@ pub fn parse_header(
 }
 
 /// Parses the entry array `bytes` of `header` on a disk of `disk_sectors` sectors: checks its
-/// length and CRC, and that every used entry ends inside the disk and not before it starts.
+/// length and CRC, that every used entry ends inside the disk and not before it starts, and that
+/// no two used entries overlap. The array holds at most [`MAX_ENTRIES_BYTES`] /
+/// [`MIN_ENTRY_SIZE`] entries, so the pairwise check is bounded.
 pub fn parse_entries(
     header: &Header,
     bytes: &[u8],
@@ -320,6 +322,15 @@ pub fn parse_entries(
         // Inside the disk, so neither overflows: the disk's size in bytes is a u64.
         let start = first_lba * header.sector_size;
         let size = (last_lba - first_lba + 1) * header.sector_size;
+        if let Some(other) = partitions
+            .iter()
+            .find(|p: &&Partition| first_lba <= p.last_lba && p.first_lba <= last_lba)
+        {
+            return Err(corrupt(format!(
+                "partition {number} ({label:?}, LBA {first_lba}..={last_lba}) overlaps partition {} ({:?}, LBA {}..={})",
+                other.number, other.label, other.first_lba, other.last_lba
+            )));
+        }
         partitions.push(Partition {
             number,
             label,
@@ -345,7 +356,12 @@ pub fn read<R: Read + Seek>(disk: &mut R) -> Result<Table, GptError> {
     };
     match read_backup(disk, len) {
         Ok(table) => Ok(table),
-        Err(None) => Err(primary),
+        Err(None) => match primary {
+            GptError::Corrupt(message) => Err(corrupt(format!(
+                "{message}; no backup GPT header in the disk's last sector (a truncated disk?)"
+            ))),
+            other => Err(other),
+        },
         Err(Some(backup)) => Err(corrupt(format!(
             "{}; the backup: {}",
             detail(&primary),
@@ -556,7 +572,7 @@ where
 /// Hand-built GPT disks for tests (feature `test-disks`).
 #[cfg(any(test, feature = "test-disks"))]
 pub mod testing {
-    use super::{header_crc, u32_at};
+    use super::{header_crc, u32_at, u64_at};
 
     /// Type GUID of an x86-64 root partition.
     pub const ROOT_TYPE: &str = crate::layout::TYPE_ROOT_X86_64;
@@ -611,6 +627,42 @@ pub mod testing {
         reseal(&mut disk, s);
         disk[2 * s..2 * s + entries.len()].copy_from_slice(&entries);
         disk
+    }
+
+    /// Offsets of the headers of `disk` (the primary at LBA 1, the backup in the last sector when
+    /// one is there).
+    fn header_offsets(disk: &[u8], sector: u64) -> Vec<usize> {
+        let s = sector as usize;
+        let mut offsets = vec![s];
+        let last = disk.len() - s;
+        if disk.len() >= 3 * s && &disk[last..last + 8] == super::SIGNATURE {
+            offsets.push(last);
+        }
+        offsets
+    }
+
+    /// Applies `edit` to every header of `disk` (the primary, and the backup when present; each
+    /// given its 92 bytes) and reseals them.
+    pub fn edit_headers(disk: &mut [u8], sector: u64, edit: impl Fn(&mut [u8])) {
+        for offset in header_offsets(disk, sector) {
+            edit(&mut disk[offset..offset + 92]);
+            reseal(disk, offset);
+        }
+    }
+
+    /// Applies `edit` to every partition entry array of `disk` (the one of the primary header,
+    /// and of the backup when present), then records the new CRCs and reseals the headers.
+    pub fn edit_entries(disk: &mut [u8], sector: u64, edit: impl Fn(&mut [u8])) {
+        for offset in header_offsets(disk, sector) {
+            let header = &disk[offset..offset + 92];
+            let lba = u64_at(header, 72) as usize;
+            let len = u32_at(header, 80) as usize * u32_at(header, 84) as usize;
+            let start = lba * sector as usize;
+            edit(&mut disk[start..start + len]);
+            let crc = crc32fast::hash(&disk[start..start + len]);
+            disk[offset + 88..offset + 92].copy_from_slice(&crc.to_le_bytes());
+            reseal(disk, offset);
+        }
     }
 
     /// Adds the backup GPT of a [`build_disk`] disk: entries before the last sector, the header
@@ -872,6 +924,21 @@ mod tests {
             let err = read(&mut Cursor::new(disk)).expect_err(name);
             assert!(err.to_string().contains(expected), "{name}: {err}");
         }
+        let overlapping = build_disk(
+            512,
+            200,
+            &[
+                ("root-a", ROOT_TYPE, ROOT_TYPE, 60, 99),
+                ("verity-a", VERITY_TYPE, VERITY_TYPE, 99, 109),
+            ],
+        );
+        let err = read(&mut Cursor::new(overlapping)).expect_err("overlap");
+        assert!(
+            err.to_string().contains(
+                "partition 2 (\"verity-a\", LBA 99..=109) overlaps partition 1 (\"root-a\", LBA 60..=99)"
+            ),
+            "{err}"
+        );
         let disk = build_disk(512, 200, &[]);
         let header = parse_header(&disk[512..1024], 512, 1, 200).expect("header");
         let err = parse_entries(&header, &disk[1024..1024 + 128], 200).expect_err("short");

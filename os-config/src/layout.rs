@@ -322,6 +322,40 @@ impl VeritySuperblock {
         sb
     }
 
+    /// Bytes of root data the superblock says the tree covers (no overflow: [`Self::parse`]
+    /// refuses counts whose byte length does not fit a `u64`).
+    pub fn data_bytes(&self) -> u64 {
+        self.data_blocks.saturating_mul(VERITY_BLOCK_SIZE)
+    }
+
+    /// Checks the superblock against the partitions it describes, before anything is read or
+    /// allocated by its block count: the data must fit the root partition (`root_label`,
+    /// `root_size` bytes) and the superblock plus hash tree the verity partition. Returns the
+    /// size of superblock plus tree in bytes.
+    pub fn check_fits(
+        &self,
+        root_label: &str,
+        root_size: u64,
+        verity_label: &str,
+        verity_size: u64,
+    ) -> Result<u64, String> {
+        let data = self.data_bytes();
+        if data > root_size {
+            return Err(format!(
+                "the verity superblock of {verity_label} covers {} data blocks ({data} bytes), more than {root_label} holds ({root_size} bytes)",
+                self.data_blocks
+            ));
+        }
+        let tree = crate::manifest::verity_size(self.data_blocks);
+        if tree > verity_size {
+            return Err(format!(
+                "the verity superblock and tree of {} data blocks take {tree} bytes, more than {verity_label} holds ({verity_size} bytes)",
+                self.data_blocks
+            ));
+        }
+        Ok(tree)
+    }
+
     /// Length of the protected data in 512-byte sectors.
     pub fn data_sectors(&self) -> u64 {
         self.data_blocks * (VERITY_BLOCK_SIZE / 512)
@@ -395,6 +429,47 @@ mod verity_tests {
     }
 
     #[test]
+    fn superblocks_larger_than_their_partitions_are_refused() {
+        let sb = VeritySuperblock::parse(&superblock()).expect("valid superblock");
+        let tree = crate::manifest::verity_size(300);
+        assert_eq!(
+            sb.check_fits("root-a", 300 * 4096, "verity-a", tree),
+            Ok(tree)
+        );
+        let cases: [(u64, u64, u64, &str); 4] = [
+            (
+                300,
+                299 * 4096,
+                tree,
+                "covers 300 data blocks (1228800 bytes), more than root-a holds (1224704 bytes)",
+            ),
+            (300, 300 * 4096, tree - 1, "more than verity-a holds"),
+            (
+                1 << 40,
+                1 << 30,
+                1 << 20,
+                "covers 1099511627776 data blocks",
+            ),
+            (
+                (1 << 52) - 1,
+                u64::MAX,
+                1 << 20,
+                "more than verity-a holds (1048576 bytes)",
+            ),
+        ];
+        for (blocks, root, verity, expected) in cases {
+            let sb = VeritySuperblock {
+                data_blocks: blocks,
+                ..sb.clone()
+            };
+            let err = sb
+                .check_fits("root-a", root, "verity-a", verity)
+                .expect_err(expected);
+            assert!(err.contains(expected), "{blocks}: {err}");
+        }
+    }
+
+    #[test]
     fn foreign_superblocks_are_refused() {
         assert!(VeritySuperblock::parse(&[0u8; 512]).is_err());
         let mut sb = superblock();
@@ -409,5 +484,12 @@ mod verity_tests {
         let err = VeritySuperblock::parse(&sb).expect_err("no data blocks");
         assert!(err.contains("0 data blocks"), "{err}");
         assert!(VeritySuperblock::parse(&superblock()[..511]).is_err());
+        let mut sb = superblock();
+        sb[72..80].copy_from_slice(&((1u64 << 52) + 1).to_le_bytes());
+        let err = VeritySuperblock::parse(&sb).expect_err("more blocks than bytes");
+        assert!(
+            err.contains("4503599627370497 data blocks: too many"),
+            "{err}"
+        );
     }
 }

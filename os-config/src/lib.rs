@@ -1,13 +1,15 @@
 //! The contract between the Plinth build host and the running OS: the image definition schema and
 //! its validation, the partition layout and verity superblock, GPT reading, boot entries and the boot record,
 //! the kernel command line, the `PLINTH-STATUS` line, the initramfs module set and the update
-//! manifest format. No I/O beyond parsing (except [`oracle`], the tests' reference tools, for
+//! manifest format, and the FAT folder-entry repair both the builder and the agent apply to the ESP.
+//! No I/O beyond parsing and that repair (except [`oracle`], the tests' reference tools, for
 //! tests only).
 
 pub mod boot;
 pub mod cmdline;
 pub mod definition;
 pub mod diagnostic;
+pub mod fat;
 pub mod gpt;
 pub mod initramfs;
 pub mod layout;

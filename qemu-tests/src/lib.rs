@@ -417,6 +417,50 @@ fn console_report(text: &str, saved: Option<&Path>) -> String {
     out
 }
 
+/// Runs `fsck.vfat -n` over the ESP of the raw disk image `disk` (its place read from the GPT
+/// through `os_config::gpt`, copied to a temporary file): an error with fsck's output unless the
+/// FAT is clean. Call it only while the guest is powered off.
+pub fn fsck_esp(disk: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut file =
+        std::fs::File::open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    let table = os_config::gpt::read(&mut file)
+        .with_context(|| format!("reading the GPT of {}", disk.display()))?;
+    let esp = table
+        .by_label(os_config::layout::ESP)
+        .with_context(|| format!("{} has no partition `esp`", disk.display()))?;
+    let mut copy = tempfile::NamedTempFile::new().context("creating a temporary ESP copy")?;
+    file.seek(SeekFrom::Start(esp.start))?;
+    let copied = std::io::copy(&mut (&mut file).take(esp.size), copy.as_file_mut())
+        .with_context(|| format!("copying the ESP of {}", disk.display()))?;
+    if copied != esp.size {
+        bail!(
+            "the ESP of {} is {} bytes but only {copied} could be read",
+            disk.display(),
+            esp.size
+        );
+    }
+    let out = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(copy.path())
+        .output()
+        .context("running fsck.vfat (install dosfstools)")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A clean volume gives the version line and the summary line, nothing else.
+    if !out.status.success() || text.lines().count() != 2 {
+        bail!(
+            "fsck.vfat -n finds the ESP of {} unclean ({}):\n{text}",
+            disk.display(),
+            out.status
+        );
+    }
+    Ok(())
+}
+
 /// Reads `... PLINTH-STATUS event k=v k2=v2` with os-config's parser (the one the guest's
 /// formatter is tested against) into its fields, plus `event`; empty when the line has none.
 pub fn parse_status(line: &str) -> BTreeMap<String, String> {

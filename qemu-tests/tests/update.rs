@@ -649,6 +649,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
         "power cut 5 (before reboot) at {:.0}s",
         qemu_started.elapsed().as_secs_f64()
     );
+    qemu_tests::fsck_esp(&disk)?;
 
     // Boot 6: v2 in slot B on trial, blessed once healthy.
     let mut vm = Vm::boot(&opts)?;
@@ -816,6 +817,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
         );
     }
     vm.kill();
+    qemu_tests::fsck_esp(&disk)?;
     eprintln!(
         "QEMU time {:.0}s, whole test {:.0}s",
         qemu_started.elapsed().as_secs_f64(),
@@ -1068,6 +1070,7 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
         "v3 from the medium does not boot on trial: {state:?}"
     );
     vm.kill();
+    qemu_tests::fsck_esp(&disk)?;
     Ok(())
 }
 
@@ -1217,6 +1220,7 @@ fn fleetlock_takes_a_reboot_slot_first_and_gives_it_back_after_the_bless() -> Re
         std::thread::sleep(Duration::from_secs(1));
     }
     vm.kill();
+    qemu_tests::fsck_esp(&disk)?;
     let log = lock.log();
     eprintln!("FleetLock requests: {log:?}");
     let granted = log

@@ -65,7 +65,7 @@ pub struct EspFile {
 
 /// The folders every Plinth ESP has from the start: both slots' and the boot entries'. The update
 /// agent writes into them and so never has to create one, which fatfs would do in a way
-/// `fsck.vfat` and some firmware reject (see [`repair_dot_entries`]).
+/// `fsck.vfat` and some firmware reject until [`os_config::fat::repair_dot_entries`] runs.
 pub fn folders() -> [&'static str; 3] {
     [
         os_config::layout::Slot::A.esp_dir(),
@@ -141,130 +141,22 @@ pub fn write_esp<D: Read + Write + Seek>(
     // Counting the free clusters records the count in the FSInfo sector, as fsck expects.
     fs.stats().context("counting free clusters of the ESP")?;
     fs.unmount().context("closing the ESP")?;
-    repair_dot_entries(&mut device).context("repairing the ESP's folder entries")?;
+    os_config::fat::repair_dot_entries(&mut device)
+        .context("repairing the ESP's folder entries")?;
     Ok(())
 }
 
-/// Rewrites every folder's `.` and `..` entries the way the FAT specification wants them.
-///
-/// fatfs 0.3 gives `.` and `..` long-name entries (so they are not the first two slots, which
-/// `fsck.vfat` and some firmware require) and points `..` of a top-level folder at the root
-/// cluster instead of 0. This walks the folder tree from the root and drops those long-name
-/// entries and zeroes such `..` clusters; nothing else moves.
-fn repair_dot_entries<D: Read + Write + Seek>(device: &mut D) -> Result<()> {
-    let mut boot = [0u8; 512];
-    device.rewind()?;
-    device.read_exact(&mut boot)?;
-    let u16_at = |o: usize| u64::from(u16::from_le_bytes([boot[o], boot[o + 1]]));
-    let u32_at = |o: usize| {
-        u64::from(u32::from_le_bytes([
-            boot[o],
-            boot[o + 1],
-            boot[o + 2],
-            boot[o + 3],
-        ]))
-    };
-    let bytes_per_sector = u16_at(11);
-    let cluster_size = bytes_per_sector * u64::from(boot[13]);
-    let fat_start = u16_at(14) * bytes_per_sector;
-    let data_start = fat_start + u64::from(boot[16]) * u32_at(36) * bytes_per_sector;
-    let root = u32_at(44);
-    let geometry = FatGeometry {
-        fat_start,
-        data_start,
-        cluster_size,
-    };
-    let mut pending = vec![(root, true)];
-    while let Some((first, is_root)) = pending.pop() {
-        let chain = geometry.chain(device, first)?;
-        let mut entries = Vec::new();
-        for cluster in &chain {
-            let mut data = vec![0u8; cluster_size as usize];
-            device.seek(std::io::SeekFrom::Start(geometry.offset(*cluster)))?;
-            device.read_exact(&mut data)?;
-            entries.extend(data.chunks(32).map(|e| e.to_vec()));
-        }
-        let mut kept: Vec<Vec<u8>> = Vec::new();
-        let mut long_names: Vec<Vec<u8>> = Vec::new();
-        for mut entry in entries {
-            if entry[0] == 0 {
-                break;
-            }
-            let attributes = entry[11];
-            if entry[0] == 0xe5 {
-                kept.append(&mut long_names);
-                kept.push(entry);
-                continue;
-            }
-            if attributes & 0x3f == 0x0f {
-                long_names.push(entry);
-                continue;
-            }
-            let name = &entry[..11];
-            let is_dot = name == b".          ";
-            let is_dotdot = name == b"..         ";
-            if is_dot || is_dotdot {
-                long_names.clear();
-                if is_dotdot && !is_root {
-                    let parent = u32::from(u16::from_le_bytes([entry[20], entry[21]])) << 16
-                        | u32::from(u16::from_le_bytes([entry[26], entry[27]]));
-                    if u64::from(parent) == root {
-                        entry[20..22].fill(0);
-                        entry[26..28].fill(0);
-                    }
-                }
-            } else if attributes & 0x10 != 0 && attributes & 0x08 == 0 {
-                let cluster = u64::from(u16::from_le_bytes([entry[20], entry[21]])) << 16
-                    | u64::from(u16::from_le_bytes([entry[26], entry[27]]));
-                pending.push((cluster, false));
-            }
-            kept.append(&mut long_names);
-            kept.push(entry);
-        }
-        let mut bytes: Vec<u8> = kept.concat();
-        bytes.resize(chain.len() * cluster_size as usize, 0);
-        for (cluster, data) in chain.iter().zip(bytes.chunks(cluster_size as usize)) {
-            device.seek(std::io::SeekFrom::Start(geometry.offset(*cluster)))?;
-            device.write_all(data)?;
-        }
-    }
-    device.flush()?;
-    Ok(())
-}
+/// Most entries a FAT folder may hold (the specification's limit); a listing that goes on
+/// longer follows a cluster chain that loops.
+pub const MAX_FOLDER_ENTRIES: usize = 65536;
 
-/// Where the FAT and the clusters of a FAT32 volume are.
-struct FatGeometry {
-    fat_start: u64,
-    data_start: u64,
-    cluster_size: u64,
-}
-
-impl FatGeometry {
-    fn offset(&self, cluster: u64) -> u64 {
-        self.data_start + (cluster - 2) * self.cluster_size
-    }
-
-    /// The clusters of a chain, following the first FAT.
-    fn chain<D: Read + Seek>(&self, device: &mut D, first: u64) -> Result<Vec<u64>> {
-        let mut chain = Vec::new();
-        let mut cluster = first;
-        while (2..0x0fff_fff8).contains(&cluster) {
-            if chain.len() > 1 << 20 {
-                bail!("FAT cluster chain from {first} does not end");
-            }
-            chain.push(cluster);
-            let mut next = [0u8; 4];
-            device.seek(std::io::SeekFrom::Start(self.fat_start + cluster * 4))?;
-            device.read_exact(&mut next)?;
-            cluster = u64::from(u32::from_le_bytes(next) & 0x0fff_ffff);
-        }
-        Ok(chain)
-    }
-}
-
-/// Reads a FAT filesystem without writing to it: lists and reads files.
+/// Reads a FAT filesystem without writing to it: lists and reads files. Every listing and read
+/// is bounded (by [`MAX_FOLDER_ENTRIES`] and by the size of the filesystem), so a damaged or
+/// hostile FAT whose cluster chains loop or whose sizes lie gives an error, not an endless read.
 pub struct EspReader<D: Read + Write + Seek> {
     fs: FileSystem<D>,
+    /// Bytes of the device: no file can hold more.
+    size: u64,
 }
 
 impl<D: Read + Write + Seek> std::fmt::Debug for EspReader<D> {
@@ -275,9 +167,13 @@ impl<D: Read + Write + Seek> std::fmt::Debug for EspReader<D> {
 
 impl<D: Read + Write + Seek> EspReader<D> {
     /// Opens the filesystem on `device`.
-    pub fn open(device: D) -> Result<EspReader<D>> {
+    pub fn open(mut device: D) -> Result<EspReader<D>> {
+        let size = device
+            .seek(std::io::SeekFrom::End(0))
+            .context("measuring the ESP")?;
+        device.rewind().context("seeking to the start of the ESP")?;
         let fs = FileSystem::new(device, FsOptions::new()).context("reading the ESP (FAT)")?;
-        Ok(EspReader { fs })
+        Ok(EspReader { fs, size })
     }
 
     /// The volume id of the filesystem.
@@ -296,7 +192,12 @@ impl<D: Read + Write + Seek> EspReader<D> {
                 .with_context(|| format!("opening /{folder} on the ESP"))?
         };
         let mut names = Vec::new();
-        for entry in dir.iter() {
+        for (count, entry) in dir.iter().enumerate() {
+            if count >= MAX_FOLDER_ENTRIES {
+                bail!(
+                    "/{folder} on the ESP lists more than {MAX_FOLDER_ENTRIES} entries: its cluster chain loops"
+                );
+            }
             let entry = entry.with_context(|| format!("listing /{folder} on the ESP"))?;
             let name = entry.file_name();
             if name != "." && name != ".." {
@@ -316,8 +217,16 @@ impl<D: Read + Write + Seek> EspReader<D> {
             .open_file(path)
             .with_context(|| format!("opening /{path} on the ESP"))?;
         let mut data = Vec::new();
-        file.read_to_end(&mut data)
+        (&mut file)
+            .take(self.size + 1)
+            .read_to_end(&mut data)
             .with_context(|| format!("reading /{path} on the ESP"))?;
+        if data.len() as u64 > self.size {
+            bail!(
+                "/{path} on the ESP goes on past the ESP's {} bytes: its size or cluster chain is damaged",
+                self.size
+            );
+        }
         Ok(data)
     }
 }

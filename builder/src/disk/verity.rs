@@ -121,6 +121,23 @@ pub enum Verdict {
     BadTree { computed_root: String },
 }
 
+impl Verdict {
+    /// What the verdict says about the root partition `root_label` whose boot entry or manifest
+    /// names `expected_root`: `intact`, or what does not match.
+    pub fn describe(&self, root_label: &str, expected_root: &str) -> String {
+        match self {
+            Verdict::Intact => "intact".to_owned(),
+            Verdict::BadDataBlock(block) => format!(
+                "data block {block} of {root_label} (byte {} of the partition) does not match its hash",
+                block * BLOCK_SIZE as u64
+            ),
+            Verdict::BadTree { computed_root } => format!(
+                "the verity tree gives root hash {computed_root}, the boot entry says {expected_root}"
+            ),
+        }
+    }
+}
+
 /// Checks `data` (a root partition) against `hash_device` (its verity partition, at least as long
 /// as the tree) and the expected root hash, entirely in Rust.
 pub fn verify(data: &mut impl Read, hash_device: &[u8], expected_root: &str) -> Result<Verdict> {
@@ -133,7 +150,17 @@ pub fn verify(data: &mut impl Read, hash_device: &[u8], expected_root: &str) -> 
         salt,
         uuid: sb.uuid,
     };
-    let tree = hash_tree(data, sb.data_blocks * BLOCK_SIZE as u64, &params)?;
+    // The tree's size follows from the block count the superblock claims: check it against
+    // what is really there before hashing (and allocating) by that count.
+    let tree_len = os_config::manifest::verity_size(sb.data_blocks);
+    if tree_len > hash_device.len() as u64 {
+        bail!(
+            "the verity partition is shorter ({} bytes) than the tree of the {} data blocks its superblock claims ({tree_len} bytes)",
+            hash_device.len(),
+            sb.data_blocks
+        );
+    }
+    let tree = hash_tree(data, sb.data_bytes(), &params)?;
     let stored = hash_device.get(..tree.device.len()).with_context(|| {
         format!(
             "the verity partition is shorter ({} bytes) than its tree ({} bytes)",

@@ -1,7 +1,9 @@
 //! The EFI system partition, read and written in-process through the FAT driver (no mount): boot
 //! entries, each slot's kernel and initrd, blessing.
 
+use std::cell::RefCell;
 use std::io::{self, Read, Seek, Write};
+use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 
@@ -17,9 +19,43 @@ fn rel(path: &str) -> &str {
 pub trait Storage: Read + Write + Seek {}
 impl<T: Read + Write + Seek> Storage for T {}
 
+/// The storage, shared between the FAT driver and [`Esp::close`], which repairs the folder
+/// entries the driver wrote once it has flushed.
+#[derive(Debug)]
+pub struct Shared<S>(Rc<RefCell<S>>);
+
+impl<S> Clone for Shared<S> {
+    fn clone(&self) -> Self {
+        Shared(Rc::clone(&self.0))
+    }
+}
+
+impl<S: Read> Read for Shared<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl<S: Write> Write for Shared<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
+}
+
+impl<S: Seek> Seek for Shared<S> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        self.0.borrow_mut().seek(to)
+    }
+}
+
 /// An opened ESP. Changes reach the storage on [`Esp::close`]; the caller syncs the device after.
 pub struct Esp<S: Storage> {
-    fs: fatfs::FileSystem<S>,
+    fs: fatfs::FileSystem<Shared<S>>,
+    storage: Shared<S>,
 }
 
 impl<S: Storage> std::fmt::Debug for Esp<S> {
@@ -31,14 +67,21 @@ impl<S: Storage> std::fmt::Debug for Esp<S> {
 impl<S: Storage> Esp<S> {
     /// Opens the FAT file system on `storage`.
     pub fn open(storage: S) -> Result<Esp<S>> {
-        let fs = fatfs::FileSystem::new(storage, fatfs::FsOptions::new())
+        let storage = Shared(Rc::new(RefCell::new(storage)));
+        let fs = fatfs::FileSystem::new(storage.clone(), fatfs::FsOptions::new())
             .context("opening the FAT file system of the ESP")?;
-        Ok(Esp { fs })
+        Ok(Esp { fs, storage })
     }
 
-    /// Flushes the FAT and directory entries and releases the storage.
+    /// Flushes the FAT and directory entries, repairs the `.`/`..` entries of any folder the
+    /// FAT driver created (an image older than the builder's up-front slot folders lacks
+    /// `/plinth/b`) with the builder's repair, so the ESP stays clean for `fsck.vfat` and
+    /// firmware, and releases the storage.
     pub fn close(self) -> Result<()> {
-        self.fs.unmount().context("flushing the ESP")
+        let Esp { fs, mut storage } = self;
+        fs.unmount().context("flushing the ESP")?;
+        os_config::fat::repair_dot_entries(&mut storage)
+            .context("repairing the folder entries of the ESP")
     }
 
     /// The Plinth boot entries present, with their file names.
@@ -81,7 +124,7 @@ impl<S: Storage> Esp<S> {
     }
 
     /// Creates (or truncates) a file, creating its folders, and returns it for writing.
-    pub fn create_file(&self, path: &str) -> Result<fatfs::File<'_, S>> {
+    pub fn create_file(&self, path: &str) -> Result<fatfs::File<'_, Shared<S>>> {
         let path = rel(path);
         let root = self.fs.root_dir();
         let mut dir_path = String::new();
@@ -104,7 +147,7 @@ impl<S: Storage> Esp<S> {
     }
 
     /// Opens a file for reading.
-    pub fn open_file(&self, path: &str) -> Result<fatfs::File<'_, S>> {
+    pub fn open_file(&self, path: &str) -> Result<fatfs::File<'_, Shared<S>>> {
         let path = rel(path);
         self.fs
             .root_dir()
