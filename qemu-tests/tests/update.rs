@@ -356,6 +356,7 @@ fn publish(def_text: &str, raw: &Path, key: &Path, to: &Path, dir: &Path) -> Res
         to: to.to_path_buf(),
         disk: Some(raw.to_path_buf()),
         rollout: None,
+        expires: Default::default(),
     })?;
     let bytes = std::fs::read(to.join("stable").join(manifest::MANIFEST_FILE))?;
     Manifest::parse(&bytes).context("reading back the published manifest")

@@ -361,6 +361,15 @@ impl Agent {
                 }))
             }
         };
+        // A manifest past its expiry (or made too far ahead of this clock) is refused before
+        // anything else is looked at or downloaded; it is not remembered: a renewed one is
+        // taken at the next check.
+        if let Err(refusal) = manifest::current(&manifest, (self.clock)()) {
+            return Ok(Err(Outcome::Refused {
+                version: Some(manifest.version.to_string()),
+                reason: format!("{}: {refusal}", source.describe(&path)),
+            }));
+        }
         let running = Running {
             name: &self.definition.image.name,
             channel: &self.channel,
