@@ -14,10 +14,10 @@ use sha2::{Digest, Sha256};
 use super::apply::{self, ApplyError, Event, Job};
 use super::blockdev::Disk;
 use super::esp::{self, Blessed, Esp};
-use super::fetch::{Client, FetchError, Source};
+use super::fetch::{self, Client, FetchError, Source};
 use super::staging::Staging;
 use super::state::{InProgress, Refused, Staged, State};
-use super::tls::{Tls, Trust};
+use super::tls::Trust;
 use os_config::boot::{BootRecord, BootState, Counter, EntryName, BOOT_RECORD_IN_RUN};
 use os_config::layout::Slot;
 
@@ -198,14 +198,11 @@ impl Agent {
         let record = read_boot_record(&paths.boot_record)?;
         let running_slot = record.slot;
         let disk = paths.disk.clone().unwrap_or(record.disk);
-        let tls = Tls::load(&Trust {
+        let trust = Trust {
             bundle: paths.ca_bundle.clone(),
             update_ca: update.ca.as_ref().map(|_| paths.update_ca.clone()),
-        })?;
-        let client = Client {
-            tls: Some(tls),
-            ..Client::default()
         };
+        let client = Client::new(Some(trust), fetch::PACE);
         Ok(Agent {
             keys,
             source: Source::parse_with(&update.url, client.clone())?,

@@ -11,11 +11,12 @@ use std::fs;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv6Addr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::tls::{Tls, TlsError, TlsStream};
+use super::tls::{Tls, TlsError, TlsStream, Trust};
 use crate::http::{self, Body};
 
 /// Largest manifest or signature accepted.
@@ -45,17 +46,43 @@ pub const PACE: Pace = Pace {
 /// How the agent talks to servers: the TLS trust for `https://` and the pace transfers must keep.
 #[derive(Debug, Clone)]
 pub struct Client {
-    /// `None`: `https://` URLs fail, naming why.
-    pub tls: Option<Tls>,
+    /// Where trusted certificates come from; `None`: `https://` URLs fail, naming why.
+    pub trust: Option<Trust>,
     pub pace: Pace,
+    /// The TLS configuration, loaded at the first `https://` connection: a program that never
+    /// makes one (`plinth-init`, which loads the agent to look for a rollback) never reads the
+    /// certificates and does not link TLS.
+    tls: Arc<OnceLock<Tls>>,
 }
 
 impl Default for Client {
     fn default() -> Self {
+        Client::new(None, PACE)
+    }
+}
+
+impl Client {
+    /// A client trusting what `trust` names, keeping `pace`.
+    pub fn new(trust: Option<Trust>, pace: Pace) -> Client {
         Client {
-            tls: None,
-            pace: PACE,
+            trust,
+            pace,
+            tls: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The TLS configuration, loaded once.
+    fn tls(&self, what: &str) -> Result<&Tls, FetchError> {
+        if let Some(tls) = self.tls.get() {
+            return Ok(tls);
+        }
+        let trust = self.trust.as_ref().ok_or_else(|| {
+            FetchError::Untrusted(format!(
+                "{what}: no CA certificates are set up to check the server's TLS certificate"
+            ))
+        })?;
+        let tls = Tls::load(trust).map_err(|e| FetchError::Untrusted(format!("{what}: {e:#}")))?;
+        Ok(self.tls.get_or_init(|| tls))
     }
 }
 
@@ -524,23 +551,14 @@ fn connect(client: &Client, url: &HttpUrl) -> Result<Conn, FetchError> {
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
     match url.scheme {
         Scheme::Http => Ok(Conn::Plain(stream)),
-        Scheme::Https => {
-            let tls = client.tls.as_ref().ok_or_else(|| {
-                FetchError::Untrusted(format!(
-                    "{what}: no CA certificates are set up to check the server's TLS certificate"
-                ))
-            })?;
-            match tls.connect(&url.host, stream) {
-                Ok(stream) => Ok(Conn::Tls(stream)),
-                Err(TlsError::Untrusted(reason)) => {
-                    Err(FetchError::Untrusted(format!("{what}: {reason}")))
-                }
-                Err(TlsError::Io(error)) => Err(io_err(error)),
-                Err(TlsError::Other(reason)) => {
-                    Err(FetchError::Protocol(format!("{what}: {reason}")))
-                }
+        Scheme::Https => match client.tls(&what)?.connect(&url.host, stream) {
+            Ok(stream) => Ok(Conn::Tls(stream)),
+            Err(TlsError::Untrusted(reason)) => {
+                Err(FetchError::Untrusted(format!("{what}: {reason}")))
             }
-        }
+            Err(TlsError::Io(error)) => Err(io_err(error)),
+            Err(TlsError::Other(reason)) => Err(FetchError::Protocol(format!("{what}: {reason}"))),
+        },
     }
 }
 
@@ -887,7 +905,7 @@ mod tests {
     }
 
     fn read_with(base: &str, pace: Pace) -> (io::Error, u64, Duration) {
-        let client = Client { tls: None, pace };
+        let client = Client::new(None, pace);
         let source = Source::parse_with(base, client).expect("url");
         let started = Instant::now();
         let mut reader = source.open_resuming("a", 0, 1 << 20, 3).expect("opens");
@@ -969,16 +987,11 @@ mod tests {
         let (_, other_ca) = test_tls::server_config(&["127.0.0.1"]);
         let ca = dir.path().join("other-ca.pem");
         fs::write(&ca, other_ca).expect("ca");
-        let tls = Tls::load(&super::super::tls::Trust {
+        let trust = Trust {
             bundle: dir.path().join("missing.crt"),
             update_ca: Some(ca),
-        })
-        .expect("trust");
-        let client = Client {
-            tls: Some(tls),
-            pace: PACE,
         };
-        let err = Source::parse_with(&url, client)
+        let err = Source::parse_with(&url, Client::new(Some(trust), PACE))
             .expect("url")
             .get("m")
             .expect_err("another CA");
@@ -1009,17 +1022,13 @@ mod tests {
                 let (stream, _) = listener.accept().expect("accept");
                 test_tls::serve_one(&config, stream, b"signed manifest bytes").expect("serves")
             });
-            let tls = Tls::load(&super::super::tls::Trust {
+            let trust = Trust {
                 bundle: dir.path().join("missing.crt"),
                 update_ca: Some(ca),
-            })
-            .expect("trust");
+            };
             let source = Source::parse_with(
                 &format!("https://{host}:{port}/releases"),
-                Client {
-                    tls: Some(tls),
-                    pace: PACE,
-                },
+                Client::new(Some(trust), PACE),
             )
             .expect("url");
             assert_eq!(
