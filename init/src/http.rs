@@ -1,5 +1,5 @@
 //! The one HTTP/1.1 client on the target, used by the engine client ([`crate::stage2::docker`], over a
-//! unix socket) and the update agent ([`crate::update::fetch`], over TCP).
+//! unix socket) and the update agent ([`crate::update::fetch`], over TCP or TLS).
 //!
 //! It is generic over the stream: the caller connects, sets timeouts, writes a request head with
 //! [`write_head`], then reads the answer with [`read_response`] (whole, bounded) or [`read_head`]

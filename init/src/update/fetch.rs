@@ -1006,6 +1006,39 @@ mod tests {
     }
 
     #[test]
+    fn a_post_goes_over_https_too() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (config, ca_pem) = test_tls::server_config(&["127.0.0.1"]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        fs::write(&ca, ca_pem).expect("ca");
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            test_tls::serve_one(&config, stream, b"granted").expect("serves")
+        });
+        let trust = Trust {
+            bundle: dir.path().join("missing.crt"),
+            update_ca: Some(ca),
+        };
+        let url = HttpUrl::parse(&format!("https://127.0.0.1:{port}/v1/pre-reboot")).expect("url");
+        let (status, body) = http_post(
+            &Client::new(Some(trust), PACE),
+            &url,
+            &[("fleet-lock-protocol", "true")],
+            b"{}",
+        )
+        .expect("post");
+        assert_eq!((status, body.as_str()), (200, "granted"));
+        let request = server.join().expect("server");
+        assert!(
+            request.starts_with("POST /v1/pre-reboot HTTP/1.1\r\n")
+                && request.contains("fleet-lock-protocol: true\r\n"),
+            "{request}"
+        );
+    }
+
+    #[test]
     fn https_downloads_are_checked_against_the_update_ca_over_ipv4_and_ipv6() {
         let dir = tempfile::tempdir().expect("tempdir");
         for (bind, host) in [("127.0.0.1:0", "127.0.0.1"), ("[::1]:0", "[::1]")] {
@@ -1103,6 +1136,9 @@ pub(crate) mod test_tls {
         )?;
         tls.write_all(body)?;
         tls.flush()?;
+        // Read on (a request body, the client's close_notify) until the client is done: closing
+        // with unread bytes would reset the connection under the client's feet.
+        let _ = std::io::copy(&mut tls, &mut std::io::sink());
         Ok(head)
     }
 }
