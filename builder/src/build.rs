@@ -307,6 +307,69 @@ fn install_payload(def: &Definition, def_path: &Path, init: &Path, root: &Path) 
     let text =
         std::fs::read(def_path).with_context(|| format!("reading {}", def_path.display()))?;
     std::fs::write(dest, text)?;
-    let _ = def;
+    if let Some(ca) = def.update.as_ref().and_then(|u| u.ca.as_ref()) {
+        let def_dir = def_path.parent().unwrap_or(Path::new("."));
+        let pem = read_update_ca(&def_dir.join(ca)).with_context(|| {
+            format!("[update] ca = {:?} in {}", ca.display(), def_path.display())
+        })?;
+        let dest = root.join(os_config::definition::UPDATE_CA_IN_IMAGE.trim_start_matches('/'));
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&dest, pem).with_context(|| format!("writing {}", dest.display()))?;
+    }
     Ok(())
+}
+
+/// Reads the `[update] ca` file: PEM text with at least one certificate.
+fn read_update_ca(path: &Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8_lossy(&pem);
+    if !text.contains("-----BEGIN CERTIFICATE-----") {
+        bail!(
+            "{} holds no PEM certificate (expected `-----BEGIN CERTIFICATE-----` blocks)",
+            path.display()
+        );
+    }
+    Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_update_ca_is_placed_where_the_agent_reads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let def_path = dir.path().join("image.toml");
+        let key = os_config::manifest::SecretKey::from_seed([7; 32]).public();
+        let text = format!("[image]\nname = \"demo\"\nversion = \"1\"\n\n[update]\nurl = \"https://[fd00::1]/r\"\nkeys = [\"{key}\"]\nca = \"certs/ca.pem\"\n");
+        std::fs::write(&def_path, &text).expect("definition");
+        let def = Definition::parse("image.toml", &text).expect("parses");
+        let init = dir.path().join("bin/plinth-init");
+        std::fs::create_dir_all(init.parent().expect("bin")).expect("mkdir");
+        std::fs::write(&init, "init").expect("init");
+        let root = dir.path().join("root");
+        // Missing, then not PEM: errors name the key and the file.
+        let err = install_payload(&def, &def_path, &init, &root).expect_err("missing");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("[update] ca = \"certs/ca.pem\"") && text.contains("certs/ca.pem"),
+            "{text}"
+        );
+        std::fs::create_dir_all(dir.path().join("certs")).expect("mkdir");
+        std::fs::write(dir.path().join("certs/ca.pem"), "not a certificate").expect("ca");
+        let err = install_payload(&def, &def_path, &init, &root).expect_err("not pem");
+        assert!(
+            format!("{err:#}").contains("holds no PEM certificate"),
+            "{err:#}"
+        );
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        std::fs::write(dir.path().join("certs/ca.pem"), pem).expect("ca");
+        install_payload(&def, &def_path, &init, &root).expect("installs");
+        assert_eq!(
+            std::fs::read_to_string(root.join("usr/share/plinth/update-ca.pem")).expect("placed"),
+            pem
+        );
+    }
 }

@@ -150,6 +150,14 @@ pub struct PublishArgs {
     /// Staged rollout: spread machines over this window from now, such as "6h" or "48h".
     #[arg(long, value_name = "DURATION", value_parser = os_config::units::Duration::parse)]
     pub rollout: Option<os_config::units::Duration>,
+    /// The manifest expires this long after publishing, such as "720h" (machines refuse it from
+    /// then on; publish again to renew) [default: 720h, 30 days].
+    #[arg(long, value_name = "DURATION", value_parser = os_config::units::Duration::parse, conflicts_with = "expires_at")]
+    pub expires_in: Option<os_config::units::Duration>,
+    /// The manifest expires at this UTC time, such as "2027-01-01T00:00:00Z" (the same manifest
+    /// on every run, for reproducible releases).
+    #[arg(long, value_name = "TIME", value_parser = os_config::manifest::parse_rfc3339)]
+    pub expires_at: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +240,11 @@ impl From<PublishArgs> for crate::publish::Options {
             to: args.to,
             disk: args.disk,
             rollout: args.rollout,
+            expires: match (args.expires_at, args.expires_in) {
+                (Some(at), _) => crate::publish::Expiry::At(at),
+                (None, Some(validity)) => crate::publish::Expiry::In(validity.0),
+                (None, None) => crate::publish::Expiry::default(),
+            },
         }
     }
 }
@@ -248,6 +261,38 @@ mod tests {
             "{cli:?}"
         );
         assert!(Cli::try_parse_from(["plinth", "verify"]).is_err());
+    }
+
+    #[test]
+    fn publish_expiry_flags_parse() {
+        use crate::publish::{Expiry, Options};
+        let options = |extra: &[&str]| -> Result<Options, clap::Error> {
+            let base = ["plinth", "publish", "x.toml", "--key", "k", "--to", "r"];
+            let cli = Cli::try_parse_from(base.iter().chain(extra))?;
+            match cli.command {
+                Command::Publish(args) => Ok(args.into()),
+                other => panic!("not publish: {other:?}"),
+            }
+        };
+        let expires = |extra: &[&str]| options(extra).expect("parses").expires;
+        assert_eq!(expires(&[]), Expiry::default());
+        assert_eq!(
+            expires(&["--expires-in", "48h"]),
+            Expiry::In(std::time::Duration::from_secs(48 * 3600))
+        );
+        assert_eq!(
+            expires(&["--expires-at", "2020-01-01T00:00:00Z"]),
+            Expiry::At(1_577_836_800)
+        );
+        for bad in [
+            &["--expires-in", "3d"][..],
+            &["--expires-at", "2020-01-01"],
+            &["--expires-in", "1h", "--expires-at", "2020-01-01T00:00:00Z"],
+        ] {
+            assert!(options(bad).is_err(), "{bad:?}");
+        }
+        let err = options(&["--expires-at", "tomorrow"]).expect_err("bad time");
+        assert!(err.to_string().contains("is not a UTC time"), "{err}");
     }
 
     #[test]

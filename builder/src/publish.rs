@@ -19,6 +19,34 @@ pub const ZSTD_LEVEL: i32 = 10;
 /// Uncompressed size of each independent zstd frame of the root and verity artifacts: an
 /// interrupted download resumes at a frame boundary.
 pub const FRAME_SIZE: usize = 16 << 20;
+/// How long a published manifest stays valid by default: 30 days from the time of publishing.
+pub const DEFAULT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+/// When a published manifest expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// This long after the wall-clock time of publishing (not `SOURCE_DATE_EPOCH`: an old
+    /// reproducible build time must not publish an already expired release).
+    In(std::time::Duration),
+    /// At this time, seconds since the Unix epoch: the same manifest bytes on every run.
+    At(u64),
+}
+
+impl Default for Expiry {
+    fn default() -> Self {
+        Expiry::In(DEFAULT_VALIDITY)
+    }
+}
+
+impl Expiry {
+    /// The expiry time, seconds since the Unix epoch, for a release published at `now`.
+    pub fn at(self, now: u64) -> u64 {
+        match self {
+            Expiry::In(validity) => now.saturating_add(validity.as_secs()),
+            Expiry::At(at) => at,
+        }
+    }
+}
 
 /// `plinth keygen --out PREFIX`.
 pub fn keygen(out: &Path) -> Result<()> {
@@ -125,6 +153,8 @@ pub struct Options {
     pub disk: Option<PathBuf>,
     /// Staged rollout: spread machines over this window from now.
     pub rollout: Option<os_config::units::Duration>,
+    /// When the manifest expires.
+    pub expires: Expiry,
 }
 
 /// `plinth publish FILE --key KEY --to DIR [--disk IMAGE]`.
@@ -184,6 +214,16 @@ pub fn publish(args: &Options) -> Result<()> {
             );
         }
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let expires = args.expires.at(now);
+    if expires <= now {
+        eprintln!(
+            "warning: the manifest expires at {}, which has passed: machines will refuse this release",
+            manifest::rfc3339(expires)
+        );
+    }
     let release = Release {
         disk: &disk,
         name: &def.image.name,
@@ -193,21 +233,21 @@ pub fn publish(args: &Options) -> Result<()> {
         created: source_date_epoch()?,
         // The rollout starts when the release is published, whatever SOURCE_DATE_EPOCH says.
         rollout: args.rollout.map(|spread| manifest::Rollout {
-            start: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            start: now,
             spread_seconds: spread.0.as_secs(),
         }),
+        expires,
     };
     let manifest = publish_release(&release, &key, &args.to)?;
     println!(
-        "published {} {} to {}/{}/{} (root hash {})",
+        "published {} {} to {}/{}/{} (root hash {}, expires {})",
         manifest.name,
         manifest.version,
         args.to.display(),
         manifest.channel,
         manifest.version,
-        manifest.root_hash
+        manifest.root_hash,
+        manifest.expires
     );
     Ok(())
 }
@@ -226,6 +266,8 @@ pub struct Release<'a> {
     pub created: u64,
     /// Staged rollout, if any.
     pub rollout: Option<manifest::Rollout>,
+    /// Expiry time, seconds since the Unix epoch.
+    pub expires: u64,
 }
 
 /// Extracts slot A of `release.disk`, writes its artifacts and signed manifests into `to`.
@@ -313,6 +355,7 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         version: release.version.clone(),
         channel: release.channel.clone(),
         created: manifest::rfc3339(release.created),
+        expires: manifest::rfc3339(release.expires),
         root_hash: Sha256::parse(&hex::encode(root_hash)).map_err(anyhow::Error::msg)?,
         salt: hex::encode(&sb.salt),
         data_blocks: sb.data_blocks,
@@ -338,8 +381,10 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let version_manifest = version_dir.join(manifest::MANIFEST_FILE);
     if let Ok(existing) = fs::read(&version_manifest) {
         let same = Manifest::parse(&existing)
+            // Publishing the same release again renews its times (and so its expiry).
             .map(|old| Manifest {
                 created: manifest.created.clone(),
+                expires: manifest.expires.clone(),
                 ..old
             })
             .is_ok_and(|old| old == manifest);
@@ -633,6 +678,22 @@ impl<W: Write> Write for HashWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_counts_from_publishing_or_is_fixed() {
+        let now = 1_795_820_399;
+        assert_eq!(Expiry::default().at(now), now + 30 * 86_400);
+        assert_eq!(
+            Expiry::In(std::time::Duration::from_secs(3600)).at(now),
+            now + 3600
+        );
+        assert_eq!(Expiry::At(1_577_836_800).at(now), 1_577_836_800);
+        assert_eq!(
+            Expiry::In(std::time::Duration::MAX).at(now),
+            u64::MAX,
+            "saturates"
+        );
+    }
 
     #[test]
     fn entry_options_split_off_plinth_arguments() {

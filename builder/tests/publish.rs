@@ -122,6 +122,7 @@ fn release<'a>(
         cmdline: &[],
         created: 1_795_820_399,
         rollout: None,
+        expires: 1_795_820_399 + 86_400,
     }
 }
 
@@ -256,6 +257,7 @@ fn publish_without_a_built_disk_says_to_build_first() {
         to: tmp.path().join("out"),
         disk: Some(tmp.path().join("missing.raw")),
         rollout: None,
+        expires: Default::default(),
     };
     let err = publish::publish(&args).expect_err("no disk");
     assert!(format!("{err:#}").contains("run `plinth build"), "{err:#}");

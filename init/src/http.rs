@@ -1,11 +1,11 @@
 //! The one HTTP/1.1 client on the target, used by the engine client ([`crate::stage2::docker`], over a
-//! unix socket) and the update agent ([`crate::update::fetch`], over TCP).
+//! unix socket) and the update agent ([`crate::update::fetch`], over TCP or TLS).
 //!
 //! It is generic over the stream: the caller connects, sets timeouts, writes a request head with
 //! [`write_head`], then reads the answer with [`read_response`] (whole, bounded) or [`read_head`]
 //! and [`Body`] (streamed). Response heads are parsed by `httparse`. What an untrusted peer sends
-//! is bounded: a header line by [`MAX_LINE`], the header count by [`MAX_HEADERS`], a whole body
-//! by the limit the caller passes.
+//! is bounded: a header line by [`MAX_LINE`], the header count by [`MAX_HEADERS`], a whole head
+//! (or trailer) by [`MAX_HEAD_BYTES`], a whole body by the limit the caller passes.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, Read, Write};
@@ -15,6 +15,9 @@ pub const MAX_LINE: usize = 64 * 1024;
 
 /// Most header fields (or trailer fields) accepted in one response.
 pub const MAX_HEADERS: usize = 64;
+
+/// Largest response head (status line and header fields), or trailer, accepted, in bytes.
+pub const MAX_HEAD_BYTES: usize = 128 * 1024;
 
 /// A response's status and header fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +115,11 @@ fn read_block<R: BufRead>(reader: &mut R, raw: &mut Vec<u8>, skip: usize) -> io:
         let line = &raw[start..];
         if line == b"\n" || line == b"\r\n" {
             return Ok(());
+        }
+        if raw.len() > MAX_HEAD_BYTES {
+            return Err(invalid(format!(
+                "the response head is larger than the limit of {MAX_HEAD_BYTES} bytes"
+            )));
         }
         lines += 1;
         if lines > skip + MAX_HEADERS {
@@ -424,6 +432,31 @@ mod tests {
         raw.extend_from_slice(b"\r\n");
         let err = parse(&raw).expect_err("too many trailers");
         assert!(err.to_string().contains(&MAX_HEADERS.to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_head_over_the_size_limit_is_an_error_naming_it() {
+        // Few fields, each below the line limit: `fits` of them (with the status line and one
+        // more field) stay below the head limit, two more go over it.
+        let field = format!("X-Big: {}\r\n", "a".repeat(MAX_LINE / 2));
+        let fits = (MAX_HEAD_BYTES - 64) / field.len();
+        let head = |fields: usize| {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for _ in 0..fields {
+                raw.extend_from_slice(field.as_bytes());
+            }
+            raw.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+            raw
+        };
+        assert!(fits + 2 <= MAX_HEADERS);
+        let err = parse(&head(fits + 2)).expect_err("too large");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            err.to_string().contains(&MAX_HEAD_BYTES.to_string()),
+            "{err}"
+        );
+        let raw = head(fits);
+        assert_eq!(parse(&raw).expect("fits").status, 200);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use init::update::agent::{bless_disk, Agent, Outcome, Paths};
+use init::update::agent::{bless_disk, status_line, Agent, Outcome, Paths};
 use init::update::apply::Event;
 use init::update::blockdev::Disk;
 use init::update::esp::{Blessed, Esp};
@@ -213,6 +213,8 @@ fn publish_with(
         version: Version::parse(version).expect("version"),
         channel: Name::parse("stable").expect("channel"),
         created: manifest::rfc3339(0),
+        // 2100-01-01: valid for as long as these tests run.
+        expires: manifest::rfc3339(4_102_444_800),
         root_hash: Sha256::parse(&c.root_hash).expect("hash"),
         salt: "a1b2c3d4".to_owned(),
         data_blocks: c.root.len() as u64 / 4096,
@@ -704,6 +706,63 @@ fn offline_apply_from_a_folder() {
         }
     );
     m.assert_slot_b_holds(&v2, "2");
+}
+
+#[test]
+fn expired_and_future_manifests_are_refused_before_any_download() {
+    let m = Machine::new();
+    let mut agent = m.agent();
+    agent.clock = || 2_000_000_000;
+    let v2 = content(2, 150);
+    let good = publish(&m.releases, &m.key, "demo", "2", &v2);
+    let sign = |manifest: &Manifest| {
+        let bytes = manifest.to_bytes();
+        fs::write(m.releases.join("stable/manifest.json"), &bytes).expect("manifest");
+        fs::write(
+            m.releases.join("stable/manifest.json.sig"),
+            m.key.sign(&bytes),
+        )
+        .expect("sig");
+    };
+    for (created, expires, want) in [
+        (
+            0,
+            1_999_999_999,
+            "manifest expired at 2033-05-18T03:33:19Z (the machine's clock says 2033-05-18T03:33:20Z)",
+        ),
+        (0, 2_000_000_000, "manifest expired at 2033-05-18T03:33:20Z"),
+        (
+            2_000_000_000 + manifest::MAX_CLOCK_SKEW_SECONDS + 1,
+            4_102_444_800,
+            "manifest created at 2033-05-18T03:43:21Z, later than the machine's clock",
+        ),
+    ] {
+        sign(&Manifest {
+            created: manifest::rfc3339(created),
+            expires: manifest::rfc3339(expires),
+            ..good.clone()
+        });
+        let outcome = agent.apply(None, &mut |_| Ok(())).expect("apply");
+        let line = status_line(&outcome).expect("a status line");
+        assert!(
+            line.starts_with("PLINTH-STATUS update-refused version=2 reason=")
+                && line.contains(want),
+            "{line}"
+        );
+        assert_eq!(m.server.artifact_requests(), 0, "{want}");
+        assert!(m.state().refused.is_empty(), "an expiry is not remembered");
+    }
+    // Published again with a fresh expiry: taken at the next check.
+    sign(&Manifest {
+        created: manifest::rfc3339(2_000_000_000 + manifest::MAX_CLOCK_SKEW_SECONDS),
+        ..good
+    });
+    assert_eq!(
+        agent.check(None).expect("check"),
+        Outcome::Available {
+            version: "2".to_owned()
+        }
+    );
 }
 
 #[test]

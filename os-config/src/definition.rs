@@ -219,7 +219,15 @@ pub struct Update {
     /// The lock server `strategy = "fleetlock"` asks before rebooting.
     #[serde(default)]
     pub fleetlock: Option<FleetLock>,
+    /// A PEM file of CA certificates (relative to the definition) that `https://` update and
+    /// FleetLock servers are also checked against, besides the image's CA bundle; the builder
+    /// places it at [`UPDATE_CA_IN_IMAGE`].
+    #[serde(default)]
+    pub ca: Option<std::path::PathBuf>,
 }
+
+/// Where the image holds the `[update] ca` certificates.
+pub const UPDATE_CA_IN_IMAGE: &str = "/usr/share/plinth/update-ca.pem";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -10,8 +10,10 @@ use sha2::{Digest, Sha256 as Sha256Hasher};
 
 use crate::units::{Name, Sha256, Version};
 
-/// The manifest format this code writes and reads.
-pub const FORMAT: u32 = 1;
+/// The manifest format this code writes and reads: 2 added `expires`.
+pub const FORMAT: u32 = 2;
+/// How far a manifest's `created` may lie ahead of the machine's clock before it is refused.
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 10 * 60;
 /// File name of a manifest inside a channel or version folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// File name of the detached signature beside the manifest.
@@ -26,6 +28,10 @@ pub enum ManifestError {
     Malformed(String),
     #[error("manifest format {found} is not supported (this agent reads format {FORMAT})")]
     UnsupportedFormat { found: u32 },
+    #[error(
+        "manifest format 1 has no expiry time, which this agent requires (format {FORMAT}): publish the release again with this version of `plinth publish`"
+    )]
+    NoExpiry,
     #[error("malformed key `{text}`: {reason}")]
     MalformedKey { text: String, reason: String },
     #[error("malformed signature: {0}")]
@@ -48,6 +54,9 @@ pub struct Manifest {
     pub channel: Name,
     /// Creation time, RFC 3339 UTC (from `SOURCE_DATE_EPOCH` when set).
     pub created: String,
+    /// Expiry time, RFC 3339 UTC: an agent refuses the manifest from then on, so a server (or a
+    /// mirror, or an attacker in between) cannot keep serving an old release for ever.
+    pub expires: String,
     /// dm-verity root hash of the root image (hex).
     pub root_hash: Sha256,
     /// dm-verity salt (hex, may be empty).
@@ -157,12 +166,23 @@ impl Manifest {
     /// Parses manifest bytes and checks what the schema cannot: format, artifact paths, salt.
     /// Does not check the signature: use [`verify_signed`] for anything received.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        #[derive(Deserialize)]
+        struct Format {
+            format: u32,
+        }
+        // The format first: an older manifest fails with what to do rather than a missing field.
+        match serde_json::from_slice::<Format>(bytes).map(|f| f.format) {
+            Ok(1) => return Err(ManifestError::NoExpiry),
+            Ok(found) if found != FORMAT => return Err(ManifestError::UnsupportedFormat { found }),
+            _ => {}
+        }
         let manifest: Manifest =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Malformed(e.to_string()))?;
-        if manifest.format != FORMAT {
-            return Err(ManifestError::UnsupportedFormat {
-                found: manifest.format,
-            });
+        for (key, value) in [
+            ("created", &manifest.created),
+            ("expires", &manifest.expires),
+        ] {
+            parse_rfc3339(value).map_err(|e| ManifestError::Malformed(format!("{key}: {e}")))?;
         }
         for (name, artifact) in manifest.artifacts.named() {
             if artifact.path != Artifact::path_for(&artifact.sha256) {
@@ -358,6 +378,34 @@ pub enum Refusal {
     NotNewerThanAccepted { candidate: Version, newest: Version },
     #[error("version {version} is marked bad (it was rolled back) and is never retried")]
     MarkedBad { version: Version },
+    #[error("manifest expired at {expires} (the machine's clock says {now}): publish it again")]
+    Expired { expires: String, now: String },
+    #[error(
+        "manifest created at {created}, later than the machine's clock ({now}) allows (at most {MAX_CLOCK_SKEW_SECONDS} s ahead): check the clock"
+    )]
+    CreatedInFuture { created: String, now: String },
+}
+
+/// The time rules, with `now` in seconds since the Unix epoch: a manifest is refused from its
+/// `expires` time on, and while its `created` time lies more than [`MAX_CLOCK_SKEW_SECONDS`]
+/// ahead (a machine whose clock is far behind cannot tell an expired manifest).
+pub fn current(candidate: &Manifest, now: u64) -> Result<(), Refusal> {
+    // `Manifest::parse` checked both times; an unparsable one counts as already expired.
+    let created = parse_rfc3339(&candidate.created).unwrap_or(u64::MAX);
+    let expires = parse_rfc3339(&candidate.expires).unwrap_or(0);
+    if created > now.saturating_add(MAX_CLOCK_SKEW_SECONDS) {
+        return Err(Refusal::CreatedInFuture {
+            created: candidate.created.clone(),
+            now: rfc3339(now),
+        });
+    }
+    if now >= expires {
+        return Err(Refusal::Expired {
+            expires: candidate.expires.clone(),
+            now: rfc3339(now),
+        });
+    }
+    Ok(())
 }
 
 /// The version rules: same image and channel, newer than the running version and than the newest
@@ -464,6 +512,55 @@ pub fn rfc3339(unix_seconds: u64) -> String {
     )
 }
 
+/// Parses the RFC 3339 UTC form [`rfc3339`] writes (`2026-11-27T23:10:00Z`) into seconds since
+/// the Unix epoch; other offsets, fractions and dates before 1970 are refused.
+pub fn parse_rfc3339(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!("`{text}` is not a UTC time like `2026-11-27T23:10:00Z` (RFC 3339, seconds, `Z`)")
+    };
+    let b = text.as_bytes();
+    let layout_ok = b.len() == 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'Z';
+    if !layout_ok {
+        return Err(bad());
+    }
+    let number = |range: std::ops::Range<usize>| -> Result<u64, String> {
+        let part = &text[range];
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return Err(bad()),
+    };
+    if year < 1970 || day == 0 || day > month_days || hour > 23 || minute > 59 || second > 59 {
+        return Err(bad());
+    }
+    // Days since 1970-01-01 (Howard Hinnant's days-from-civil, years counted from March).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(days * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,6 +588,7 @@ mod tests {
             version: Version::parse(version).expect("version"),
             channel: Name::parse("stable").expect("name"),
             created: rfc3339(0),
+            expires: rfc3339(30 * 86_400),
             root_hash: sha(b"root"),
             salt: "00ff".to_owned(),
             data_blocks: 2,
@@ -553,7 +651,23 @@ mod tests {
         let cases: Vec<(String, &str)> = vec![
             ("".to_owned(), "malformed manifest"),
             ("{".to_owned(), "malformed manifest"),
-            (good.replace("\"format\": 1", "\"format\": 7"), "format 7"),
+            (good.replace("\"format\": 2", "\"format\": 7"), "format 7"),
+            (
+                good.replace("\"format\": 2", "\"format\": 1"),
+                "format 1 has no expiry time",
+            ),
+            (
+                good.replace("\"expires\": \"1970-01-31T00:00:00Z\",", ""),
+                "missing field `expires`",
+            ),
+            (
+                good.replace("1970-01-31T00:00:00Z", "1970-01-31 00:00:00"),
+                "expires: `1970-01-31 00:00:00` is not a UTC time",
+            ),
+            (
+                good.replace("1970-01-01T00:00:00Z", "1970-02-30T00:00:00Z"),
+                "created: `1970-02-30T00:00:00Z`",
+            ),
             (good.replace("\"demo\"", "\"Demo\""), "invalid name"),
             (good.replace("\"1\"", "\"1.x\""), "invalid version"),
             (good.replace("\"cmdline\"", "\"cmd-line\""), "unknown field"),
@@ -745,6 +859,59 @@ mod tests {
             Manifest::parse(&m.to_bytes()).expect("parses").rollout,
             Some(rollout)
         );
+    }
+
+    #[test]
+    fn expired_and_future_manifests_are_refused() {
+        let mut m = manifest("3");
+        m.created = rfc3339(1_000_000);
+        m.expires = rfc3339(2_000_000);
+        assert_eq!(current(&m, 1_000_000), Ok(()));
+        assert_eq!(current(&m, 1_999_999), Ok(()));
+        // Within the allowed skew ahead of the clock, and just past it.
+        assert_eq!(current(&m, 1_000_000 - MAX_CLOCK_SKEW_SECONDS), Ok(()));
+        let err = current(&m, 1_000_000 - MAX_CLOCK_SKEW_SECONDS - 1).expect_err("future");
+        assert!(matches!(err, Refusal::CreatedInFuture { .. }), "{err}");
+        assert!(err.to_string().contains("check the clock"), "{err}");
+        for now in [2_000_000, 5_000_000] {
+            let err = current(&m, now).expect_err("expired");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "manifest expired at 1970-01-24T03:33:20Z (the machine's clock says {}): publish it again",
+                    rfc3339(now)
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn rfc3339_parses_what_it_formats_and_nothing_else() {
+        for t in [
+            0,
+            59,
+            951_782_400,
+            951_868_799,
+            1_795_820_399,
+            4_102_444_800,
+        ] {
+            assert_eq!(parse_rfc3339(&rfc3339(t)), Ok(t), "{t}");
+        }
+        for bad in [
+            "",
+            "2026-11-27T23:10:00",
+            "2026-11-27T23:10:00+01:00",
+            "2026-11-27T23:10:00.5Z",
+            "2026-11-27 23:10:00Z",
+            "2026-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-11-27T24:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "+026-11-27T23:10:00Z",
+        ] {
+            let err = parse_rfc3339(bad).expect_err(bad);
+            assert!(err.contains("is not a UTC time"), "{err}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod engine;
 pub mod image;
+pub mod tls;
 
 /// UEFI firmware code and variable template, as Debian's `ovmf` package installs them.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";

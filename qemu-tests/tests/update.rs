@@ -7,8 +7,10 @@
 //! Offline: releases on ext4 and FAT disks are applied with `plinth-update apply --from /dev/…`,
 //! and a lower version, another image's release and a flipped artifact byte are refused with
 //! nothing staged.
-//! FleetLock: a staged update waits while the lock server's group is full, reboots once it grants
-//! a slot, and gives the slot back after the bless.
+//! FleetLock, over HTTPS with a test CA given through `[update] ca`: an expired manifest is refused
+//! without a download and a root artifact longer than its manifest says is refused; a staged update
+//! waits while the lock server's group is full, reboots once it grants a slot, and gives the slot
+//! back after the bless.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -17,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use builder::publish::Expiry;
 use os_config::manifest::{self, Manifest};
 use qemu_tests::{image, parse_status, Vm, VmOptions};
 
@@ -57,7 +60,18 @@ struct StallState {
 }
 
 impl Server {
+    /// A plain HTTP server.
     fn start(root: &Path) -> Result<Server> {
+        Server::start_with(root, None)
+    }
+
+    /// An HTTPS server with `tls` (every guest connection a TLS session of its own, one after
+    /// the other on the stream QEMU's `guestfwd` keeps open).
+    fn start_tls(root: &Path, tls: Arc<rustls::ServerConfig>) -> Result<Server> {
+        Server::start_with(root, Some(tls))
+    }
+
+    fn start_with(root: &Path, tls: Option<Arc<rustls::ServerConfig>>) -> Result<Server> {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the release server")?;
         let port = listener.local_addr()?.port();
         let root = Arc::new(Mutex::new(root.to_path_buf()));
@@ -67,8 +81,17 @@ impl Server {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (r, l, st) = (Arc::clone(&r), Arc::clone(&l), Arc::clone(&st));
+                let tls = tls.clone();
                 std::thread::spawn(move || {
-                    if let Err(e) = serve(stream, &r, &l, &st) {
+                    let served = match &tls {
+                        None => serve(stream, &r, &l, &st),
+                        Some(config) => {
+                            qemu_tests::tls::serve_sessions(stream, config, |session| {
+                                serve(session, &r, &l, &st)
+                            })
+                        }
+                    };
+                    if let Err(e) = served {
                         eprintln!("release server: {e:#}");
                     }
                 });
@@ -143,17 +166,16 @@ impl Server {
     }
 }
 
-/// Answers the GET requests arriving on one connection, one after the other. QEMU's `guestfwd`
-/// connects once to this server and carries every guest connection over that one stream, so it is
-/// never closed from this side and every response has a `Content-Length`.
+/// Answers the GET requests arriving on one connection (or TLS session), one after the other.
+/// QEMU's `guestfwd` connects once to this server and carries every guest connection over that
+/// one stream, so it is never closed from this side and every response has a `Content-Length`.
 fn serve(
-    stream: TcpStream,
+    stream: impl Read + Write,
     root: &Mutex<PathBuf>,
     log: &Mutex<Vec<(Instant, String)>>,
     stall: &Stall,
 ) -> Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
+    let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader)? {
         let path = &request.path;
         let offset = request
@@ -165,7 +187,7 @@ fn serve(
         if let Ok(mut log) = log.lock() {
             log.push((Instant::now(), path.clone()));
         }
-        respond(&mut out, root, path, offset, stall)?;
+        respond(reader.get_mut(), root, path, offset, stall)?;
     }
     Ok(())
 }
@@ -229,7 +251,7 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>> {
 }
 
 fn respond(
-    out: &mut TcpStream,
+    out: &mut impl Write,
     root: &Mutex<PathBuf>,
     path: &str,
     offset: u64,
@@ -348,6 +370,18 @@ fn build(dir: &Path, stem: &str, text: &str, version: &str) -> Result<PathBuf> {
 
 /// Publishes a built disk into a release folder of its own.
 fn publish(def_text: &str, raw: &Path, key: &Path, to: &Path, dir: &Path) -> Result<Manifest> {
+    publish_expiring(def_text, raw, key, to, dir, Expiry::default())
+}
+
+/// [`publish`] with the manifest's expiry given.
+fn publish_expiring(
+    def_text: &str,
+    raw: &Path,
+    key: &Path,
+    to: &Path,
+    dir: &Path,
+    expires: Expiry,
+) -> Result<Manifest> {
     let def = dir.join("publish.toml");
     std::fs::write(&def, def_text)?;
     builder::publish::publish(&builder::publish::Options {
@@ -356,6 +390,7 @@ fn publish(def_text: &str, raw: &Path, key: &Path, to: &Path, dir: &Path) -> Res
         to: to.to_path_buf(),
         disk: Some(raw.to_path_buf()),
         rollout: None,
+        expires,
     })?;
     let bytes = std::fs::read(to.join("stable").join(manifest::MANIFEST_FILE))?;
     Manifest::parse(&bytes).context("reading back the published manifest")
@@ -1153,31 +1188,89 @@ fn lock_serve(stream: TcpStream, status: &Mutex<u16>, log: &Mutex<Vec<String>>) 
     Ok(())
 }
 
+/// Where the test CA's certificate is written for the images' `[update] ca` (a fixed path, so a
+/// definition names the same file on every run).
+fn test_ca_file(ca: &qemu_tests::tls::TestCa) -> Result<PathBuf> {
+    let dir = image::workspace().join("target/qemu-tests/update-tls");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("ca.pem");
+    std::fs::write(&path, ca.pem()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+// The release server speaks HTTPS with a certificate for the guest's view of it (10.0.2.100),
+// signed by a test CA that the images trust through `[update] ca`. Within the one boot of v2, before
+// the good v3: an expired v3 manifest is refused without a download, and a v3 whose root artifact
+// is one byte longer than its manifest says is refused after it.
 #[test]
 fn fleetlock_takes_a_reboot_slot_first_and_gives_it_back_after_the_bless() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let work = dir.path();
     let key = work.join("release.key");
     std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
-    let public = builder::publish::read_secret_key(&key)?
-        .public()
-        .to_string();
+    let trusted = builder::publish::read_secret_key(&key)?;
+    let public = trusted.public().to_string();
+    let ca = qemu_tests::tls::TestCa::new()?;
+    let ca_file = test_ca_file(&ca)?;
+    // The CA's digest in the definition: an image is reused only if it trusts this very CA.
+    let ca_sha256 = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(ca.pem().as_bytes()))
+    };
+    let (guest_host, _) = GUEST_SERVER
+        .split_once(':')
+        .context("GUEST_SERVER has a port")?;
     let fleetlock = |version: &str| {
-        definition(version, &public, true, "").replacen(
-            "interval = \"10s\"\n",
-            &format!(
-                "interval = \"10s\"\nstrategy = \"fleetlock\"\nfleetlock = {{ url = \"http://{GUEST_LOCK_SERVER}\", group = \"workers\" }}\n"
-            ),
-            1,
-        )
+        definition(version, &public, true, "")
+            .replacen(
+                "interval = \"10s\"\n",
+                &format!(
+                    "interval = \"10s\"\nstrategy = \"fleetlock\"\nfleetlock = {{ url = \"http://{GUEST_LOCK_SERVER}\", group = \"workers\" }}\n"
+                ),
+                1,
+            )
+            .replacen(
+                &format!("url = \"http://{GUEST_SERVER}\"\n"),
+                &format!(
+                    "url = \"https://{GUEST_SERVER}\"\n# test CA sha256 {ca_sha256}\nca = \"{}\"\n",
+                    ca_file.display()
+                ),
+                1,
+            )
     };
     let (v2_text, v3_text) = (fleetlock("2.0.0"), fleetlock("3.0.0"));
     ensure!(v2_text.contains("strategy = \"fleetlock\""), "{v2_text}");
+    ensure!(v2_text.contains("url = \"https://"), "{v2_text}");
     let v2 = build(work, "update-fl-v2", &v2_text, "2.0.0")?;
     let v3 = build(work, "update-fl-v3", &v3_text, "3.0.0")?;
-    publish(&v3_text, &v3, &key, &work.join("rel3"), work)?;
+    let v3_manifest = publish(&v3_text, &v3, &key, &work.join("rel3"), work)?;
+    // Published with an expiry that has passed: `plinth publish --expires-at 2020-01-01T00:00:00Z`.
+    let expired_at = manifest::parse_rfc3339("2020-01-01T00:00:00Z").map_err(anyhow::Error::msg)?;
+    let expired = publish_expiring(
+        &v3_text,
+        &v3,
+        &key,
+        &work.join("rel3-expired"),
+        work,
+        Expiry::At(expired_at),
+    )?;
+    ensure!(
+        expired.expires == "2020-01-01T00:00:00Z",
+        "{}",
+        expired.expires
+    );
+    // One byte more than the manifest says at the end of the root artifact (the manifest is
+    // signed again in another layout: a refusal is remembered per manifest).
+    tampered_release(
+        &work.join("rel3"),
+        &work.join("rel3-longer"),
+        &v3_manifest,
+        &trusted,
+        |bytes| bytes.push(0),
+    )?;
 
-    let releases = Server::start(&work.join("rel3"))?;
+    let serving = Instant::now();
+    let releases = Server::start_tls(&work.join("rel3-expired"), ca.server_config(&[guest_host])?)?;
     let lock = LockServer::start(409)?;
     let disk = image::private_copy(&v2, work)?;
     let mut opts = VmOptions::new(&disk);
@@ -1187,6 +1280,33 @@ fn fleetlock_takes_a_reboot_slot_first_and_gives_it_back_after_the_bless() -> Re
     ];
     let mut vm = Vm::boot(&opts)?;
     let mut at = 0;
+    // The expired manifest (fetched over HTTPS, so the CA is trusted): refused, nothing fetched.
+    let line = next_line(&mut vm, &mut at, "update-refused version=3.0.0", BOOT)?;
+    ensure!(
+        line.contains("manifest expired at 2020-01-01T00:00:00Z"),
+        "unexpected refusal: {line}"
+    );
+    let requests = releases.requests_since(serving);
+    ensure!(
+        requests.iter().any(|r| r.ends_with("/manifest.json"))
+            && !requests.iter().any(|r| r.contains("/artifacts/")),
+        "the expired release: {requests:?}"
+    );
+    // A root artifact longer than its manifest says: refused once it has sent one byte too many.
+    releases.publish(&work.join("rel3-longer"));
+    let line = next_line(&mut vm, &mut at, "update-refused version=3.0.0", BOOT)?;
+    ensure!(
+        line.contains(&format!(
+            "artifact root: the download is more than the {} bytes the manifest says",
+            v3_manifest.artifacts.root.size
+        )),
+        "unexpected refusal of the longer root artifact: {line}"
+    );
+    ensure!(
+        !vm.console()[..at].contains("stage=entry-removed"),
+        "a refused release removed an entry"
+    );
+    releases.publish(&work.join("rel3"));
     let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
     expect_field(&staged, "version", "3.0.0")?;
     // The group is full: the staged update waits, and asks again at the next poll.

@@ -14,9 +14,10 @@ use sha2::{Digest, Sha256};
 use super::apply::{self, ApplyError, Event, Job};
 use super::blockdev::Disk;
 use super::esp::{self, Blessed, Esp};
-use super::fetch::{FetchError, Source};
+use super::fetch::{self, Client, FetchError, Source};
 use super::staging::Staging;
 use super::state::{InProgress, Refused, Staged, State};
+use super::tls::Trust;
 use os_config::boot::{BootRecord, BootState, Counter, EntryName, BOOT_RECORD_IN_RUN};
 use os_config::layout::Slot;
 
@@ -37,6 +38,10 @@ pub struct Paths {
     pub disk: Option<PathBuf>,
     /// Present while the running boot has settled (`plinth-init` writes it): updates act only then.
     pub settled: PathBuf,
+    /// The image's CA bundle, used for `https://` servers when present.
+    pub ca_bundle: PathBuf,
+    /// The image's update CA (`[update] ca`), used besides the bundle when the definition sets it.
+    pub update_ca: PathBuf,
 }
 
 impl Default for Paths {
@@ -49,6 +54,8 @@ impl Default for Paths {
             machine_id: PathBuf::from("/etc/machine-id"),
             disk: None,
             settled: PathBuf::from(crate::stage2::workload::SETTLED_MARKER),
+            ca_bundle: PathBuf::from(super::tls::SYSTEM_CA_BUNDLE),
+            update_ca: PathBuf::from(os_config::definition::UPDATE_CA_IN_IMAGE),
         }
     }
 }
@@ -60,6 +67,8 @@ pub struct Agent {
     pub keys: Vec<PublicKey>,
     /// The configured release folder (`[update] url`).
     pub source: Source,
+    /// How the agent talks to servers (TLS trust, pace), for the release and FleetLock servers.
+    pub client: Client,
     pub channel: Name,
     pub strategy: UpdateStrategy,
     pub interval: std::time::Duration,
@@ -189,9 +198,15 @@ impl Agent {
         let record = read_boot_record(&paths.boot_record)?;
         let running_slot = record.slot;
         let disk = paths.disk.clone().unwrap_or(record.disk);
+        let trust = Trust {
+            bundle: paths.ca_bundle.clone(),
+            update_ca: update.ca.as_ref().map(|_| paths.update_ca.clone()),
+        };
+        let client = Client::new(Some(trust), fetch::PACE);
         Ok(Agent {
             keys,
-            source: Source::parse(&update.url)?,
+            source: Source::parse_with(&update.url, client.clone())?,
+            client,
             channel: update.channel.clone(),
             strategy: update.strategy,
             interval: update.interval.0,
@@ -340,6 +355,13 @@ impl Agent {
         let bytes = match source.get(&path) {
             Ok(bytes) => bytes,
             Err(FetchError::NotFound(_)) => return Ok(Err(Outcome::NoRelease)),
+            // Not the configured server (or not set up to be checked): nothing it says is read.
+            Err(FetchError::Untrusted(reason)) => {
+                return Ok(Err(Outcome::Refused {
+                    version: None,
+                    reason,
+                }))
+            }
             Err(e) => return Err(e).context("fetching the release manifest"),
         };
         let signature = match source.get(&sig_path) {
@@ -361,6 +383,15 @@ impl Agent {
                 }))
             }
         };
+        // A manifest past its expiry (or made too far ahead of this clock) is refused before
+        // anything else is looked at or downloaded; it is not remembered: a renewed one is
+        // taken at the next check.
+        if let Err(refusal) = manifest::current(&manifest, (self.clock)()) {
+            return Ok(Err(Outcome::Refused {
+                version: Some(manifest.version.to_string()),
+                reason: format!("{}: {refusal}", source.describe(&path)),
+            }));
+        }
         let running = Running {
             name: &self.definition.image.name,
             channel: &self.channel,

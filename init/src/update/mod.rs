@@ -30,6 +30,7 @@ pub mod media;
 pub mod staging;
 pub mod state;
 pub mod strategy;
+pub mod tls;
 pub mod verity;
 
 pub use agent::{bless_disk, Agent, Outcome, Paths, Rollback, Status};

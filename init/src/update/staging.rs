@@ -282,3 +282,136 @@ impl Write for HashWriter<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    /// A server on 127.0.0.1 answering one request with `head` and `body`, then closing.
+    fn serve_once(head: String, body: Vec<u8>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        std::thread::spawn(move || {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let mut out = &stream;
+            let _ = out.write_all(head.as_bytes());
+            let _ = out.write_all(&body);
+        });
+        base
+    }
+
+    fn chunked(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in data.chunks(1000) {
+            out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            out.extend_from_slice(piece);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    #[test]
+    fn an_artifact_longer_than_its_manifest_says_is_refused_however_it_is_framed() {
+        // Content that does not compress, so the artifact spans several reads and chunks.
+        let content: Vec<u8> = (0u32..5000)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let compressed = zstd::encode_all(&content[..], 3).expect("zstd");
+        let sha = |b: &[u8]| {
+            os_config::units::Sha256::parse(&hex::encode(Sha256::digest(b))).expect("sha")
+        };
+        let artifact = Artifact {
+            path: Artifact::path_for(&sha(&compressed)),
+            size: compressed.len() as u64,
+            sha256: sha(&compressed),
+            uncompressed_size: content.len() as u64,
+            uncompressed_sha256: sha(&content),
+            frames: Vec::new(),
+        };
+        let mut longer = compressed.clone();
+        longer.push(0);
+        let served = [
+            // The same bytes the manifest names: staged.
+            (
+                "exact, Content-Length",
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    compressed.len()
+                ),
+                compressed.clone(),
+                None,
+            ),
+            (
+                "Content-Length",
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    longer.len()
+                ),
+                longer.clone(),
+                Some("more than"),
+            ),
+            (
+                "Content-Length, one byte more than announced",
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    compressed.len() + 1
+                ),
+                longer.clone(),
+                Some("more than"),
+            ),
+            (
+                "chunked",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
+                chunked(&longer),
+                Some("more than"),
+            ),
+            (
+                "until close",
+                "HTTP/1.1 200 OK\r\n\r\n".to_owned(),
+                longer.clone(),
+                Some("more than"),
+            ),
+            (
+                "until close, shorter",
+                "HTTP/1.1 200 OK\r\n\r\n".to_owned(),
+                compressed[..100].to_vec(),
+                // Not refused: what arrived is kept, and the next check resumes.
+                Some("connection closed early"),
+            ),
+        ];
+        for (framing, head, body, refused) in served {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let staging = Staging::new(dir.path().to_owned());
+            fs::create_dir_all(dir.path().join("artifacts")).expect("mkdir");
+            let source = Source::parse(&serve_once(head, body)).expect("url");
+            let result = staging.stage_one(&source, "root", &artifact, 0);
+            let (done, part) = paths(dir.path(), &artifact);
+            match (refused, result) {
+                (None, Ok(())) => assert_eq!(fs::read(&done).expect("staged"), compressed),
+                (Some(want), Err(ApplyError::Failed(e))) if !want.starts_with("more") => {
+                    assert!(format!("{e:#}").contains(want), "{framing}: {e:#}");
+                    assert_eq!(fs::read(&part).expect("kept").len(), 100, "{framing}");
+                }
+                (Some(want), Err(ApplyError::Rejected(reason))) => {
+                    assert!(reason.contains(want), "{framing}: {reason}");
+                    assert!(
+                        reason.contains(&format!("{} bytes", artifact.size)),
+                        "{framing}: {reason}"
+                    );
+                    assert!(!done.exists() && !part.exists(), "{framing}: nothing kept");
+                }
+                (want, other) => panic!("{framing}: expected {want:?}, got {other:?}"),
+            }
+        }
+    }
+}

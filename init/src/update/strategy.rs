@@ -9,7 +9,7 @@ use os_config::definition::{FleetLock, UpdateStrategy, Window};
 use sha2::{Digest, Sha256};
 
 use super::agent::Agent;
-use super::fetch::{http_post, HttpUrl};
+use super::fetch::{http_post, Client, HttpUrl};
 
 const DAY: u64 = 86_400;
 
@@ -94,7 +94,7 @@ pub fn release_after_good_boot(agent: &Agent) -> Result<bool> {
 fn fleetlock_client(agent: &Agent, lock: &FleetLock) -> Result<FleetLockClient> {
     let machine_id = std::fs::read_to_string(&agent.paths.machine_id)
         .with_context(|| format!("reading {}", agent.paths.machine_id.display()))?;
-    FleetLockClient::new(lock, &machine_id)
+    FleetLockClient::new(lock, &machine_id, agent.client.clone())
 }
 
 /// Seconds from `now` (Unix time, UTC) until `window` is open: 0 while it is open.
@@ -134,15 +134,18 @@ pub enum LockReply {
 #[derive(Debug, Clone)]
 pub struct FleetLockClient {
     base: HttpUrl,
+    client: Client,
     id: String,
     group: String,
 }
 
 impl FleetLockClient {
-    /// The client for `[update] fleetlock` and this machine's id (`/etc/machine-id`'s content).
-    pub fn new(lock: &FleetLock, machine_id: &str) -> Result<FleetLockClient> {
+    /// The client for `[update] fleetlock` and this machine's id (`/etc/machine-id`'s content),
+    /// talking through `client` (which holds the TLS trust for an `https://` lock server).
+    pub fn new(lock: &FleetLock, machine_id: &str, client: Client) -> Result<FleetLockClient> {
         Ok(FleetLockClient {
             base: HttpUrl::parse(&lock.url).context("[update] fleetlock url")?,
+            client,
             id: lock_id(machine_id),
             group: lock.group.to_string(),
         })
@@ -170,6 +173,7 @@ impl FleetLockClient {
         };
         let body = serde_json::json!({ "client_params": { "id": self.id, "group": self.group } });
         let (status, reply) = http_post(
+            &self.client,
             &url,
             &[
                 ("fleet-lock-protocol", "true"),
@@ -289,8 +293,12 @@ mod tests {
             url,
             group: Name::parse("workers").expect("name"),
         };
-        let client =
-            FleetLockClient::new(&lock, "0123456789abcdef0123456789abcdef\n").expect("client");
+        let client = FleetLockClient::new(
+            &lock,
+            "0123456789abcdef0123456789abcdef\n",
+            Client::default(),
+        )
+        .expect("client");
         assert_eq!(client.id(), lock_id("0123456789abcdef0123456789abcdef"));
         assert_ne!(client.id(), "0123456789abcdef0123456789abcdef");
         assert_eq!(
@@ -333,7 +341,7 @@ mod tests {
             url: format!("http://127.0.0.1:{port}"),
             group: Name::parse("default").expect("name"),
         };
-        let client = FleetLockClient::new(&lock, "id").expect("client");
+        let client = FleetLockClient::new(&lock, "id", Client::default()).expect("client");
         let err = client.pre_reboot().expect_err("nobody listens");
         assert!(
             format!("{err:#}").contains("FleetLock pre-reboot"),

@@ -532,6 +532,7 @@ fn bench_size(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> {
         to: release.clone(),
         disk: Some(built.disk.clone()),
         rollout: None,
+        expires: Default::default(),
     })?;
     row(
         "Update payload (plinth publish folder)",
@@ -1154,6 +1155,7 @@ fn bench_update(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>) -> 
         to: release.clone(),
         disk: Some(raws[1].clone()),
         rollout: None,
+        expires: Default::default(),
     })?;
     let manifest_bytes = std::fs::read(
         release
