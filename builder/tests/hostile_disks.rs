@@ -129,6 +129,7 @@ fn publish(disk: &Path, to: &Path) -> anyhow::Result<()> {
         channel: &channel,
         cmdline: &[],
         created: 1_700_000_000,
+        expires: 1_700_000_000 + 30 * 86_400,
         rollout: None,
     };
     publish_release(&release, &SecretKey::from_seed([1; 32]), to).map(|_| ())

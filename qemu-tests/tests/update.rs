@@ -1,9 +1,11 @@
 //! A/B updates under QEMU (OVMF, TCG), with releases served by a static HTTP server on 127.0.0.1
-//! that the guest reaches through `guestfwd`: a release signed with another key is refused; power
-//! cuts mid-download, mid-write, after the partition write, mid-ESP write and just before the
-//! reboot each leave a machine that boots slot A and whose agent carries on with the update;
-//! v1 → v2 (slot B, blessed) → v3 (slot A, blessed); a v4 whose container exits at once is tried
-//! three times, never blessed, rolled back to v3 by itself, marked bad and never downloaded again.
+//! that the guest reaches through `guestfwd`. Power cuts: a release signed with another key is
+//! refused; power cuts mid-download, mid-write, after the partition write, mid-ESP write and just
+//! before the reboot each leave a machine that boots slot A and whose agent carries on with the
+//! update; v1 → v2 (slot B) is blessed. Bless and rollback, beside it from a v2 disk: v2 → v3
+//! (slot B, blessed); a tampered v4 is refused before anything is written; a v4 whose container
+//! exits at once is tried three times, never blessed, rolled back to v3 by itself, marked bad and
+//! never downloaded again.
 //! Offline: releases on ext4 and FAT disks are applied with `plinth-update apply --from /dev/…`,
 //! and a lower version, another image's release and a flipped artifact byte are refused with
 //! nothing staged.
@@ -336,33 +338,15 @@ fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> S
     )
 }
 
-/// Builds one version of the series (with the shared lock). An image built earlier from the same
-/// definition, after the current `plinth-init` and `plinth-update`, is used again. A version that
-/// pauses its agent after each stage gets the binaries built with init's `test-hooks` feature.
-fn build(dir: &Path, stem: &str, text: &str, version: &str) -> Result<PathBuf> {
-    let previous = image::workspace().join("target/qemu-tests").join(stem);
-    let raw = previous.join(format!("out/upd-{version}.raw"));
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+/// Builds one version of the series (with the shared lock); `qemu_tests::image` reuses an image
+/// built earlier from the same inputs. A version that pauses its agent after each stage gets the
+/// binaries built with init's `test-hooks` feature.
+fn build(dir: &Path, stem: &str, text: &str) -> Result<PathBuf> {
     let init = if text.contains(STAGE_DELAY_ARG) {
         image::hooks_init_binary()?
     } else {
         image::init_binary()?
     };
-    let binaries = [
-        modified(&init),
-        modified(&init.with_file_name("plinth-update")),
-    ];
-    let fresh =
-        modified(&raw).is_some_and(|built| binaries.iter().all(|b| b.is_some_and(|b| b < built)));
-    let same =
-        std::fs::read_to_string(previous.join(format!("{stem}.toml"))).is_ok_and(|t| t == text);
-    if fresh && same {
-        eprintln!(
-            "reusing {} (same definition, built after the init binaries)",
-            raw.display()
-        );
-        return Ok(raw);
-    }
     let def = dir.join(format!("{stem}.toml"));
     std::fs::write(&def, text).with_context(|| format!("writing {}", def.display()))?;
     image::build_with(&def, &image::workspace().join("images/qemu.lock"), &init)
@@ -408,23 +392,23 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Slot B of a disk as the host reads it: the sha256 of its root and verity partitions, their
+/// A slot of a disk as the host reads it: the sha256 of its root and verity partitions, their
 /// partition UUIDs, and its boot entries.
 #[derive(Debug, PartialEq, Eq)]
-struct SlotB {
+struct SlotContent {
     sha256: String,
     uuids: Vec<String>,
     entries: Vec<String>,
 }
 
-fn slot_b(disk: &Path) -> Result<SlotB> {
+fn slot_content(disk: &Path, slot: &str) -> Result<SlotContent> {
     use sha2::Digest as _;
     use std::io::Seek as _;
     let info = builder::inspect::inspect_disk(disk)?;
     let mut hasher = sha2::Sha256::new();
     let mut uuids = Vec::new();
     let mut file = std::fs::File::open(disk)?;
-    for label in ["root-b", "verity-b"] {
+    for label in [format!("root-{slot}"), format!("verity-{slot}")] {
         let part = info
             .partitions
             .iter()
@@ -437,10 +421,10 @@ fn slot_b(disk: &Path) -> Result<SlotB> {
     let entries = info
         .entries
         .iter()
-        .filter(|e| e.slot == Some("b"))
+        .filter(|e| e.slot == Some(slot))
         .map(|e| e.file.clone())
         .collect();
-    Ok(SlotB {
+    Ok(SlotContent {
         sha256: hex::encode(hasher.finalize()),
         uuids,
         entries,
@@ -512,50 +496,60 @@ fn expect_field(
 
 // The longest test of the file: its name sorts first, so it starts first and the two shorter
 // ones run beside it, one after the other.
+/// The definition of version `n` (1 to 4) of the update tests' image: v1 pauses its agent after
+/// each update stage, so the power can be cut at a known point; v4's container crash-loops. The
+/// same text gives the same (cached) build in every test.
+fn version_definition(n: u32, public: &str) -> String {
+    let version = format!("{n}.0.0");
+    match n {
+        1 => definition(
+            &version,
+            public,
+            true,
+            &format!(", \"{STAGE_DELAY_ARG}={STAGE_DELAY_MS}\""),
+        ),
+        4 => definition(&version, public, false, ""),
+        _ => definition(&version, public, true, ""),
+    }
+}
+
+/// The trusted release key, fixed test data, written where `plinth publish` reads it.
+fn trusted_key(work: &Path) -> Result<(PathBuf, os_config::manifest::SecretKey)> {
+    let key = work.join("release.key");
+    std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
+    let secret = builder::publish::read_secret_key(&key)?;
+    Ok((key, secret))
+}
+
+/// Builds version `n` (cached across tests and runs while its inputs are unchanged).
+fn build_version(work: &Path, n: u32, public: &str) -> Result<(String, PathBuf)> {
+    let started = Instant::now();
+    let text = version_definition(n, public);
+    let raw = build(work, &format!("update-v{n}"), &text)?;
+    eprintln!(
+        "built update-v{n} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((text, raw))
+}
+
 #[test]
-fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
+fn a_power_cut_at_each_update_stage_leaves_a_machine_that_finishes_the_update() -> Result<()> {
     let total = Instant::now();
     let dir = tempfile::tempdir()?;
     let work = dir.path();
-
-    // Keys: the trusted one is fixed test data, so the images' definitions (and builds) repeat
-    // from run to run; the one a forged release is signed with is made by `plinth keygen`.
-    let key = work.join("release.key");
-    std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
-    let trusted = builder::publish::read_secret_key(&key)?;
+    let (key, trusted) = trusted_key(work)?;
     let public = trusted.public().to_string();
-    let other = work.join("other");
-    builder::publish::write_keypair(&other)?;
+    // The key a forged release is signed with is made by `plinth keygen`.
+    builder::publish::write_keypair(&work.join("other"))?;
     let other = builder::publish::read_secret_key(&work.join("other.key"))?;
     ensure!(
         other.public().to_string() != public,
         "keygen repeated the test key"
     );
-
-    // v1 pauses its agent after each stage, so the power can be cut at a known point.
-    let delay = format!(", \"{STAGE_DELAY_ARG}={STAGE_DELAY_MS}\"");
-    let defs = [
-        ("update-v1", definition("1.0.0", &public, true, &delay)),
-        ("update-v2", definition("2.0.0", &public, true, "")),
-        ("update-v3", definition("3.0.0", &public, true, "")),
-        ("update-v4", definition("4.0.0", &public, false, "")),
-    ];
-    let mut raws = Vec::new();
-    for (stem, text) in &defs {
-        let started = Instant::now();
-        raws.push(build(work, stem, text, &format!("{}.0.0", raws.len() + 1))?);
-        eprintln!("built {stem} in {:.1}s", started.elapsed().as_secs_f64());
-    }
-    let started = Instant::now();
-    let mut manifests = Vec::new();
-    for (i, (_, text)) in defs.iter().enumerate().skip(1) {
-        let to = work.join(format!("rel{}", i + 1));
-        manifests.push(publish(text, &raws[i], &key, &to, work)?);
-    }
-    eprintln!(
-        "published v2..v4 in {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
+    let (_, v1_raw) = build_version(work, 1, &public)?;
+    let (v2_text, v2_raw) = build_version(work, 2, &public)?;
+    let v2 = publish(&v2_text, &v2_raw, &key, &work.join("rel2"), work)?;
     // The forged release: v2's folder with its manifest signed by the other key.
     let forged = work.join("forged");
     copy_tree(&work.join("rel2"), &forged)?;
@@ -567,7 +561,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     }
 
     let server = Server::start(&forged)?;
-    let disk = image::private_copy(&raws[0], work)?;
+    let disk = image::private_copy(&v1_raw, work)?;
     let mut opts = VmOptions::new(&disk);
     opts.guest_forwards = vec![(GUEST_SERVER.to_owned(), server.port)];
     let qemu_started = Instant::now();
@@ -603,7 +597,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
 
     // Power cut 1, mid-download: the server stops sending the root artifact halfway through, and
     // the power goes while the agent waits for the rest (what it got is partly written).
-    let root_artifact = &manifests[0].artifacts.root;
+    let root_artifact = &v2.artifacts.root;
     server.stall(&format!("/{}", root_artifact.path), root_artifact.size / 2);
     server.publish(&work.join("rel2"));
     server.wait_stalled(BOOT)?;
@@ -698,48 +692,85 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     expect_field(&blessed, "slot", "b")?;
     expect_field(&blessed, "version", "2.0.0")?;
     eprintln!("v2 blessed at {:.0}s", qemu_started.elapsed().as_secs_f64());
+    vm.kill();
+    qemu_tests::fsck_esp(&disk)?;
+    eprintln!(
+        "QEMU time {:.0}s, whole test {:.0}s",
+        qemu_started.elapsed().as_secs_f64(),
+        total.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
 
-    // v3 is published: the agent writes slot A and reboots by itself; v3 is blessed.
-    server.publish(&work.join("rel3"));
-    let publishing = Instant::now();
+#[test]
+fn bless_of_a_healthy_release_and_rollback_of_a_crash_looping_one() -> Result<()> {
+    let total = Instant::now();
+    let dir = tempfile::tempdir()?;
+    let work = dir.path();
+    let (key, trusted) = trusted_key(work)?;
+    let public = trusted.public().to_string();
+    // v3 and v4 first: v2 is likely built by the power-cut test meanwhile.
+    let (v3_text, v3_raw) = build_version(work, 3, &public)?;
+    let (v4_text, v4_raw) = build_version(work, 4, &public)?;
+    let (_, v2_raw) = build_version(work, 2, &public)?;
+    let manifests = [
+        publish(&v3_text, &v3_raw, &key, &work.join("rel3"), work)?,
+        publish(&v4_text, &v4_raw, &key, &work.join("rel4"), work)?,
+    ];
+
+    // A machine installed with v2 (slot A) finds v3 published.
+    let server = Server::start(&work.join("rel3"))?;
+    let disk = image::private_copy(&v2_raw, work)?;
+    let mut opts = VmOptions::new(&disk);
+    opts.guest_forwards = vec![(GUEST_SERVER.to_owned(), server.port)];
+    let qemu_started = Instant::now();
+    let mut vm = Vm::boot(&opts)?;
+    let mut at = 0;
+    // The gate's line and the agent's first lines may come in either order.
+    let state = next_status(&mut vm, &mut 0, "boot-state", BOOT)?;
+    expect_field(&state, "slot", "a")?;
+    expect_field(&state, "version", "2.0.0")?;
+    expect_field(&state, "state", "good")?;
+
+    // The agent writes v3 to slot B and reboots by itself; v3 is blessed.
     next_status(&mut vm, &mut at, "update-progress stage=downloaded", BOOT)?;
     eprintln!(
-        "v3 downloaded and checked on /var {:.1}s after it was published",
-        publishing.elapsed().as_secs_f64()
+        "v3 downloaded and checked on /var at {:.0}s",
+        qemu_started.elapsed().as_secs_f64()
     );
     next_status(&mut vm, &mut at, "update-progress stage=accepted", BOOT)?;
     let applying = Instant::now();
     let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
     let wall = applying.elapsed().as_secs_f64();
     expect_field(&staged, "version", "3.0.0")?;
-    expect_field(&staged, "slot", "a")?;
-    let v3 = &manifests[1];
+    expect_field(&staged, "slot", "b")?;
+    let v3 = &manifests[0];
     let written = v3.artifacts.root.uncompressed_size + v3.artifacts.verity.uncompressed_size;
     eprintln!(
-        "v3 applied in {wall:.1}s: {:.1} MB written to root-a and verity-a ({:.1} MB/s, {:.1} MB downloaded)",
+        "v3 applied in {wall:.1}s: {:.1} MB written to root-b and verity-b ({:.1} MB/s, {:.1} MB downloaded)",
         written as f64 / 1e6,
         written as f64 / 1e6 / wall,
         (v3.artifacts.root.size + v3.artifacts.verity.size) as f64 / 1e6
     );
     let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
-    expect_field(&mounted, "slot", "a")?;
+    expect_field(&mounted, "slot", "b")?;
     eprintln!(
         "v3 root mounted at {:.0}s",
         qemu_started.elapsed().as_secs_f64()
     );
     let blessed = next_status(&mut vm, &mut at, "boot-blessed", BOOT)?;
-    expect_field(&blessed, "slot", "a")?;
+    expect_field(&blessed, "slot", "b")?;
     expect_field(&blessed, "version", "3.0.0")?;
     eprintln!("v3 blessed at {:.0}s", qemu_started.elapsed().as_secs_f64());
 
-    // Slot B holds v2, the fallback. A v4 whose root artifact was tampered with is refused
-    // before anything is written, remembered, and not downloaded again; slot B is unchanged.
-    let fallback = slot_b(&disk)?;
+    // Slot A holds v2, the fallback. A v4 whose root artifact was tampered with is refused
+    // before anything is written, remembered, and not downloaded again; slot A is unchanged.
+    let fallback = slot_content(&disk, "a")?;
     ensure!(
-        fallback.entries == ["plinth-b-2.0.0.conf"],
-        "slot B does not hold the blessed v2: {fallback:?}"
+        fallback.entries == ["plinth-a-2.0.0.conf"],
+        "slot A does not hold the blessed v2: {fallback:?}"
     );
-    let v4 = &manifests[2];
+    let v4 = &manifests[1];
     tampered_release(
         &work.join("rel4"),
         &work.join("rel4-tampered"),
@@ -776,13 +807,13 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
         !vm.console()[at..].contains("stage=entry-removed"),
         "a refused release removed an entry"
     );
-    let after = slot_b(&disk)?;
+    let after = slot_content(&disk, "a")?;
     ensure!(
         after == fallback,
-        "a refused release changed slot B: {fallback:?} -> {after:?}"
+        "a refused release changed slot A: {fallback:?} -> {after:?}"
     );
     eprintln!(
-        "tampered v4 refused twice, slot B unchanged, at {:.0}s",
+        "tampered v4 refused twice, slot A unchanged, at {:.0}s",
         qemu_started.elapsed().as_secs_f64()
     );
 
@@ -795,7 +826,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     for attempt in 1..=3 {
         let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
         let tried_from = at;
-        expect_field(&state, "slot", "b")?;
+        expect_field(&state, "slot", "a")?;
         expect_field(&state, "version", "4.0.0")?;
         expect_field(&state, "state", &format!("trying {attempt}/3"))?;
         let unhealthy = next_status(&mut vm, &mut at, "boot-unhealthy", BOOT)?;
@@ -822,7 +853,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     // The agent (started before the gate) or the gate reports the rollback, whichever is first.
     let mut from_boot = at;
     let state = next_status(&mut vm, &mut at, "boot-state", BOOT)?;
-    expect_field(&state, "slot", "a")?;
+    expect_field(&state, "slot", "b")?;
     expect_field(&state, "version", "3.0.0")?;
     expect_field(&state, "state", "good")?;
     let rollback = next_status(&mut vm, &mut from_boot, "rollback", BOOT)?;
@@ -830,7 +861,7 @@ fn bless_rollback_and_power_cuts_from_v1_to_v4() -> Result<()> {
     expect_field(&rollback, "from", "4.0.0")?;
     expect_field(&rollback, "to", "3.0.0")?;
     ensure!(
-        !vm.console().contains("boot-blessed slot=b version=4.0.0"),
+        !vm.console().contains("boot-blessed slot=a version=4.0.0"),
         "v4 was blessed"
     );
     eprintln!(
@@ -927,23 +958,12 @@ fn guest_sync(engine: &qemu_tests::engine::Engine) -> Result<(i64, String)> {
 fn offline_releases_from_media_are_checked_before_anything_is_written() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let work = dir.path();
-    let key = work.join("release.key");
-    std::fs::write(&key, format!("{TRUSTED_KEY}\n"))?;
-    let secret = builder::publish::read_secret_key(&key)?;
+    let (key, secret) = trusted_key(work)?;
     let public = secret.public().to_string();
-
-    // The same definitions (so the same cached builds) as the power-cut test.
-    let v1_text = definition(
-        "1.0.0",
-        &public,
-        true,
-        &format!(", \"{STAGE_DELAY_ARG}={STAGE_DELAY_MS}\""),
-    );
-    let v2_text = definition("2.0.0", &public, true, "");
-    let v3_text = definition("3.0.0", &public, true, "");
-    let v1 = build(work, "update-v1", &v1_text, "1.0.0")?;
-    let v2 = build(work, "update-v2", &v2_text, "2.0.0")?;
-    let v3 = build(work, "update-v3", &v3_text, "3.0.0")?;
+    // The same definitions (so the same cached builds) as the power-cut and rollback tests.
+    let (v1_text, v1) = build_version(work, 1, &public)?;
+    let (_, v2) = build_version(work, 2, &public)?;
+    let (v3_text, v3) = build_version(work, 3, &public)?;
     publish(&v1_text, &v1, &key, &work.join("lower"), work)?;
     let manifest = publish(&v3_text, &v3, &key, &work.join("good"), work)?;
 
@@ -1008,7 +1028,7 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
     std::fs::create_dir_all(&empty)?;
     let server = Server::start(&empty)?;
     let disk = image::private_copy(&v2, work)?;
-    let slot_b_before = slot_b(&disk)?;
+    let slot_b_before = slot_content(&disk, "b")?;
     let api = qemu_tests::free_port()?;
     let mut opts = VmOptions::new(&disk);
     opts.guest_forwards = vec![(GUEST_SERVER.to_owned(), server.port)];
@@ -1072,7 +1092,7 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
     // any, flushed first).
     let (code, output) = guest_sync(&engine)?;
     ensure!(code == 0, "sync failed:\n{output}");
-    let slot_b_after = slot_b(&disk)?;
+    let slot_b_after = slot_content(&disk, "b")?;
     ensure!(
         slot_b_after == slot_b_before,
         "refused releases changed slot B: {slot_b_before:?} -> {slot_b_after:?}"
@@ -1241,8 +1261,8 @@ fn fleetlock_takes_a_reboot_slot_first_and_gives_it_back_after_the_bless() -> Re
     let (v2_text, v3_text) = (fleetlock("2.0.0"), fleetlock("3.0.0"));
     ensure!(v2_text.contains("strategy = \"fleetlock\""), "{v2_text}");
     ensure!(v2_text.contains("url = \"https://"), "{v2_text}");
-    let v2 = build(work, "update-fl-v2", &v2_text, "2.0.0")?;
-    let v3 = build(work, "update-fl-v3", &v3_text, "3.0.0")?;
+    let v2 = build(work, "update-fl-v2", &v2_text)?;
+    let v3 = build(work, "update-fl-v3", &v3_text)?;
     let v3_manifest = publish(&v3_text, &v3, &key, &work.join("rel3"), work)?;
     // Published with an expiry that has passed: `plinth publish --expires-at 2020-01-01T00:00:00Z`.
     let expired_at = manifest::parse_rfc3339("2020-01-01T00:00:00Z").map_err(anyhow::Error::msg)?;
