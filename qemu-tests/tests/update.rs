@@ -26,7 +26,7 @@ use os_config::manifest::{self, Manifest};
 use qemu_tests::{image, parse_status, Vm, VmOptions};
 
 /// One boot, from QEMU start (or a reboot) to the bless, under TCG on a busy machine.
-const BOOT: Duration = Duration::from_secs(300);
+const BOOT: Duration = Duration::from_secs(420);
 /// Where the guest finds the release server.
 const GUEST_SERVER: &str = "10.0.2.100:8000";
 /// The release signing key of the test series (test data only).
@@ -323,9 +323,10 @@ fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> S
         "command = [\"/bin/busybox\", \"false\"]\nrestart = \"always\""
     };
     // Counted from the start of stage 2: the engine answers about 30 s later under TCG, and the
-    // first reconciliation loads the image archive. Room for a busy machine; v4 fails at its
-    // first restart, long before.
-    let bless_timeout = "180s";
+    // first reconciliation loads the image archive. Room for a busy machine (two guests and an
+    // image build at once, where dockerd has been seen to give up on containerd after 95 s and
+    // start again); v4 fails at its first restart, long before.
+    let bless_timeout = "300s";
     format!(
         "[image]\nname = \"upd\"\nversion = \"{version}\"\n\n[debian]\nsuite = \"bookworm\"\n\n\
          [kernel]\ncmdline = [\"console=ttyS0\"{extra_cmdline}]\n\n\
