@@ -1352,7 +1352,9 @@ fn fleetlock_takes_a_reboot_slot_first_and_gives_it_back_after_the_bless() -> Re
     let blessed = next_status(&mut vm, &mut at, "boot-blessed", BOOT)?;
     expect_field(&blessed, "version", "3.0.0")?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !lock.log().iter().any(|l| l.starts_with("/v1/steady-state")) {
+    // The agent's steady-state at the first boot was refused (409); the one after the bless
+    // is the release.
+    while !lock.log().iter().any(|l| l == "/v1/steady-state -> 200") {
         ensure!(
             Instant::now() < deadline,
             "no steady-state after the bless: {:?}",
