@@ -613,7 +613,7 @@ fn json<T: serde::de::DeserializeOwned>(what: &str, response: &Response) -> Resu
 }
 
 /// Splits a JSON message stream (pull/load progress) and fails on the first `error` message.
-fn stream_messages(what: &str, body: &[u8]) -> Result<Vec<Value>> {
+pub fn stream_messages(what: &str, body: &[u8]) -> Result<Vec<Value>> {
     let mut messages = Vec::new();
     for message in serde_json::Deserializer::from_slice(body).into_iter::<Value>() {
         let message = message.map_err(|e| Error::protocol(what, e.to_string()))?;
