@@ -36,7 +36,9 @@ if ! cargo afl --version >/dev/null 2>&1; then
   echo "==> cargo-afl is missing: installing it with \`cargo install --locked cargo-afl\`"
   cargo install --locked cargo-afl
 fi
-if ! cargo afl fuzz -h 2>&1 | grep "afl-fuzz.*\[ options \]" >/dev/null; then
+# `afl-fuzz -h` exits 1 even when it is there; its usage line tells that it is.
+afl_help=$(cargo afl fuzz -h 2>&1 || true)
+if [[ $afl_help != *"[ options ]"* ]]; then
   echo "==> building AFL++ for cargo-afl (\`cargo afl config --build\`)"
   cargo afl config --build
 fi
