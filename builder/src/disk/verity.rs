@@ -133,6 +133,16 @@ pub fn verify(data: &mut impl Read, hash_device: &[u8], expected_root: &str) -> 
         salt,
         uuid: sb.uuid,
     };
+    // The superblock's block count is checked against the partition before anything is sized
+    // by it.
+    let tree_len = os_config::manifest::verity_size(sb.data_blocks);
+    if (hash_device.len() as u64) < tree_len {
+        bail!(
+            "the verity partition is shorter ({} bytes) than the tree of the {} data blocks its superblock names ({tree_len} bytes)",
+            hash_device.len(),
+            sb.data_blocks
+        );
+    }
     let tree = hash_tree(data, sb.data_blocks * BLOCK_SIZE as u64, &params)?;
     let stored = hash_device.get(..tree.device.len()).with_context(|| {
         format!(
@@ -237,6 +247,24 @@ mod tests {
             verify(&mut data.as_slice(), &device, &wrong).expect("verify"),
             Verdict::BadTree { computed_root } if computed_root == root
         ));
+    }
+
+    #[test]
+    fn superblock_claiming_more_blocks_than_its_partition_holds_is_refused() {
+        let params = VerityParams {
+            salt: [1; 32],
+            uuid: [2; 16],
+        };
+        let data = pseudo_random(4096, 3);
+        let mut device = hash_tree(&mut data.as_slice(), 4096, &params)
+            .expect("tree")
+            .device;
+        // 2^40 blocks would need a 32 TiB tree; it must be refused before anything is sized by it.
+        device[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let error = verify(&mut data.as_slice(), &device, &"0".repeat(64))
+            .expect_err("too many blocks")
+            .to_string();
+        assert!(error.contains("1099511627776 data blocks"), "{error}");
     }
 
     #[test]
