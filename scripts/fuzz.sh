@@ -49,6 +49,29 @@ echo "==> cargo afl build --release (in fuzz/afl, into $build_dir)"
 
 stat() { sed -n "s/^$1 *: *//p" "$2"; }
 
+# Replaces the found inputs of the corpus with those of the queue that keep its edge coverage
+# (`afl-cmin -e`), named by content. Leaves the corpus alone if cmin keeps nothing.
+minimise_into_corpus() {
+  local name=$1 queue=$2 min=$3 bin=$4 corpus=$5
+  echo "==> cargo afl cmin $name"
+  rm -rf "$min"
+  # afl-cmin sizes its map from one test run; a larger map keeps edges other inputs reach.
+  AFL_MAP_SIZE=65536 AFL_SKIP_CPUFREQ=1 nice -n 19 cargo afl cmin -e -i "$queue" -o "$min" -- "$bin" \
+    >"$min.log" 2>&1 || true
+  if [[ -z $(ls -A "$min" 2>/dev/null) ]]; then
+    echo "cargo afl cmin kept no input (see $min.log); fuzz/corpus/$name is unchanged" >&2
+    return 0
+  fi
+  # Seeds (`seed-*`) always stay; earlier finds are replaced by this run's minimised ones.
+  rm -f "$corpus"/found-*
+  local f
+  for f in "$min"/*; do
+    [[ $(basename "$f") == *orig:seed-* ]] && continue
+    cp "$f" "$corpus/found-$(sha256sum "$f" | cut -c1-16)"
+  done
+  echo "$name: fuzz/corpus/$name now holds $(ls "$corpus" | wc -l) inputs"
+}
+
 fuzz_one() {
   local name=$1
   local corpus=$root/fuzz/corpus/$name
@@ -82,21 +105,6 @@ fuzz_one() {
       new=$((new + 1))
     fi
   done
-  if [[ $minimise == yes ]]; then
-    local min=$out/cmin
-    echo "==> cargo afl cmin $name"
-    AFL_SKIP_CPUFREQ=1 nice -n 19 cargo afl cmin -i "$run/queue" -o "$min" -- "$bin" >"$out/cmin.log" 2>&1
-    rm -f "$corpus"/*
-    for f in "$min"/*; do
-      local base
-      base=$(basename "$f")
-      if [[ $base == *orig:* ]]; then
-        cp "$f" "$corpus/${base##*orig:}"
-      else
-        cp "$f" "$corpus/found-$(sha256sum "$f" | cut -c1-16)"
-      fi
-    done
-  fi
   local stats=$run/fuzzer_stats
   printf '%s: execs_done=%s corpus_count=%s corpus_found=%s saved_crashes=%s saved_hangs=%s run_time=%ss execs_per_sec=%s bitmap_cvg=%s new_regressions=%s\n' \
     "$name" "$(stat execs_done "$stats")" "$(stat corpus_count "$stats")" \
@@ -106,6 +114,9 @@ fuzz_one() {
   if [[ $new -gt 0 ]]; then
     echo "$name: $new new crash input(s) in fuzz/regressions/$name; replay them with" \
       "\`cargo test -p fuzz-targets --test replay\`" >&2
+  fi
+  if [[ $minimise == yes ]]; then
+    minimise_into_corpus "$name" "$run/queue" "$out/cmin" "$bin" "$corpus"
   fi
 }
 

@@ -98,7 +98,7 @@ pub fn manifest(data: &[u8]) {
         manifest::acceptable(&parsed, &running, None, &[]).is_err(),
         "a manifest is acceptable over its own version"
     );
-    let _ = manifest::verity_size(parsed.data_blocks.min(1 << 20));
+    let _ = manifest::verity_size(parsed.data_blocks);
     // The canonical bytes parse back to the same manifest and carry a signature that verifies.
     let canonical = parsed.to_bytes();
     let signature = key.sign(&canonical);
@@ -246,12 +246,10 @@ pub fn dhcp(data: &[u8]) {
     let encoded = packet.encode();
     let again = Packet::decode(&encoded)
         .unwrap_or_else(|e| panic!("an encoded packet does not decode: {e}"));
-    assert_eq!(
-        again.message_type(),
-        packet.message_type(),
-        "message type round trip"
-    );
-    assert_eq!(again.yiaddr, packet.yiaddr);
+    // Options with an empty value are not written (no server sends one the client reads).
+    let mut expected = packet.clone();
+    expected.options.retain(|(_, value)| !value.is_empty());
+    assert_eq!(again, expected, "DHCP packet round trip");
     if let Ok(lease) = Lease::from_ack(&packet, Instant::now()) {
         assert!(lease.prefix <= 32, "prefix {}", lease.prefix);
         assert!(
