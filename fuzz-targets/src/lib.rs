@@ -332,6 +332,10 @@ pub fn engine(data: &[u8]) {
             text.starts_with(repository),
             "repository of {text:?} is {repository:?}"
         );
+        assert!(
+            text.ends_with(tag) || tag == "latest",
+            "tag of {text:?} is {tag:?}"
+        );
         let _ = docker::query_escape(text);
     }
     if let Ok(response) = http::read_response(&mut Cursor::new(data), false, HTTP_LIMIT) {
