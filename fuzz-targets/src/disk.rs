@@ -153,12 +153,11 @@ impl SparseDisk {
             }
         }
         let size = u64::from(u32_at(&header, 12)).clamp(92, 512);
-        let mut header = self.range(at, size);
+        let header = self.range(at, size);
         if header.len() < 20 {
             return;
         }
-        header[16..20].fill(0);
-        self.write(at + 16, &crc32fast::hash(&header).to_le_bytes());
+        self.write(at + 16, &os_config::gpt::header_crc(&header).to_le_bytes());
     }
 }
 
