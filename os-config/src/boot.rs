@@ -226,8 +226,8 @@ impl Entry {
     pub fn options(&self) -> String {
         let mut args = vec![
             format!("{ARG_SLOT}={}", self.slot),
-            format!("{ARG_VERSION}={}", self.version),
-            format!("{ARG_ROOTHASH}={}", self.root_hash),
+            crate::cmdline::format_arg(ARG_VERSION, Some(&self.version)),
+            crate::cmdline::format_arg(ARG_ROOTHASH, Some(&self.root_hash)),
         ];
         if !self.verity {
             args.push(format!("{ARG_VERITY}=off"));
@@ -263,7 +263,20 @@ impl Entry {
                 options.trim()
             )
         })?;
-        let extra_args = Cmdline::parse(options)
+        let split = Cmdline::parse(options);
+        // The kernel has no escape for a quote inside an argument, and a key with whitespace
+        // (`"a b=c"`) is written back as two arguments: such arguments could not be written back
+        // as they were read.
+        if let Some((key, value)) = split.args().iter().find(|(key, value)| {
+            key.contains(|c: char| c == '"' || c.is_ascii_whitespace() || c == '\x0b')
+                || value.as_deref().is_some_and(|v| v.contains('"'))
+        }) {
+            return Err(format!(
+                "boot entry options hold an argument with a quote inside or a space in its key (`{}`): no boot entry has one",
+                crate::cmdline::format_arg(key, value.as_deref())
+            ));
+        }
+        let extra_args = split
             .args()
             .iter()
             .filter(|(key, _)| {
@@ -508,6 +521,26 @@ mod tests {
         assert_eq!(none.slot, None);
         assert!(none.verity);
         assert!(Entry::parse("title x\n").is_err());
+    }
+
+    #[test]
+    fn entries_read_back_as_they_format() {
+        // A quoted value with spaces is written quoted again.
+        let spaced =
+            Entry::parse("options plinth.slot=a plinth.version=\"1 2\" plinth.roothash=ab\n")
+                .expect("entry");
+        assert_eq!(spaced.version, "1 2");
+        assert_eq!(Entry::parse(&spaced.format()), Ok(spaced));
+        // A quote inside an argument cannot be written back: refused, naming the argument.
+        for options in [
+            "plinth.slot=a plinth.version=\"1\"2\"",
+            "plinth.slot=a x\"y=1",
+            "plinth.slot=a msg=\"a\"b c\"",
+            "plinth.slot=a \"  key=value\"",
+        ] {
+            let error = Entry::parse(&format!("options {options}\n")).expect_err(options);
+            assert!(error.contains("quote inside"), "{options}: {error}");
+        }
     }
 
     #[test]

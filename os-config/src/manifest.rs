@@ -216,9 +216,10 @@ impl Manifest {
                 manifest.salt
             )));
         }
+        // Checked, not saturating: `u64::MAX` blocks must not match a `u64::MAX`-byte root.
         if manifest.data_blocks == 0
-            || manifest.artifacts.root.uncompressed_size
-                != manifest.data_blocks.saturating_mul(VERITY_BLOCK_SIZE)
+            || manifest.data_blocks.checked_mul(VERITY_BLOCK_SIZE)
+                != Some(manifest.artifacts.root.uncompressed_size)
         {
             return Err(ManifestError::Malformed(format!(
                 "root artifact is {} bytes but data-blocks {} needs {} bytes",
@@ -615,6 +616,17 @@ mod tests {
         let parsed = verify_signed(&bytes, sig.as_bytes(), &[key(2).public(), key(1).public()])
             .expect("verifies with the second key");
         assert_eq!(parsed, m);
+    }
+
+    #[test]
+    fn data_blocks_whose_size_overflows_are_refused() {
+        let mut m = manifest("1.2");
+        m.data_blocks = u64::MAX;
+        m.artifacts.root.uncompressed_size = u64::MAX;
+        assert!(matches!(
+            Manifest::parse(&m.to_bytes()),
+            Err(ManifestError::Malformed(e)) if e.contains("data-blocks 18446744073709551615")
+        ));
     }
 
     #[test]

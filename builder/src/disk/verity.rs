@@ -267,6 +267,24 @@ mod tests {
     }
 
     #[test]
+    fn superblock_claiming_more_blocks_than_its_partition_holds_is_refused() {
+        let params = VerityParams {
+            salt: [1; 32],
+            uuid: [2; 16],
+        };
+        let data = pseudo_random(4096, 3);
+        let mut device = hash_tree(&mut data.as_slice(), 4096, &params)
+            .expect("tree")
+            .device;
+        // 2^40 blocks would need a 32 TiB tree; it must be refused before anything is sized by it.
+        device[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let error = verify(&mut data.as_slice(), &device, &"0".repeat(64))
+            .expect_err("too many blocks")
+            .to_string();
+        assert!(error.contains("1099511627776 data blocks"), "{error}");
+    }
+
+    #[test]
     fn unaligned_or_empty_data_is_refused() {
         let params = VerityParams {
             salt: [0; 32],

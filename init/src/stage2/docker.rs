@@ -63,6 +63,13 @@ pub enum Error {
         /// What was wrong with the answer.
         detail: String,
     },
+    /// An image reference with nothing after its `:` or `@`, or nothing before them; the
+    /// engine would pull every tag of the repository for an empty tag.
+    #[error("image reference `{reference}` has an empty name, tag or digest (expected e.g. `busybox:1.36`)")]
+    BadReference {
+        /// The reference as given.
+        reference: String,
+    },
     /// A streaming operation (pull, load) reported an error inside a successful response.
     #[error("{what}: {message}")]
     Stream {
@@ -585,6 +592,11 @@ impl Client {
     pub fn pull_image(&self, reference: &str) -> Result<()> {
         let what = format!("pulling image {reference}");
         let (name, tag) = split_reference(reference);
+        if name.is_empty() || tag.is_empty() {
+            return Err(Error::BadReference {
+                reference: reference.to_owned(),
+            });
+        }
         let path = format!(
             "/{API_VERSION}/images/create?fromImage={}&tag={}",
             query_escape(name),
@@ -613,7 +625,7 @@ fn json<T: serde::de::DeserializeOwned>(what: &str, response: &Response) -> Resu
 }
 
 /// Splits a JSON message stream (pull/load progress) and fails on the first `error` message.
-fn stream_messages(what: &str, body: &[u8]) -> Result<Vec<Value>> {
+pub fn stream_messages(what: &str, body: &[u8]) -> Result<Vec<Value>> {
     let mut messages = Vec::new();
     for message in serde_json::Deserializer::from_slice(body).into_iter::<Value>() {
         let message = message.map_err(|e| Error::protocol(what, e.to_string()))?;
@@ -679,6 +691,18 @@ mod tests {
         );
         assert_eq!(split_reference("a/b@sha256:abcd"), ("a/b", "sha256:abcd"));
         assert_eq!(query_escape("a b/c:d"), "a%20b%2Fc%3Ad");
+    }
+
+    #[test]
+    fn references_with_an_empty_part_are_not_pulled() {
+        // Refused before connecting: the socket does not exist.
+        let client = Client::new("/nonexistent/docker.sock");
+        for reference in ["busybox:", "busybox@", ":1.36", "@sha256:abcd", ""] {
+            match client.pull_image(reference) {
+                Err(Error::BadReference { reference: r }) => assert_eq!(r, reference),
+                other => panic!("{reference:?}: {other:?}"),
+            }
+        }
     }
 
     /// Request lines and bodies the fake engine received.
