@@ -8,6 +8,7 @@ pub mod boot;
 pub mod coldplug;
 pub mod http;
 pub mod kmod;
+pub mod memory;
 pub mod mounts;
 pub mod syscall;
 pub mod system;

@@ -333,23 +333,47 @@ fn machine_id<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
     Ok(())
 }
 
+/// Loads the modules the engine needs before it starts. Everything else (coldplug of the devices
+/// present, the power button, release media) waits for [`load_device_modules`], which runs beside
+/// the starting engine: dockerd takes many seconds to answer, and nothing it does at start needs a
+/// device driver.
 fn modules<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
-    let release = ctx.sys.kernel_release();
-    let mut loader = match ModuleLoader::open(ctx.sys, &ctx.paths.modules, &release) {
-        Ok(loader) => loader,
+    let Some(mut loader) = open_modules(ctx.sys, &ctx.paths) else {
+        return Ok(());
+    };
+    let report = loader.load(ctx.sys, ENGINE_MODULES);
+    log_report("engine modules", &report);
+    Ok(())
+}
+
+fn open_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Option<ModuleLoader> {
+    let release = sys.kernel_release();
+    match ModuleLoader::open(sys, &paths.modules, &release) {
+        Ok(loader) => Some(loader),
         Err(e) => {
             crate::info!("no loadable modules ({e:#}): relying on built-in drivers");
-            return Ok(());
+            None
         }
+    }
+}
+
+/// Coldplug of the devices present (network cards among them), then the power button and media
+/// modules. Runs after the engine was started, before the network is configured.
+pub fn load_device_modules<S: System + ?Sized>(sys: &S, paths: &Paths) {
+    let started = sys.now();
+    let Some(mut loader) = open_modules(sys, paths) else {
+        return;
     };
-    let report = loader.coldplug(ctx.sys, &ctx.paths.sys, 4);
+    let report = loader.coldplug(sys, &paths.sys, 4);
     log_report("coldplug", &report);
-    let mut wanted: Vec<&str> = ENGINE_MODULES.to_vec();
-    wanted.extend(POWER_BUTTON_MODULES);
+    let mut wanted: Vec<&str> = POWER_BUTTON_MODULES.to_vec();
     wanted.extend(MEDIA_MODULES);
-    let report = loader.load(ctx.sys, &wanted);
-    log_report("engine, power button and media modules", &report);
-    Ok(())
+    let report = loader.load(sys, &wanted);
+    log_report("power button and media modules", &report);
+    crate::info!(
+        "device modules done in {} ms",
+        sys.now().saturating_sub(started).as_millis()
+    );
 }
 
 /// `/etc` is read-only but dockerd writes `/etc/docker/key.json`: give it a persistent, writable
@@ -401,6 +425,8 @@ fn engine_config<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
 pub fn run(workload: Arc<dyn Workload>) -> ! {
     crate::status::open_sinks();
     crate::status::status("stage2-start", &[]);
+    // Before any thread exists, so that every thread shares one small heap.
+    crate::memory::limit_heap();
     if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
         crate::info!("PR_SET_CHILD_SUBREAPER failed: {e}");
     }
@@ -424,17 +450,21 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
         fatal(e);
     }
     crate::status::status("stage2-ready", &[("uptime-ms", &uptime_ms())]);
+    // The power button's modules are loaded with the other device modules, after the engine
+    // started: the watcher waits for its input device that long.
     shutdown::watch_power_button(
         ctx.paths.sys.clone(),
         ctx.paths.dev.clone(),
-        Duration::from_secs(10),
+        Duration::from_secs(60),
     );
     let mut supervisor = Supervisor::new(workload.services());
     supervisor.start_due(system.now());
     let after = workload.clone();
+    let paths = ctx.paths.clone();
     let started = std::thread::Builder::new()
         .name("workload".into())
         .spawn(move || {
+            load_device_modules(&RealSystem::default(), &paths);
             if let Err(e) = after.after_start() {
                 crate::info!("workload failed: {e:#}");
                 crate::status::status("workload-failed", &[("error", &format!("{e:#}"))]);
@@ -555,10 +585,30 @@ mod tests {
                 "mount  /run/machine-id /etc/machine-id".into(),
                 "load /usr/lib/modules/6.1.0-test/kernel/overlay.ko".into(),
                 "load /usr/lib/modules/6.1.0-test/kernel/veth.ko".into(),
-                "load /usr/lib/modules/6.1.0-test/kernel/evdev.ko".into(),
                 "write /var/lib/plinth/etc-docker/daemon.json".into(),
                 "mount  /var/lib/plinth/etc-docker /etc/docker".into(),
             ]
+        );
+    }
+
+    #[test]
+    fn device_modules_wait_until_after_the_steps() {
+        let sys = machine();
+        run_on(&sys).expect("stage 2 steps");
+        let loads = |sys: &FakeSystem| -> Vec<String> {
+            sys.calls()
+                .into_iter()
+                .filter(|c| c.starts_with("load "))
+                .collect()
+        };
+        assert!(
+            !loads(&sys).iter().any(|c| c.ends_with("evdev.ko")),
+            "the power button's module is not loaded before the engine starts"
+        );
+        load_device_modules(&sys, &Paths::stage2_under(Path::new("/")));
+        assert_eq!(
+            loads(&sys).last().map(String::as_str),
+            Some("load /usr/lib/modules/6.1.0-test/kernel/evdev.ko")
         );
     }
 

@@ -555,9 +555,19 @@ impl DockerWorkload {
             if self.stopping() {
                 return;
             }
+            // The busy part (image archives, the engine's answers) is over: give its memory back.
+            crate::memory::trim();
             if !booted {
                 booted = true;
                 crate::status::status("boot-complete", &[("uptime-ms", &uptime_ms())]);
+                if let Some(usage) = crate::memory::Usage::current() {
+                    crate::info!(
+                        "memory: {} KiB resident ({} KiB private, {} KiB of mapped files)",
+                        usage.rss_kib,
+                        usage.anon_kib,
+                        usage.file_kib
+                    );
+                }
             }
             self.watch(&client, generation);
         }
