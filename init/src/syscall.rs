@@ -261,6 +261,19 @@ pub mod signals {
     pub const SIGKILL: i32 = libc::SIGKILL;
 }
 
+/// Sets one of glibc's `mallopt` parameters; false if glibc refused it.
+pub fn mallopt(param: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: `mallopt` takes two integers and only changes the allocator's tunables; glibc
+    // checks the values itself.
+    unsafe { libc::mallopt(param, value) == 1 }
+}
+
+/// Returns the heap's free memory to the kernel (`malloc_trim(0)`); true if any was released.
+pub fn malloc_trim() -> bool {
+    // SAFETY: `malloc_trim` takes an integer and only releases free pages of the allocator.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,17 +307,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Sets one of glibc's `mallopt` parameters; false if glibc refused it.
-pub fn mallopt(param: libc::c_int, value: libc::c_int) -> bool {
-    // SAFETY: `mallopt` takes two integers and only changes the allocator's tunables; glibc
-    // checks the values itself.
-    unsafe { libc::mallopt(param, value) == 1 }
-}
-
-/// Returns the heap's free memory to the kernel (`malloc_trim(0)`); true if any was released.
-pub fn malloc_trim() -> bool {
-    // SAFETY: `malloc_trim` takes an integer and only releases free pages of the allocator.
-    unsafe { libc::malloc_trim(0) == 1 }
 }
