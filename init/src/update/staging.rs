@@ -60,6 +60,18 @@ impl Staging {
         manifest: &Manifest,
         retries: u32,
     ) -> Result<(), ApplyError> {
+        self.stage_except(source, manifest, retries, &[])
+    }
+
+    /// [`Staging::stage`] without the artifacts named in `skip` (`root` when a delta update
+    /// writes the root image from chunks instead).
+    pub fn stage_except(
+        &self,
+        source: &Source,
+        manifest: &Manifest,
+        retries: u32,
+        skip: &[&str],
+    ) -> Result<(), ApplyError> {
         let artifacts_dir = self.dir.join("artifacts");
         fs::create_dir_all(&artifacts_dir)
             .with_context(|| format!("creating {}", artifacts_dir.display()))?;
@@ -68,6 +80,7 @@ impl Staging {
             .artifacts
             .named()
             .iter()
+            .filter(|(name, _)| !skip.contains(name))
             .map(|(_, a)| {
                 let (done, part) = paths(&self.dir, a);
                 if len_of(&done) == a.size {
@@ -90,6 +103,9 @@ impl Staging {
             )));
         }
         for (name, artifact) in manifest.artifacts.named() {
+            if skip.contains(&name) {
+                continue;
+            }
             self.stage_one(source, name, artifact, retries)?;
         }
         Ok(())
