@@ -510,8 +510,12 @@ impl Agent {
             return self.refuse(&mut state, &manifest, &digest, reason, remember);
         }
         // A delta update writes the root image from chunks (see `delta.rs`); the rest is staged.
-        let delta = match self.plan_delta(source, &manifest, &digest, &state, &mut disk, slot, hook)
-        {
+        // Offline media (`--from`) carry the whole artifacts and save no network: full path.
+        let planned = match from {
+            None => self.plan_delta(source, &manifest, &digest, &state, &mut disk, slot, hook),
+            Some(_) => Ok(None),
+        };
+        let delta = match planned {
             Ok(delta) => delta,
             Err(ApplyError::Rejected(reason)) => {
                 return self.refuse(&mut state, &manifest, &digest, reason, remember)

@@ -14,7 +14,8 @@
 //! root is written and synced (stage `root-written`), a resumed update goes on from there.
 //!
 //! The agent falls back to the full artifacts when the manifest has no index or the running
-//! slot's root image cannot be read (no verity superblock, unreadable partition).
+//! slot's root image cannot be read (no verity superblock, unreadable partition). Releases
+//! applied from offline media (`apply --from`) always use the full artifacts.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -199,7 +200,10 @@ impl Delta {
             });
             state.save(state_path)
         };
-        // As in the full path: the entry goes first, then the partition may be half written.
+        // The same stages as the full path: accepted, then the entry goes, then the partition
+        // may be half written.
+        record(state, Stage::Accepted)?;
+        hook(&Event::Stage(Stage::Accepted))?;
         let esp_part = disk.partition("esp")?;
         {
             let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
