@@ -1638,6 +1638,10 @@ fn a_delta_update_reuses_the_running_slots_chunks_and_downloads_only_the_others(
     assert_eq!(m.server.requests("/chunks/").len() as u64, missing + 1);
     m.assert_slot_b_holds(&v2, "2");
     assert_eq!(m.state().in_progress, None);
+    assert!(
+        !m.dir.join("var/lib/plinth/staging/chunks").exists(),
+        "staged chunks are removed once the release is written"
+    );
 }
 
 #[test]
@@ -1692,13 +1696,22 @@ fn a_corrupted_or_missing_chunk_stops_the_delta_update_before_the_entry_is_writt
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x55;
     fs::write(&path, &bytes).expect("corrupt");
-    let (outcome, _, _) = apply_recording(&m.agent(), |_| {});
+    // Slot B holds an older release with its entry: a refused release must leave both.
+    m.write_entry("plinth-b-0.5.conf");
+    let slot_b = m.slot_b_and_esp();
+    let mut stages = Vec::new();
+    let (outcome, _, _) = apply_recording(&m.agent(), |event| {
+        if let Event::Stage(stage) = event {
+            stages.push(*stage);
+        }
+    });
     let reason = refused_reason(outcome.expect("apply"));
     assert!(
         reason.contains(&new_chunk.path()) && reason.contains("of the root image"),
         "{reason}"
     );
-    assert_eq!(m.entries(), ["plinth-a-1.conf"]);
+    assert!(stages.is_empty(), "nothing written: {stages:?}");
+    assert!(m.slot_b_and_esp() == slot_b, "slot B and the ESP unchanged");
 
     // A chunk missing on the server: a clear error, retried at the next check.
     let m = Machine::new();
@@ -1710,12 +1723,18 @@ fn a_corrupted_or_missing_chunk_stops_the_delta_update_before_the_entry_is_writt
         .find(|c| !have.contains(&c.sha256))
         .expect("a new chunk");
     fs::remove_file(m.releases.join(gone.path())).expect("remove chunk");
-    let (outcome, _, _) = apply_recording(&m.agent(), |_| {});
+    let mut stages = Vec::new();
+    let (outcome, _, _) = apply_recording(&m.agent(), |event| {
+        if let Event::Stage(stage) = event {
+            stages.push(*stage);
+        }
+    });
     let err = format!("{:#}", outcome.expect_err("missing chunk"));
     assert!(
         err.contains("is missing on the server") && err.contains(&gone.path()),
         "{err}"
     );
+    assert!(stages.is_empty(), "nothing written: {stages:?}");
     assert_eq!(m.entries(), ["plinth-a-1.conf"]);
     // Once the chunk is back, the next attempt restarts the delta and succeeds.
     builder::publish::store_chunks(&v2.root[..], &m.releases).expect("chunks again");
@@ -1769,12 +1788,15 @@ fn an_interrupted_delta_update_restarts_and_a_written_root_is_not_written_again(
         m.state().in_progress.expect("in progress").stage,
         Stage::EntryRemoved
     );
+    // The chunks staged on /var are kept: the restart downloads only the index again.
+    let chunk_requests = m.server.requests("/chunks/").len();
     // Power cut once the root is written: the next run does not write it again.
     let outcome = m.agent().apply(None, &mut |event| match event {
         Event::Stage(Stage::VerityWritten) => anyhow::bail!("power cut"),
         _ => Ok(()),
     });
     assert!(outcome.is_err());
+    assert_eq!(m.server.requests("/chunks/").len(), chunk_requests + 1);
     let chunk_requests = m.server.requests("/chunks/").len();
     let (outcome, report, _) = apply_recording(&m.agent(), |event| {
         assert!(

@@ -527,6 +527,21 @@ impl Agent {
                 )))
             }
         };
+        let mut delta = delta;
+        if let Some(Some(d)) = delta.as_mut() {
+            match d.stage_chunks(source, &self.staging_dir(), self.retries) {
+                Ok(()) => {}
+                Err(ApplyError::Rejected(reason)) => {
+                    return self.refuse(&mut state, &manifest, &digest, reason, remember)
+                }
+                Err(ApplyError::Failed(e)) => {
+                    return Err(e.context(format!(
+                        "downloading the chunks of {} {}",
+                        manifest.name, manifest.version
+                    )))
+                }
+            }
+        }
         let skip: &[&str] = if delta.is_some() { &["root"] } else { &[] };
         // Everything is downloaded and checked on /var before the first byte of the slot, its
         // entry or the ESP changes.

@@ -2,16 +2,19 @@
 //! slot's root image and, for the chunks it lacks, `chunks/<sha256>.zst` downloaded from the
 //! release folder, as the signed chunk index of the manifest ([`os_config::chunk`]) lists them.
 //!
-//! Every chunk is checked against the index's sha256 before it is written: a chunk read from the
-//! running slot after reading it (so a changed slot costs a download, never a wrong byte), a
-//! downloaded one after decompressing it. The verity tree, kernel and initrd are staged whole as
+//! The chunks the running slot lacks are downloaded first into the staging folder on `/var`
+//! (`chunks/<sha256>.zst`) and checked, with the other artifacts, before the other slot changes:
+//! a corrupt or missing chunk costs the machine nothing. Every chunk is checked against the
+//! index's sha256 again when it is written: a chunk read from the running slot after reading it
+//! (so a changed slot costs a download, never a wrong byte), a staged one after decompressing it. The verity tree, kernel and initrd are staged whole as
 //! before, and the end check of the full path (read-back of both partitions against the
 //! manifest's sha256 and verity root hash) runs unchanged after the root is written.
 //!
 //! A power cut while the root is written leaves the slot without a boot entry (it was removed
 //! first), as in the full path. The next attempt restarts the delta from the first chunk (reading
-//! the running slot again is fast; the chunks downloaded before are downloaded again); once the
-//! root is written and synced (stage `root-written`), a resumed update goes on from there.
+//! the running slot again is fast; the staged chunks are checked and kept, not downloaded again);
+//! once the root is written and synced (stage `root-written`), a resumed update goes on from
+//! there.
 //!
 //! The agent falls back to the full artifacts when the manifest has no index or the running
 //! slot's root image cannot be read (no verity superblock, unreadable partition). Releases
@@ -19,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _};
 use os_config::chunk::{self, Chunk, ChunkIndex};
@@ -71,6 +74,11 @@ pub struct Delta {
     /// sha256 → (offset, length) in the running slot's root image, for the chunks the index names.
     local: HashMap<[u8; 32], (u64, u32)>,
     active_root: super::blockdev::Partition,
+    /// The staging folder once the missing chunks are staged there (`chunks/<sha256>.zst`).
+    staged: Option<PathBuf>,
+    /// Chunks and compressed bytes downloaded while staging.
+    fetched: u64,
+    downloaded: u64,
 }
 
 /// Why the delta path is not taken; the full artifacts are used instead.
@@ -109,6 +117,9 @@ pub fn prepare(
             index_bytes: file.size,
             local,
             active_root,
+            staged: None,
+            fetched: 0,
+            downloaded: 0,
         }))),
         Err(e) => Ok(Plan::Full {
             reason: format!("reading the running slot {running}: {e:#}"),
@@ -178,6 +189,71 @@ fn chunk_running_slot(
 }
 
 impl Delta {
+    /// The chunks the running slot lacks, each once.
+    fn missing(&self) -> Vec<&Chunk> {
+        let mut seen = std::collections::HashSet::new();
+        self.index
+            .chunks
+            .iter()
+            .filter(|c| !self.local.contains_key(&c.sha256) && seen.insert(c.sha256))
+            .collect()
+    }
+
+    /// Downloads the chunks the running slot lacks into `dir/chunks/` (normally the staging
+    /// folder on `/var`) and checks each against the index, before anything of the other slot
+    /// changes: a corrupt chunk refuses the release while the other slot is still intact.
+    /// Chunks staged by an interrupted attempt are checked and kept; files of other releases are
+    /// removed.
+    pub fn stage_chunks(
+        &mut self,
+        source: &Source,
+        dir: &Path,
+        retries: u32,
+    ) -> Result<(), ApplyError> {
+        let chunks_dir = dir.join("chunks");
+        std::fs::create_dir_all(&chunks_dir)
+            .with_context(|| format!("creating {}", chunks_dir.display()))?;
+        let missing = self.missing();
+        let keep: std::collections::HashSet<PathBuf> =
+            missing.iter().map(|c| dir.join(c.path())).collect();
+        for entry in std::fs::read_dir(&chunks_dir)
+            .with_context(|| format!("reading {}", chunks_dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("reading {}", chunks_dir.display()))?
+                .path();
+            if !keep.contains(&path) {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        let local = Source::Dir(dir.to_owned());
+        let mut buf = vec![0u8; chunk::MAX_CHUNK];
+        let (mut fetched, mut downloaded) = (0, 0);
+        for c in missing {
+            let data = &mut buf[..c.length as usize];
+            let path = dir.join(c.path());
+            fetched += 1;
+            if path.exists() && fetch_chunk(&local, c, data, 0).is_ok() {
+                continue;
+            }
+            let compressed = fetch_chunk(source, c, data, retries)?;
+            downloaded += compressed.len() as u64;
+            let part = path.with_extension("zst.part");
+            std::fs::write(&part, &compressed)
+                .and_then(|()| std::fs::File::open(&part)?.sync_all())
+                .and_then(|()| std::fs::rename(&part, &path))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        std::fs::File::open(&chunks_dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", chunks_dir.display()))?;
+        self.staged = Some(dir.to_owned());
+        self.fetched = fetched;
+        self.downloaded = downloaded;
+        Ok(())
+    }
+
     /// Removes `slot`'s boot entry, writes the new root image into its root partition chunk by
     /// chunk, syncs, and records the stage `root-written` in `state`, so that the full path's
     /// [`super::apply::apply`] goes on from there with the verity tree and the end check.
@@ -224,10 +300,12 @@ impl Delta {
             )));
         }
         let mut report = Report {
-            bytes: self.index_bytes,
+            bytes: self.index_bytes + self.downloaded,
+            fetched: self.fetched,
             total_bytes: manifest.artifacts.root.size,
             ..Report::default()
         };
+        let staged = self.staged.clone().map(Source::Dir);
         let disk_path = disk.path.clone();
         let mut reader = std::fs::File::open(&disk_path)
             .with_context(|| format!("opening {}", disk_path.display()))?;
@@ -254,12 +332,21 @@ impl Delta {
                 .filter(|(_, len)| *len == c.length)
                 .map(|(offset, _)| (self.active_root.start, *offset));
             let again = fetched.get(&c.sha256).map(|offset| (target.start, *offset));
+            let from_staging = |data: &mut [u8]| {
+                staged.as_ref().is_some_and(|dir| {
+                    !self.local.contains_key(&c.sha256) && fetch_chunk(dir, c, data, 0).is_ok()
+                })
+            };
             if from_disk(local, &mut reader, data)? {
                 report.reused += 1;
             } else if from_disk(again, &mut reader, data)? {
                 // Already counted when it was downloaded.
+            } else if from_staging(data) {
+                // Counted when it was staged.
+                fetched.insert(c.sha256, c.offset);
             } else {
-                report.bytes += fetch_chunk(job.source, c, data, job.retries)?;
+                // A chunk of the running slot that changed since it was chunked.
+                report.bytes += fetch_chunk(job.source, c, data, job.retries)?.len() as u64;
                 report.fetched += 1;
                 fetched.insert(c.sha256, c.offset);
             }
@@ -281,13 +368,13 @@ impl Delta {
 }
 
 /// Downloads `chunks/<sha256>.zst`, decompresses it into `data` and checks it against the index;
-/// returns the compressed bytes downloaded.
+/// returns the compressed bytes.
 fn fetch_chunk(
     source: &Source,
     c: &Chunk,
     data: &mut [u8],
     retries: u32,
-) -> Result<u64, ApplyError> {
+) -> Result<Vec<u8>, ApplyError> {
     let path = c.path();
     let size = u64::from(c.compressed_length);
     let reader = match source.open_resuming(&path, 0, size, retries) {
@@ -342,5 +429,5 @@ fn fetch_chunk(
         )));
     }
     data.copy_from_slice(&content);
-    Ok(size)
+    Ok(compressed)
 }

@@ -236,15 +236,18 @@ impl Staging {
         Ok(())
     }
 
-    /// Removes the staged files (after the release was written, or refused).
+    /// Removes the staged files (after the release was written, or refused): the artifacts, and
+    /// the chunks of a delta update ([`super::delta`]).
     pub fn clear(&self) -> anyhow::Result<()> {
-        let dir = self.dir.join("artifacts");
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", dir.display()))
+        for dir in [self.dir.join("artifacts"), self.dir.join("chunks")] {
+            match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", dir.display()))
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 }
 
