@@ -360,7 +360,6 @@ impl Delta {
         out.flush()
             .and_then(|()| out.get_mut().sync_data())
             .with_context(|| format!("writing partition {}", target.label))?;
-        drop(out);
         disk.sync()?;
         record(state, Stage::RootWritten)?;
         Ok(report)
