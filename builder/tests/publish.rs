@@ -150,6 +150,13 @@ fn publishes_signed_content_addressed_releases_and_keeps_older_ones() {
     assert_eq!(m1.salt, "0123456789abcdef");
     assert_eq!(m1.cmdline, ["console=ttyS0", "quiet"]);
     assert_eq!(m1.created, "2026-11-27T22:59:59Z");
+    // The chunk index of the root image, and its chunks, are in the folder.
+    let index_file = m1.root_chunks.clone().expect("a chunk index");
+    let index =
+        os_config::chunk::ChunkIndex::parse(&fs::read(out.join(&index_file.path)).expect("index"))
+            .expect("index parses");
+    assert_eq!(index.total_length(), m1.artifacts.root.uncompressed_size);
+    assert!(index.chunks.iter().all(|c| out.join(c.path()).is_file()));
 
     // The channel manifest verifies with the public key and names artifacts that decompress to
     // exactly what the disk holds.
