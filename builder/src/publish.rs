@@ -346,6 +346,11 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         .with_context(|| format!("publishing root-a of {}", disk_path.display()))?;
     let verity_artifact = region(&verity, verity_size)
         .with_context(|| format!("publishing verity-a of {}", disk_path.display()))?;
+    disk.seek(SeekFrom::Start(root.start))
+        .with_context(|| format!("reading root-a of {}", disk_path.display()))?;
+    let (root_chunks, stats) = store_chunks((&mut disk).take(root_size), to)
+        .with_context(|| format!("chunking root-a of {}", disk_path.display()))?;
+    eprintln!("{stats}");
     let kernel_artifact = store_artifact(&kernel[..], to).context("publishing the kernel")?;
     let initrd_artifact = store_artifact(&initrd[..], to).context("publishing the initrd")?;
 
@@ -367,6 +372,7 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
             kernel: kernel_artifact,
             initrd: initrd_artifact,
         },
+        root_chunks: Some(root_chunks),
     };
     let bytes = manifest.to_bytes();
     // Check what we are about to sign parses back.
@@ -381,10 +387,13 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let version_manifest = version_dir.join(manifest::MANIFEST_FILE);
     if let Ok(existing) = fs::read(&version_manifest) {
         let same = Manifest::parse(&existing)
-            // Publishing the same release again renews its times (and so its expiry).
+            // Publishing the same release again renews its times (and so its expiry), and adds
+            // the chunk index to a release published before there was one.
             .map(|old| Manifest {
+                format: manifest.format,
                 created: manifest.created.clone(),
                 expires: manifest.expires.clone(),
+                root_chunks: manifest.root_chunks.clone(),
                 ..old
             })
             .is_ok_and(|old| old == manifest);
@@ -423,6 +432,101 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         write_atomic(&channel_manifest, &bytes)?;
     }
     Ok(manifest)
+}
+
+/// What publishing the chunks of a root image added to the chunk store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    /// Chunks of the image (a chunk that occurs twice counts twice).
+    pub chunks: u64,
+    /// Distinct chunks that were not in the store yet, and their compressed bytes.
+    pub new: u64,
+    pub new_bytes: u64,
+    /// Distinct chunks already in the store (from an earlier release), and their compressed bytes.
+    pub reused: u64,
+    pub reused_bytes: u64,
+    /// Size of the index file.
+    pub index_bytes: u64,
+}
+
+impl std::fmt::Display for ChunkStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "root image: {} chunks, {} new in the chunk store ({} bytes compressed), {} already there ({} bytes); index {} bytes",
+            self.chunks, self.new, self.new_bytes, self.reused, self.reused_bytes, self.index_bytes
+        )
+    }
+}
+
+/// Cuts the image `reader` gives into chunks ([`os_config::chunk`]), stores each missing one as
+/// `DIR/chunks/<sha256>.zst` (compressed on its own, so any release can fetch it alone), checks
+/// the ones already stored, and writes the index `DIR/chunks/<sha256>.index`.
+pub fn store_chunks(reader: impl Read, dir: &Path) -> Result<(manifest::IndexFile, ChunkStats)> {
+    use os_config::chunk::{self, ChunkIndex};
+    let chunks_dir = dir.join("chunks");
+    fs::create_dir_all(&chunks_dir)
+        .with_context(|| format!("creating {}", chunks_dir.display()))?;
+    let mut index = ChunkIndex::default();
+    let mut stats = ChunkStats::default();
+    let mut seen = std::collections::HashMap::new();
+    let temp = chunks_dir.join(format!(".incoming-{}", std::process::id()));
+    chunk::for_each_chunk(reader, |_, data| {
+        let sha256 = chunk::digest(data);
+        stats.chunks += 1;
+        let compressed_length = match seen.get(&sha256) {
+            Some(len) => *len,
+            None => {
+                let target = dir.join(chunk::chunk_path(&sha256));
+                let len = match fs::read(&target) {
+                    Ok(existing) => {
+                        let content = zstd::decode_all(&existing[..]).ok();
+                        if content.as_deref().map(chunk::digest) != Some(sha256) {
+                            return Err(io::Error::other(format!(
+                                "{} exists but does not decompress to the chunk it names; it is never overwritten: remove it and publish again",
+                                target.display()
+                            )));
+                        }
+                        stats.reused += 1;
+                        stats.reused_bytes += existing.len() as u64;
+                        existing.len()
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)?;
+                        let mut file = fs::File::create(&temp)?;
+                        file.write_all(&compressed)?;
+                        file.sync_all()?;
+                        fs::rename(&temp, &target)?;
+                        stats.new += 1;
+                        stats.new_bytes += compressed.len() as u64;
+                        compressed.len()
+                    }
+                    Err(e) => return Err(e),
+                };
+                let len = u32::try_from(len).map_err(io::Error::other)?;
+                seen.insert(sha256, len);
+                len
+            }
+        };
+        index.push(data.len() as u32, sha256, compressed_length);
+        Ok(())
+    })
+    .with_context(|| format!("storing chunks in {}", chunks_dir.display()))?;
+    sync_dir(&chunks_dir)?;
+    let bytes = index.to_bytes();
+    ChunkIndex::parse(&bytes).context("checking the chunk index about to be written")?;
+    let sha256 = Sha256::parse(&hex::encode(Hasher::digest(&bytes))).map_err(anyhow::Error::msg)?;
+    let path = chunk::index_path(sha256.as_str());
+    write_atomic(&dir.join(&path), &bytes)?;
+    stats.index_bytes = bytes.len() as u64;
+    Ok((
+        manifest::IndexFile {
+            path,
+            size: bytes.len() as u64,
+            sha256,
+        },
+        stats,
+    ))
 }
 
 /// `SOURCE_DATE_EPOCH` if set (reproducible builds), else the current time.

@@ -150,6 +150,13 @@ fn publishes_signed_content_addressed_releases_and_keeps_older_ones() {
     assert_eq!(m1.salt, "0123456789abcdef");
     assert_eq!(m1.cmdline, ["console=ttyS0", "quiet"]);
     assert_eq!(m1.created, "2026-11-27T22:59:59Z");
+    // The chunk index of the root image, and its chunks, are in the folder.
+    let index_file = m1.root_chunks.clone().expect("a chunk index");
+    let index =
+        os_config::chunk::ChunkIndex::parse(&fs::read(out.join(&index_file.path)).expect("index"))
+            .expect("index parses");
+    assert_eq!(index.total_length(), m1.artifacts.root.uncompressed_size);
+    assert!(index.chunks.iter().all(|c| out.join(c.path()).is_file()));
 
     // The channel manifest verifies with the public key and names artifacts that decompress to
     // exactly what the disk holds.
@@ -453,4 +460,129 @@ fn run_until_qemu_is_up(plinth: &str, args: &[&str], dir: &Path, command: &str) 
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// Two root images built by the builder's own squashfs writer from trees that differ in one
+/// declared file (`[[file]]` `/etc/motd`), published into one chunk store: the second adds only
+/// the chunks around the change. Prints the fraction of the full root artifact that a machine
+/// running the first downloads for the second (the delta: new chunks plus the index).
+#[test]
+fn a_one_file_change_adds_few_chunks_to_the_store() {
+    use builder::disk::rootimage::{self, RootFormat};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let tree = dir.join("tree");
+    // A tree shaped like a root: many files of executable-like (incompressible) and text-like
+    // content, in several folders, from a few bytes to a few MiB.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let words = [
+        "lib",
+        "error",
+        "config",
+        "the",
+        "value",
+        "container",
+        "mount",
+        "=",
+    ];
+    for folder in [
+        "usr/bin",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/share/doc",
+        "etc",
+    ] {
+        fs::create_dir_all(tree.join(folder)).expect("mkdir");
+    }
+    let mut total = 0usize;
+    for i in 0..160 {
+        let size = match next() % 10 {
+            0 => 1 << 20 | (next() % (3 << 20)) as usize,
+            1..=4 => (next() % 200_000) as usize,
+            _ => (next() % 8_000) as usize,
+        };
+        let (folder, data): (&str, Vec<u8>) = if i % 3 == 0 {
+            let mut text = String::new();
+            while text.len() < size {
+                text.push_str(words[(next() % words.len() as u64) as usize]);
+                text.push(if next() % 9 == 0 { '\n' } else { ' ' });
+            }
+            ("usr/share/doc", text.into_bytes())
+        } else {
+            let folder = if i % 2 == 0 {
+                "usr/bin"
+            } else {
+                "usr/lib/x86_64-linux-gnu"
+            };
+            (folder, (0..size).map(|_| next() as u8).collect())
+        };
+        total += data.len();
+        fs::write(tree.join(folder).join(format!("file-{i:03}")), data).expect("write");
+    }
+    let build = |motd: &str, out: &str| {
+        fs::write(tree.join("etc/motd"), motd).expect("motd");
+        let image = dir.join(out);
+        rootimage::build(
+            RootFormat::Squashfs,
+            &tree,
+            &image,
+            1_700_000_000,
+            &uuid::Uuid::from_u128(3),
+        )
+        .expect("mksquashfs");
+        fs::read(image).expect("image")
+    };
+    let v1 = build("Welcome to version 1\n", "v1.img");
+    let v2 = build("Welcome to version 2, with a longer message\n", "v2.img");
+    assert_ne!(v1, v2);
+
+    let store = dir.join("release");
+    fs::create_dir_all(store.join("artifacts")).expect("mkdir");
+    let (_, first) = publish::store_chunks(&v1[..], &store).expect("chunks of v1");
+    assert_eq!(first.reused, 0);
+    let (index_file, second) = publish::store_chunks(&v2[..], &store).expect("chunks of v2");
+    let full = publish::store_artifact_framed(&v2[..], &store, publish::FRAME_SIZE)
+        .expect("root artifact of v2");
+    let delta = second.new_bytes + second.index_bytes;
+    let fraction = delta as f64 / full.size as f64;
+    eprintln!(
+        "one [[file]] changed in a {:.1} MiB squashfs ({:.1} MiB of files): {second}; \
+         delta {delta} bytes of the {} byte root artifact = {:.2}%",
+        v2.len() as f64 / f64::from(1 << 20),
+        total as f64 / f64::from(1 << 20),
+        full.size,
+        fraction * 100.0
+    );
+    assert!(second.new >= 1, "the changed file is in a new chunk");
+    assert!(
+        fraction <= 0.05,
+        "delta is {:.2}% of the payload",
+        fraction * 100.0
+    );
+    // The index lists v2 and every chunk it names is in the store, compressed on its own.
+    let index = os_config::chunk::ChunkIndex::parse(
+        &fs::read(store.join(&index_file.path)).expect("index"),
+    )
+    .expect("index parses");
+    assert_eq!(index.total_length(), v2.len() as u64);
+    let mut rebuilt = Vec::new();
+    for c in &index.chunks {
+        let compressed = fs::read(store.join(c.path())).expect("chunk file");
+        assert_eq!(compressed.len() as u64, u64::from(c.compressed_length));
+        rebuilt.extend(zstd::decode_all(&compressed[..]).expect("chunk decodes"));
+    }
+    assert!(rebuilt == v2, "the chunks make up v2");
+    // Publishing v2 again adds nothing.
+    let (_, again) = publish::store_chunks(&v2[..], &store).expect("again");
+    assert_eq!((again.new, again.new_bytes), (0, 0));
+    // A chunk file whose content was altered is never overwritten.
+    let victim = store.join(index.chunks[0].path());
+    fs::write(&victim, b"not zstd").expect("corrupt");
+    let err = publish::store_chunks(&v2[..], &store).expect_err("corrupt chunk");
+    assert!(format!("{err:#}").contains("never overwritten"), "{err:#}");
 }

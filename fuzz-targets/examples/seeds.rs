@@ -42,6 +42,7 @@ fn main() -> std::io::Result<()> {
     manifests(&mut seeds)?;
     gpt_disks(&mut seeds)?;
     verity(&mut seeds)?;
+    chunk_index(&mut seeds)?;
     boot_entries(&mut seeds)?;
     for (name, line) in [
         (
@@ -107,6 +108,7 @@ fn manifests(seeds: &mut Seeds) -> std::io::Result<()> {
         data_blocks: 2,
         cmdline: vec!["console=ttyS0".to_owned()],
         rollout: None,
+        root_chunks: None,
         artifacts: Artifacts {
             root: artifact(b"root", 8192),
             verity: artifact(b"verity", 8192),
@@ -270,6 +272,17 @@ fn verity(seeds: &mut Seeds) -> std::io::Result<()> {
         "superblock",
         &sb.to_bytes()[..VeritySuperblock::SIZE],
     )?;
+    Ok(())
+}
+
+fn chunk_index(seeds: &mut Seeds) -> std::io::Result<()> {
+    use os_config::chunk::{ChunkIndex, MIN_CHUNK};
+    let mut index = ChunkIndex::default();
+    index.push(MIN_CHUNK as u32, [0x11; 32], 100);
+    index.push(70_000, [0x22; 32], 70_100);
+    index.push(5, [0x33; 32], 14);
+    seeds.write("chunk-index", "three", &index.to_bytes())?;
+    seeds.write("chunk-index", "empty", &ChunkIndex::default().to_bytes())?;
     Ok(())
 }
 

@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("http", http),
     ("engine", engine),
     ("tar", tar),
+    ("chunk-index", chunk_index),
 ];
 
 /// The target called `name`.
@@ -168,6 +169,26 @@ pub fn verity(data: &[u8]) {
     let root_data = data.get(4096..).unwrap_or_default();
     let expected_root = "0".repeat(64);
     let _ = builder::disk::verity::verify(&mut Cursor::new(root_data), data, &expected_root);
+}
+
+/// A chunk index of a delta update (`os_config::chunk::ChunkIndex::parse`): what parses writes
+/// back to the same bytes, and its chunks cover the image without gaps within the size bounds.
+pub fn chunk_index(data: &[u8]) {
+    use os_config::chunk::{ChunkIndex, MAX_CHUNK};
+    let Ok(index) = ChunkIndex::parse(data) else {
+        return;
+    };
+    assert_eq!(index.to_bytes(), data, "chunk index round trip");
+    let mut at = 0u64;
+    for c in &index.chunks {
+        assert_eq!(c.offset, at, "chunks follow each other");
+        assert!(
+            c.length as usize <= MAX_CHUNK && c.length > 0,
+            "chunk length"
+        );
+        at += u64::from(c.length);
+    }
+    assert_eq!(at, index.total_length());
 }
 
 /// Boot entries: the file name (first line), the entry text (all of it) and the boot record

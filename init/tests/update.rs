@@ -139,16 +139,24 @@ struct Content {
 }
 
 fn content(seed: u8, blocks: usize) -> Content {
-    // Pseudo-random, so that it does not compress (like a squashfs image).
+    content_of(noise(seed, blocks * 4096), seed)
+}
+
+/// Pseudo-random bytes, so that they do not compress (like a squashfs image).
+fn noise(seed: u8, len: usize) -> Vec<u8> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    let root: Vec<u8> = (0..blocks * 4096)
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x as u8
         })
-        .collect();
+        .collect()
+}
+
+/// A release whose root image is `root` (a whole number of 4096-byte blocks).
+fn content_of(root: Vec<u8>, seed: u8) -> Content {
     let oracle = os_config::oracle::veritysetup_format(&root, Some("a1b2c3d4"), None);
     Content {
         root,
@@ -226,11 +234,30 @@ fn publish_with(
             kernel: store(dir, &c.kernel),
             initrd: store(dir, &c.initrd),
         },
+        root_chunks: None,
     };
+    sign_and_write(dir, key, &m);
+    m
+}
+
+/// Writes `m` as the channel manifest of `dir`, signed with `key`.
+fn sign_and_write(dir: &Path, key: &SecretKey, m: &Manifest) {
     let bytes = m.to_bytes();
     fs::create_dir_all(dir.join("stable")).expect("mkdir");
     fs::write(dir.join("stable/manifest.json"), &bytes).expect("manifest");
     fs::write(dir.join("stable/manifest.json.sig"), key.sign(&bytes)).expect("sig");
+}
+
+/// Publishes `c` like [`publish`], with the chunk index of its root image and its chunks
+/// (written by `plinth publish`'s own chunk store).
+fn publish_chunked(dir: &Path, key: &SecretKey, version: &str, c: &Content) -> Manifest {
+    let m = publish(dir, key, "demo", version, c);
+    let (index, _) = builder::publish::store_chunks(&c.root[..], dir).expect("chunk store");
+    let m = Manifest {
+        root_chunks: Some(index),
+        ..m
+    };
+    sign_and_write(dir, key, &m);
     m
 }
 
@@ -1507,4 +1534,284 @@ fn staged_updates_reboot_as_the_strategy_says() {
         "strategy = \"fleetlock\"\nfleetlock = {{ url = \"http://127.0.0.1:{port}\" }}\n"
     ));
     assert!(matches!(decide(&gone), Decision::Wait { .. }));
+}
+
+// ---------------------------------------------------------------- delta updates
+
+/// v1's root with 4096 bytes inserted at 600 kB and 10 bytes changed at 1 MB: everything after
+/// the insertion shifts, as in a squashfs image where one file grew.
+fn edited(v1: &Content) -> Content {
+    let mut root = v1.root[..600_000].to_vec();
+    root.extend_from_slice(&noise(9, 4096));
+    root.extend_from_slice(&v1.root[600_000..]);
+    root[1_000_000..1_000_010].copy_from_slice(&[0xaa; 10]);
+    content_of(root, 2)
+}
+
+/// The chunks of `new`'s index that `old` lacks (each once), and their compressed bytes.
+fn missing_chunks(old: &[u8], index: &os_config::chunk::ChunkIndex) -> (u64, u64) {
+    let mut have = std::collections::HashSet::new();
+    os_config::chunk::for_each_chunk(old, |_, chunk| {
+        have.insert(os_config::chunk::digest(chunk));
+        Ok(())
+    })
+    .expect("in memory");
+    let mut counted = std::collections::HashSet::new();
+    let (mut n, mut bytes) = (0, 0);
+    for c in &index.chunks {
+        if !have.contains(&c.sha256) && counted.insert(c.sha256) {
+            n += 1;
+            bytes += u64::from(c.compressed_length);
+        }
+    }
+    (n, bytes)
+}
+
+fn read_index(dir: &Path, m: &Manifest) -> os_config::chunk::ChunkIndex {
+    let file = m.root_chunks.as_ref().expect("index");
+    os_config::chunk::ChunkIndex::parse(&fs::read(dir.join(&file.path)).expect("index file"))
+        .expect("index parses")
+}
+
+/// Applies with a hook that records the delta report and the fallback reason.
+fn apply_recording(
+    agent: &Agent,
+    mut also: impl FnMut(&Event),
+) -> (
+    anyhow::Result<Outcome>,
+    Option<init::update::delta::Report>,
+    Option<String>,
+) {
+    let mut report = None;
+    let mut fallback = None;
+    let outcome = agent.apply(None, &mut |event| {
+        match event {
+            Event::Delta(r) => report = Some(*r),
+            Event::DeltaFallback { reason } => fallback = Some(reason.clone()),
+            _ => {}
+        }
+        also(event);
+        Ok(())
+    });
+    (outcome, report, fallback)
+}
+
+#[test]
+fn a_delta_update_reuses_the_running_slots_chunks_and_downloads_only_the_others() {
+    let m = Machine::new();
+    let v2 = edited(&m.v1);
+    let manifest = publish_chunked(&m.releases, &m.key, "2", &v2);
+    let index = read_index(&m.releases, &manifest);
+    let (missing, missing_bytes) = missing_chunks(&m.v1.root, &index);
+    assert!(
+        (1..=6).contains(&missing),
+        "{missing} of {} chunks are new",
+        index.chunks.len()
+    );
+
+    let (outcome, report, fallback) = apply_recording(&m.agent(), |_| {});
+    assert_eq!(
+        outcome.expect("apply"),
+        Outcome::Staged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
+    assert_eq!(fallback, None);
+    let report = report.expect("a delta report");
+    let index_size = manifest.root_chunks.as_ref().expect("index").size;
+    assert_eq!(report.fetched, missing);
+    assert_eq!(report.reused, index.chunks.len() as u64 - missing);
+    assert_eq!(report.bytes, index_size + missing_bytes);
+    assert_eq!(report.total_bytes, manifest.artifacts.root.size);
+    assert!(
+        report.bytes * 2 < report.total_bytes,
+        "{} of {} bytes",
+        report.bytes,
+        report.total_bytes
+    );
+    assert!(report
+        .status_line()
+        .starts_with("PLINTH-STATUS update-delta reused="));
+    // The whole root artifact was never asked for; each missing chunk once.
+    assert!(m.server.requests(&manifest.artifacts.root.path).is_empty());
+    assert_eq!(m.server.requests("/chunks/").len() as u64, missing + 1);
+    m.assert_slot_b_holds(&v2, "2");
+    assert_eq!(m.state().in_progress, None);
+    assert!(
+        !m.dir.join("var/lib/plinth/staging/chunks").exists(),
+        "staged chunks are removed once the release is written"
+    );
+}
+
+#[test]
+fn chunks_read_from_the_running_slot_are_checked_again_and_downloaded_when_changed() {
+    let m = Machine::new();
+    let v2 = edited(&m.v1);
+    let manifest = publish_chunked(&m.releases, &m.key, "2", &v2);
+    let (missing, _) = missing_chunks(&m.v1.root, &read_index(&m.releases, &manifest));
+    // After the running slot was chunked, its first block changes under the agent.
+    let disk = m.disk.clone();
+    let (outcome, report, _) = apply_recording(&m.agent(), |event| {
+        if *event == Event::Stage(Stage::EntryRemoved) {
+            let mut disk = Disk::open(&disk).expect("disk");
+            let part = disk.partition("root-a").expect("root-a");
+            disk.region(&part)
+                .expect("region")
+                .write_all(&[0u8; 4096])
+                .expect("write");
+        }
+    });
+    assert!(matches!(outcome.expect("apply"), Outcome::Staged { .. }));
+    let report = report.expect("a delta report");
+    assert_eq!(
+        report.fetched,
+        missing + 1,
+        "the changed chunk is downloaded"
+    );
+    m.assert_slot_b_holds(&v2, "2");
+}
+
+#[test]
+fn a_corrupted_or_missing_chunk_stops_the_delta_update_before_the_entry_is_written() {
+    // A chunk whose bytes differ from the index: the release is refused, slot B stays without
+    // an entry.
+    let m = Machine::new();
+    let v2 = edited(&m.v1);
+    let manifest = publish_chunked(&m.releases, &m.key, "2", &v2);
+    let index = read_index(&m.releases, &manifest);
+    let mut have = std::collections::HashSet::new();
+    os_config::chunk::for_each_chunk(&m.v1.root[..], |_, c| {
+        have.insert(os_config::chunk::digest(c));
+        Ok(())
+    })
+    .expect("in memory");
+    let new_chunk = index
+        .chunks
+        .iter()
+        .find(|c| !have.contains(&c.sha256))
+        .expect("a new chunk");
+    let path = m.releases.join(new_chunk.path());
+    let mut bytes = fs::read(&path).expect("chunk");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    fs::write(&path, &bytes).expect("corrupt");
+    // Slot B holds an older release with its entry: a refused release must leave both.
+    m.write_entry("plinth-b-0.5.conf");
+    let slot_b = m.slot_b_and_esp();
+    let mut stages = Vec::new();
+    let (outcome, _, _) = apply_recording(&m.agent(), |event| {
+        if let Event::Stage(stage) = event {
+            stages.push(*stage);
+        }
+    });
+    let reason = refused_reason(outcome.expect("apply"));
+    assert!(
+        reason.contains(&new_chunk.path()) && reason.contains("of the root image"),
+        "{reason}"
+    );
+    assert!(stages.is_empty(), "nothing written: {stages:?}");
+    assert!(m.slot_b_and_esp() == slot_b, "slot B and the ESP unchanged");
+
+    // A chunk missing on the server: a clear error, retried at the next check.
+    let m = Machine::new();
+    let manifest = publish_chunked(&m.releases, &m.key, "2", &v2);
+    let index = read_index(&m.releases, &manifest);
+    let gone = index
+        .chunks
+        .iter()
+        .find(|c| !have.contains(&c.sha256))
+        .expect("a new chunk");
+    fs::remove_file(m.releases.join(gone.path())).expect("remove chunk");
+    let mut stages = Vec::new();
+    let (outcome, _, _) = apply_recording(&m.agent(), |event| {
+        if let Event::Stage(stage) = event {
+            stages.push(*stage);
+        }
+    });
+    let err = format!("{:#}", outcome.expect_err("missing chunk"));
+    assert!(
+        err.contains("is missing on the server") && err.contains(&gone.path()),
+        "{err}"
+    );
+    assert!(stages.is_empty(), "nothing written: {stages:?}");
+    assert_eq!(m.entries(), ["plinth-a-1.conf"]);
+    // Once the chunk is back, the next attempt restarts the delta and succeeds.
+    builder::publish::store_chunks(&v2.root[..], &m.releases).expect("chunks again");
+    let (outcome, report, _) = apply_recording(&m.agent(), |_| {});
+    assert!(matches!(outcome.expect("apply"), Outcome::Staged { .. }));
+    assert!(report.is_some());
+    m.assert_slot_b_holds(&v2, "2");
+}
+
+#[test]
+fn without_a_readable_running_slot_the_whole_root_image_is_downloaded() {
+    let m = Machine::new();
+    // The running slot's verity superblock is gone: its root image length is unknown.
+    {
+        let mut disk = Disk::open(&m.disk).expect("disk");
+        let part = disk.partition("verity-a").expect("verity-a");
+        disk.region(&part)
+            .expect("region")
+            .write_all(&[0u8; 512])
+            .expect("write");
+    }
+    let v2 = edited(&m.v1);
+    let manifest = publish_chunked(&m.releases, &m.key, "2", &v2);
+    let (outcome, report, fallback) = apply_recording(&m.agent(), |_| {});
+    assert!(matches!(outcome.expect("apply"), Outcome::Staged { .. }));
+    assert_eq!(report, None);
+    let fallback = fallback.expect("a fallback");
+    assert!(fallback.contains("verity-a"), "{fallback}");
+    assert_eq!(m.server.requests(&manifest.artifacts.root.path).len(), 1);
+    m.assert_slot_b_holds(&v2, "2");
+}
+
+#[test]
+fn an_interrupted_delta_update_restarts_and_a_written_root_is_not_written_again() {
+    let m = Machine::new();
+    let v2 = edited(&m.v1);
+    publish_chunked(&m.releases, &m.key, "2", &v2);
+    // Power cut half way through the root image.
+    let outcome = m.agent().apply(None, &mut |event| match event {
+        Event::Written {
+            artifact: "root",
+            bytes,
+        } if *bytes > 500_000 => {
+            anyhow::bail!("power cut")
+        }
+        _ => Ok(()),
+    });
+    assert!(outcome.is_err());
+    assert_eq!(m.entries(), ["plinth-a-1.conf"]);
+    assert_eq!(
+        m.state().in_progress.expect("in progress").stage,
+        Stage::EntryRemoved
+    );
+    // The chunks staged on /var are kept: the restart downloads only the index again.
+    let chunk_requests = m.server.requests("/chunks/").len();
+    // Power cut once the root is written: the next run does not write it again.
+    let outcome = m.agent().apply(None, &mut |event| match event {
+        Event::Stage(Stage::VerityWritten) => anyhow::bail!("power cut"),
+        _ => Ok(()),
+    });
+    assert!(outcome.is_err());
+    assert_eq!(m.server.requests("/chunks/").len(), chunk_requests + 1);
+    let chunk_requests = m.server.requests("/chunks/").len();
+    let (outcome, report, _) = apply_recording(&m.agent(), |event| {
+        assert!(
+            !matches!(
+                event,
+                Event::Written {
+                    artifact: "root",
+                    ..
+                }
+            ),
+            "root written again"
+        );
+    });
+    assert!(matches!(outcome.expect("apply"), Outcome::Staged { .. }));
+    assert_eq!(report, None, "no delta: the root was already written");
+    assert_eq!(m.server.requests("/chunks/").len(), chunk_requests);
+    m.assert_slot_b_holds(&v2, "2");
 }

@@ -6,6 +6,7 @@
 //! tests only).
 
 pub mod boot;
+pub mod chunk;
 pub mod cmdline;
 pub mod definition;
 pub mod diagnostic;

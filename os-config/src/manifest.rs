@@ -10,8 +10,10 @@ use sha2::{Digest, Sha256 as Sha256Hasher};
 
 use crate::units::{Name, Sha256, Version};
 
-/// The manifest format this code writes and reads: 2 added `expires`.
-pub const FORMAT: u32 = 2;
+/// The manifest format this code writes: 2 added `expires`, 3 the optional `root-chunks`.
+pub const FORMAT: u32 = 3;
+/// The oldest format this code reads: a format 2 manifest is a format 3 one without `root-chunks`.
+pub const OLDEST_FORMAT: u32 = 2;
 /// How far a manifest's `created` may lie ahead of the machine's clock before it is refused.
 pub const MAX_CLOCK_SKEW_SECONDS: u64 = 10 * 60;
 /// File name of a manifest inside a channel or version folder.
@@ -26,7 +28,7 @@ pub use crate::layout::{VeritySuperblock, VERITY_BLOCK_SIZE};
 pub enum ManifestError {
     #[error("malformed manifest: {0}")]
     Malformed(String),
-    #[error("manifest format {found} is not supported (this agent reads format {FORMAT})")]
+    #[error("manifest format {found} is not supported (this agent reads formats {OLDEST_FORMAT} to {FORMAT})")]
     UnsupportedFormat { found: u32 },
     #[error(
         "manifest format 1 has no expiry time, which this agent requires (format {FORMAT}): publish the release again with this version of `plinth publish`"
@@ -70,6 +72,23 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
     pub artifacts: Artifacts,
+    /// The chunk index of the root image (format 3): an agent that has most of these chunks in
+    /// its running slot downloads only the others, from `chunks/<sha256>.zst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_chunks: Option<IndexFile>,
+}
+
+/// A chunk index file ([`crate::chunk::ChunkIndex`]) of a release, stored uncompressed (it is
+/// mostly hashes) at `chunks/<sha256>.index`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IndexFile {
+    /// Path relative to the release folder: `chunks/<sha256 of the file>.index`.
+    pub path: String,
+    /// Size of the file, at most [`crate::chunk::MAX_INDEX_SIZE`].
+    pub size: u64,
+    /// sha256 of the file.
+    pub sha256: Sha256,
 }
 
 /// A staged rollout: each machine takes the release at its own moment within
@@ -173,7 +192,9 @@ impl Manifest {
         // The format first: an older manifest fails with what to do rather than a missing field.
         match serde_json::from_slice::<Format>(bytes).map(|f| f.format) {
             Ok(1) => return Err(ManifestError::NoExpiry),
-            Ok(found) if found != FORMAT => return Err(ManifestError::UnsupportedFormat { found }),
+            Ok(found) if !(OLDEST_FORMAT..=FORMAT).contains(&found) => {
+                return Err(ManifestError::UnsupportedFormat { found })
+            }
             _ => {}
         }
         let manifest: Manifest =
@@ -207,6 +228,28 @@ impl Manifest {
             if !(starts_at_zero && increasing && inside) {
                 return Err(ManifestError::Malformed(format!(
                     "artifact {name}: frames must start at 0, increase and lie inside the artifact"
+                )));
+            }
+        }
+        if let Some(index) = &manifest.root_chunks {
+            if manifest.format < 3 {
+                return Err(ManifestError::Malformed(format!(
+                    "root-chunks needs format 3, the manifest says format {}",
+                    manifest.format
+                )));
+            }
+            let path = crate::chunk::index_path(index.sha256.as_str());
+            if index.path != path {
+                return Err(ManifestError::Malformed(format!(
+                    "root-chunks: path `{}` is not `{path}`",
+                    index.path
+                )));
+            }
+            if index.size > crate::chunk::MAX_INDEX_SIZE {
+                return Err(ManifestError::Malformed(format!(
+                    "root-chunks: {} bytes, more than the limit of {}",
+                    index.size,
+                    crate::chunk::MAX_INDEX_SIZE
                 )));
             }
         }
@@ -601,6 +644,11 @@ mod tests {
                 kernel: artifact(b"k", 1),
                 initrd: artifact(b"i", 1),
             },
+            root_chunks: Some(IndexFile {
+                path: crate::chunk::index_path(sha(b"index").as_str()),
+                size: 72,
+                sha256: sha(b"index"),
+            }),
         }
     }
 
@@ -616,6 +664,13 @@ mod tests {
         let parsed = verify_signed(&bytes, sig.as_bytes(), &[key(2).public(), key(1).public()])
             .expect("verifies with the second key");
         assert_eq!(parsed, m);
+        // A format 2 manifest (no chunk index) is still read.
+        let old = Manifest {
+            format: 2,
+            root_chunks: None,
+            ..m
+        };
+        assert_eq!(Manifest::parse(&old.to_bytes()), Ok(old));
     }
 
     #[test]
@@ -663,10 +718,25 @@ mod tests {
         let cases: Vec<(String, &str)> = vec![
             ("".to_owned(), "malformed manifest"),
             ("{".to_owned(), "malformed manifest"),
-            (good.replace("\"format\": 2", "\"format\": 7"), "format 7"),
             (
-                good.replace("\"format\": 2", "\"format\": 1"),
+                good.replace("\"format\": 3", "\"format\": 7"),
+                "format 7 is not supported (this agent reads formats 2 to 3)",
+            ),
+            (
+                good.replace("\"format\": 3", "\"format\": 1"),
                 "format 1 has no expiry time",
+            ),
+            (
+                good.replace("\"format\": 3", "\"format\": 2"),
+                "root-chunks needs format 3",
+            ),
+            (
+                good.replace("\"size\": 72", "\"size\": 16777217"),
+                "root-chunks: 16777217 bytes, more than the limit",
+            ),
+            (
+                good.replace("chunks/", "artifacts/"),
+                "root-chunks: path `artifacts/",
             ),
             (
                 good.replace("\"expires\": \"1970-01-31T00:00:00Z\",", ""),

@@ -2,8 +2,10 @@
 //! that the guest reaches through `guestfwd`. Power cuts: a release signed with another key is
 //! refused; power cuts mid-download, mid-write, after the partition write, mid-ESP write and just
 //! before the reboot each leave a machine that boots slot A and whose agent carries on with the
-//! update; v1 → v2 (slot B) is blessed. Bless and rollback, beside it from a v2 disk: v2 → v3
-//! (slot B, blessed); a tampered v4 is refused before anything is written; a v4 whose container
+//! update; v1 → v2 (slot B) is blessed (that release offers no chunk index: the whole artifacts,
+//! so the download can be stalled). Bless and rollback, beside it from a v2 disk: v2 → v3
+//! (slot B, blessed) as a delta update (v3 adds one `[[file]]`; the agent downloads only the
+//! chunks of v3's root that v2's lacks, checked against both chunk indexes); a tampered v4 is refused before anything is written; a v4 whose container
 //! exits at once is tried three times, never blessed, rolled back to v3 by itself, marked bad and
 //! never downloaded again.
 //! Offline: releases on ext4 and FAT disks are applied with `plinth-update apply --from /dev/…`,
@@ -433,8 +435,10 @@ fn slot_content(disk: &Path, slot: &str) -> Result<SlotContent> {
 }
 
 /// Copies a release folder whose root artifact differs from its manifest: `tamper` changes the
-/// artifact's bytes. The manifest is written again in another layout and signed with `key`, so
-/// it is a different manifest from the original's (a refusal is remembered per manifest).
+/// artifact's bytes. The manifest is written again in another layout, without its chunk index
+/// (so the agent downloads the root artifact instead of building the root from chunks), and
+/// signed with `key`, so it is a different manifest from the original's (a refusal is
+/// remembered per manifest).
 fn tampered_release(
     from: &Path,
     to: &Path,
@@ -453,7 +457,10 @@ fn tampered_release(
         to.join("stable").join(manifest.version.as_str()),
     ] {
         let path = manifest_dir.join(manifest::MANIFEST_FILE);
-        let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        if let Some(fields) = value.as_object_mut() {
+            fields.remove("root-chunks");
+        }
         let text = serde_json::to_vec(&value)?;
         std::fs::remove_file(&path)?;
         std::fs::write(&path, &text)?;
@@ -498,8 +505,8 @@ fn expect_field(
 // The longest test of the file: its name sorts first, so it starts first and the two shorter
 // ones run beside it, one after the other.
 /// The definition of version `n` (1 to 4) of the update tests' image: v1 pauses its agent after
-/// each update stage, so the power can be cut at a known point; v4's container crash-loops. The
-/// same text gives the same (cached) build in every test.
+/// each update stage, so the power can be cut at a known point; v3 adds a `[[file]]` to v2; v4's
+/// container crash-loops. The same text gives the same (cached) build in every test.
 fn version_definition(n: u32, public: &str) -> String {
     let version = format!("{n}.0.0");
     match n {
@@ -508,6 +515,11 @@ fn version_definition(n: u32, public: &str) -> String {
             public,
             true,
             &format!(", \"{STAGE_DELAY_ARG}={STAGE_DELAY_MS}\""),
+        ),
+        // v3 is v2 with one declared file more: the delta update of the rollback test.
+        3 => format!(
+            "{}\n[[file]]\npath = \"/etc/motd\"\ncontent = \"Plinth update test, release 3\"\n",
+            definition(&version, public, true, "")
         ),
         4 => definition(&version, public, false, ""),
         _ => definition(&version, public, true, ""),
@@ -550,7 +562,16 @@ fn a_power_cut_at_each_update_stage_leaves_a_machine_that_finishes_the_update() 
     );
     let (_, v1_raw) = build_version(work, 1, &public)?;
     let (v2_text, v2_raw) = build_version(work, 2, &public)?;
-    let v2 = publish(&v2_text, &v2_raw, &key, &work.join("rel2"), work)?;
+    let v2 = publish(&v2_text, &v2_raw, &key, &work.join("rel2-chunked"), work)?;
+    // The whole artifacts only (no chunk index), so that the root artifact's download can stall
+    // and resume: the same release, signed again.
+    tampered_release(
+        &work.join("rel2-chunked"),
+        &work.join("rel2"),
+        &v2,
+        &trusted,
+        |_| {},
+    )?;
     // The forged release: v2's folder with its manifest signed by the other key.
     let forged = work.join("forged");
     copy_tree(&work.join("rel2"), &forged)?;
@@ -713,11 +734,23 @@ fn bless_of_a_healthy_release_and_rollback_of_a_crash_looping_one() -> Result<()
     // v3 and v4 first: v2 is likely built by the power-cut test meanwhile.
     let (v3_text, v3_raw) = build_version(work, 3, &public)?;
     let (v4_text, v4_raw) = build_version(work, 4, &public)?;
-    let (_, v2_raw) = build_version(work, 2, &public)?;
+    let (v2_text, v2_raw) = build_version(work, 2, &public)?;
+    // v2 and v3 into one folder, as a publisher keeps releasing into the same place: v3 adds
+    // only the chunks around its one changed file to the chunk store.
+    let v2_manifest = publish(&v2_text, &v2_raw, &key, &work.join("rel3"), work)?;
     let manifests = [
         publish(&v3_text, &v3_raw, &key, &work.join("rel3"), work)?,
         publish(&v4_text, &v4_raw, &key, &work.join("rel4"), work)?,
     ];
+    let delta = expected_delta(&work.join("rel3"), &v2_manifest, &manifests[0])?;
+    eprintln!(
+        "v3 over v2: {} of {} chunks not in v2's root, {} compressed bytes with the index, of the {} byte root artifact ({:.2}%)",
+        delta.chunks.len(),
+        delta.of,
+        delta.bytes,
+        manifests[0].artifacts.root.size,
+        delta.bytes as f64 * 100.0 / manifests[0].artifacts.root.size as f64
+    );
 
     // A machine installed with v2 (slot A) finds v3 published.
     let server = Server::start(&work.join("rel3"))?;
@@ -740,18 +773,82 @@ fn bless_of_a_healthy_release_and_rollback_of_a_crash_looping_one() -> Result<()
         qemu_started.elapsed().as_secs_f64()
     );
     next_status(&mut vm, &mut at, "update-progress stage=accepted", BOOT)?;
+    let accepted_at = at;
     let applying = Instant::now();
     let staged = next_status(&mut vm, &mut at, "update-staged", BOOT)?;
     let wall = applying.elapsed().as_secs_f64();
     expect_field(&staged, "version", "3.0.0")?;
     expect_field(&staged, "slot", "b")?;
     let v3 = &manifests[0];
+    // The root was built from v2's chunks and the downloaded ones: exactly the chunks v2 lacks.
+    let mut delta_at = accepted_at;
+    let report = next_status(&mut vm, &mut delta_at, "update-delta", BOOT)?;
+    let field = |key: &str| -> Result<u64> {
+        report
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("update-delta has no number {key}: {report:?}"))
+    };
+    let (bytes, fetched, reused) = (field("bytes")?, field("fetched")?, field("reused")?);
+    ensure!(
+        field("total-bytes")? == v3.artifacts.root.size,
+        "update-delta total-bytes is not the root artifact's size: {report:?}"
+    );
+    ensure!(
+        bytes == delta.bytes && fetched == delta.chunks.len() as u64,
+        "the agent downloaded {fetched} chunks, {bytes} bytes; the indexes say {} chunks, {} bytes (with the index)",
+        delta.chunks.len(),
+        delta.bytes
+    );
+    ensure!(
+        reused + fetched + delta.repeats == delta.of as u64,
+        "update-delta counts {reused} reused and {fetched} fetched of {} chunks ({} repeat a downloaded one)",
+        delta.of,
+        delta.repeats
+    );
+    ensure!(
+        bytes * 20 <= v3.artifacts.root.size,
+        "the delta downloaded {bytes} bytes, more than 5% of the {} byte root artifact",
+        v3.artifacts.root.size
+    );
+    // What the server sent agrees: the index and each missing chunk once, never the root artifact.
+    let requests = server.requests_since(qemu_started);
+    let root_path = format!("/{}", v3.artifacts.root.path);
+    ensure!(
+        !requests.contains(&root_path),
+        "the delta update downloaded the whole root artifact"
+    );
+    let mut chunk_requests: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.starts_with("/chunks/"))
+        .collect();
+    chunk_requests.sort();
+    let mut wanted: Vec<String> = delta.paths();
+    wanted.sort();
+    ensure!(
+        chunk_requests
+            .iter()
+            .map(|r| r.as_str())
+            .eq(wanted.iter().map(String::as_str)),
+        "the server was asked for {chunk_requests:?}, the indexes say {wanted:?}"
+    );
+    let served: u64 = chunk_requests
+        .iter()
+        .map(|r| std::fs::metadata(work.join("rel3").join(&r[1..])).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    ensure!(
+        served == bytes,
+        "the server sent {served} bytes of chunks and index, the agent counted {bytes}"
+    );
     let written = v3.artifacts.root.uncompressed_size + v3.artifacts.verity.uncompressed_size;
     eprintln!(
-        "v3 applied in {wall:.1}s: {:.1} MB written to root-b and verity-b ({:.1} MB/s, {:.1} MB downloaded)",
+        "v3 applied in {wall:.1}s: {:.1} MB written to root-b and verity-b ({:.1} MB/s); delta: {reused} chunks reused, {fetched} downloaded, {:.2} MB of the {:.1} MB root artifact ({:.2}%), verity {:.1} MB",
         written as f64 / 1e6,
         written as f64 / 1e6 / wall,
-        (v3.artifacts.root.size + v3.artifacts.verity.size) as f64 / 1e6
+        bytes as f64 / 1e6,
+        v3.artifacts.root.size as f64 / 1e6,
+        bytes as f64 * 100.0 / v3.artifacts.root.size as f64,
+        v3.artifacts.verity.size as f64 / 1e6
     );
     let mounted = next_status(&mut vm, &mut at, "root-mounted", BOOT)?;
     expect_field(&mounted, "slot", "b")?;
@@ -878,11 +975,22 @@ fn bless_of_a_healthy_release_and_rollback_of_a_crash_looping_one() -> Result<()
     for (name, artifact) in v4.artifacts.named() {
         let path = format!("/{}", artifact.path);
         let count = requests.iter().filter(|r| **r == path).count();
+        // v4's root comes from chunks (v3's and downloaded ones), not the root artifact.
+        let expected = usize::from(name != "root" || v4.root_chunks.is_none());
         ensure!(
-            count == 1,
-            "v4's {name} artifact {path} was requested {count} times (expected once): {requests:?}"
+            count == expected,
+            "v4's {name} artifact {path} was requested {count} times (expected {expected}): {requests:?}"
         );
     }
+    let index_path = v4.root_chunks.as_ref().map(|i| format!("/{}", i.path));
+    let index_count = requests
+        .iter()
+        .filter(|r| Some(r.as_str()) == index_path.as_deref())
+        .count();
+    ensure!(
+        index_count == usize::from(index_path.is_some()),
+        "v4's chunk index was requested {index_count} times: {requests:?}"
+    );
     vm.kill();
     qemu_tests::fsck_esp(&disk)?;
     eprintln!(
@@ -894,6 +1002,69 @@ fn bless_of_a_healthy_release_and_rollback_of_a_crash_looping_one() -> Result<()
         bail!("the release server saw no requests");
     }
     Ok(())
+}
+
+/// What a delta update from one release to the next downloads, computed on the host from the two
+/// chunk indexes in the release folder `dir`.
+struct ExpectedDelta {
+    /// The chunks of the new root that the old one lacks, each once.
+    chunks: Vec<os_config::chunk::Chunk>,
+    /// Their compressed sizes plus the new index's size.
+    bytes: u64,
+    index_path: String,
+    /// Chunks of the new index, and how many of them repeat a missing chunk named before.
+    of: usize,
+    repeats: u64,
+}
+
+impl ExpectedDelta {
+    /// The request paths the server sees: the index and each missing chunk.
+    fn paths(&self) -> Vec<String> {
+        std::iter::once(format!("/{}", self.index_path))
+            .chain(self.chunks.iter().map(|c| format!("/{}", c.path())))
+            .collect()
+    }
+}
+
+fn expected_delta(dir: &Path, old: &Manifest, new: &Manifest) -> Result<ExpectedDelta> {
+    let read = |m: &Manifest| -> Result<(os_config::chunk::ChunkIndex, manifest::IndexFile)> {
+        let file = m
+            .root_chunks
+            .clone()
+            .with_context(|| format!("release {} has no chunk index", m.version))?;
+        let bytes = std::fs::read(dir.join(&file.path))
+            .with_context(|| format!("reading {}", file.path))?;
+        Ok((os_config::chunk::ChunkIndex::parse(&bytes)?, file))
+    };
+    let (old_index, _) = read(old)?;
+    let (new_index, file) = read(new)?;
+    let have: std::collections::HashSet<[u8; 32]> =
+        old_index.chunks.iter().map(|c| c.sha256).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut chunks = Vec::new();
+    let mut repeats = 0;
+    for c in &new_index.chunks {
+        if have.contains(&c.sha256) {
+            continue;
+        }
+        if seen.insert(c.sha256) {
+            chunks.push(*c);
+        } else {
+            repeats += 1;
+        }
+    }
+    let bytes = file.size
+        + chunks
+            .iter()
+            .map(|c| u64::from(c.compressed_length))
+            .sum::<u64>();
+    Ok(ExpectedDelta {
+        chunks,
+        bytes,
+        index_path: file.path,
+        of: new_index.chunks.len(),
+        repeats,
+    })
 }
 
 /// A release folder on a disk image of its own: ext4 (`mkfs.ext4 -d`) or FAT (`mkfs.vfat` and
@@ -967,6 +1138,11 @@ fn offline_releases_from_media_are_checked_before_anything_is_written() -> Resul
     let (v3_text, v3) = build_version(work, 3, &public)?;
     publish(&v1_text, &v1, &key, &work.join("lower"), work)?;
     let manifest = publish(&v3_text, &v3, &key, &work.join("good"), work)?;
+    // Media are applied from the whole artifacts: the chunk store stays off them (it would
+    // double their size).
+    for folder in ["lower", "good"] {
+        std::fs::remove_dir_all(work.join(folder).join("chunks"))?;
+    }
 
     // A medium with one flipped byte in the root artifact (a real copy: the good one is kept),
     // one whose root artifact is longer than its manifest says, and one signed with another key.

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::apply::{self, ApplyError, Event, Job};
 use super::blockdev::Disk;
+use super::delta;
 use super::esp::{self, Blessed, Esp};
 use super::fetch::{self, Client, FetchError, Source};
 use super::staging::Staging;
@@ -508,10 +509,44 @@ impl Agent {
         if let Some(reason) = fits_slot(&mut disk, &manifest, slot)? {
             return self.refuse(&mut state, &manifest, &digest, reason, remember);
         }
+        // A delta update writes the root image from chunks (see `delta.rs`); the rest is staged.
+        // Offline media (`--from`) carry the whole artifacts and save no network: full path.
+        let planned = match from {
+            None => self.plan_delta(source, &manifest, &digest, &state, &mut disk, slot, hook),
+            Some(_) => Ok(None),
+        };
+        let delta = match planned {
+            Ok(delta) => delta,
+            Err(ApplyError::Rejected(reason)) => {
+                return self.refuse(&mut state, &manifest, &digest, reason, remember)
+            }
+            Err(ApplyError::Failed(e)) => {
+                return Err(e.context(format!(
+                    "preparing the delta update to {} {}",
+                    manifest.name, manifest.version
+                )))
+            }
+        };
+        let mut delta = delta;
+        if let Some(Some(d)) = delta.as_mut() {
+            match d.stage_chunks(source, &self.staging_dir(), self.retries) {
+                Ok(()) => {}
+                Err(ApplyError::Rejected(reason)) => {
+                    return self.refuse(&mut state, &manifest, &digest, reason, remember)
+                }
+                Err(ApplyError::Failed(e)) => {
+                    return Err(e.context(format!(
+                        "downloading the chunks of {} {}",
+                        manifest.name, manifest.version
+                    )))
+                }
+            }
+        }
+        let skip: &[&str] = if delta.is_some() { &["root"] } else { &[] };
         // Everything is downloaded and checked on /var before the first byte of the slot, its
         // entry or the ESP changes.
         let staging = Staging::new(self.staging_dir());
-        match staging.stage(source, &manifest, self.retries) {
+        match staging.stage_except(source, &manifest, self.retries, skip) {
             Ok(()) => hook(&Event::Downloaded)?,
             Err(ApplyError::Rejected(reason)) => {
                 return self.refuse(&mut state, &manifest, &digest, reason, remember)
@@ -521,6 +556,28 @@ impl Agent {
                     "downloading {} {}",
                     manifest.name, manifest.version
                 )))
+            }
+        }
+        if let Some(Some(delta)) = &delta {
+            let job = Job {
+                source,
+                manifest: &manifest,
+                manifest_sha256: &digest,
+                slot,
+                retries: self.retries,
+            };
+            match delta.write_root(&job, &mut disk, &mut state, &self.paths.state, hook) {
+                Ok(report) => hook(&Event::Delta(report))?,
+                Err(ApplyError::Rejected(reason)) => {
+                    state.in_progress = None;
+                    return self.refuse(&mut state, &manifest, &digest, reason, remember);
+                }
+                Err(ApplyError::Failed(e)) => {
+                    return Err(e.context(format!(
+                        "writing the root image of {} {} to slot {slot} from chunks",
+                        manifest.name, manifest.version
+                    )))
+                }
             }
         }
         let staged = staging.source();
@@ -547,6 +604,43 @@ impl Agent {
                 "applying {} {} to slot {slot}",
                 manifest.name, manifest.version
             ))),
+        }
+    }
+
+    /// Whether the root image is written by a delta update: `None` for the full artifacts,
+    /// `Some(None)` when an interrupted update already wrote it, `Some(Some(delta))` to write it.
+    #[allow(clippy::too_many_arguments)]
+    fn plan_delta(
+        &self,
+        source: &Source,
+        manifest: &Manifest,
+        digest: &str,
+        state: &State,
+        disk: &mut Disk,
+        slot: Slot,
+        hook: &mut dyn FnMut(&Event) -> Result<()>,
+    ) -> Result<Option<Option<delta::Delta>>, ApplyError> {
+        if manifest.root_chunks.is_none() {
+            return Ok(None);
+        }
+        let root_written = state.in_progress.as_ref().is_some_and(|p| {
+            p.version == manifest.version
+                && p.slot == slot
+                && p.manifest_sha256 == digest
+                && p.stage >= super::state::Stage::RootWritten
+        });
+        if root_written {
+            return Ok(Some(None));
+        }
+        match delta::prepare(source, manifest, disk, self.running_slot, self.retries)? {
+            delta::Plan::Delta(delta) => Ok(Some(Some(*delta))),
+            delta::Plan::Full { reason } => {
+                eprintln!(
+                    "plinth-update: no delta update ({reason}): downloading the whole root image"
+                );
+                hook(&Event::DeltaFallback { reason })?;
+                Ok(None)
+            }
         }
     }
 

@@ -32,6 +32,10 @@ pub enum Event {
     Written { artifact: &'static str, bytes: u64 },
     /// Every artifact is staged on `/var` and checked; nothing was written before this.
     Downloaded,
+    /// The root image was written by a delta update ([`super::delta`]).
+    Delta(super::delta::Report),
+    /// The manifest offers a delta update that is not taken; the full artifacts are used.
+    DeltaFallback { reason: String },
 }
 
 /// Why applying stopped.

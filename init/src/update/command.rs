@@ -199,6 +199,15 @@ fn progress(event: &Event) -> Result<()> {
             status::format("update-progress", &[("stage", "downloaded")])
         );
     }
+    if let Event::Delta(report) = event {
+        println!("{}", report.status_line());
+    }
+    if let Event::DeltaFallback { reason } = event {
+        println!(
+            "{}",
+            status::format("update-delta-fallback", &[("reason", reason)])
+        );
+    }
     if let Event::Stage(stage) = event {
         let name = serde_json::to_value(stage)?;
         println!(

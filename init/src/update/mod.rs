@@ -14,7 +14,7 @@
 //!   `PLINTH-STATUS boot-blessed …`.
 //! - Tests interrupt [`Agent::apply`] through its hook at any [`apply::Event`].
 //!
-//! Console lines the agent prints: `update-progress stage=…`, `update-staged version=… slot=…`,
+//! Console lines the agent prints: `update-progress stage=…`, `update-delta reused=… fetched=… bytes=… total-bytes=…` (see [`delta`]), `update-staged version=… slot=…`,
 //! `update-waiting version=… reason="…"` (a window or FleetLock, see [`strategy`]),
 //! `update-refused version=… reason="…"`, `update-rebooting`, `rollback from=… to=…`.
 
@@ -23,6 +23,7 @@ pub mod apply;
 pub mod blockdev;
 pub mod command;
 pub mod daemon;
+pub mod delta;
 pub mod esp;
 pub mod fetch;
 pub mod gate;

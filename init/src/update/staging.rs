@@ -60,6 +60,18 @@ impl Staging {
         manifest: &Manifest,
         retries: u32,
     ) -> Result<(), ApplyError> {
+        self.stage_except(source, manifest, retries, &[])
+    }
+
+    /// [`Staging::stage`] without the artifacts named in `skip` (`root` when a delta update
+    /// writes the root image from chunks instead).
+    pub fn stage_except(
+        &self,
+        source: &Source,
+        manifest: &Manifest,
+        retries: u32,
+        skip: &[&str],
+    ) -> Result<(), ApplyError> {
         let artifacts_dir = self.dir.join("artifacts");
         fs::create_dir_all(&artifacts_dir)
             .with_context(|| format!("creating {}", artifacts_dir.display()))?;
@@ -68,6 +80,7 @@ impl Staging {
             .artifacts
             .named()
             .iter()
+            .filter(|(name, _)| !skip.contains(name))
             .map(|(_, a)| {
                 let (done, part) = paths(&self.dir, a);
                 if len_of(&done) == a.size {
@@ -90,6 +103,9 @@ impl Staging {
             )));
         }
         for (name, artifact) in manifest.artifacts.named() {
+            if skip.contains(&name) {
+                continue;
+            }
             self.stage_one(source, name, artifact, retries)?;
         }
         Ok(())
@@ -220,15 +236,18 @@ impl Staging {
         Ok(())
     }
 
-    /// Removes the staged files (after the release was written, or refused).
+    /// Removes the staged files (after the release was written, or refused): the artifacts, and
+    /// the chunks of a delta update ([`super::delta`]).
     pub fn clear(&self) -> anyhow::Result<()> {
-        let dir = self.dir.join("artifacts");
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", dir.display()))
+        for dir in [self.dir.join("artifacts"), self.dir.join("chunks")] {
+            match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", dir.display()))
+                }
+                _ => {}
             }
-            _ => Ok(()),
         }
+        Ok(())
     }
 }
 
