@@ -21,30 +21,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Modules the container engine needs (overlay storage, bridge networking, nftables NAT).
-pub const ENGINE_MODULES: &[&str] = &[
-    "overlay",
-    "bridge",
-    "br_netfilter",
-    "veth",
-    "nf_tables",
-    "nft_compat",
-    "nft_chain_nat",
-    "nf_nat",
-    "xt_MASQUERADE",
-    "xt_nat",
-    "xt_conntrack",
-    "xt_addrtype",
-    "xt_tcpudp",
-];
-
-/// Filesystems of offline release media (`plinth-update apply --from /dev/…`): FAT with its
-/// default code pages, and ISO 9660 (ext4 is built into the kernel).
-pub const MEDIA_MODULES: &[&str] = &["vfat", "nls_cp437", "nls_utf8", "nls_ascii", "isofs"];
-
-/// Modules for the ACPI power button and its input events.
-pub const POWER_BUTTON_MODULES: &[&str] = &["button", "evdev"];
-
 /// What runs on top of the base system. The engine part implements it; `plinth-init` passes it
 /// to `run`.
 pub trait Workload: Send + Sync {
@@ -344,9 +320,7 @@ fn modules<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
     };
     let report = loader.coldplug(ctx.sys, &ctx.paths.sys, 4);
     log_report("coldplug", &report);
-    let mut wanted: Vec<&str> = ENGINE_MODULES.to_vec();
-    wanted.extend(POWER_BUTTON_MODULES);
-    wanted.extend(MEDIA_MODULES);
+    let wanted = os_config::modules::stage2_loaded();
     let report = loader.load(ctx.sys, &wanted);
     log_report("engine, power button and media modules", &report);
     Ok(())
