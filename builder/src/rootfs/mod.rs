@@ -28,7 +28,7 @@ use select::Selection;
 pub use tree::listing;
 
 /// Executables of the Docker engine, looked up in `/usr/sbin` and `/usr/bin`.
-const DOCKER_EXECUTABLES: [&str; 6] = [
+pub(crate) const DOCKER_EXECUTABLES: [&str; 6] = [
     "dockerd",
     "docker-proxy",
     "containerd",
@@ -48,7 +48,7 @@ const IPTABLES_LINKS: [&str; 6] = [
 ];
 
 /// Directory of iptables' extensions, which it loads with `dlopen`.
-const XTABLES_DIR: &str = "usr/lib/x86_64-linux-gnu/xtables";
+pub(crate) const XTABLES_DIR: &str = "usr/lib/x86_64-linux-gnu/xtables";
 
 /// Files of netbase that name services and protocols read.
 const NETBASE_FILES: [&str; 3] = ["etc/protocols", "etc/services", "etc/ethertypes"];
