@@ -36,6 +36,10 @@ pub trait Workload: Send + Sync {
     fn stop_containers(&self, _timeout: Duration) -> Result<()> {
         Ok(())
     }
+    /// Modules to load at boot besides Plinth's own (the definition's `[kernel] modules`).
+    fn modules(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The base workload: Docker Engine's daemon under supervision, nothing else.
@@ -56,6 +60,8 @@ pub struct Stage2<'a, S: System> {
     pub paths: Paths,
     /// The machine ID (after `machine-id`).
     pub machine_id: Option<String>,
+    /// Modules the `modules` step loads besides Plinth's ([`Workload::modules`]).
+    pub extra_modules: Vec<String>,
 }
 
 impl<S: System> std::fmt::Debug for Stage2<'_, S> {
@@ -63,6 +69,7 @@ impl<S: System> std::fmt::Debug for Stage2<'_, S> {
         f.debug_struct("Stage2")
             .field("paths", &self.paths)
             .field("machine_id", &self.machine_id)
+            .field("extra_modules", &self.extra_modules)
             .finish()
     }
 }
@@ -80,6 +87,7 @@ impl<'a, S: System> Stage2<'a, S> {
             sys,
             paths,
             machine_id: None,
+            extra_modules: Vec::new(),
         }
     }
 }
@@ -320,9 +328,10 @@ fn modules<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
     };
     let report = loader.coldplug(ctx.sys, &ctx.paths.sys, 4);
     log_report("coldplug", &report);
-    let wanted = os_config::modules::stage2_loaded();
+    let mut wanted = os_config::modules::stage2_loaded();
+    wanted.extend(ctx.extra_modules.iter().map(String::as_str));
     let report = loader.load(ctx.sys, &wanted);
-    log_report("engine, power button and media modules", &report);
+    log_report("engine, power button, media and [kernel] modules", &report);
     Ok(())
 }
 
@@ -394,6 +403,7 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
     };
     let system = RealSystem::default();
     let mut ctx = Stage2::new(&system, Paths::stage2_under(Path::new("/")));
+    ctx.extra_modules = workload.modules();
     if let Err(e) = run_steps("stage2", &steps(), &mut ctx) {
         fatal(e);
     }
@@ -534,6 +544,29 @@ mod tests {
                 "mount  /var/lib/plinth/etc-docker /etc/docker".into(),
             ]
         );
+    }
+
+    #[test]
+    fn loads_the_definitions_kernel_modules_too() {
+        let sys = machine();
+        sys.add_file(
+            "/usr/lib/modules/6.1.0-test/modules.dep",
+            "kernel/overlay.ko:\nkernel/veth.ko:\nkernel/evdev.ko:\nkernel/xfs.ko:\n",
+        );
+        sys.add_file("/usr/lib/modules/6.1.0-test/kernel/xfs.ko", "ko");
+        let mut ctx = Stage2::new(&sys, Paths::stage2_under(Path::new("/")));
+        ctx.extra_modules = vec!["xfs".into()];
+        run_steps("stage2", &steps(), &mut ctx).expect("stage 2 steps");
+        let loads: Vec<String> = sys
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("load "))
+            .collect();
+        assert_eq!(
+            loads.last().map(String::as_str),
+            Some("load /usr/lib/modules/6.1.0-test/kernel/xfs.ko")
+        );
+        assert_eq!(loads.len(), 4, "{loads:?}");
     }
 
     #[test]
