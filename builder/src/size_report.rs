@@ -27,7 +27,7 @@ and initramfs: their size on the ESP";
 
 /// The size report of one image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields)]
 pub struct SizeReport {
     /// Root hash of the image's slot A, so a reader can tell the report belongs to a disk.
     pub root_hash: String,
@@ -40,7 +40,7 @@ pub struct SizeReport {
 
 /// One component of the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(deny_unknown_fields)]
 pub struct Component {
     pub name: String,
     pub files: u64,

@@ -100,10 +100,12 @@ impl Platform {
     }
 
     /// The driver modules this platform needs besides the initramfs set (which already has the
-    /// disk controllers the root may sit behind).
+    /// disk controllers the root may sit behind). Every UEFI platform has `efi_pstore`, which
+    /// keeps the kernel's last messages before a crash in EFI variables.
     pub fn modules(self) -> &'static [&'static str] {
         match self {
             Platform::Qemu => &[
+                "efi_pstore",
                 "virtio_pci",
                 "virtio_mmio",
                 "virtio_blk",
@@ -124,6 +126,7 @@ impl Platform {
                 "ahci",
             ],
             Platform::Aws => &[
+                "efi_pstore",
                 "ena",
                 "xen_blkfront",
                 "xen_netfront",
@@ -132,6 +135,7 @@ impl Platform {
                 "pvpanic",
             ],
             Platform::Gcp => &[
+                "efi_pstore",
                 "gve",
                 "virtio_pci",
                 "virtio_net",
@@ -142,6 +146,7 @@ impl Platform {
                 "pvpanic",
             ],
             Platform::Azure => &[
+                "efi_pstore",
                 "hv_vmbus",
                 "hv_storvsc",
                 "hv_netvsc",
@@ -155,6 +160,7 @@ impl Platform {
                 "mana",
             ],
             Platform::Metal => &[
+                "efi_pstore",
                 "ata_piix",
                 "ata_generic",
                 "sr_mod",
