@@ -284,9 +284,9 @@ pub fn write_tables(modules_dir: &Path) -> Result<usize> {
 /// `modules_dir`) into `modules_dir`.
 pub fn write_tables_of(modules_dir: &Path, modules: &[Module]) -> Result<()> {
     let tables = [
-        ("modules.dep", dep_table(&modules)?),
-        ("modules.alias", alias_table(&modules)),
-        ("modules.softdep", softdep_table(&modules)),
+        ("modules.dep", dep_table(modules)?),
+        ("modules.alias", alias_table(modules)),
+        ("modules.softdep", softdep_table(modules)),
     ];
     for (file, text) in tables {
         let path = modules_dir.join(file);
