@@ -191,6 +191,19 @@ pub fn build_image(args: &Options) -> Result<Built> {
         source_date_epoch: epoch,
     };
     let report = crate::disk::write_disk(&inputs, &raw)?;
+    let step = Step::start("size by component");
+    let sizes = crate::size_report::measure(
+        &tree.root,
+        &tree.kernel_version,
+        report.kernel_size,
+        report.initrd_size,
+        report.root_image_size,
+        &report.root_hash,
+    )?;
+    let sizes_path = crate::size_report::SizeReport::path_for(&raw);
+    sizes.write(&sizes_path)?;
+    step.done(&sizes_path.display().to_string());
+    eprint!("{}", sizes.format_text());
     let mut outputs = vec![raw.clone()];
     let others: Vec<String> = args
         .format

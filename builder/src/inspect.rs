@@ -16,6 +16,7 @@ use os_config::gpt::Partition;
 use crate::disk::gpt::read_gpt;
 use crate::disk::slice::{ReadOnly, Slice};
 use crate::disk::{human, verity};
+use crate::size_report::SizeReport;
 
 /// Everything `inspect` reports.
 #[derive(Debug, Serialize)]
@@ -27,6 +28,10 @@ pub struct Inspection {
     pub partitions: Vec<PartitionInfo>,
     pub slots: Vec<SlotInfo>,
     pub entries: Vec<EntryInfo>,
+    /// Size by component, from `plinth build`'s `<image>.size-report.json` beside the disk when
+    /// its root hash is one of the slots' (a report of another build is not shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_report: Option<SizeReport>,
 }
 
 /// One GPT partition.
@@ -303,6 +308,11 @@ pub fn inspect_disk(path: &Path) -> Result<Inspection> {
                 }
             })
             .collect(),
+        size_report: SizeReport::read_beside(path)?.filter(|report| {
+            slots
+                .iter()
+                .any(|s| s.root_hash.as_deref() == Some(report.root_hash.as_str()))
+        }),
         slots,
         entries,
     })
@@ -365,6 +375,13 @@ pub fn format_text(info: &Inspection) -> String {
     }
     for e in &info.entries {
         out.push_str(&format!("  {}: {}\n", e.file, e.state));
+    }
+    if let Some(report) = &info.size_report {
+        out.push_str(&format!(
+            "\nsize by component (root hash {}):\n",
+            report.root_hash
+        ));
+        out.push_str(&report.format_text());
     }
     out
 }

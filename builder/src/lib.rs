@@ -13,4 +13,5 @@ pub mod publish;
 pub mod qemu;
 pub mod rootfs;
 pub mod serve;
+pub mod size_report;
 pub mod tools;

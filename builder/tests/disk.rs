@@ -299,6 +299,47 @@ fn built_disk_passes_the_reference_tools() {
     assert!(text.contains("partition UUIDs match"), "{text}");
     assert!(text.contains("b: empty"), "{text}");
     assert!(text.contains("plinth-a-1.2.3.conf: good"), "{text}");
+    assert!(!text.contains("size by component"), "{text}");
+
+    // The size report `plinth build` writes beside the disk is part of inspect's output; one
+    // of another build (root hash) is not.
+    let sizes = builder::size_report::measure(
+        &fx.path("tree"),
+        "6.1.0-99-cloud-amd64",
+        report.kernel_size,
+        report.initrd_size,
+        report.root_image_size,
+        &report.root_hash,
+    )
+    .expect("size report");
+    let sizes_path = builder::size_report::SizeReport::path_for(&out);
+    sizes.write(&sizes_path).expect("write size report");
+    let json = run(
+        env!("CARGO_BIN_EXE_plinth"),
+        &["inspect", "--json", out.to_str().expect("utf-8")],
+    );
+    let json: serde_json::Value = serde_json::from_str(&json).expect("inspect prints JSON");
+    let components = json["size_report"]["components"]
+        .as_array()
+        .expect("components");
+    let engine = components
+        .iter()
+        .find(|c| c["name"] == "engine")
+        .expect("engine component");
+    assert_eq!(engine["bytes"], 256 << 10);
+    assert_eq!(components[0]["bytes"], report.kernel_size);
+    let text = run(
+        env!("CARGO_BIN_EXE_plinth"),
+        &["inspect", out.to_str().expect("utf-8")],
+    );
+    assert!(text.contains("size by component"), "{text}");
+    assert!(text.contains("  engine "), "{text}");
+    let mut foreign = sizes.clone();
+    foreign.root_hash = "00".repeat(32);
+    foreign.write(&sizes_path).expect("write size report");
+    let info = builder::inspect::inspect_disk(&out).expect("inspect");
+    assert_eq!(info.size_report, None);
+    std::fs::remove_file(&sizes_path).expect("remove size report");
 
     // Byte-identical second build.
     let second = fx.path("second.raw");

@@ -312,6 +312,41 @@ fn tree_from_real_debian_packages() {
         assert!(modules_dir.join(path).is_file(), "{}", path.display());
     }
     assert!(index.closure(&["no_such_module"]).is_err());
+    // Only the modules an image can use ship (default platform `qemu`), and modules.dep lists
+    // each of them: no file system, cluster storage or InfiniBand driver.
+    let shipped = kmod::scan(&modules_dir).expect("scanning shipped modules");
+    assert!(
+        (60..200).contains(&shipped.len()),
+        "{} modules shipped",
+        shipped.len()
+    );
+    for module in &shipped {
+        assert!(
+            dep.lines()
+                .any(|l| l.starts_with(&format!("{}:", module.path))),
+            "{} shipped but not in modules.dep",
+            module.path
+        );
+    }
+    for name in [
+        "xfs",
+        "btrfs",
+        "nfs",
+        "ceph",
+        "ib_core",
+        "kvm",
+        "gve",
+        "hv_netvsc",
+    ] {
+        assert!(!index.contains(name), "{name} shipped");
+    }
+    for name in os_config::modules::ENGINE
+        .iter()
+        .chain(os_config::modules::NETWORK)
+        .chain(["virtio_net", "efi_pstore"].iter())
+    {
+        assert!(index.contains(name), "{name} not shipped");
+    }
 
     // Configuration.
     let os_release = std::fs::read_to_string(root.join("etc/os-release")).expect("os-release");

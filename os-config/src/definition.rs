@@ -92,6 +92,12 @@ pub struct Kernel {
     /// Modules loaded at boot besides the ones Plinth needs.
     #[serde(default)]
     pub modules: Vec<String>,
+    /// Machine families whose drivers ship in the image [default: `["qemu"]`].
+    #[serde(default = "default_platforms")]
+    pub platforms: Vec<crate::modules::Platform>,
+    /// Modules shipped in the image (with their dependencies) but not loaded at boot.
+    #[serde(default)]
+    pub include_modules: Vec<String>,
 }
 
 impl Default for Kernel {
@@ -100,8 +106,14 @@ impl Default for Kernel {
             package: default_kernel_package(),
             cmdline: default_cmdline(),
             modules: Vec::new(),
+            platforms: default_platforms(),
+            include_modules: Vec::new(),
         }
     }
+}
+
+fn default_platforms() -> Vec<crate::modules::Platform> {
+    crate::modules::DEFAULT_PLATFORMS.to_vec()
 }
 
 /// Which container engine runs on the machine.

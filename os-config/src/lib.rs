@@ -1,6 +1,6 @@
 //! The contract between the Plinth build host and the running OS: the image definition schema and
 //! its validation, the partition layout and verity superblock, GPT reading, boot entries and the boot record,
-//! the kernel command line, the `PLINTH-STATUS` line, the initramfs module set and the update
+//! the kernel command line, the `PLINTH-STATUS` line, the initramfs module set and the modules an image ships and the update
 //! manifest format, and the FAT folder-entry repair both the builder and the agent apply to the ESP.
 //! No I/O beyond parsing and that repair (except [`oracle`], the tests' reference tools, for
 //! tests only).
@@ -15,6 +15,7 @@ pub mod gpt;
 pub mod initramfs;
 pub mod layout;
 pub mod manifest;
+pub mod modules;
 #[cfg(any(test, feature = "oracles"))]
 pub mod oracle;
 pub mod rootfs;

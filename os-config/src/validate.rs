@@ -579,6 +579,23 @@ pub fn definition(def: &Definition) -> Result<(), Problem> {
     for (i, module) in def.kernel.modules.iter().enumerate() {
         module_name(module).at(&kernel.key("modules").index(i))?;
     }
+    for (i, module) in def.kernel.include_modules.iter().enumerate() {
+        module_name(module).at(&kernel.key("include-modules").index(i))?;
+    }
+    for (i, platform) in def.kernel.platforms.iter().enumerate() {
+        if def.kernel.platforms[..i].contains(platform) {
+            fail(
+                &kernel.key("platforms").index(i),
+                format!(
+                    "`{}` is listed twice; allowed: each of {} at most once",
+                    platform.name(),
+                    crate::modules::Platform::ALL
+                        .map(|p| format!("`{}`", p.name()))
+                        .join(", ")
+                ),
+            )?;
+        }
+    }
 
     engine_settings(
         &def.engine.settings,

@@ -116,6 +116,9 @@ fn cases() -> Vec<(String, (usize, usize), &'static str)> {
         // Names and values.
         (c("a", "build = { packages = [\"Busy Box\"] }\n"), (7, 23), "not a Debian package name"),
         ("[kernel]\nmodules = [\"../../../etc/passwd\"]\n".into(), (5, 12), "not a kernel module name"),
+        ("[kernel]\ninclude-modules = [\"xfs\", \"a/b\"]\n".into(), (5, 27), "not a kernel module name"),
+        ("[kernel]\nplatforms = [\"qemu\", \"vmware\"]\n".into(), (5, 22), "`qemu`, `aws`, `gcp`, `azure`, `metal`"),
+        ("[kernel]\nplatforms = [\"aws\", \"aws\"]\n".into(), (5, 21), "listed twice"),
         ("[debian]\nsuite = \"..\"\n".into(), (5, 9), "not a Debian suite name"),
         ("[debian]\ncomponents = [\"main\", \"non free\"]\n".into(), (5, 23), "component"),
         ("[[container]]\nname = \"a\"\nimage = \"\"\n".into(), (6, 9), "not an image reference"),

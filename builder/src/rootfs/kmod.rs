@@ -276,16 +276,70 @@ pub fn softdep_table(modules: &[Module]) -> String {
 /// Returns the number of modules.
 pub fn write_tables(modules_dir: &Path) -> Result<usize> {
     let modules = scan(modules_dir)?;
+    write_tables_of(modules_dir, &modules)?;
+    Ok(modules.len())
+}
+
+/// Writes `modules.dep`, `modules.alias` and `modules.softdep` of `modules` (paths relative to
+/// `modules_dir`) into `modules_dir`.
+pub fn write_tables_of(modules_dir: &Path, modules: &[Module]) -> Result<()> {
     let tables = [
-        ("modules.dep", dep_table(&modules)?),
-        ("modules.alias", alias_table(&modules)),
-        ("modules.softdep", softdep_table(&modules)),
+        ("modules.dep", dep_table(modules)?),
+        ("modules.alias", alias_table(modules)),
+        ("modules.softdep", softdep_table(modules)),
     ];
     for (file, text) in tables {
         let path = modules_dir.join(file);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(modules.len())
+    Ok(())
+}
+
+/// The module names of a `softdep=` value (`pre: a b post: c`), both kinds.
+fn softdep_names(value: &str) -> impl Iterator<Item = String> + '_ {
+    value
+        .split_whitespace()
+        .filter(|w| *w != "pre:" && *w != "post:")
+        .map(normalise_name)
+}
+
+/// The modules of `all` an image ships: `roots` and, transitively, every module they depend on
+/// (`depends=`) or name as a soft dependency (`pre:` and `post:`), so that `modules.dep` of the
+/// result is complete. A root or soft dependency that is not among `all` (built in, or not in
+/// this kernel) is skipped: the caller decides which roots must exist. A `depends=` naming a
+/// module that is not among `all` is an error, as in [`dep_table`].
+pub fn ship_closure<'a>(
+    all: &'a [Module],
+    roots: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<&'a Module>> {
+    let by_name: BTreeMap<&str, &Module> = all.iter().map(|m| (m.name.as_str(), m)).collect();
+    let mut shipped = BTreeSet::new();
+    let mut todo: Vec<String> = roots.into_iter().map(normalise_name).collect();
+    while let Some(name) = todo.pop() {
+        let Some(module) = by_name.get(name.as_str()) else {
+            continue;
+        };
+        if !shipped.insert(module.name.as_str()) {
+            continue;
+        }
+        for dep in &module.info.depends {
+            if !by_name.contains_key(dep.as_str()) {
+                bail!(
+                    "module `{}` ({}) depends on `{dep}`, which is not among the modules",
+                    module.name,
+                    module.path
+                );
+            }
+            todo.push(dep.clone());
+        }
+        for softdep in &module.info.softdeps {
+            todo.extend(softdep_names(softdep));
+        }
+    }
+    Ok(all
+        .iter()
+        .filter(|m| shipped.contains(m.name.as_str()))
+        .collect())
 }
 
 /// The modules of one kernel as `modules.dep`, `modules.builtin` and `modules.softdep` describe them.
@@ -655,6 +709,51 @@ retpoline=Y\0intree=Y\0name=virtio_blk\0vermagic=6.1.0 SMP mod_unload\0softdep=p
         ];
         let err = dep_table(&cyclic).expect_err("cycle").to_string();
         assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn ship_closure_follows_depends_and_softdeps() {
+        let mut modules = sample();
+        let mut dm_verity = module(
+            "dm_verity",
+            "kernel/drivers/md/dm-verity.ko",
+            &["dm_mod"],
+            &[],
+        );
+        dm_verity.info.softdeps = vec!["pre: crc32c_generic post: virtio_blk".into()];
+        modules.push(dm_verity);
+        modules.push(module("dm_mod", "kernel/drivers/md/dm-mod.ko", &[], &[]));
+        modules.push(module("xfs", "kernel/fs/xfs/xfs.ko", &[], &[]));
+        let names = |roots: &[&str]| -> Vec<String> {
+            ship_closure(&modules, roots.iter().copied())
+                .expect("closure")
+                .into_iter()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        // Built-in or absent roots and soft dependencies are skipped; post: ones ship too.
+        assert_eq!(
+            names(&["dm-verity", "ext4"]),
+            vec!["virtio_blk", "dm_verity", "dm_mod"]
+        );
+        assert_eq!(
+            names(&["br_netfilter"]),
+            vec!["bridge", "br_netfilter", "llc", "stp"]
+        );
+        assert_eq!(names(&[]), Vec::<String>::new());
+        // The shipped set's modules.dep is complete, so dep_table of it cannot fail.
+        let shipped: Vec<Module> = ship_closure(&modules, ["br_netfilter", "dm_verity"])
+            .expect("closure")
+            .into_iter()
+            .cloned()
+            .collect();
+        assert!(!shipped.iter().any(|m| m.name == "xfs"));
+        dep_table(&shipped).expect("complete table");
+        modules.push(module("broken", "broken.ko", &["missing"], &[]));
+        let err = ship_closure(&modules, ["broken"])
+            .expect_err("missing dependency")
+            .to_string();
+        assert!(err.contains("`missing`"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use select::Selection;
 pub use tree::listing;
 
 /// Executables of the Docker engine, looked up in `/usr/sbin` and `/usr/bin`.
-const DOCKER_EXECUTABLES: [&str; 6] = [
+pub(crate) const DOCKER_EXECUTABLES: [&str; 6] = [
     "dockerd",
     "docker-proxy",
     "containerd",
@@ -48,7 +48,7 @@ const IPTABLES_LINKS: [&str; 6] = [
 ];
 
 /// Directory of iptables' extensions, which it loads with `dlopen`.
-const XTABLES_DIR: &str = "usr/lib/x86_64-linux-gnu/xtables";
+pub(crate) const XTABLES_DIR: &str = "usr/lib/x86_64-linux-gnu/xtables";
 
 /// Files of netbase that name services and protocols read.
 const NETBASE_FILES: [&str; 3] = ["etc/protocols", "etc/services", "etc/ethertypes"];
@@ -136,9 +136,18 @@ pub fn assemble(
         selection.add(file, true)?;
     }
     let modules_prefix = format!("usr/lib/modules/{kernel_version}/");
+    let modules = select_modules(def, &stage.join(&modules_prefix), &kernel_version)?;
+    let shipped_paths: std::collections::BTreeSet<String> = modules
+        .shipped
+        .iter()
+        .map(|m| format!("{modules_prefix}{}", m.path))
+        .collect();
     for files in contents.values() {
         for file in files.iter().filter(|f| f.starts_with(&modules_prefix)) {
-            selection.add(file, false)?;
+            let is_module = kmod::MODULE_SUFFIXES.iter().any(|s| file.ends_with(s));
+            if !is_module || shipped_paths.contains(file) {
+                selection.add(file, false)?;
+            }
         }
     }
     selection.add_elf_closure()?;
@@ -154,14 +163,20 @@ pub fn assemble(
     }
     let modules_dir = root.join(format!("usr/lib/modules/{kernel_version}"));
     let step = Step::start("kernel module tables");
-    let count = kmod::write_tables(&modules_dir)
+    kmod::write_tables_of(&modules_dir, &modules.shipped)
         .with_context(|| format!("writing module tables in {}", modules_dir.display()))?;
     let index = kmod::load(&modules_dir)?;
     let wanted: Vec<&str> = def.kernel.modules.iter().map(String::as_str).collect();
     index
         .closure(&wanted)
         .with_context(|| format!("[kernel] modules for kernel {kernel_version}"))?;
-    step.done(&format!("{count} modules of kernel {kernel_version}"));
+    step.done(&format!(
+        "{} of {} modules of kernel {kernel_version} shipped, {} of {}",
+        modules.shipped.len(),
+        modules.available,
+        crate::disk::human(modules.shipped_bytes),
+        crate::disk::human(modules.available_bytes),
+    ));
 
     etc::write_config(&root, def, &build_id(def, packages)?)?;
     for dir in MOUNTPOINTS {
@@ -196,6 +211,96 @@ pub fn assemble(
         kernel_version,
         vmlinuz,
         systemd_boot_efi,
+    })
+}
+
+/// The kernel modules an image ships, chosen by [`select_modules`].
+struct ModuleSelection {
+    /// The shipped modules, paths relative to the modules directory.
+    shipped: Vec<kmod::Module>,
+    /// Bytes of the shipped module files.
+    shipped_bytes: u64,
+    /// How many modules the kernel package has.
+    available: usize,
+    /// Bytes of all its module files.
+    available_bytes: u64,
+}
+
+/// Chooses the modules of `modules_dir` (the kernel package's, in the staging tree) that ship:
+/// the closure ([`kmod::ship_closure`]) of the ones Plinth needs
+/// ([`os_config::modules::always_shipped`]), the drivers of `[kernel] platforms` and the
+/// definition's `[kernel] modules` and `include-modules`. A name of the definition that is
+/// neither a module of this kernel nor built in is an error; a platform's module the kernel does
+/// not have is a note (the lists also name drivers of Debian's generic kernel).
+fn select_modules(
+    def: &Definition,
+    modules_dir: &Path,
+    kernel_version: &str,
+) -> Result<ModuleSelection> {
+    let all = kmod::scan(modules_dir)?;
+    let builtin_path = modules_dir.join("modules.builtin");
+    let builtin: std::collections::BTreeSet<String> = match std::fs::read_to_string(&builtin_path) {
+        Ok(text) => text.lines().map(kmod::name_from_path).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", builtin_path.display())),
+    };
+    let known = |name: &str| {
+        let name = kmod::normalise_name(name);
+        builtin.contains(&name) || all.iter().any(|m| m.name == name)
+    };
+    for (key, names) in [
+        ("modules", &def.kernel.modules),
+        ("include-modules", &def.kernel.include_modules),
+    ] {
+        if let Some(name) = names.iter().find(|n| !known(n)) {
+            bail!(
+                "[kernel] {key} names `{name}`, which is neither a module of kernel \
+                 {kernel_version} nor built into it"
+            );
+        }
+    }
+    let mut roots = os_config::modules::always_shipped();
+    for platform in &def.kernel.platforms {
+        let missing: Vec<&str> = platform
+            .modules()
+            .iter()
+            .copied()
+            .filter(|n| !known(n))
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "    note: platform `{}`: kernel {kernel_version} has no module {} (skipped)",
+                platform.name(),
+                missing.join(", ")
+            );
+        }
+        roots.extend(platform.modules());
+    }
+    roots.extend(def.kernel.modules.iter().map(String::as_str));
+    roots.extend(def.kernel.include_modules.iter().map(String::as_str));
+    let size = |m: &kmod::Module| -> Result<u64> {
+        let path = modules_dir.join(&m.path);
+        Ok(std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len())
+    };
+    let shipped: Vec<kmod::Module> = kmod::ship_closure(&all, roots)?
+        .into_iter()
+        .cloned()
+        .collect();
+    let mut shipped_bytes = 0;
+    for module in &shipped {
+        shipped_bytes += size(module)?;
+    }
+    let mut available_bytes = 0;
+    for module in &all {
+        available_bytes += size(module)?;
+    }
+    Ok(ModuleSelection {
+        shipped,
+        shipped_bytes,
+        available: all.len(),
+        available_bytes,
     })
 }
 
@@ -574,6 +679,11 @@ mod tests {
                         0o644,
                     ),
                     file(
+                        &format!("{mods}/kernel/fs/xfs/xfs.ko"),
+                        &kmod::fake_module(&["name=xfs", "softdep=pre: crc32c post: virtio"]),
+                        0o644,
+                    ),
+                    file(
                         &format!("{mods}/modules.builtin"),
                         b"kernel/fs/ext4/ext4.ko\n",
                         0o644,
@@ -766,7 +876,30 @@ kernel/drivers/virtio/virtio.ko:\n"
         def.kernel.modules.push("virtio-blk".to_owned());
         def.kernel.modules.push("ext4".to_owned());
         let work4 = tempfile::tempdir().expect("tempdir");
-        assemble(&def, debs.path(), &packages, work4.path(), 1).expect("known modules");
+        let tree4 = assemble(&def, debs.path(), &packages, work4.path(), 1).expect("known modules");
+        // A module no list names (xfs) does not ship; `include-modules` ships it.
+        let xfs = format!("usr/lib/modules/{KVER}/kernel/fs/xfs/xfs.ko");
+        assert!(!tree4.root.join(&xfs).exists());
+        assert!(!listing.contains("xfs"), "{listing}");
+        def.kernel.include_modules.push("xfs".to_owned());
+        let work6 = tempfile::tempdir().expect("tempdir");
+        let tree6 = assemble(&def, debs.path(), &packages, work6.path(), 1).expect("xfs");
+        assert!(tree6.root.join(&xfs).is_file());
+        let dep = std::fs::read_to_string(
+            tree6
+                .root
+                .join(format!("usr/lib/modules/{KVER}/modules.dep")),
+        )
+        .expect("dep");
+        assert!(dep.contains("kernel/fs/xfs/xfs.ko:\n"), "{dep}");
+        def.kernel.include_modules.push("btrfs".to_owned());
+        let work7 = tempfile::tempdir().expect("tempdir");
+        let err = assemble(&def, debs.path(), &packages, work7.path(), 1).expect_err("btrfs");
+        assert!(
+            format!("{err:#}").contains("[kernel] include-modules names `btrfs`"),
+            "{err:#}"
+        );
+        def.kernel.include_modules.pop();
         def.kernel.modules.push("nosuch".to_owned());
         let work5 = tempfile::tempdir().expect("tempdir");
         let err = assemble(&def, debs.path(), &packages, work5.path(), 1).expect_err("nosuch");

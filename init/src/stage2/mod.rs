@@ -21,30 +21,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Modules the container engine needs (overlay storage, bridge networking, nftables NAT).
-pub const ENGINE_MODULES: &[&str] = &[
-    "overlay",
-    "bridge",
-    "br_netfilter",
-    "veth",
-    "nf_tables",
-    "nft_compat",
-    "nft_chain_nat",
-    "nf_nat",
-    "xt_MASQUERADE",
-    "xt_nat",
-    "xt_conntrack",
-    "xt_addrtype",
-    "xt_tcpudp",
-];
-
-/// Filesystems of offline release media (`plinth-update apply --from /dev/…`): FAT with its
-/// default code pages, and ISO 9660 (ext4 is built into the kernel).
-pub const MEDIA_MODULES: &[&str] = &["vfat", "nls_cp437", "nls_utf8", "nls_ascii", "isofs"];
-
-/// Modules for the ACPI power button and its input events.
-pub const POWER_BUTTON_MODULES: &[&str] = &["button", "evdev"];
-
 /// What runs on top of the base system. The engine part implements it; `plinth-init` passes it
 /// to `run`.
 pub trait Workload: Send + Sync {
@@ -59,6 +35,10 @@ pub trait Workload: Send + Sync {
     /// Stops the containers within `timeout` at shutdown.
     fn stop_containers(&self, _timeout: Duration) -> Result<()> {
         Ok(())
+    }
+    /// Modules to load at boot besides Plinth's own (the definition's `[kernel] modules`).
+    fn modules(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -341,7 +321,7 @@ fn modules<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
     let Some(mut loader) = open_modules(ctx.sys, &ctx.paths) else {
         return Ok(());
     };
-    let report = loader.load(ctx.sys, ENGINE_MODULES);
+    let report = loader.load(ctx.sys, os_config::modules::ENGINE);
     log_report("engine modules", &report);
     Ok(())
 }
@@ -358,18 +338,20 @@ fn open_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Option<ModuleLoad
 }
 
 /// Coldplug of the devices present (network cards among them), then the power button and media
-/// modules. Runs after the engine was started, before the network is configured.
-pub fn load_device_modules<S: System + ?Sized>(sys: &S, paths: &Paths) {
+/// modules, then `extra` (the definition's `[kernel] modules`). Runs after the engine was started,
+/// before the network is configured.
+pub fn load_device_modules<S: System + ?Sized>(sys: &S, paths: &Paths, extra: &[String]) {
     let started = sys.now();
     let Some(mut loader) = open_modules(sys, paths) else {
         return;
     };
     let report = loader.coldplug(sys, &paths.sys, 4);
     log_report("coldplug", &report);
-    let mut wanted: Vec<&str> = POWER_BUTTON_MODULES.to_vec();
-    wanted.extend(MEDIA_MODULES);
+    let mut wanted: Vec<&str> = os_config::modules::POWER_BUTTON.to_vec();
+    wanted.extend(os_config::modules::MEDIA);
+    wanted.extend(extra.iter().map(String::as_str));
     let report = loader.load(sys, &wanted);
-    log_report("power button and media modules", &report);
+    log_report("power button, media and [kernel] modules", &report);
     crate::info!(
         "device modules done in {} ms",
         sys.now().saturating_sub(started).as_millis()
@@ -461,10 +443,11 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
     supervisor.start_due(system.now());
     let after = workload.clone();
     let paths = ctx.paths.clone();
+    let extra = workload.modules();
     let started = std::thread::Builder::new()
         .name("workload".into())
         .spawn(move || {
-            load_device_modules(&RealSystem::default(), &paths);
+            load_device_modules(&RealSystem::default(), &paths, &extra);
             if let Err(e) = after.after_start() {
                 crate::info!("workload failed: {e:#}");
                 crate::status::status("workload-failed", &[("error", &format!("{e:#}"))]);
@@ -605,11 +588,37 @@ mod tests {
             !loads(&sys).iter().any(|c| c.ends_with("evdev.ko")),
             "the power button's module is not loaded before the engine starts"
         );
-        load_device_modules(&sys, &Paths::stage2_under(Path::new("/")));
+        load_device_modules(&sys, &Paths::stage2_under(Path::new("/")), &[]);
         assert_eq!(
             loads(&sys).last().map(String::as_str),
             Some("load /usr/lib/modules/6.1.0-test/kernel/evdev.ko")
         );
+    }
+
+    #[test]
+    fn loads_the_definitions_kernel_modules_too() {
+        let sys = machine();
+        sys.add_file(
+            "/usr/lib/modules/6.1.0-test/modules.dep",
+            "kernel/overlay.ko:\nkernel/veth.ko:\nkernel/evdev.ko:\nkernel/xfs.ko:\n",
+        );
+        sys.add_file("/usr/lib/modules/6.1.0-test/kernel/xfs.ko", "ko");
+        run_on(&sys).expect("stage 2 steps");
+        load_device_modules(
+            &sys,
+            &Paths::stage2_under(Path::new("/")),
+            &["xfs".to_string()],
+        );
+        let loads: Vec<String> = sys
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("load "))
+            .collect();
+        assert_eq!(
+            loads.last().map(String::as_str),
+            Some("load /usr/lib/modules/6.1.0-test/kernel/xfs.ko")
+        );
+        assert_eq!(loads.len(), 4, "{loads:?}");
     }
 
     #[test]

@@ -482,6 +482,10 @@ fn renew_forever(mut configured: net::Configured, paths: &net::Paths) {
 }
 
 impl Workload for DockerWorkload {
+    fn modules(&self) -> Vec<String> {
+        self.definition.kernel.modules.clone()
+    }
+
     fn services(&self) -> Vec<Box<dyn Service>> {
         let mut services: Vec<Box<dyn Service>> = vec![Box::new(self.engine_service())];
         if self.definition.update.is_some() {
