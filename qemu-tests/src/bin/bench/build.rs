@@ -218,24 +218,37 @@ pub struct BaselineInputs<'a> {
 }
 
 /// The standard tools' build, timed in two parts: (tree assembly, image steps), seconds.
-///
-/// The tree: every package unpacked by `dpkg-deb --fsys-tarfile | tar -x` into one folder laid
-/// out merged-/usr (as ours), then `cpio -pdm` of exactly the paths our tree holds, from the
-/// unpacked folder where a package has them, else from our tree (what the build makes itself:
-/// Plinth's programs, the definition, generated `/etc` files, the container image archives).
 pub fn standard_build(dir: &Path, inputs: &BaselineInputs) -> Result<(f64, f64)> {
     let unpack = dir.join("standard-unpack");
     let tree = dir.join("standard-tree");
-    remove(&unpack)?;
-    remove(&tree)?;
-    std::fs::create_dir_all(&tree)?;
+    let wanted = tree_list(inputs.tree)?;
+    let start = Instant::now();
+    assemble_tree(inputs.debs, &wanted, inputs.tree, &unpack, &tree)?;
+    let tree_secs = start.elapsed().as_secs_f64();
+    let image_secs = image_steps(dir, &tree, inputs.espdir, inputs.initrd_tree, inputs.ours)?;
+    Ok((tree_secs, image_secs))
+}
+
+/// The tree as the standard tools make it: every package unpacked by `dpkg-deb --fsys-tarfile |
+/// tar -x` into `unpack`, laid out merged-/usr (as ours), then `cpio -pdm` into `tree` of exactly
+/// the `wanted` paths, from `unpack` where a package has them, else from `made` (what our build
+/// makes itself: Plinth's programs, the definition, generated `/etc` files, the container image
+/// archives). Returns how many paths came from the packages.
+pub fn assemble_tree(
+    debs: &[(String, PathBuf)],
+    wanted: &[String],
+    made: &Path,
+    unpack: &Path,
+    tree: &Path,
+) -> Result<usize> {
+    remove(unpack)?;
+    remove(tree)?;
+    std::fs::create_dir_all(tree)?;
     for top in os_config::rootfs::MERGED_USR_DIRS {
         std::fs::create_dir_all(unpack.join("usr").join(top))?;
         std::os::unix::fs::symlink(format!("usr/{top}"), unpack.join(top))?;
     }
-    let wanted = tree_list(inputs.tree)?;
-    let start = Instant::now();
-    for (name, deb) in inputs.debs {
+    for (name, deb) in debs {
         sh(&format!(
             "dpkg-deb --fsys-tarfile '{}' | tar -x --keep-directory-symlink -C '{}'",
             deb.display(),
@@ -243,13 +256,13 @@ pub fn standard_build(dir: &Path, inputs: &BaselineInputs) -> Result<(f64, f64)>
         ))
         .with_context(|| format!("unpacking {name}"))?;
     }
-    let (from_packages, made): (Vec<&String>, Vec<&String>) = wanted
+    let (from_packages, from_ours): (Vec<&String>, Vec<&String>) = wanted
         .iter()
         .partition(|p| std::fs::symlink_metadata(unpack.join(p)).is_ok());
-    for (from, list) in [(unpack.as_path(), &from_packages), (inputs.tree, &made)] {
+    for (from, list) in [(unpack, &from_packages), (made, &from_ours)] {
         let mut child = Command::new("cpio")
             .args(["-pdm", "--quiet"])
-            .arg(&tree)
+            .arg(tree)
             .current_dir(from)
             .stdin(Stdio::piped())
             .spawn()
@@ -267,9 +280,7 @@ pub fn standard_build(dir: &Path, inputs: &BaselineInputs) -> Result<(f64, f64)>
             );
         }
     }
-    let tree_secs = start.elapsed().as_secs_f64();
-    let image_secs = image_steps(dir, &tree, inputs.espdir, inputs.initrd_tree, inputs.ours)?;
-    Ok((tree_secs, image_secs))
+    Ok(from_packages.len())
 }
 
 /// Measures the build part; returns what the later parts measure.
@@ -518,4 +529,71 @@ fn image_steps(
     }
     sh("sync")?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `.deb` holding `files` (path, content), built by `dpkg-deb --build`.
+    fn deb(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let root = dir.join(format!("{name}-src"));
+        std::fs::create_dir_all(root.join("DEBIAN")).expect("DEBIAN");
+        std::fs::write(
+            root.join("DEBIAN/control"),
+            format!("Package: {name}\nVersion: 1\nArchitecture: all\nMaintainer: t <t@localhost>\nDescription: t\n"),
+        )
+        .expect("control");
+        for (path, content) in files {
+            let p = root.join(path);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, content).expect("file");
+        }
+        let out = dir.join(format!("{name}.deb"));
+        run(Command::new("dpkg-deb")
+            .args(["--build", "--root-owner-group"])
+            .arg(&root)
+            .arg(&out))
+        .expect("dpkg-deb --build");
+        out
+    }
+
+    #[test]
+    fn the_standard_tree_holds_exactly_the_wanted_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let debs = vec![
+            (
+                "a".to_owned(),
+                deb(
+                    d,
+                    "a",
+                    &[("bin/tool", "tool"), ("usr/share/doc/a/README", "doc")],
+                ),
+            ),
+            ("b".to_owned(), deb(d, "b", &[("usr/lib/b.so", "lib")])),
+        ];
+        // Our tree: the chosen package files plus one the build made itself.
+        let ours = d.join("ours");
+        for (path, content) in [
+            ("usr/bin/tool", "tool"),
+            ("usr/lib/b.so", "lib"),
+            ("usr/bin/plinth-init", "init"),
+        ] {
+            std::fs::create_dir_all(ours.join(path).parent().expect("parent")).expect("mkdir");
+            std::fs::write(ours.join(path), content).expect("write");
+        }
+        let wanted = tree_list(&ours).expect("list");
+        let tree = d.join("tree");
+        let from_packages =
+            assemble_tree(&debs, &wanted, &ours, &d.join("unpack"), &tree).expect("assemble");
+        assert_eq!(tree_list(&tree).expect("list"), wanted);
+        // usr, usr/bin, usr/lib, usr/bin/tool (from ./bin/tool, merged-/usr), usr/lib/b.so.
+        assert_eq!(from_packages, 5);
+        assert_eq!(
+            std::fs::read_to_string(tree.join("usr/bin/plinth-init")).expect("init"),
+            "init"
+        );
+        assert!(!tree.join("usr/share/doc").exists());
+    }
 }
