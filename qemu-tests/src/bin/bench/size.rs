@@ -356,6 +356,19 @@ mod tests {
     }
 
     #[test]
+    fn zstd_bytes_compresses_the_files_concatenated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a");
+        std::fs::write(&a, vec![0u8; 1 << 20]).expect("write");
+        let one = zstd_bytes(vec![a.clone()]).expect("zstd");
+        assert!(one > 0 && one < 1024, "1 MiB of zeros gave {one} bytes");
+        // The same file twice is one stream, so barely larger than once.
+        let two = zstd_bytes(vec![a.clone(), a]).expect("zstd");
+        assert!(two >= one && two < one + 64, "{one} then {two}");
+        assert!(zstd_bytes(vec![dir.path().join("missing")]).is_err());
+    }
+
+    #[test]
     fn new_bytes_counts_new_and_changed_files_only() {
         let f = |size: u64, b: u8| (size, [b; 32]);
         let before: BTreeMap<String, _> =
