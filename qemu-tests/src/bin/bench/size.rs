@@ -146,7 +146,10 @@ fn component_rows(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> 
         let count = list.len();
         let compressed = zstd_bytes(list)?;
         rows.push(Row::single(
-            &format!("Image by component: {name} ({count} files), file bytes"),
+            &format!(
+                "Image by component: {name} ({count} file{}), file bytes",
+                if count == 1 { "" } else { "s" }
+            ),
             "bytes",
             "-",
             bytes as f64,
