@@ -225,6 +225,33 @@ pub fn delta_rows(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> 
     publish(def2, disk2, &key, &both)?;
     let after = folder_files(&both)?;
     publish(def2, disk2, &key, &alone)?;
+    let manifests = release_manifests(&both)?;
+    let (Some(old), Some(new)) = (manifests.first(), manifests.last()) else {
+        bail!("{} holds no manifests", both.display());
+    };
+    let full: u64 = new.artifacts.named().iter().map(|(_, a)| a.size).sum();
+    let index = |m: &os_config::manifest::Manifest| -> Result<os_config::chunk::ChunkIndex> {
+        let file = m
+            .root_chunks
+            .as_ref()
+            .with_context(|| format!("release {} has no chunk index", m.version))?;
+        let bytes = std::fs::read(both.join(&file.path))?;
+        os_config::chunk::ChunkIndex::parse(&bytes).map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let download = delta_download(old, &index(old)?, new, &index(new)?);
+    rows.push(Row::single(
+        "Delta update: bytes the agent downloads for a release with one [[file]] changed",
+        "bytes",
+        "the full update payload (root, verity, kernel and initramfs artifacts)",
+        download as f64,
+    ));
+    if let Some(r) = rows.last_mut() {
+        r.push(
+            crate::stats::Side::Baseline,
+            full as f64,
+            crate::stats::load_now(),
+        );
+    }
     rows.push(Row {
         baseline_name: "the same release published alone (whole release folder)".to_owned(),
         baseline: vec![dir_bytes(&alone)? as f64],
@@ -237,6 +264,58 @@ pub fn delta_rows(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> 
         )
     });
     Ok(())
+}
+
+/// The manifests of every version in a release folder (`CHANNEL/VERSION/manifest.json`), oldest
+/// version first.
+fn release_manifests(dir: &Path) -> Result<Vec<os_config::manifest::Manifest>> {
+    let mut out = Vec::new();
+    for rel in tree_list(dir)? {
+        if rel.matches('/').count() == 2 && rel.ends_with(os_config::manifest::MANIFEST_FILE) {
+            let bytes = std::fs::read(dir.join(&rel))?;
+            out.push(
+                os_config::manifest::Manifest::parse(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{rel}: {e:?}"))?,
+            );
+        }
+    }
+    out.sort_by_key(|m| m.version.to_string());
+    Ok(out)
+}
+
+/// What the agent running `old` downloads to update to `new`: the chunk index, each distinct
+/// chunk of the new root that the old root lacks (compressed), the verity tree, and the kernel and
+/// initramfs unless the running slot already has the same ones.
+pub fn delta_download(
+    old: &os_config::manifest::Manifest,
+    old_index: &os_config::chunk::ChunkIndex,
+    new: &os_config::manifest::Manifest,
+    new_index: &os_config::chunk::ChunkIndex,
+) -> u64 {
+    let held: BTreeSet<[u8; 32]> = old_index.chunks.iter().map(|c| c.sha256).collect();
+    let mut fetched = BTreeSet::new();
+    let mut bytes = new.root_chunks.as_ref().map_or(0, |f| f.size);
+    for chunk in &new_index.chunks {
+        if !held.contains(&chunk.sha256) && fetched.insert(chunk.sha256) {
+            bytes += u64::from(chunk.compressed_length);
+        }
+    }
+    bytes += new.artifacts.verity.size;
+    for (same, artifact) in [
+        (
+            old.artifacts.kernel.uncompressed_sha256 == new.artifacts.kernel.uncompressed_sha256,
+            &new.artifacts.kernel,
+        ),
+        (
+            old.artifacts.initrd.uncompressed_sha256 == new.artifacts.initrd.uncompressed_sha256,
+            &new.artifacts.initrd,
+        ),
+    ] {
+        if !same {
+            bytes += artifact.size;
+        }
+    }
+    bytes
 }
 
 pub fn bench_size(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> {
