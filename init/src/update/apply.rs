@@ -58,7 +58,7 @@ pub struct Job<'a> {
     pub retries: u32,
 }
 
-type Hook<'h> = &'h mut dyn FnMut(&Event) -> anyhow::Result<()>;
+pub type Hook<'h> = &'h mut dyn FnMut(&Event) -> anyhow::Result<()>;
 
 /// Applies `job` to `disk`, recording progress in `state` (saved to `state_path`).
 pub fn apply(
@@ -81,16 +81,8 @@ pub fn apply(
         }
         _ => Stage::Accepted,
     };
-    let record = |state: &mut State, stage: Stage, hook: Hook<'_>| -> anyhow::Result<()> {
-        state.in_progress = Some(InProgress {
-            version: manifest.version.clone(),
-            slot,
-            manifest_sha256: job.manifest_sha256.to_owned(),
-            stage,
-            resume: None,
-        });
-        state.save(state_path)?;
-        hook(&Event::Stage(stage))
+    let record = |state: &mut State, stage: Stage, hook: Hook<'_>| {
+        record(job, state, state_path, stage, hook)
     };
     if resumed == Stage::Accepted {
         record(state, Stage::Accepted, hook)?;
@@ -111,6 +103,111 @@ pub fn apply(
         record(state, Stage::EntryRemoved, hook)?;
     }
 
+    write_images(job, disk, state, state_path, resumed, hook)?;
+
+    if resumed < Stage::UuidsSet {
+        let hash: [u8; 32] = hex::decode(manifest.root_hash.as_str())
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .context("decoding the root hash")?;
+        disk.set_slot_uuids(slot, &hash)?;
+        record(state, Stage::UuidsSet, hook)?;
+    }
+
+    if resumed < Stage::BootFilesWritten {
+        for (name, artifact, path) in [
+            (
+                "kernel",
+                &manifest.artifacts.kernel,
+                Entry::kernel_path(slot),
+            ),
+            (
+                "initrd",
+                &manifest.artifacts.initrd,
+                Entry::initrd_path(slot),
+            ),
+        ] {
+            let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
+            {
+                let mut file = esp.create_file(&path)?;
+                stream(job, name, artifact, &mut file, 0, &mut |_| Ok(()), hook)?;
+                file.flush()
+                    .with_context(|| format!("writing {path} on the ESP"))?;
+            }
+            esp.close()?;
+            disk.sync()?;
+            let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
+            let (len, sha) = hash_reader(&mut esp.open_file(&path)?)
+                .with_context(|| format!("reading back {path} on the ESP"))?;
+            esp.close()?;
+            check_content(name, artifact, len, &sha).map_err(ApplyError::Failed)?;
+        }
+        record(state, Stage::BootFilesWritten, hook)?;
+    }
+
+    // Last: the counted entry makes the slot bootable.
+    let entry = EntryName::trying(slot, manifest.version.as_str());
+    let text = Entry {
+        slot,
+        version: manifest.version.to_string(),
+        root_hash: manifest.root_hash.to_string(),
+        extra_args: manifest.cmdline.clone(),
+        verity: true,
+    }
+    .format();
+    {
+        let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
+        esp.write_file(&entry.esp_path(), text.as_bytes())?;
+        esp.close()?;
+    }
+    disk.sync()?;
+    state.in_progress = None;
+    state.staged = Some(Staged {
+        version: manifest.version.clone(),
+        slot,
+    });
+    state.newest_accepted = Some(manifest.version.clone());
+    state.save(state_path)?;
+    hook(&Event::Stage(Stage::EntryWritten))?;
+    Ok(())
+}
+
+/// Records `stage` of `job` as reached (and its resume point as none) in `state`, then tells `hook`.
+fn record(
+    job: &Job<'_>,
+    state: &mut State,
+    state_path: &Path,
+    stage: Stage,
+    hook: Hook<'_>,
+) -> anyhow::Result<()> {
+    state.in_progress = Some(InProgress {
+        version: job.manifest.version.clone(),
+        slot: job.slot,
+        manifest_sha256: job.manifest_sha256.to_owned(),
+        stage,
+        resume: None,
+    });
+    state.save(state_path)?;
+    hook(&Event::Stage(stage))
+}
+
+/// Writes the root and verity images of `job` into the slot's partitions and checks them, the
+/// stages after `resumed` (a stage recorded by an earlier, interrupted run) up to
+/// [`Stage::Verified`]. The slot's boot entry must be gone already.
+pub fn write_images(
+    job: &Job<'_>,
+    disk: &mut Disk,
+    state: &mut State,
+    state_path: &Path,
+    resumed: Stage,
+    hook: Hook<'_>,
+) -> Result<(), ApplyError> {
+    use anyhow::Context as _;
+    let manifest = job.manifest;
+    let slot = job.slot;
+    let record = |state: &mut State, stage: Stage, hook: Hook<'_>| {
+        record(job, state, state_path, stage, hook)
+    };
     let root_part = disk.partition(slot.root_label())?;
     let verity_part = disk.partition(slot.verity_label())?;
     for (stage, name, artifact, part) in [
@@ -181,70 +278,6 @@ pub fn apply(
         record(state, Stage::Verified, hook)?;
     }
 
-    if resumed < Stage::UuidsSet {
-        let hash: [u8; 32] = hex::decode(manifest.root_hash.as_str())
-            .ok()
-            .and_then(|h| h.try_into().ok())
-            .context("decoding the root hash")?;
-        disk.set_slot_uuids(slot, &hash)?;
-        record(state, Stage::UuidsSet, hook)?;
-    }
-
-    if resumed < Stage::BootFilesWritten {
-        for (name, artifact, path) in [
-            (
-                "kernel",
-                &manifest.artifacts.kernel,
-                Entry::kernel_path(slot),
-            ),
-            (
-                "initrd",
-                &manifest.artifacts.initrd,
-                Entry::initrd_path(slot),
-            ),
-        ] {
-            let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
-            {
-                let mut file = esp.create_file(&path)?;
-                stream(job, name, artifact, &mut file, 0, &mut |_| Ok(()), hook)?;
-                file.flush()
-                    .with_context(|| format!("writing {path} on the ESP"))?;
-            }
-            esp.close()?;
-            disk.sync()?;
-            let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
-            let (len, sha) = hash_reader(&mut esp.open_file(&path)?)
-                .with_context(|| format!("reading back {path} on the ESP"))?;
-            esp.close()?;
-            check_content(name, artifact, len, &sha).map_err(ApplyError::Failed)?;
-        }
-        record(state, Stage::BootFilesWritten, hook)?;
-    }
-
-    // Last: the counted entry makes the slot bootable.
-    let entry = EntryName::trying(slot, manifest.version.as_str());
-    let text = Entry {
-        slot,
-        version: manifest.version.to_string(),
-        root_hash: manifest.root_hash.to_string(),
-        extra_args: manifest.cmdline.clone(),
-        verity: true,
-    }
-    .format();
-    {
-        let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
-        esp.write_file(&entry.esp_path(), text.as_bytes())?;
-        esp.close()?;
-    }
-    disk.sync()?;
-    state.in_progress = None;
-    state.staged = Some(Staged {
-        version: manifest.version.clone(),
-        slot,
-    });
-    state.newest_accepted = Some(manifest.version.clone());
-    state.save(state_path)?;
-    hook(&Event::Stage(Stage::EntryWritten))?;
     Ok(())
 }
 
