@@ -1,7 +1,9 @@
 //! Writing a verified release into the inactive slot, in the order that keeps the machine
-//! bootable at every moment: remove the slot's boot entry, stream the partitions, read them back,
-//! set the partition UUIDs, write kernel and initrd, write the counted entry last. Each stage is
-//! synced, then recorded, so an interrupted update resumes or restarts cleanly.
+//! bootable at every moment: remove the slot's boot entry, stream the partitions (hashing the root
+//! image's blocks on the way), check the written verity tree against those hashes and the signed
+//! root hash, set the partition UUIDs, write kernel and initrd, write the counted entry last. Each
+//! stage is synced, then recorded, so an interrupted update resumes or restarts cleanly; see
+//! `check_written` for why the root image is not read back.
 
 use std::io::{self, Read, Seek, Write};
 use std::path::Path;
@@ -338,6 +340,8 @@ impl<S: super::esp::Storage> Sink for fatfs::File<'_, S> {
 pub const SYNC_BYTES: u64 = 32 << 20;
 /// Buffers in flight between the decompressing thread and the writing one.
 const PIPELINE_BUFFERS: usize = 4;
+/// Size of each buffer between the threads: large writes keep an `O_DIRECT` write path busy.
+const PIECE: usize = 4 << 20;
 
 /// How the content of a streamed artifact is checked.
 enum Check<'a> {
@@ -433,7 +437,7 @@ fn stream(
         sink,
         first,
         sync_bytes,
-        mut check,
+        check,
     } = target;
     let failed = |e: String| ApplyError::Failed(anyhow::anyhow!(e));
     let frames = if artifact.frames.is_empty() {
@@ -449,16 +453,26 @@ fn stream(
     let start = frames[first];
     sink.seek_to(start.uncompressed_offset)
         .map_err(|e| failed(format!("artifact {name}: seeking: {e}")))?;
-    if let Check::Verity(hashes) = &mut check {
-        hashes.start(start.uncompressed_offset);
-    }
+    // The root image's blocks are hashed on the decompressing thread (which has time to spare
+    // while the other one waits for the device); the buffer is not changed after that.
+    let mut block_hashes = match check {
+        Check::Verity(hashes) => {
+            hashes.start(start.uncompressed_offset);
+            Some(hashes)
+        }
+        Check::Sha256 => None,
+    };
+    // The staged copy on /var was checked whole against the manifest's sha256 of the download
+    // and of the content. Reading it again, the root image needs no sha256 of its compressed
+    // bytes: the block hashes checked against the signed root hash cover every byte written.
+    let by_sha256 = block_hashes.is_none();
     let download = job
         .source
         .open_resuming(&artifact.path, start.offset, artifact.size, job.retries)
         .map_err(|e| failed(format!("artifact {name}: {e}")))?;
     let counted = HashReader {
         inner: download.take(artifact.size - start.offset + 1),
-        hasher: Sha256::new(),
+        hasher: by_sha256.then(Sha256::new),
         len: 0,
         io_failed: false,
     };
@@ -469,12 +483,20 @@ fn stream(
         let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Piece>(PIPELINE_BUFFERS);
         let (free_tx, free_rx) = std::sync::mpsc::channel::<AlignedBuf>();
         for _ in 0..PIPELINE_BUFFERS + 1 {
-            let _ = free_tx.send(AlignedBuf::new(CHUNK));
+            let _ = free_tx.send(AlignedBuf::new(PIECE));
         }
         let frames = &frames;
         let decoder = scope.spawn(move || {
             let mut counted = counted;
-            let result = decompress(artifact, frames, first, &mut counted, &full_tx, &free_rx);
+            let result = decompress(
+                artifact,
+                frames,
+                first,
+                &mut counted,
+                block_hashes.as_deref_mut(),
+                &full_tx,
+                &free_rx,
+            );
             (result, counted)
         });
         let mut since_sync = 0u64;
@@ -482,9 +504,8 @@ fn stream(
             let step = match piece {
                 Piece::Data(buf, n) => {
                     let data = buf.prefix(n);
-                    match &mut check {
-                        Check::Sha256 => out_hasher.update(data),
-                        Check::Verity(hashes) => hashes.update(data),
+                    if by_sha256 {
+                        out_hasher.update(data);
                     }
                     out_len += n as u64;
                     since_sync += n as u64;
@@ -522,11 +543,15 @@ fn stream(
             "artifact {name}: the decompressing thread panicked"
         )));
     };
-    let sha = |counted: &HashReader<_>| hex::encode(counted.hasher.clone().finalize());
+    let sha = |counted: &HashReader<_>| {
+        let hasher = counted.hasher.clone();
+        hasher.map(|h| hex::encode(h.finalize()))
+    };
     let download_mismatch = |counted: &HashReader<_>| {
-        let sha = sha(counted);
+        let sha = sha(counted).unwrap_or_default();
         let expected = artifact.size - start.offset;
-        if counted.len != expected || (whole && sha != artifact.sha256.as_str()) {
+        let sha_differs = whole && counted.hasher.is_some() && sha != artifact.sha256.as_str();
+        if counted.len != expected || sha_differs {
             Some(ApplyError::Rejected(mismatch(
                 name,
                 "download",
@@ -560,7 +585,7 @@ fn stream(
     }
     // A resumed stream has not seen the first frames; the final check covers the whole content.
     if whole {
-        if let Check::Sha256 = check {
+        if by_sha256 {
             let out_sha = hex::encode(out_hasher.finalize());
             check_content(name, artifact, out_len, &out_sha)
                 .map_err(|e| ApplyError::Rejected(e.to_string()))?;
@@ -579,6 +604,7 @@ fn decompress<R: Read>(
     frames: &[Frame],
     first: usize,
     counted: &mut HashReader<R>,
+    mut block_hashes: Option<&mut BlockHashes>,
     full: &std::sync::mpsc::SyncSender<Piece>,
     free: &std::sync::mpsc::Receiver<AlignedBuf>,
 ) -> io::Result<()> {
@@ -608,6 +634,9 @@ fn decompress<R: Read>(
                     io::ErrorKind::InvalidData,
                     "decompresses to more bytes than the manifest says",
                 ));
+            }
+            if let Some(hashes) = block_hashes.as_deref_mut() {
+                hashes.update(buf.prefix(n));
             }
             if full.send(Piece::Data(buf, n)).is_err() {
                 return Ok(());
@@ -733,7 +762,8 @@ fn hash_reader(reader: &mut dyn Read) -> io::Result<(u64, String)> {
 /// opposed to the decoder rejecting the data.
 struct HashReader<R> {
     inner: R,
-    hasher: Sha256,
+    /// None when the caller checks the content by other means.
+    hasher: Option<Sha256>,
     len: u64,
     io_failed: bool,
 }
@@ -742,7 +772,9 @@ impl<R: Read> Read for HashReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self.inner.read(buf) {
             Ok(n) => {
-                self.hasher.update(&buf[..n]);
+                if let Some(hasher) = &mut self.hasher {
+                    hasher.update(&buf[..n]);
+                }
                 self.len += n as u64;
                 Ok(n)
             }
