@@ -455,7 +455,7 @@ fn stream(
         .map_err(|e| failed(format!("artifact {name}: seeking: {e}")))?;
     // The root image's blocks are hashed on the decompressing thread (which has time to spare
     // while the other one waits for the device); the buffer is not changed after that.
-    let mut block_hashes = match check {
+    let block_hashes = match check {
         Check::Verity(hashes) => {
             hashes.start(start.uncompressed_offset);
             Some(hashes)
@@ -493,7 +493,7 @@ fn stream(
                 frames,
                 first,
                 &mut counted,
-                block_hashes.as_deref_mut(),
+                block_hashes,
                 &full_tx,
                 &free_rx,
             );
@@ -584,12 +584,10 @@ fn stream(
         return Err(mismatch);
     }
     // A resumed stream has not seen the first frames; the final check covers the whole content.
-    if whole {
-        if by_sha256 {
-            let out_sha = hex::encode(out_hasher.finalize());
-            check_content(name, artifact, out_len, &out_sha)
-                .map_err(|e| ApplyError::Rejected(e.to_string()))?;
-        }
+    if whole && by_sha256 {
+        let out_sha = hex::encode(out_hasher.finalize());
+        check_content(name, artifact, out_len, &out_sha)
+            .map_err(|e| ApplyError::Rejected(e.to_string()))?;
     }
     sink.sync()
         .map_err(|e| failed(format!("artifact {name}: writing: {e}")))?;

@@ -188,7 +188,7 @@ impl PartitionWriter {
                     part.label
                 )
             })?;
-        let aligned = part.start % DIRECT_ALIGN as u64 == 0;
+        let aligned = part.start.is_multiple_of(DIRECT_ALIGN as u64);
         let direct = fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
