@@ -448,7 +448,16 @@ fn stream(
     } else {
         artifact.frames.clone()
     };
-    let first = if first < frames.len() { first } else { 0 };
+    // Block hashes resume only at a block boundary (a frame of `plinth publish` is 16 MiB).
+    let resumable = |f: &Frame| {
+        !matches!(check, Check::Verity(_))
+            || f.uncompressed_offset.is_multiple_of(VERITY_BLOCK_SIZE)
+    };
+    let first = if frames.get(first).is_some_and(resumable) {
+        first
+    } else {
+        0
+    };
     let whole = first == 0;
     let start = frames[first];
     sink.seek_to(start.uncompressed_offset)
