@@ -1062,16 +1062,13 @@ fn an_interrupted_update_resumes_or_restarts_and_never_exposes_a_partial_slot() 
         // Every artifact was staged on /var before the first write: nothing is downloaded again.
         let requests = m.server.requests(&manifest.artifacts.root.path);
         assert_eq!(requests.len(), root_requests, "{point}: stage {stage:?}");
-        // Completed stages are not redone; an interrupted root write resumes at the first frame
-        // not yet synced, not from the start.
+        // Completed stages are not redone. An interrupted root write resumes at the first frame
+        // not yet synced; the partition is synced every `SYNC_BYTES` (at a frame end), more than
+        // this root image, so a cut in the middle starts it again (apply.rs's unit tests cut
+        // between syncs).
         let frames = &manifest.artifacts.root.frames;
+        assert!(manifest.artifacts.root.uncompressed_size < init::update::apply::SYNC_BYTES);
         match point {
-            "mid root" => assert!(
-                first_root_write.is_some_and(
-                    |b| b > frames[3].uncompressed_offset && b <= frames[4].uncompressed_offset
-                ),
-                "{point}: first write ended at {first_root_write:?}"
-            ),
             _ if stage.is_some_and(|s| s >= Stage::RootWritten) => {
                 assert_eq!(
                     first_root_write, None,

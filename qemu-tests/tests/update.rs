@@ -639,7 +639,7 @@ fn a_power_cut_at_each_update_stage_leaves_a_machine_that_finishes_the_update() 
     );
 
     // Boots 2 to 4: slot A and v1 again each time, the agent carries on with the update (resuming
-    // the root from its last complete frame); power cut 2 while the rest of the root is written,
+    // the root from its last synced frame); power cut 2 while the rest of the root is written,
     // power cut 3 after both partitions are written, power cut 4 while the kernel and initrd go
     // to the ESP (checked from the stages the agent reported).
     for (cut, stage, wait_ms, not_reached, point) in [

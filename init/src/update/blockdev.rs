@@ -123,3 +123,143 @@ fn read_partitions(file: &mut fs::File, path: &Path) -> Result<Vec<Partition>> {
         os_config::gpt::read(file).with_context(|| format!("reading GPT of {}", path.display()))?;
     Ok(table.partitions)
 }
+
+/// Alignment of [`AlignedBuf`] and of `O_DIRECT` writes: the largest logical block size of a disk.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A byte buffer whose start is [`DIRECT_ALIGN`]-aligned, as `O_DIRECT` needs (allocated once,
+/// reused for every piece).
+#[derive(Debug)]
+pub struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes.
+    pub fn new(len: usize) -> AlignedBuf {
+        let storage = vec![0u8; len + DIRECT_ALIGN];
+        let start = storage.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    /// The whole buffer.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+
+    /// Its first `n` bytes.
+    pub fn prefix(&self, n: usize) -> &[u8] {
+        &self.storage[self.start..self.start + n.min(self.len)]
+    }
+}
+
+/// A partition written with `O_DIRECT` where the file system or device allows it: the device
+/// receives (by DMA) the very buffer the caller hashed, with no page-cache copy in between that
+/// could be written back later or differ, and the cache is not filled with a slot's worth of
+/// pages. Pieces that are not [`DIRECT_ALIGN`]-aligned (the tail of an artifact), and every write
+/// when `O_DIRECT` is refused (tmpfs, some file systems), go through the ordinary descriptor.
+#[derive(Debug)]
+pub struct PartitionWriter {
+    buffered: fs::File,
+    direct: Option<fs::File>,
+    start: u64,
+    size: u64,
+    position: u64,
+    label: String,
+}
+
+impl PartitionWriter {
+    /// Opens `part` of the disk at `path` for writing from its start.
+    pub fn open(path: &Path, part: &Partition) -> Result<PartitionWriter> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let buffered = fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "opening {} to write partition {}",
+                    path.display(),
+                    part.label
+                )
+            })?;
+        let aligned = part.start.is_multiple_of(DIRECT_ALIGN as u64);
+        let direct = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+            .filter(|_| aligned);
+        Ok(PartitionWriter {
+            buffered,
+            direct,
+            start: part.start,
+            size: part.size,
+            position: 0,
+            label: part.label.clone(),
+        })
+    }
+
+    /// Whether writes go around the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Continues writing at `offset` bytes into the partition.
+    pub fn seek_to(&mut self, offset: u64) {
+        self.position = offset;
+    }
+
+    /// Makes everything written durable: both descriptors' data, and the device's write cache.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if let Some(direct) = &self.direct {
+            direct.sync_data()?;
+        }
+        self.buffered.sync_data()
+    }
+}
+
+impl io::Write for PartitionWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt as _;
+        let room = self.size.saturating_sub(self.position);
+        if buf.len() as u64 > room {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "{} bytes at offset {} do not fit partition {} ({} bytes)",
+                    buf.len(),
+                    self.position,
+                    self.label,
+                    self.size
+                ),
+            ));
+        }
+        let at = self.start + self.position;
+        let aligned = (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && at.is_multiple_of(DIRECT_ALIGN as u64);
+        match &self.direct {
+            Some(direct) if aligned => match direct.write_all_at(buf, at) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The file system takes O_DIRECT opens but not the writes: buffered from now.
+                    self.direct = None;
+                    self.buffered.write_all_at(buf, at)?;
+                }
+                other => other?,
+            },
+            _ => self.buffered.write_all_at(buf, at)?,
+        }
+        self.position += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -28,6 +28,43 @@ pub fn verify_tree<D: Read, T: Read + Seek>(
     tree: &mut T,
     expected_blocks: u64,
 ) -> Result<[u8; 32], VerityError> {
+    let mut block = vec![0u8; BLOCK];
+    verify_tree_with(tree, expected_blocks, &mut |salt| {
+        data.read_exact(&mut block)?;
+        Ok(verity_hash(salt, &block))
+    })
+}
+
+/// Like [`verify_tree`], with the data blocks' hashes (`sha256(salt || block)`, in order) known
+/// already, for example computed while the data was written: nothing of the data is read.
+pub fn verify_tree_hashes<T: Read + Seek>(
+    hashes: &[[u8; 32]],
+    tree: &mut T,
+    expected_blocks: u64,
+) -> Result<[u8; 32], VerityError> {
+    let mut next = hashes.iter();
+    verify_tree_with(tree, expected_blocks, &mut |_| {
+        next.next().copied().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} data block hashes for {expected_blocks} blocks",
+                    hashes.len()
+                ),
+            )
+            .into()
+        })
+    })
+}
+
+/// The hash of the next data block, given the tree's salt.
+type DataHash<'a> = &'a mut dyn FnMut(&[u8]) -> Result<[u8; 32], VerityError>;
+
+fn verify_tree_with<T: Read + Seek>(
+    tree: &mut T,
+    expected_blocks: u64,
+    data_hash: DataHash<'_>,
+) -> Result<[u8; 32], VerityError> {
     let mut sb_bytes = vec![0u8; 512];
     tree.seek(SeekFrom::Start(0))?;
     tree.read_exact(&mut sb_bytes)?;
@@ -43,8 +80,7 @@ pub fn verify_tree<D: Read, T: Read + Seek>(
     let mut block = vec![0u8; BLOCK];
     if levels.is_empty() {
         // One data block: the root hash is its hash.
-        data.read_exact(&mut block)?;
-        return Ok(verity_hash(&sb.salt, &block));
+        return data_hash(&sb.salt);
     }
     let mut expected = vec![0u8; BLOCK];
     let mut stored = vec![0u8; BLOCK];
@@ -61,14 +97,15 @@ pub fn verify_tree<D: Read, T: Read + Seek>(
             let first = hash_block * HASHES_PER_BLOCK as u64;
             let last = (first + HASHES_PER_BLOCK as u64).min(source_count);
             for (slot, index) in (first..last).enumerate() {
-                match source_start {
-                    None => data.read_exact(&mut block)?,
+                let hash = match source_start {
+                    None => data_hash(&sb.salt)?,
                     Some(p) => {
                         tree.seek(SeekFrom::Start((p + index) * VERITY_BLOCK_SIZE))?;
                         tree.read_exact(&mut block)?;
+                        verity_hash(&sb.salt, &block)
                     }
-                }
-                expected[slot * 32..slot * 32 + 32].copy_from_slice(&verity_hash(&sb.salt, &block));
+                };
+                expected[slot * 32..slot * 32 + 32].copy_from_slice(&hash);
             }
             tree.seek(SeekFrom::Start((position + hash_block) * VERITY_BLOCK_SIZE))?;
             tree.read_exact(&mut stored)?;
@@ -105,6 +142,19 @@ mod tests {
             )
             .expect("verifies");
             assert_eq!(hex::encode(got), want, "{blocks} blocks");
+            let salt = VeritySuperblock::parse(&tree[..512])
+                .expect("superblock")
+                .salt;
+            let mut hashes: Vec<[u8; 32]> =
+                data.chunks(BLOCK).map(|b| verity_hash(&salt, b)).collect();
+            let got = verify_tree_hashes(&hashes, &mut io::Cursor::new(&tree), blocks);
+            assert_eq!(hex::encode(got.expect("verifies")), want, "{blocks} blocks");
+            hashes[blocks as usize / 2][0] ^= 1;
+            assert!(matches!(
+                verify_tree_hashes(&hashes, &mut io::Cursor::new(&tree), blocks),
+                Err(VerityError::Mismatch { level: 0, .. })
+            ));
+            assert!(verify_tree_hashes(&hashes[1..], &mut io::Cursor::new(&tree), blocks).is_err());
             let mut bad = data.clone();
             bad[(blocks as usize - 1) * 4096 + 17] ^= 1;
             assert!(matches!(
