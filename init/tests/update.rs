@@ -716,6 +716,60 @@ fn the_esp_stays_fsck_clean_through_updates_a_b_a_b() {
 }
 
 #[test]
+fn boot_files_the_esp_already_holds_are_copied_not_downloaded() {
+    let m = Machine::new();
+    // Version 2 changes the root only: same kernel and initrd as the running version 1.
+    let mut v2 = content(2, 320);
+    v2.kernel = m.v1.kernel.clone();
+    v2.initrd = m.v1.initrd.clone();
+    let manifest = publish(&m.releases, &m.key, "demo", "2", &v2);
+    assert_eq!(
+        m.agent().apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged {
+            version: "2".into(),
+            slot: Slot::B
+        }
+    );
+    for path in [
+        &manifest.artifacts.kernel.path,
+        &manifest.artifacts.initrd.path,
+    ] {
+        assert!(m.server.requests(path).is_empty(), "{path} was downloaded");
+    }
+    assert_eq!(m.server.requests(&manifest.artifacts.root.path).len(), 1);
+    m.assert_slot_b_holds(&v2, "2");
+    m.fsck_esp();
+
+    // Version 3 changes the kernel: it is downloaded; the initrd is still copied.
+    let mut v3 = content(3, 330);
+    v3.initrd = m.v1.initrd.clone();
+    let manifest = publish(&m.releases, &m.key, "demo", "3", &v3);
+    m.boot(Slot::B, "2");
+    bless_disk(&m.disk, Slot::B, "2").expect("bless");
+    assert_eq!(
+        m.agent().apply(None, &mut |_| Ok(())).expect("apply"),
+        Outcome::Staged {
+            version: "3".into(),
+            slot: Slot::A
+        }
+    );
+    assert_eq!(m.server.requests(&manifest.artifacts.kernel.path).len(), 1);
+    assert!(m
+        .server
+        .requests(&manifest.artifacts.initrd.path)
+        .is_empty());
+    assert_eq!(
+        m.esp_file(&os_config::boot::Entry::kernel_path(Slot::A)),
+        v3.kernel
+    );
+    assert_eq!(
+        m.esp_file(&os_config::boot::Entry::initrd_path(Slot::A)),
+        v3.initrd
+    );
+    m.fsck_esp();
+}
+
+#[test]
 fn offline_apply_from_a_folder() {
     let m = Machine::new();
     let v2 = content(2, 150);

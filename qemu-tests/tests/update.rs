@@ -840,6 +840,45 @@ fn bless_of_a_healthy_release_and_rollback_of_a_crash_looping_one() -> Result<()
         served == bytes,
         "the server sent {served} bytes of chunks and index, the agent counted {bytes}"
     );
+    // The whole update: the kernel and initramfs are v2's (the ESP holds them), so besides the
+    // chunks only the verity tree comes down, and all of it is at most 5% of the full payload.
+    for (name, old, new) in [
+        (
+            "kernel",
+            &v2_manifest.artifacts.kernel,
+            &v3.artifacts.kernel,
+        ),
+        (
+            "initrd",
+            &v2_manifest.artifacts.initrd,
+            &v3.artifacts.initrd,
+        ),
+    ] {
+        let count = requests
+            .iter()
+            .filter(|r| **r == format!("/{}", new.path))
+            .count();
+        let expected = usize::from(old.uncompressed_sha256 != new.uncompressed_sha256);
+        ensure!(
+            count == expected,
+            "v3's {name} was requested {count} times (expected {expected}: v2's is the same: {})",
+            expected == 0
+        );
+    }
+    let downloaded: u64 = requests
+        .iter()
+        .filter(|r| !r.ends_with(".json") && !r.ends_with(".sig"))
+        .map(|r| std::fs::metadata(work.join("rel3").join(&r[1..])).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?;
+    let full: u64 = v3.artifacts.named().iter().map(|(_, a)| a.size).sum();
+    ensure!(
+        downloaded * 20 <= full,
+        "the update downloaded {downloaded} bytes, more than 5% of the {full} byte full payload: {requests:?}"
+    );
+    eprintln!(
+        "v3 over v2 downloaded {downloaded} bytes of a {full} byte full payload ({:.2}%)",
+        downloaded as f64 * 100.0 / full as f64
+    );
     let written = v3.artifacts.root.uncompressed_size + v3.artifacts.verity.uncompressed_size;
     eprintln!(
         "v3 applied in {wall:.1}s: {:.1} MB written to root-b and verity-b ({:.1} MB/s); delta: {reused} chunks reused, {fetched} downloaded, {:.2} MB of the {:.1} MB root artifact ({:.2}%), verity {:.1} MB",
@@ -975,8 +1014,21 @@ fn bless_of_a_healthy_release_and_rollback_of_a_crash_looping_one() -> Result<()
     for (name, artifact) in v4.artifacts.named() {
         let path = format!("/{}", artifact.path);
         let count = requests.iter().filter(|r| **r == path).count();
-        // v4's root comes from chunks (v3's and downloaded ones), not the root artifact.
-        let expected = usize::from(name != "root" || v4.root_chunks.is_none());
+        // v4's root comes from chunks (v3's and downloaded ones), not the root artifact; its
+        // kernel and initramfs are copied on the ESP where v3's are the same.
+        let expected = match name {
+            "root" => usize::from(v4.root_chunks.is_none()),
+            "kernel" | "initrd" => {
+                let (_, held) = v3
+                    .artifacts
+                    .named()
+                    .into_iter()
+                    .find(|(n, _)| *n == name)
+                    .context("v3's artifacts")?;
+                usize::from(held.uncompressed_sha256 != artifact.uncompressed_sha256)
+            }
+            _ => 1,
+        };
         ensure!(
             count == expected,
             "v4's {name} artifact {path} was requested {count} times (expected {expected}): {requests:?}"

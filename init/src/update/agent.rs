@@ -542,7 +542,13 @@ impl Agent {
                 }
             }
         }
-        let skip: &[&str] = if delta.is_some() { &["root"] } else { &[] };
+        // Boot files the ESP already holds (an update that keeps the kernel) are not downloaded.
+        let mut skip: Vec<&str> = apply::boot_files_on_esp(&mut disk, &manifest, slot)
+            .map_err(|e| e.context("reading the boot files on the ESP"))?;
+        if delta.is_some() {
+            skip.push("root");
+        }
+        let skip = skip.as_slice();
         // Everything is downloaded and checked on /var before the first byte of the slot, its
         // entry or the ESP changes.
         let staging = Staging::new(self.staging_dir());

@@ -65,6 +65,55 @@ pub struct Job<'a> {
 
 pub type Hook<'h> = &'h mut dyn FnMut(&Event) -> anyhow::Result<()>;
 
+/// The boot files (`kernel`, `initrd`) of `manifest` that the ESP already holds with the
+/// manifest's content, for `slot` or for the running slot: staging leaves them out and
+/// [`apply`] copies them on the ESP instead of downloading them again.
+pub fn boot_files_on_esp(
+    disk: &mut Disk,
+    manifest: &Manifest,
+    slot: Slot,
+) -> anyhow::Result<Vec<&'static str>> {
+    use anyhow::Context as _;
+    let esp_part = disk.partition("esp")?;
+    let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
+    let mut held = Vec::new();
+    for (name, artifact) in [
+        ("kernel", &manifest.artifacts.kernel),
+        ("initrd", &manifest.artifacts.initrd),
+    ] {
+        if held_copy(&esp, artifact, slot, name)?.is_some() {
+            held.push(name);
+        }
+    }
+    esp.close()?;
+    Ok(held)
+}
+
+/// The ESP path of a file with `artifact`'s uncompressed content: `slot`'s own, else the other
+/// slot's; `None` if neither holds it.
+fn held_copy<S: super::esp::Storage>(
+    esp: &Esp<S>,
+    artifact: &Artifact,
+    slot: Slot,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
+    for candidate in [slot, slot.other()] {
+        let path = if name == "kernel" {
+            Entry::kernel_path(candidate)
+        } else {
+            Entry::initrd_path(candidate)
+        };
+        let Ok(mut file) = esp.open_file(&path) else {
+            continue;
+        };
+        let (len, sha) = hash_reader(&mut file)?;
+        if len == artifact.uncompressed_size && sha == artifact.uncompressed_sha256.as_str() {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
 /// Applies `job` to `disk`, recording progress in `state` (saved to `state_path`).
 pub fn apply(
     job: &Job<'_>,
@@ -133,7 +182,17 @@ pub fn apply(
             ),
         ] {
             let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
-            {
+            let held = held_copy(&esp, artifact, slot, name)?;
+            if held.as_deref() == Some(path.as_str()) {
+                // Already there (an update that keeps the kernel, or a resumed one).
+            } else if let Some(from) = held {
+                let mut source = esp.open_file(&from)?;
+                let mut file = esp.create_file(&path)?;
+                io::copy(&mut source, &mut file)
+                    .with_context(|| format!("copying {from} to {path} on the ESP"))?;
+                file.flush()
+                    .with_context(|| format!("writing {path} on the ESP"))?;
+            } else {
                 let mut file = esp.create_file(&path)?;
                 let target = Target {
                     name,
