@@ -76,6 +76,7 @@ fn main() -> Result<()> {
         salt: hex::encode(params.salt),
         data_blocks: tree.data_blocks,
         cmdline: Vec::new(),
+        root_chunks: None,
         rollout: None,
         artifacts: Artifacts {
             root: root_artifact,
