@@ -928,6 +928,7 @@ mod tests {
                 salt: "c0ffee".to_owned(),
                 data_blocks: root.len() as u64 / 4096,
                 cmdline: Vec::new(),
+                root_chunks: None,
                 rollout: None,
                 artifacts: Artifacts {
                     root: store(&releases, &root),
