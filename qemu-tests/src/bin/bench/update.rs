@@ -195,13 +195,16 @@ pub fn bench_update(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>)
             let load = load_now();
             let secs = match side {
                 Side::Ours => {
+                    // Each line of the agent stamped with the guest's uptime: where the time goes.
                     let (secs, output) = guest_timed(
                         engine,
-                        "nsenter -t 1 -m -- /usr/bin/plinth-update apply --from /dev/vdb",
+                        "set -o pipefail; nsenter -t 1 -m -- /usr/bin/plinth-update apply --from /dev/vdb 2>&1 | \
+                         while IFS= read -r l; do read u _ < /proc/uptime; echo \"AT $u $l\"; done",
                     )?;
                     if !output.contains("update-staged version=1.0.1") {
                         bail!("the apply did not stage 1.0.1:\n{output}");
                     }
+                    print_profile(&output);
                     secs
                 }
                 Side::Baseline => guest_timed(engine, &baseline_script)?.0,
@@ -215,4 +218,23 @@ pub fn bench_update(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>)
     rows.push(wall);
     rows.push(rate);
     Ok(())
+}
+
+/// Prints the agent's lines with the seconds since its first line (the guest's uptime stamps that
+/// `AT <uptime>` puts before each), so a run shows which step of the apply took the time.
+fn print_profile(output: &str) {
+    let mut first = None;
+    for line in output.lines() {
+        let Some(rest) = line.strip_prefix("AT ") else {
+            continue;
+        };
+        let Some((at, text)) = rest.split_once(' ') else {
+            continue;
+        };
+        let Ok(at) = at.parse::<f64>() else {
+            continue;
+        };
+        let start = *first.get_or_insert(at);
+        eprintln!("     +{:6.2} s  {text}", at - start);
+    }
 }
