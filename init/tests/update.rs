@@ -1504,7 +1504,21 @@ fn lock_server(status: u16, body: &'static str) -> (String, Arc<Mutex<Vec<String
             let mut line = String::new();
             let _ = reader.read_line(&mut line);
             log.lock().expect("log").push(line.trim().to_owned());
-            // The rest of the request is not needed: answer and close.
+            // Read the whole request before answering: closing with unread bytes resets the
+            // connection, and the client may see the reset before the answer.
+            let mut length = 0usize;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let _ = std::io::copy(&mut (&mut reader).take(length as u64), &mut std::io::sink());
             let _ = write!(
                 &stream,
                 "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}",
