@@ -225,15 +225,7 @@ pub fn dep_table(modules: &[Module]) -> Result<String> {
         let module = by_name
             .get(name)
             .with_context(|| format!("no module named `{name}`"))?;
-        for dep in &module.info.depends {
-            if !by_name.contains_key(dep.as_str()) {
-                bail!(
-                    "module `{}` ({}) depends on `{dep}`, which is not among the modules",
-                    module.name,
-                    module.path
-                );
-            }
-        }
+        check_depends(module, &by_name)?;
         Ok(module.info.depends.clone())
     };
     let mut out = String::new();
@@ -303,6 +295,23 @@ fn softdep_names(value: &str) -> impl Iterator<Item = String> + '_ {
         .map(normalise_name)
 }
 
+/// An error naming `module` and the first module its `depends=` names that `by_name` lacks.
+fn check_depends(module: &Module, by_name: &BTreeMap<&str, &Module>) -> Result<()> {
+    if let Some(dep) = module
+        .info
+        .depends
+        .iter()
+        .find(|dep| !by_name.contains_key(dep.as_str()))
+    {
+        bail!(
+            "module `{}` ({}) depends on `{dep}`, which is not among the modules",
+            module.name,
+            module.path
+        );
+    }
+    Ok(())
+}
+
 /// The modules of `all` an image ships: `roots` and, transitively, every module they depend on
 /// (`depends=`) or name as a soft dependency (`pre:` and `post:`), so that `modules.dep` of the
 /// result is complete. A root or soft dependency that is not among `all` (built in, or not in
@@ -322,16 +331,8 @@ pub fn ship_closure<'a>(
         if !shipped.insert(module.name.as_str()) {
             continue;
         }
-        for dep in &module.info.depends {
-            if !by_name.contains_key(dep.as_str()) {
-                bail!(
-                    "module `{}` ({}) depends on `{dep}`, which is not among the modules",
-                    module.name,
-                    module.path
-                );
-            }
-            todo.push(dep.clone());
-        }
+        check_depends(module, &by_name)?;
+        todo.extend(module.info.depends.iter().cloned());
         for softdep in &module.info.softdeps {
             todo.extend(softdep_names(softdep));
         }
