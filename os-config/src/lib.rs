@@ -14,6 +14,7 @@ pub mod fat;
 pub mod gpt;
 pub mod initramfs;
 pub mod layout;
+pub mod live;
 pub mod manifest;
 pub mod modules;
 #[cfg(any(test, feature = "oracles"))]
