@@ -274,6 +274,75 @@ pub fn malloc_trim() -> bool {
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
+/// `LOOP_CTL_GET_FREE` of `<linux/loop.h>`: the number of a free loop device (created if needed).
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+/// `LOOP_CONFIGURE` (Linux 5.8): attach a file and set its flags in one call.
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+/// `LO_FLAGS_READ_ONLY`.
+const LO_FLAGS_READ_ONLY: u32 = 1;
+
+/// `struct loop_info64` of `<linux/loop.h>`.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// `struct loop_config` of `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Asks `/dev/loop-control` for a free loop device; returns its number.
+pub fn loop_get_free(control: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument; the descriptor is borrowed and open.
+    let rc = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(rc).map_err(|_| io::Error::other("LOOP_CTL_GET_FREE returned a negative number"))
+}
+
+/// Attaches `backing` to the loop device `device`, read-only, with 4096-byte logical blocks
+/// (`LOOP_CONFIGURE`).
+pub fn loop_configure_read_only(device: BorrowedFd<'_>, backing: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = u32::try_from(backing.as_raw_fd())
+        .map_err(|_| io::Error::other("negative file descriptor"))?;
+    // SAFETY: both structs are plain integers and byte arrays, for which all zeros is valid.
+    let mut config: LoopConfig = unsafe { std::mem::zeroed() };
+    config.fd = fd;
+    config.block_size = 4096;
+    config.info.flags = LO_FLAGS_READ_ONLY;
+    // SAFETY: `config` is a live `struct loop_config` the kernel only reads; both descriptors
+    // are borrowed and open.
+    let rc = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            LOOP_CONFIGURE,
+            &config as *const LoopConfig,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

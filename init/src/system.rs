@@ -36,6 +36,8 @@ pub struct Paths {
     pub tmp: PathBuf,
     /// The plinth-init executable inside the new root, relative to it (`usr/bin/plinth-init`).
     pub init_in_root: PathBuf,
+    /// A live boot's root in the initramfs (`/plinth/root.live`).
+    pub live_root: PathBuf,
 }
 
 impl Default for Paths {
@@ -59,6 +61,7 @@ impl Paths {
             var: root.join("var"),
             tmp: root.join("tmp"),
             init_in_root: PathBuf::from("usr/bin/plinth-init"),
+            live_root: root.join(os_config::live::ROOT_IN_INITRD),
         }
     }
 
@@ -118,6 +121,8 @@ pub trait System {
         targets: &[(u64, u64, &str, &str)],
         read_only: bool,
     ) -> io::Result<(u32, u32)>;
+    /// Attaches `file` read-only to a free loop device (4096-byte blocks); returns its node.
+    fn loop_attach(&self, file: &Path) -> io::Result<PathBuf>;
     /// Makes `new_root` the root: chdir, move it onto `/`, chroot.
     fn switch_root(&self, new_root: &Path) -> io::Result<()>;
     /// Replaces the process image; returns only on failure.
@@ -285,6 +290,39 @@ impl System for RealSystem {
             }
         }
         loaded
+    }
+
+    fn loop_attach(&self, file: &Path) -> io::Result<PathBuf> {
+        let context =
+            |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+        let control = fs::File::open("/dev/loop-control").map_err(context(
+            "opening /dev/loop-control (is the loop driver loaded?)".into(),
+        ))?;
+        let number = crate::syscall::loop_get_free(control.as_fd()).map_err(context(
+            "asking /dev/loop-control for a free loop device".into(),
+        ))?;
+        let node = PathBuf::from(format!("/dev/loop{number}"));
+        if !node.exists() {
+            // devtmpfs may lag behind the new device: loop devices are block major 7.
+            self.mknod_block(&node, 7, number)
+                .map_err(context(format!("creating {}", node.display())))?;
+        }
+        let device = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&node)
+            .or_else(|_| fs::File::open(&node))
+            .map_err(context(format!("opening {}", node.display())))?;
+        let backing =
+            fs::File::open(file).map_err(context(format!("opening {}", file.display())))?;
+        crate::syscall::loop_configure_read_only(device.as_fd(), backing.as_fd()).map_err(
+            context(format!(
+                "attaching {} to {}",
+                file.display(),
+                node.display()
+            )),
+        )?;
+        Ok(node)
     }
 
     fn switch_root(&self, new_root: &Path) -> io::Result<()> {

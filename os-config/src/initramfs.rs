@@ -24,6 +24,10 @@ pub const MODULES: &[&str] = &[
     // Device-mapper and dm-verity, which open the root through its hash tree.
     "dm_mod",
     "dm_verity",
+    // A live (network) boot's root is a file in the initramfs, opened through a loop device; on
+    // QEMU, fw_cfg may carry installation arguments (`os_config::live::FW_CFG_CMDLINE`).
+    "loop",
+    "qemu_fw_cfg",
 ];
 
 #[cfg(test)]

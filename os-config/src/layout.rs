@@ -371,13 +371,26 @@ impl VeritySuperblock {
         root_hash: &str,
         extra: &[&str],
     ) -> String {
+        self.table_params_at(data_dev, hash_dev, 1, root_hash, extra)
+    }
+
+    /// [`Self::table_params`] with the hash tree at block `hash_start` of `hash_dev` (the block
+    /// after this superblock): a live root holds data, superblock and tree in one file.
+    pub fn table_params_at(
+        &self,
+        data_dev: &str,
+        hash_dev: &str,
+        hash_start: u64,
+        root_hash: &str,
+        extra: &[&str],
+    ) -> String {
         let salt = if self.salt.is_empty() {
             "-".to_owned()
         } else {
             hex::encode(&self.salt)
         };
         let mut params = format!(
-            "1 {data_dev} {hash_dev} {VERITY_BLOCK_SIZE} {VERITY_BLOCK_SIZE} {} 1 sha256 {root_hash} {salt}",
+            "1 {data_dev} {hash_dev} {VERITY_BLOCK_SIZE} {VERITY_BLOCK_SIZE} {} {hash_start} sha256 {root_hash} {salt}",
             self.data_blocks
         );
         if !extra.is_empty() {

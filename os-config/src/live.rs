@@ -42,3 +42,44 @@ pub const FW_CFG_ALLOWED: [&str; 4] = [
     ARG_INSTALL_SHA256,
     ARG_INSTALL_WIPE,
 ];
+
+/// The number of root data blocks in a `root.live` of `len` bytes: the `d` for which `d` blocks
+/// plus their verity device (superblock and tree) are exactly `len` bytes. `None` when no `d`
+/// fits, so the file cannot be a live root.
+pub fn data_blocks_of(len: u64) -> Option<u64> {
+    let block = crate::manifest::VERITY_BLOCK_SIZE;
+    if !len.is_multiple_of(block) {
+        return None;
+    }
+    let size = |d: u64| d * block + crate::manifest::verity_size(d);
+    // `size` grows strictly with `d`: search the smallest `d` whose size reaches `len`.
+    let (mut low, mut high) = (0u64, len / block);
+    while low < high {
+        let mid = low + (high - low) / 2;
+        if size(mid) < len {
+            low = mid + 1;
+        } else {
+            high = mid;
+        }
+    }
+    (low > 0 && size(low) == len).then_some(low)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_blocks_of_a_live_root_are_found_from_its_length() {
+        let block = crate::manifest::VERITY_BLOCK_SIZE;
+        for d in [1u64, 2, 127, 128, 129, 4096, 16_384, 16_385, 13_421] {
+            let len = d * block + crate::manifest::verity_size(d);
+            assert_eq!(data_blocks_of(len), Some(d), "{d}");
+        }
+        // Not whole blocks, empty, or a length no data size gives (one block too many).
+        assert_eq!(data_blocks_of(4097), None);
+        assert_eq!(data_blocks_of(0), None);
+        let len = 128 * block + crate::manifest::verity_size(128);
+        assert_eq!(data_blocks_of(len + block), None);
+    }
+}

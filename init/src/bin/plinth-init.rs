@@ -13,6 +13,21 @@ fn main() {
         Ok(Stage::One) => init::stage1::run(),
         Ok(Stage::Two) => {
             let path = std::path::Path::new(init::stage2::workload::DEFINITION_PATH);
+            // A live boot asked to install: no engine, the installer, then the installed disk.
+            match init::stage2::install::requested() {
+                Ok(Some(request)) => {
+                    match init::stage2::install::InstallWorkload::load(request, path) {
+                        Ok(workload) => init::stage2::run(Arc::new(workload)),
+                        Err(e) => init::stage2::fatal(e),
+                    }
+                }
+                Ok(None) => {}
+                // Reported, then the live system comes up as it would without the request.
+                Err(e) => init::status::status(
+                    "install-failed",
+                    &[("reason", "bad-arguments"), ("error", &format!("{e:#}"))],
+                ),
+            }
             match init::stage2::workload::DockerWorkload::load(path) {
                 // A boot whose entry still carries a boot counter is blessed only once healthy.
                 Ok(workload) => {

@@ -1,5 +1,5 @@
-//! What stage 1 requires of the kernel command line: `plinth.slot=`, `plinth.version=`,
-//! `plinth.roothash=`, `plinth.verity=`. The line is split by `os_config::cmdline` (the kernel's
+//! What stage 1 requires of the kernel command line: `plinth.slot=` (or `plinth.live`),
+//! `plinth.version=`, `plinth.roothash=`, `plinth.verity=`. The line is split by `os_config::cmdline` (the kernel's
 //! quoting, the last value of a key wins); the keys are `os_config::boot`'s.
 
 use std::fmt;
@@ -7,6 +7,7 @@ use std::fmt;
 use os_config::boot::{verity_off, ARG_ROOTHASH, ARG_SLOT, ARG_VERITY, ARG_VERSION};
 use os_config::cmdline::Cmdline as Args;
 use os_config::layout::Slot;
+use os_config::live::ARG_LIVE;
 
 /// A dm-verity root hash (SHA-256, 32 bytes).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -57,8 +58,10 @@ impl fmt::Display for RootHash {
 /// What Plinth reads from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
-    /// The slot to boot (`plinth.slot=`).
-    pub slot: Slot,
+    /// The slot to boot (`plinth.slot=`); `None` for a live boot.
+    pub slot: Option<Slot>,
+    /// A live (network) boot: `plinth.live`, the root from the initramfs or `plinth.root-url=`.
+    pub live: bool,
     /// The OS version of the booted entry (`plinth.version=`), if given.
     pub version: Option<String>,
     /// The verity root hash (`plinth.roothash=`); required unless verity is off.
@@ -73,15 +76,22 @@ impl Cmdline {
     /// Parses `/proc/cmdline` content. Double quotes group words (`key="a b"`).
     pub fn parse(text: &str) -> Result<Cmdline, String> {
         let args = Args::parse(text);
+        let live = args.has(ARG_LIVE);
         let slot = match args.value(ARG_SLOT) {
-            Some(text) => Slot::parse(text).ok_or_else(|| {
+            Some(_) if live => {
+                return Err(format!(
+                    "{ARG_LIVE} and {ARG_SLOT}= are both on the kernel command line: a live boot has no slot"
+                ))
+            }
+            Some(text) => Some(Slot::parse(text).ok_or_else(|| {
                 format!(
                     "{ARG_SLOT}={text:?} on the kernel command line: allowed values are a and b"
                 )
-            })?,
+            })?),
+            None if live => None,
             None => {
                 return Err(format!(
-                    "{ARG_SLOT}= is missing from the kernel command line"
+                    "{ARG_SLOT}= is missing from the kernel command line (or {ARG_LIVE} for a live boot)"
                 ))
             }
         };
@@ -105,6 +115,7 @@ impl Cmdline {
         };
         Ok(Cmdline {
             slot,
+            live,
             version: args.value(ARG_VERSION).map(str::to_owned),
             roothash,
             verity,
@@ -125,7 +136,8 @@ mod tests {
             "BOOT_IMAGE=/vmlinuz plinth.slot=b plinth.version=1.2.3 plinth.roothash={HASH} console=ttyS0 quiet msg=\"a b\"\n"
         );
         let cmdline = Cmdline::parse(&line).expect("parses");
-        assert_eq!(cmdline.slot, Slot::B);
+        assert_eq!(cmdline.slot, Some(Slot::B));
+        assert!(!cmdline.live);
         assert_eq!(cmdline.version.as_deref(), Some("1.2.3"));
         assert!(cmdline.verity);
         let hash = cmdline.roothash.expect("hash");

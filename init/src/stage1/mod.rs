@@ -3,6 +3,7 @@
 
 pub mod cmdline;
 pub mod grow;
+pub mod live;
 pub mod verity;
 
 use crate::boot::{Clock, Step};
@@ -80,8 +81,12 @@ pub struct Stage1<'a, S: System> {
     pub loader: Option<ModuleLoader>,
     /// The slot's devices (after `find-disk`).
     pub devices: Option<SlotDevices>,
+    /// A live boot's root file and loop device (after `live-root`).
+    pub live: Option<live::LiveRoot>,
     /// Device to mount as root (after `verity`).
     pub root_device: Option<PathBuf>,
+    /// Whether `root_device` is the dm-verity device.
+    pub root_verified: bool,
     /// Arguments passed on to stage 2.
     pub args: Vec<String>,
 }
@@ -111,7 +116,9 @@ impl<'a, S: System> Stage1<'a, S> {
             cmdline: None,
             loader: None,
             devices: None,
+            live: None,
             root_device: None,
+            root_verified: false,
             args: Vec::new(),
         }
     }
@@ -147,6 +154,10 @@ pub fn steps<'a, S: System>() -> Vec<Step<Stage1<'a, S>>> {
         Step {
             name: "coldplug",
             run: coldplug,
+        },
+        Step {
+            name: "live-root",
+            run: live::live_root,
         },
         Step {
             name: "find-disk",
@@ -215,8 +226,10 @@ fn read_cmdline<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let cmdline =
         Cmdline::parse(&text).map_err(|e| anyhow!("{e} (command line: {})", text.trim()))?;
     crate::info!(
-        "slot {} version {} verity {}",
-        cmdline.slot,
+        "{} version {} verity {}",
+        cmdline
+            .slot
+            .map_or_else(|| "live boot".to_owned(), |slot| format!("slot {slot}")),
         cmdline.version.as_deref().unwrap_or("unknown"),
         if cmdline.verity {
             "on"
@@ -274,8 +287,12 @@ struct Candidate {
 
 fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let cmdline = ctx.cmdline()?.clone();
-    let root_label = cmdline.slot.root_label();
-    let verity_label = cmdline.slot.verity_label();
+    let Some(slot) = cmdline.slot else {
+        // A live boot's root is in the initramfs.
+        return Ok(());
+    };
+    let root_label = slot.root_label();
+    let verity_label = slot.verity_label();
     let class_block = ctx.paths.sys.join("class/block");
     let deadline = ctx.sys.now() + ctx.disk_timeout;
     let mut next_report = ctx.sys.now() + Duration::from_secs(2);
@@ -310,7 +327,7 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             }
         }
         if !candidates.is_empty() {
-            let chosen = choose_candidate(&cmdline, &candidates, root_label, verity_label)?;
+            let chosen = choose_candidate(&cmdline, slot, &candidates, root_label, verity_label)?;
             let devices = slot_devices(ctx, chosen, root_label, verity_label)?;
             crate::info!(
                 "boot disk {}: {} on {}, {} on {}, state on {}",
@@ -359,9 +376,13 @@ fn find_disk<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
 /// searching the disks again. `/run` moves into the new root with the other API filesystems.
 fn record_boot<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let cmdline = ctx.cmdline()?;
+    let Some(slot) = cmdline.slot else {
+        // A live boot has no slot to bless or update.
+        return Ok(());
+    };
     let record = BootRecord {
         disk: ctx.devices()?.disk.clone(),
-        slot: cmdline.slot,
+        slot,
         root_hash: cmdline.roothash.map(|hash| hash.to_hex()),
     };
     let text = record.to_json().map_err(anyhow::Error::msg)?;
@@ -392,6 +413,7 @@ fn labels(table: &gpt::Table) -> String {
 /// Picks the disk whose partition UUIDs match the root hash (any disk when verity is off).
 fn choose_candidate<'c>(
     cmdline: &Cmdline,
+    slot: Slot,
     candidates: &'c [Candidate],
     root_label: &str,
     verity_label: &str,
@@ -423,13 +445,13 @@ fn choose_candidate<'c>(
         bail!(
             "disk {} has partition {root_label} but no partition labelled {verity_label:?} (the dm-verity hash tree of slot {}); partitions: {}",
             first.disk,
-            cmdline.slot,
+            slot,
             labels(&first.table)
         );
     };
     let found = format!("{}{}", root.uuid.simple(), verity.uuid.simple());
     Err(RootHashMismatch {
-        slot: cmdline.slot,
+        slot,
         disk: first.disk.clone(),
         expected: hash,
         found,
@@ -448,41 +470,8 @@ fn slot_devices<S: System>(
     root_label: &str,
     verity_label: &str,
 ) -> Result<SlotDevices> {
-    let class_block = ctx.paths.sys.join("class/block");
-    let node_of = |partition: &Partition| -> Result<PathBuf> {
-        let children = ctx
-            .sys
-            .list_dir(&class_block.join(&chosen.disk))
-            .unwrap_or_default();
-        for child in children {
-            let number = sysfs_text(
-                ctx.sys,
-                &class_block.join(&chosen.disk),
-                &child,
-                "partition",
-            );
-            if number.as_deref() == Some(partition.number.to_string().as_str()) {
-                let node = ctx.paths.dev.join(&child);
-                if !ctx.sys.exists(&node) {
-                    let dev = sysfs_text(ctx.sys, &class_block.join(&chosen.disk), &child, "dev")
-                        .unwrap_or_default();
-                    let (major, minor) = parse_dev(&dev).ok_or_else(|| {
-                        anyhow!("{}: sysfs dev {dev:?} is not MAJOR:MINOR", child)
-                    })?;
-                    ctx.sys
-                        .mknod_block(&node, major, minor)
-                        .with_context(|| format!("creating device node {}", node.display()))?;
-                }
-                return Ok(node);
-            }
-        }
-        bail!(
-            "the kernel shows no partition {} ({:?}) on /dev/{}: is partition support (CONFIG_EFI_PARTITION) missing?",
-            partition.number,
-            partition.label,
-            chosen.disk
-        )
-    };
+    let node_of =
+        |partition: &Partition| partition_node(ctx.sys, &ctx.paths, &chosen.disk, partition);
     let find = |label: &str| -> Result<Option<(Partition, PathBuf)>> {
         match chosen.table.by_label(label) {
             Some(partition) => Ok(Some((partition.clone(), node_of(partition)?))),
@@ -500,6 +489,37 @@ fn slot_devices<S: System>(
     })
 }
 
+/// The device node of `partition` on the whole disk `disk` (a kernel name), created if devtmpfs
+/// has not made it yet.
+pub(crate) fn partition_node<S: System>(
+    sys: &S,
+    paths: &Paths,
+    disk: &str,
+    partition: &Partition,
+) -> Result<PathBuf> {
+    let disk_dir = paths.sys.join("class/block").join(disk);
+    for child in sys.list_dir(&disk_dir).unwrap_or_default() {
+        let number = sysfs_text(sys, &disk_dir, &child, "partition");
+        if number.as_deref() != Some(partition.number.to_string().as_str()) {
+            continue;
+        }
+        let node = paths.dev.join(&child);
+        if !sys.exists(&node) {
+            let dev = sysfs_text(sys, &disk_dir, &child, "dev").unwrap_or_default();
+            let (major, minor) = parse_dev(&dev)
+                .ok_or_else(|| anyhow!("{}: sysfs dev {dev:?} is not MAJOR:MINOR", child))?;
+            sys.mknod_block(&node, major, minor)
+                .with_context(|| format!("creating device node {}", node.display()))?;
+        }
+        return Ok(node);
+    }
+    bail!(
+        "the kernel shows no partition {} ({:?}) on /dev/{disk}: is partition support (CONFIG_EFI_PARTITION) missing?",
+        partition.number,
+        partition.label,
+    )
+}
+
 /// Parses sysfs `MAJOR:MINOR`.
 fn parse_dev(text: &str) -> Option<(u32, u32)> {
     let (major, minor) = text.trim().split_once(':')?;
@@ -508,6 +528,9 @@ fn parse_dev(text: &str) -> Option<(u32, u32)> {
 
 fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let cmdline = ctx.cmdline()?.clone();
+    if cmdline.live {
+        return live::verity(ctx);
+    }
     let devices = ctx.devices()?.clone();
     let (root_part, root_node) = &devices.root;
     let hash = match cmdline.roothash {
@@ -522,8 +545,8 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         anyhow!(
             "disk {} has no partition labelled {:?} for slot {}",
             devices.disk.display(),
-            cmdline.slot.verity_label(),
-            cmdline.slot
+            cmdline.slot.map_or("", |s| s.verity_label()),
+            cmdline.slot.map_or("?", Slot::as_str)
         )
     })?;
     let mut head = vec![0u8; VeritySuperblock::SIZE];
@@ -555,13 +578,25 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         &hash.to_hex(),
         &["restart_on_corruption"],
     );
+    let node = create_verity(ctx, &params, superblock.data_sectors())?;
+    crate::info!(
+        "dm-verity device {} over {} with hash tree on {}, table `0 {} verity {params}`",
+        node.display(),
+        root_node.display(),
+        verity_node.display(),
+        superblock.data_sectors()
+    );
+    ctx.root_device = Some(node);
+    ctx.root_verified = true;
+    Ok(())
+}
+
+/// Creates the read-only device-mapper device [`DM_NAME`] with one `verity` target of
+/// `data_sectors` sectors; returns its node (made if devtmpfs lags behind).
+fn create_verity<S: System>(ctx: &Stage1<S>, params: &str, data_sectors: u64) -> Result<PathBuf> {
     let (major, minor) = ctx
         .sys
-        .dm_create(
-            DM_NAME,
-            &[(0, superblock.data_sectors(), "verity", &params)],
-            true,
-        )
+        .dm_create(DM_NAME, &[(0, data_sectors, "verity", params)], true)
         .with_context(|| {
             format!("creating dm-verity device {DM_NAME:?} with table `verity {params}`")
         })?;
@@ -575,15 +610,7 @@ fn verity<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             .mknod_block(&node, major, minor)
             .with_context(|| format!("creating device node {}", node.display()))?;
     }
-    crate::info!(
-        "dm-verity device {} ({major}:{minor}) over {} with hash tree on {}, table `0 {} verity {params}`",
-        node.display(),
-        root_node.display(),
-        verity_node.display(),
-        superblock.data_sectors()
-    );
-    ctx.root_device = Some(node);
-    Ok(())
+    Ok(node)
 }
 
 fn detect_on<S: System>(sys: &S, node: &Path) -> Result<Option<FsKind>> {
@@ -600,13 +627,13 @@ fn mount_root<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         .root_device
         .clone()
         .ok_or_else(|| anyhow!("root device not set up yet"))?;
+    let slot = cmdline.slot.map_or("live", Slot::as_str);
     let kind = detect_on(ctx.sys, &node)?;
     let fstype = match kind {
         Some(kind @ (FsKind::Squashfs | FsKind::Erofs)) => kind.fstype(),
         other => bail!(
-            "{} (root of slot {}) holds {}, expected a squashfs or erofs root filesystem",
+            "{} (root of slot {slot}) holds {}, expected a squashfs or erofs root filesystem",
             node.display(),
-            cmdline.slot,
             other.map_or("no recognized filesystem", FsKind::fstype)
         ),
     };
@@ -632,24 +659,19 @@ fn mount_root<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     let init = sysroot.join(&ctx.paths.init_in_root);
     if !ctx.sys.exists(&init) {
         bail!(
-            "the root filesystem of slot {} ({}) has no {}",
-            cmdline.slot,
+            "the root filesystem of slot {slot} ({}) has no {}",
             node.display(),
             ctx.paths.init_in_root.display()
         );
     }
-    let verity = if ctx.devices()?.root.1 == node {
-        "no"
-    } else {
-        "yes"
-    };
+    let verity = if ctx.root_verified { "yes" } else { "no" };
     crate::status::status(
         "root-mounted",
         &[
             ("device", &node.to_string_lossy()),
             ("verity", verity),
             ("fstype", fstype),
-            ("slot", cmdline.slot.as_str()),
+            ("slot", slot),
         ],
     );
     Ok(())
@@ -662,6 +684,9 @@ fn mount_state<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
             "the root filesystem has no /var mountpoint ({} is missing)",
             var.display()
         );
+    }
+    if ctx.cmdline()?.live {
+        return live::mount_state(ctx, &var);
     }
     let Some((_, node)) = ctx.devices()?.state.clone() else {
         crate::info!("no partition labelled \"state\": /var is a tmpfs and nothing persists");
@@ -953,6 +978,93 @@ mod tests {
                 root_hash: Some(HASH.to_owned()),
             }
         );
+    }
+
+    /// A diskless machine booted live: `root.live` of `data_blocks` blocks in the initramfs.
+    fn live_machine(data_blocks: u64, extra: &str) -> FakeSystem {
+        let sys = FakeSystem::new("6.1.0-test");
+        sys.add_file(
+            "/proc/cmdline",
+            format!(
+                "plinth.live plinth.version=1.0 plinth.roothash={HASH} console=ttyS0 {extra}\n"
+            ),
+        );
+        let block = os_config::layout::VERITY_BLOCK_SIZE;
+        let mut live = vec![0u8; (data_blocks * block) as usize];
+        live[0..4].copy_from_slice(b"hsqs");
+        let mut verity = superblock(data_blocks);
+        verity.resize(os_config::manifest::verity_size(data_blocks) as usize, 0);
+        live.extend_from_slice(&verity);
+        sys.add_file("/plinth/root.live", live);
+        let mut squash = vec![0u8; 4096];
+        squash[0..4].copy_from_slice(b"hsqs");
+        sys.add_file("/dev/dm-0", squash);
+        sys.add_file("/sysroot/usr/bin/plinth-init", b"ELF");
+        for dir in ["var", "proc", "sys", "dev", "run"] {
+            sys.add_dir(format!("/sysroot/{dir}"));
+        }
+        sys.add_dir("/sys/class/block");
+        sys
+    }
+
+    #[test]
+    fn a_live_boot_opens_the_initramfs_root_through_a_loop_device_and_verity() {
+        let sys = live_machine(130, "");
+        let err = run(&sys).expect_err("the fake exec returns, so the last step fails");
+        assert!(
+            format!("{err:#}").contains("executing /usr/bin/plinth-init"),
+            "{err:#}"
+        );
+        let calls: Vec<String> = sys
+            .calls()
+            .into_iter()
+            .filter(|c| {
+                !c.starts_with("mkdir") && !c.starts_with("mount ") || c.contains("sysroot")
+            })
+            .collect();
+        // Data and tree on one device: the tree starts after 130 data blocks and the superblock.
+        let params = format!(
+            "0 1040 verity 1 /dev/loop0 /dev/loop0 4096 4096 130 131 sha256 {HASH} 01020304 1 restart_on_corruption"
+        );
+        assert_eq!(
+            calls,
+            [
+                "write /proc/sys/kernel/printk_devkmsg".to_string(),
+                "loop-attach /plinth/root.live".into(),
+                format!("dm-create root ro {params}"),
+                "mount squashfs /dev/dm-0 /sysroot ro".into(),
+                "mount tmpfs tmpfs /sysroot/var mode=0755".into(),
+                "move /proc /sysroot/proc".into(),
+                "move /sys /sysroot/sys".into(),
+                "move /dev /sysroot/dev".into(),
+                "move /run /sysroot/run".into(),
+                "switch-root /sysroot".into(),
+                "exec /usr/bin/plinth-init ".into(),
+            ]
+        );
+        // No slot: no boot record for the bless gate or the update agent.
+        assert!(!sys.exists(Path::new("/run/plinth/boot.json")));
+    }
+
+    #[test]
+    fn a_live_boot_refuses_a_missing_or_malformed_root_and_a_slot() {
+        let sys = live_machine(8, "");
+        sys.add_file("/plinth/root.live", vec![0u8; 4096 * 3 + 1]);
+        let err = run(&sys).expect_err("malformed");
+        assert!(
+            format!("{err:#}").contains("no root image followed by its verity hash device"),
+            "{err:#}"
+        );
+        let sys = FakeSystem::new("6.1.0-test");
+        sys.add_file(
+            "/proc/cmdline",
+            format!("plinth.live plinth.roothash={HASH}\n"),
+        );
+        let err = run(&sys).expect_err("missing");
+        assert!(format!("{err:#}").contains("root.cpio"), "{err:#}");
+        let err = Cmdline::parse(&format!("plinth.live plinth.slot=a plinth.roothash={HASH}"))
+            .expect_err("both");
+        assert!(err.contains("a live boot has no slot"), "{err}");
     }
 
     #[test]

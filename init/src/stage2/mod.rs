@@ -3,6 +3,7 @@
 
 pub mod containers;
 pub mod docker;
+pub mod install;
 pub mod net;
 pub mod shutdown;
 pub mod stability;

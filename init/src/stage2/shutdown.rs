@@ -2,6 +2,7 @@
 
 use crate::stage2::supervise::Supervisor;
 use crate::syscall::signals;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -148,7 +149,10 @@ pub fn reap(supervisor: &mut Supervisor, now: Duration) -> bool {
         match wait(WaitOptions::NOHANG) {
             Ok(Some((pid, status))) => {
                 let text = describe(status);
-                supervisor.on_exit(pid.as_raw_nonzero().get() as u32, &text, now);
+                let pid = pid.as_raw_nonzero().get() as u32;
+                if supervisor.on_exit(pid, &text, now).is_none() {
+                    record_watched_exit(pid, &text);
+                }
             }
             Ok(None) => return true,
             Err(rustix::io::Errno::CHILD) => return false,
@@ -158,6 +162,39 @@ pub fn reap(supervisor: &mut Supervisor, now: Duration) -> bool {
                 return true;
             }
         }
+    }
+}
+
+/// Exit statuses of the children [`spawn_watched`] started: `None` while one runs.
+static WATCHED: std::sync::Mutex<BTreeMap<u32, Option<String>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Starts `command` as a child whose exit status the reaper keeps for [`watched_exit`]: code in
+/// PID 1 must not wait on its own children, as the reaper takes every status first.
+pub fn spawn_watched(command: &mut std::process::Command) -> std::io::Result<u32> {
+    // Held across the spawn, so that the reaper cannot see the exit before the pid is watched.
+    let mut watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    let child = command.spawn()?;
+    let pid = child.id();
+    // The reaper collects the status; dropping `Child` neither kills nor waits.
+    drop(child);
+    watched.insert(pid, None);
+    Ok(pid)
+}
+
+/// The exit status of a child from [`spawn_watched`] (`exit 0`, `signal 9`) once it exited; it
+/// is forgotten once read.
+pub fn watched_exit(pid: u32) -> Option<String> {
+    let mut watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    let status = watched.get(&pid).cloned().flatten()?;
+    watched.remove(&pid);
+    Some(status)
+}
+
+fn record_watched_exit(pid: u32, status: &str) {
+    let mut watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(slot) = watched.get_mut(&pid) {
+        *slot = Some(status.to_owned());
     }
 }
 

@@ -258,6 +258,8 @@ pub struct DockerWorkload {
     pub socket: PathBuf,
     /// The update agent's executable (started only if it exists and `[update]` is set).
     pub update_agent: PathBuf,
+    /// Stage 1's boot record: a boot without one (a live boot) has no slot to update.
+    pub boot_record: PathBuf,
     /// Where reconciliation finds image archives and mount sources.
     pub options: containers::Options,
     engine_starts: Arc<AtomicU64>,
@@ -296,6 +298,7 @@ impl DockerWorkload {
             listen,
             socket: PathBuf::from(DOCKER_SOCKET),
             update_agent: PathBuf::from(UPDATE_AGENT),
+            boot_record: Path::new("/run").join(os_config::boot::BOOT_RECORD_IN_RUN),
             options: containers::Options::default(),
             engine_starts: Arc::new(AtomicU64::new(0)),
             stopping: AtomicBool::new(false),
@@ -349,28 +352,6 @@ impl DockerWorkload {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Configures the network from `[network]` and keeps a DHCP lease renewed in a thread.
-    fn network(&self) {
-        let paths = net::Paths::default();
-        let configured = match net::configure(&self.definition.network, &paths) {
-            Ok(configured) => configured,
-            Err(e) => {
-                crate::info!("network configuration failed: {e:#}");
-                return;
-            }
-        };
-        crate::info!("network {configured}");
-        if configured.renewal_due().is_none() {
-            return;
-        }
-        let renewer = std::thread::Builder::new()
-            .name("dhcp-renew".into())
-            .spawn(move || renew_forever(configured, &paths));
-        if let Err(e) = renewer {
-            crate::info!("starting the DHCP renewal thread failed: {e}");
-        }
     }
 
     /// Waits until the engine answers, logging progress; false if shutdown began meanwhile.
@@ -469,6 +450,28 @@ fn log_health(health: &Health) {
     }
 }
 
+/// Configures the network from `[network]` and keeps a DHCP lease renewed in a thread.
+pub fn start_network(network: &os_config::definition::Network) {
+    let paths = net::Paths::default();
+    let configured = match net::configure(network, &paths) {
+        Ok(configured) => configured,
+        Err(e) => {
+            crate::info!("network configuration failed: {e:#}");
+            return;
+        }
+    };
+    crate::info!("network {configured}");
+    if configured.renewal_due().is_none() {
+        return;
+    }
+    let renewer = std::thread::Builder::new()
+        .name("dhcp-renew".into())
+        .spawn(move || renew_forever(configured, &paths));
+    if let Err(e) = renewer {
+        crate::info!("starting the DHCP renewal thread failed: {e}");
+    }
+}
+
 /// Renews the DHCP lease whenever it is due, forever; failures are logged and retried (the lease
 /// schedules its own retry).
 fn renew_forever(mut configured: net::Configured, paths: &net::Paths) {
@@ -488,7 +491,10 @@ impl Workload for DockerWorkload {
 
     fn services(&self) -> Vec<Box<dyn Service>> {
         let mut services: Vec<Box<dyn Service>> = vec![Box::new(self.engine_service())];
-        if self.definition.update.is_some() {
+        let booted_from_slot = self.boot_record.exists();
+        if self.definition.update.is_some() && !booted_from_slot {
+            crate::info!("a live boot has no slot to update: no update agent");
+        } else if self.definition.update.is_some() {
             let executable = std::fs::metadata(&self.update_agent)
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
             if executable {
@@ -507,7 +513,7 @@ impl Workload for DockerWorkload {
 
     fn after_start(&self) -> Result<()> {
         self.start_hook();
-        self.network();
+        start_network(&self.definition.network);
         self.engine_loop();
         Ok(())
     }
@@ -791,15 +797,24 @@ mod tests {
         let update =
             format!("[update]\nurl = \"http://127.0.0.1:8000/releases\"\nkeys = [\"{key}\"]\n");
 
+        let record = dir.path().join("boot.json");
+        std::fs::write(&record, "{}").expect("record");
         let mut without = DockerWorkload::new(definition("")).expect("workload");
         without.update_agent = agent.clone();
+        without.boot_record = record.clone();
         std::fs::write(&agent, "#!/bin/sh\n").expect("write");
         std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         assert_eq!(names(&without.services()), ["dockerd"]);
 
         let mut with = DockerWorkload::new(definition(&update)).expect("workload");
         with.update_agent = agent.clone();
+        with.boot_record = record.clone();
         assert_eq!(names(&with.services()), ["dockerd", "plinth-update"]);
+
+        // A live boot: no boot record, no slot, no agent.
+        with.boot_record = dir.path().join("no-record.json");
+        assert_eq!(names(&with.services()), ["dockerd"]);
+        with.boot_record = record;
 
         with.update_agent = dir.path().join("absent");
         assert_eq!(names(&with.services()), ["dockerd"]);

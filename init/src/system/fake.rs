@@ -217,6 +217,14 @@ impl System for FakeSystem {
         Ok((253, minor))
     }
 
+    fn loop_attach(&self, file: &Path) -> io::Result<PathBuf> {
+        let data = self.read(file)?;
+        self.record(format!("loop-attach {}", file.display()))?;
+        let node = PathBuf::from("/dev/loop0");
+        self.add_file(&node, data);
+        Ok(node)
+    }
+
     fn switch_root(&self, new_root: &Path) -> io::Result<()> {
         self.record(format!("switch-root {}", new_root.display()))
     }
