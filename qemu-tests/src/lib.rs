@@ -33,6 +33,13 @@ pub struct VmOptions {
     pub extra_disks: Vec<PathBuf>,
     /// Write guest changes to a throw-away overlay instead of the disk.
     pub snapshot: bool,
+    /// Network boot: QEMU's built-in TFTP server serves this folder and DHCP names this boot
+    /// file (OVMF loads it over TFTP as a UEFI program).
+    pub tftp: Option<(PathBuf, String)>,
+    /// QEMU fw_cfg items: `name=…,string=…`.
+    pub fw_cfg: Vec<(String, String)>,
+    /// Exit QEMU instead of rebooting the guest (`-no-reboot`).
+    pub no_reboot: bool,
 }
 
 impl VmOptions {
@@ -44,6 +51,18 @@ impl VmOptions {
             guest_forwards: Vec::new(),
             extra_disks: Vec::new(),
             snapshot: false,
+            tftp: None,
+            fw_cfg: Vec::new(),
+            no_reboot: false,
+        }
+    }
+
+    /// A guest without a boot disk that boots `boot_file` from `folder` over the network
+    /// (OVMF's PXE client, QEMU's DHCP and TFTP); `extra_disks` are its local disks.
+    pub fn network_boot(folder: impl Into<PathBuf>, boot_file: &str) -> VmOptions {
+        VmOptions {
+            tftp: Some((folder.into(), boot_file.to_owned())),
+            ..VmOptions::new(PathBuf::new())
         }
     }
 }
@@ -98,6 +117,12 @@ impl Vm {
         std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
         let monitor = dir.path().join("monitor.sock");
         let mut netdev = String::from("user,id=n0,restrict=on");
+        if let Some((folder, boot_file)) = &opts.tftp {
+            netdev.push_str(&format!(
+                ",tftp={},bootfile={boot_file}",
+                folder.display()
+            ));
+        }
         for (host, guest) in &opts.forwards {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
         }
@@ -119,15 +144,22 @@ impl Vm {
             "if=pflash,format=raw,unit=1,file={}",
             vars.display()
         ))
-        .arg("-drive")
-        .arg(format!(
-            "if=virtio,format=raw,file={}{}",
-            opts.disk.display(),
-            if opts.snapshot { ",snapshot=on" } else { "" }
-        ))
         .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+        if !opts.disk.as_os_str().is_empty() {
+            cmd.arg("-drive").arg(format!(
+                "if=virtio,format=raw,file={}{}",
+                opts.disk.display(),
+                if opts.snapshot { ",snapshot=on" } else { "" }
+            ));
+        }
+        for (name, value) in &opts.fw_cfg {
+            cmd.arg("-fw_cfg").arg(format!("name={name},string={value}"));
+        }
+        if opts.no_reboot {
+            cmd.arg("-no-reboot");
+        }
         for disk in &opts.extra_disks {
             cmd.arg("-drive")
                 .arg(format!("if=virtio,format=raw,file={}", disk.display()));
