@@ -87,6 +87,22 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The output formats `plinth build --format` accepts.
+pub const FORMATS: [&str; 5] = ["raw", "qcow2", "vhd", "vmdk", "pxe"];
+
+/// Refuses an output format that is not in [`FORMATS`], naming the allowed ones.
+pub fn check_formats(formats: &[String]) -> Result<()> {
+    for format in formats {
+        if !FORMATS.contains(&format.as_str()) {
+            bail!(
+                "unknown output format `{format}` in --format: use {}",
+                FORMATS.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What to build and where to write it.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -94,7 +110,7 @@ pub struct Options {
     pub file: PathBuf,
     /// Folder the outputs are written to.
     pub output: PathBuf,
-    /// Output formats: raw, qcow2, vhd, vmdk (raw is always written).
+    /// Output formats: raw, qcow2, vhd, vmdk, pxe (raw is always written).
     pub format: Vec<String>,
     /// Static plinth-init binary to put in the image; `None` looks for it (see [`find_init`]).
     pub init: Option<PathBuf>,
@@ -131,10 +147,15 @@ pub fn build_image(args: &Options) -> Result<Built> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     // Every refusal that needs no work comes before the output folder is touched.
+    check_formats(&args.format)?;
     let lock = crate::debian::load_lock(&def, &args.file)?;
     let mut tools = vec![crate::tools::MKSQUASHFS, crate::tools::MKFS_EXT4];
-    if args.format.iter().any(|f| f != "raw") {
+    if args.format.iter().any(|f| f != "raw" && f != "pxe") {
         tools.push(crate::tools::QEMU_IMG);
+    }
+    let pxe = args.format.iter().any(|f| f == "pxe");
+    if pxe {
+        tools.push(crate::tools::OBJCOPY);
     }
     crate::tools::require(&tools)?;
     let init = find_init(args.init.as_deref())?;
@@ -208,11 +229,22 @@ pub fn build_image(args: &Options) -> Result<Built> {
     let others: Vec<String> = args
         .format
         .iter()
-        .filter(|f| f.as_str() != "raw")
+        .filter(|f| f.as_str() != "raw" && f.as_str() != "pxe")
         .cloned()
         .collect();
     if !others.is_empty() {
         outputs.extend(crate::disk::convert(&raw, &others)?);
+    }
+    if pxe {
+        let inputs = crate::pxe::PxeInputs {
+            raw: &raw,
+            stub: &tree.linux_efi_stub,
+            name: &def.image.name,
+            version: &def.image.version,
+            source_date_epoch: epoch,
+        };
+        let report = crate::pxe::write_pxe(&inputs, &crate::pxe::folder_for(&raw))?;
+        outputs.push(report.folder);
     }
     if let Some(keep) = &args.keep_tree {
         if keep.exists() {
@@ -350,6 +382,16 @@ fn read_update_ca(path: &Path) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_formats_include_pxe_and_unknown_ones_name_the_allowed() {
+        let formats = |list: &[&str]| list.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>();
+        check_formats(&formats(&["raw", "qcow2", "vhd", "vmdk", "pxe"])).expect("all known");
+        let err = check_formats(&formats(&["raw", "iso"])).expect_err("iso is unknown");
+        let text = err.to_string();
+        assert!(text.contains("`iso`"), "{text}");
+        assert!(text.contains("raw, qcow2, vhd, vmdk, pxe"), "{text}");
+    }
 
     #[test]
     fn the_update_ca_is_placed_where_the_agent_reads_it() {

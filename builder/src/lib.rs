@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod inspect;
 pub mod progress;
 pub mod publish;
+pub mod pxe;
 pub mod qemu;
 pub mod rootfs;
 pub mod serve;

@@ -275,62 +275,13 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
     let disk_path = release.disk;
     let mut disk = fs::File::open(disk_path)
         .with_context(|| format!("opening disk image {}", disk_path.display()))?;
-    let parts = read_partitions(&mut disk, disk_path)?;
-    let find = |label: &str| {
-        parts
-            .iter()
-            .find(|p| p.label == label)
-            .cloned()
-            .with_context(|| {
-                format!(
-                    "disk image {} has no GPT partition labelled `{label}`",
-                    disk_path.display()
-                )
-            })
-    };
-    let (root, verity, esp) = (find("root-a")?, find("verity-a")?, find("esp")?);
-
-    let mut sb_bytes = vec![0u8; 512];
-    disk.seek(SeekFrom::Start(verity.start))
-        .and_then(|_| disk.read_exact(&mut sb_bytes))
-        .with_context(|| format!("reading verity superblock of {}", disk_path.display()))?;
-    let sb = VeritySuperblock::parse(&sb_bytes)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
-    let root_size = sb.data_bytes();
-    let verity_size = sb
-        .check_fits(&root.label, root.size, &verity.label, verity.size)
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
-    let root_hash = compute_root_hash(&mut disk, &root, &verity, &sb)
-        .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
-
-    let (kernel, initrd, entry_text) = read_esp(&mut disk, &esp).with_context(|| {
-        format!(
-            "reading slot a files from the ESP of {}",
-            disk_path.display()
-        )
-    })?;
-    let cmdline = match entry_text {
-        Some(text) => {
-            let entry = Entry::parse(&text)
-                .map_err(anyhow::Error::msg)
-                .with_context(|| {
-                    format!(
-                        "reading the boot entry of slot a in {}",
-                        disk_path.display()
-                    )
-                })?;
-            let hash = &entry.root_hash;
-            if !hash.is_empty() && *hash != hex::encode(root_hash) {
-                bail!(
-                    "boot entry of slot a in {} names root hash {hash}, but the verity tree gives {}",
-                    disk_path.display(),
-                    hex::encode(root_hash)
-                );
-            }
-            release_cmdline(&entry)
-        }
+    let slot = read_slot_a(&mut disk, disk_path)?;
+    let (root, verity, sb, root_hash) =
+        (&slot.root, &slot.verity, &slot.superblock, slot.root_hash);
+    let (root_size, verity_size) = (slot.root_size, slot.verity_size);
+    let (kernel, initrd) = (&slot.kernel, &slot.initrd);
+    let cmdline = match &slot.entry {
+        Some(entry) => release_cmdline(entry),
         None => release.cmdline.to_vec(),
     };
 
@@ -342,9 +293,9 @@ pub fn publish_release(release: &Release<'_>, key: &SecretKey, to: &Path) -> Res
         let reader = (&mut disk).take(len);
         store_artifact_framed(reader, to, FRAME_SIZE)
     };
-    let root_artifact = region(&root, root_size)
+    let root_artifact = region(root, root_size)
         .with_context(|| format!("publishing root-a of {}", disk_path.display()))?;
-    let verity_artifact = region(&verity, verity_size)
+    let verity_artifact = region(verity, verity_size)
         .with_context(|| format!("publishing verity-a of {}", disk_path.display()))?;
     disk.seek(SeekFrom::Start(root.start))
         .with_context(|| format!("reading root-a of {}", disk_path.display()))?;
@@ -542,6 +493,104 @@ pub fn source_date_epoch() -> Result<u64> {
     }
 }
 
+/// Slot A of a built disk image: where its root and verity tree are, and its ESP files.
+#[derive(Debug)]
+pub(crate) struct SlotA {
+    /// The `root-a` partition.
+    pub root: Partition,
+    /// The `verity-a` partition.
+    pub verity: Partition,
+    /// The verity superblock at the start of `verity-a`.
+    pub superblock: VeritySuperblock,
+    /// Bytes of root image the tree covers (`data_blocks` × 4096).
+    pub root_size: u64,
+    /// Bytes of `verity-a` in use: the superblock block and the tree levels.
+    pub verity_size: u64,
+    /// The verity root hash, computed from the tree on the disk.
+    pub root_hash: [u8; 32],
+    /// `plinth/a/vmlinuz` on the ESP.
+    pub kernel: Vec<u8>,
+    /// `plinth/a/initrd` on the ESP.
+    pub initrd: Vec<u8>,
+    /// Slot A's boot entry, if the ESP has one; its root hash (if any) matches `root_hash`.
+    pub entry: Option<Entry>,
+}
+
+/// Reads slot A of the disk image `disk` (opened from `disk_path`): partitions, verity
+/// superblock and root hash, and the kernel, initrd and boot entry from the ESP. Refuses a boot
+/// entry that names another root hash than the tree gives.
+pub(crate) fn read_slot_a(disk: &mut fs::File, disk_path: &Path) -> Result<SlotA> {
+    let parts = read_partitions(disk, disk_path)?;
+    let find = |label: &str| {
+        parts
+            .iter()
+            .find(|p| p.label == label)
+            .cloned()
+            .with_context(|| {
+                format!(
+                    "disk image {} has no GPT partition labelled `{label}`",
+                    disk_path.display()
+                )
+            })
+    };
+    let (root, verity, esp) = (find("root-a")?, find("verity-a")?, find("esp")?);
+
+    let mut sb_bytes = vec![0u8; VeritySuperblock::SIZE];
+    disk.seek(SeekFrom::Start(verity.start))
+        .and_then(|_| disk.read_exact(&mut sb_bytes))
+        .with_context(|| format!("reading verity superblock of {}", disk_path.display()))?;
+    let superblock = VeritySuperblock::parse(&sb_bytes)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
+    let root_size = superblock.data_bytes();
+    let verity_size = superblock
+        .check_fits(&root.label, root.size, &verity.label, verity.size)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("reading partition verity-a of {}", disk_path.display()))?;
+    let root_hash = compute_root_hash(disk, &root, &verity, &superblock)
+        .with_context(|| format!("reading verity tree of {}", disk_path.display()))?;
+
+    let (kernel, initrd, entry_text) = read_esp(disk, &esp).with_context(|| {
+        format!(
+            "reading slot a files from the ESP of {}",
+            disk_path.display()
+        )
+    })?;
+    let entry = match entry_text {
+        Some(text) => {
+            let entry = Entry::parse(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| {
+                    format!(
+                        "reading the boot entry of slot a in {}",
+                        disk_path.display()
+                    )
+                })?;
+            let hash = &entry.root_hash;
+            if !hash.is_empty() && *hash != hex::encode(root_hash) {
+                bail!(
+                    "boot entry of slot a in {} names root hash {hash}, but the verity tree gives {}",
+                    disk_path.display(),
+                    hex::encode(root_hash)
+                );
+            }
+            Some(entry)
+        }
+        None => None,
+    };
+    Ok(SlotA {
+        root,
+        verity,
+        superblock,
+        root_size,
+        verity_size,
+        root_hash,
+        kernel,
+        initrd,
+        entry,
+    })
+}
+
 /// A GPT partition, as the one reader gives it.
 pub use os_config::gpt::Partition;
 
@@ -597,7 +646,7 @@ fn read_esp(disk: &mut fs::File, esp: &Partition) -> Result<(Vec<u8>, Vec<u8>, O
 
 /// The kernel arguments a release carries from the boot entry it was built with: everything but
 /// the slot, version and root hash, which the agent writes for the slot it installs into.
-fn release_cmdline(entry: &Entry) -> Vec<String> {
+pub(crate) fn release_cmdline(entry: &Entry) -> Vec<String> {
     let verity_off = (!entry.verity).then(|| format!("{}=off", os_config::boot::ARG_VERITY));
     verity_off
         .into_iter()
@@ -727,7 +776,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Syncs a folder, so the names of the files renamed into it are on disk.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
@@ -745,14 +795,14 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// A writer that counts and hashes what passes through it.
-struct HashWriter<W> {
-    inner: W,
+pub(crate) struct HashWriter<W> {
+    pub(crate) inner: W,
     hasher: Hasher,
     len: u64,
 }
 
 impl<W: Write> HashWriter<W> {
-    fn new(inner: W) -> Self {
+    pub(crate) fn new(inner: W) -> Self {
         HashWriter {
             inner,
             hasher: Hasher::new(),
@@ -761,7 +811,7 @@ impl<W: Write> HashWriter<W> {
     }
 
     /// Length and hex sha256 of everything written so far.
-    fn finish(&mut self) -> (u64, String) {
+    pub(crate) fn finish(&mut self) -> (u64, String) {
         (self.len, hex::encode(self.hasher.clone().finalize()))
     }
 }

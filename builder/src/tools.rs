@@ -28,6 +28,10 @@ pub const QEMU_SYSTEM: Tool = Tool {
     program: "qemu-system-x86_64",
     package: "qemu-system-x86",
 };
+pub const OBJCOPY: Tool = Tool {
+    program: "objcopy",
+    package: "binutils",
+};
 pub const GPGV: Tool = Tool {
     program: "gpgv",
     package: "gpgv",

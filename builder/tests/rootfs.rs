@@ -257,6 +257,9 @@ fn tree_from_real_debian_packages() {
     assert!(std::fs::read(&tree.systemd_boot_efi)
         .expect("efi")
         .starts_with(b"MZ"));
+    assert!(std::fs::read(&tree.linux_efi_stub)
+        .expect("systemd-stub")
+        .starts_with(b"MZ"));
     let modules_dir = root.join(format!("usr/lib/modules/{}", tree.kernel_version));
     let dep = std::fs::read_to_string(modules_dir.join("modules.dep")).expect("modules.dep");
     let virtio_blk = dep

@@ -95,17 +95,83 @@ fn write_entry(
     name: &str,
     data: &[u8],
 ) -> std::io::Result<()> {
+    let size = u32::try_from(data.len()).map_err(|_| too_large(name, data.len() as u64))?;
+    write_header(out, ino, mode, nlink, mtime, name, size)?;
+    out.write_all(data)?;
+    out.write_all(&vec![0; pad4(data.len())])
+}
+
+/// Writes a newc header and the NUL-terminated name, padded to 4 bytes; the `size` bytes of
+/// content and their padding follow.
+fn write_header(
+    out: &mut impl Write,
+    ino: u32,
+    mode: u32,
+    nlink: u32,
+    mtime: u32,
+    name: &str,
+    size: u32,
+) -> std::io::Result<()> {
     let namesize = name.len() + 1;
     let header = format!(
-        "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{mtime:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
-        0, 0, data.len(), 0, 0, 0, 0, 0
+        "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{mtime:08x}{size:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+        0, 0, 0, 0, 0, 0, 0
     );
     out.write_all(header.as_bytes())?;
     out.write_all(name.as_bytes())?;
     out.write_all(&[0])?;
-    out.write_all(&vec![0; pad4(110 + namesize)])?;
-    out.write_all(data)?;
-    out.write_all(&vec![0; pad4(data.len())])
+    out.write_all(&vec![0; pad4(110 + namesize)])
+}
+
+fn too_large(name: &str, len: u64) -> std::io::Error {
+    std::io::Error::other(format!(
+        "cpio member {name} has {len} bytes; the newc format holds at most 4 GiB - 1 per file"
+    ))
+}
+
+/// Writes an uncompressed cpio (newc) archive holding one file at `path` (relative, no leading
+/// `/`): its parent folders (mode 0755), the file (`mode`, uid/gid 0) with the `len` bytes read
+/// from `data`, streamed rather than held in memory, and the trailer. Every entry has `mtime`.
+/// The kernel unpacks such an archive appended after a compressed initramfs.
+pub fn write_file_cpio(
+    out: &mut impl Write,
+    path: &str,
+    mode: u32,
+    data: &mut impl std::io::Read,
+    len: u64,
+    mtime: u64,
+) -> std::io::Result<()> {
+    let path = path.trim_start_matches('/');
+    let size = u32::try_from(len).map_err(|_| too_large(path, len))?;
+    let mtime = u32::try_from(mtime).unwrap_or(u32::MAX);
+    let dirs: Vec<&Path> = Path::new(path)
+        .ancestors()
+        .skip(1)
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+    let mut ino = 0u32;
+    for dir in dirs.iter().rev() {
+        ino += 1;
+        write_entry(out, ino, 0o040755, 2, mtime, &dir.to_string_lossy(), &[])?;
+    }
+    write_header(
+        out,
+        ino + 1,
+        0o100000 | (mode & 0o7777),
+        1,
+        mtime,
+        path,
+        size,
+    )?;
+    let copied = std::io::copy(&mut std::io::Read::take(&mut *data, len), out)?;
+    if copied != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("cpio member {path}: expected {len} bytes of content, got {copied}"),
+        ));
+    }
+    out.write_all(&vec![0; pad4(size as usize)])?;
+    write_entry(out, 0, 0, 1, 0, "TRAILER!!!", &[])
 }
 
 fn pad4(len: usize) -> usize {
@@ -230,6 +296,94 @@ mod tests {
         let out = child.wait_with_output().expect("cpio finishes");
         assert!(out.status.success());
         String::from_utf8(out.stdout).expect("utf-8 listing")
+    }
+
+    /// One parsed newc member: (header fields as numbers, name, content).
+    fn parse_newc(bytes: &[u8]) -> Vec<([u32; 13], String, Vec<u8>)> {
+        let mut members = Vec::new();
+        let mut at = 0;
+        loop {
+            assert_eq!(&bytes[at..at + 6], b"070701", "magic at {at}");
+            let mut fields = [0u32; 13];
+            for (i, field) in fields.iter_mut().enumerate() {
+                let hex =
+                    std::str::from_utf8(&bytes[at + 6 + 8 * i..at + 14 + 8 * i]).expect("hex");
+                *field = u32::from_str_radix(hex, 16).expect("hex field");
+            }
+            let namesize = fields[11] as usize;
+            let name_start = at + 110;
+            assert_eq!(
+                bytes[name_start + namesize - 1],
+                0,
+                "name is NUL-terminated"
+            );
+            let name = String::from_utf8(bytes[name_start..name_start + namesize - 1].to_vec())
+                .expect("utf-8 name");
+            let data_start = (name_start + namesize).next_multiple_of(4);
+            assert!(
+                bytes[name_start + namesize..data_start]
+                    .iter()
+                    .all(|b| *b == 0),
+                "name padding is zeros"
+            );
+            let size = fields[6] as usize;
+            let data = bytes[data_start..data_start + size].to_vec();
+            at = (data_start + size).next_multiple_of(4);
+            assert!(
+                bytes[data_start + size..at].iter().all(|b| *b == 0),
+                "data padding is zeros"
+            );
+            let last = name == "TRAILER!!!";
+            members.push((fields, name, data));
+            if last {
+                assert_eq!(at, bytes.len(), "nothing after the trailer");
+                return members;
+            }
+        }
+    }
+
+    #[test]
+    fn single_file_cpio_has_folder_file_and_trailer_in_newc_layout() {
+        // 4097 bytes: the content needs 3 bytes of padding.
+        let content: Vec<u8> = (0..4097u32).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        write_file_cpio(
+            &mut out,
+            "plinth/root.live",
+            0o400,
+            &mut &content[..],
+            content.len() as u64,
+            1_700_000_000,
+        )
+        .expect("writes");
+        let members = parse_newc(&out);
+        let names: Vec<&str> = members.iter().map(|m| m.1.as_str()).collect();
+        assert_eq!(names, ["plinth", "plinth/root.live", "TRAILER!!!"]);
+        let (dir, file, trailer) = (&members[0].0, &members[1].0, &members[2].0);
+        // ino, mode, uid, gid, nlink, mtime, filesize, devs, namesize, check.
+        assert_eq!(dir[1], 0o040755);
+        assert_eq!((dir[4], dir[5], dir[6]), (2, 1_700_000_000, 0));
+        assert_eq!(file[0], dir[0] + 1, "distinct inode numbers");
+        assert_eq!(file[1], 0o100400);
+        assert_eq!((file[2], file[3], file[4]), (0, 0, 1), "uid, gid, nlink");
+        assert_eq!(file[5], 1_700_000_000);
+        assert_eq!(file[6], 4097);
+        assert_eq!(file[11] as usize, "plinth/root.live".len() + 1);
+        assert_eq!(file[12], 0);
+        assert_eq!(members[1].2, content);
+        assert_eq!((trailer[0], trailer[6]), (0, 0));
+
+        // A reader that ends early is an error, not a short member.
+        let err = write_file_cpio(&mut Vec::new(), "a/b", 0o400, &mut &content[..10], 11, 0)
+            .expect_err("short content");
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        // The reference tool reads it back too.
+        let listing = cpio_list(&out);
+        assert!(listing.contains("plinth/root.live"), "{listing}");
+        assert!(
+            listing.lines().any(|l| l.starts_with("-r--------")),
+            "{listing}"
+        );
     }
 
     #[test]

@@ -56,6 +56,9 @@ const NETBASE_FILES: [&str; 3] = ["etc/protocols", "etc/services", "etc/ethertyp
 /// The systemd-boot EFI binary, from `systemd-boot-efi`.
 const SYSTEMD_BOOT: &str = "usr/lib/systemd/boot/efi/systemd-bootx64.efi";
 
+/// systemd-stub, the EFI stub of Unified Kernel Images, from `systemd-boot-efi` as well.
+const LINUX_EFI_STUB: &str = "usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
 /// An assembled root tree and the boot files that go to the ESP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tree {
@@ -67,6 +70,8 @@ pub struct Tree {
     pub vmlinuz: PathBuf,
     /// systemd-boot's EFI binary (`work/boot/systemd-bootx64.efi`).
     pub systemd_boot_efi: PathBuf,
+    /// systemd-stub (`work/boot/linuxx64.efi.stub`), the base of the PXE folder's UKI.
+    pub linux_efi_stub: PathBuf,
     /// Trees of the container images declared with `build = { packages = [...] }`: (container
     /// name, folder under `work/images`), each the files of the named packages and their ELF
     /// shared-library closure.
@@ -195,6 +200,13 @@ pub fn assemble(
         )
     })?;
     copy_file(&efi_source, &systemd_boot_efi)?;
+    let linux_efi_stub = boot.join("linuxx64.efi.stub");
+    let stub_source = regular_file(&stage, LINUX_EFI_STUB)?.with_context(|| {
+        format!(
+            "/{LINUX_EFI_STUB} is not in the fetched packages; add the `systemd-boot-efi` package"
+        )
+    })?;
+    copy_file(&stub_source, &linux_efi_stub)?;
 
     let images = build_image_layers(def, &stage, &contents, &work.join("images"))?;
 
@@ -211,6 +223,7 @@ pub fn assemble(
         kernel_version,
         vmlinuz,
         systemd_boot_efi,
+        linux_efi_stub,
     })
 }
 
@@ -704,7 +717,10 @@ mod tests {
                 dir,
                 "systemd-boot-efi",
                 "gz",
-                vec![file(SYSTEMD_BOOT, b"MZboot", 0o755)],
+                vec![
+                    file(SYSTEMD_BOOT, b"MZboot", 0o755),
+                    file(LINUX_EFI_STUB, b"MZstub", 0o644),
+                ],
             ),
             deb(
                 dir,
@@ -774,6 +790,10 @@ mod tests {
         assert_eq!(
             std::fs::read(&tree.systemd_boot_efi).expect("efi"),
             b"MZboot"
+        );
+        assert_eq!(
+            std::fs::read(&tree.linux_efi_stub).expect("stub"),
+            b"MZstub"
         );
         assert!(!work.path().join("stage").exists());
 
