@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod engine;
 pub mod image;
+pub mod series;
 pub mod tls;
 
 /// UEFI firmware code and variable template, as Debian's `ovmf` package installs them.
