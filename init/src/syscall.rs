@@ -1,5 +1,5 @@
-//! The few system calls `rustix` does not wrap safely: device-mapper and interface ioctls, signal
-//! masks and waiting, and `kill(-1)`. The only module of this crate allowed to use `unsafe`.
+//! The few system calls `rustix` does not wrap safely: device-mapper, block-device and interface
+//! ioctls, signal masks and waiting, and `kill(-1)`. The only module of this crate allowed to use `unsafe`.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -145,6 +145,22 @@ pub fn ext4_resize(fd: BorrowedFd<'_>, blocks: u64) -> io::Result<()> {
     // SAFETY: the kernel reads one `__u64` from the pointer, which points at `count`, alive for
     // the duration of the call.
     if unsafe { libc::ioctl(fd.as_raw_fd(), EXT4_IOC_RESIZE_FS, &count as *const u64) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `BLKZEROOUT` (`_IO(0x12, 127)`): zero a byte range of a block device.
+const BLKZEROOUT: libc::Ioctl = 0x127f as libc::Ioctl;
+
+/// Zeroes `len` bytes of the block device `disk` from byte `start` (`BLKZEROOUT`: the device
+/// unmaps or writes zeros itself, fast on virtual and thin disks). Both must be multiples of the
+/// logical sector size; a regular file fails with `ENOTTY`.
+pub fn zero_range(disk: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [start, len];
+    // SAFETY: the kernel reads two `__u64` (start, length) from the pointer, which points at
+    // `range`, alive for the duration of the call; it writes nothing back.
+    if unsafe { libc::ioctl(disk.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

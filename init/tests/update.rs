@@ -1,6 +1,8 @@
 //! The update agent end to end on file-backed disks (GPT + FAT ESP + slot partitions), with
 //! releases served by a small HTTP server on 127.0.0.1: applying, resuming a broken download,
-//! refusing bad releases, interrupting the update at every stage, rollback detection, blessing.
+//! refusing bad releases, interrupting the update at every stage, rollback detection, blessing;
+//! and `plinth-update install` writing a disk image to an empty file-backed disk found in a
+//! fake sysfs.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +34,8 @@ struct Control {
     log: Vec<String>,
     /// Close the connection after this many body bytes, once, for a path ending like this.
     cut: Option<(String, usize)>,
+    /// Close the connection after this many body bytes, every time, for a path ending like this.
+    cut_always: Option<(String, usize)>,
 }
 
 struct Server {
@@ -96,12 +100,13 @@ fn serve(stream: TcpStream, root: &Path, control: &Mutex<Control>) {
             Some(r) => format!("{path} range={r}-"),
             None => path.clone(),
         });
-        match &c.cut {
-            Some((suffix, n)) if path.ends_with(suffix.as_str()) => {
+        match (&c.cut, &c.cut_always) {
+            (Some((suffix, n)), _) if path.ends_with(suffix.as_str()) => {
                 let n = *n;
                 c.cut = None;
                 Some(n)
             }
+            (_, Some((suffix, n))) if path.ends_with(suffix.as_str()) => Some(*n),
             _ => None,
         }
     };
@@ -1879,4 +1884,513 @@ fn an_interrupted_delta_update_restarts_and_a_written_root_is_not_written_again(
     assert_eq!(report, None, "no delta: the root was already written");
     assert_eq!(m.server.requests("/chunks/").len(), chunk_requests);
     m.assert_slot_b_holds(&v2, "2");
+}
+
+// ---------------------------------------------------------------- installation
+
+use init::update::fetch::Client;
+use init::update::install::{self, Contents, InstallError, Reason, Request};
+
+/// A fake `/sys/class/block` and `/dev` in a temporary folder, with file-backed disks.
+struct Disks {
+    dir: tempfile::TempDir,
+    machine: install::Machine,
+}
+
+/// A disk of the fake machine: kernel name, size, PCI address, serial (virtio) or model and
+/// serial (NVMe).
+struct FakeDisk<'a> {
+    name: &'a str,
+    size: u64,
+    pci: &'a str,
+    serial: &'a str,
+    model: &'a str,
+    read_only: bool,
+}
+
+impl FakeDisk<'_> {
+    fn virtio<'a>(name: &'a str, size: u64, pci: &'a str, serial: &'a str) -> FakeDisk<'a> {
+        FakeDisk {
+            name,
+            size,
+            pci,
+            serial,
+            model: "",
+            read_only: false,
+        }
+    }
+}
+
+impl Disks {
+    fn new(disks: &[FakeDisk]) -> Disks {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let class = dir.path().join("sys/class/block");
+        let dev = dir.path().join("dev");
+        fs::create_dir_all(&class).expect("class");
+        fs::create_dir_all(&dev).expect("dev");
+        for d in disks {
+            let parent = if d.name.starts_with("nvme") {
+                format!("nvme/{}", d.name.split_once('n').map_or("", |(_, r)| r))
+            } else {
+                "virtio1".to_owned()
+            };
+            let block = dir.path().join(format!(
+                "sys/devices/pci0000:00/{}/{parent}/block/{}",
+                d.pci, d.name
+            ));
+            fs::create_dir_all(block.join("device")).expect("device");
+            fs::write(block.join("size"), format!("{}\n", d.size / 512)).expect("size");
+            fs::write(block.join("ro"), if d.read_only { "1\n" } else { "0\n" }).expect("ro");
+            fs::write(block.join("device/serial"), format!("{}\n", d.serial)).expect("serial");
+            if !d.model.is_empty() {
+                fs::write(block.join("device/model"), format!("{}  \n", d.model)).expect("model");
+            }
+            // A partition, listed but never a target.
+            let part = block.join(format!("{}1", d.name));
+            fs::create_dir_all(&part).expect("partition");
+            fs::write(part.join("partition"), "1\n").expect("partition");
+            std::os::unix::fs::symlink(&block, class.join(d.name)).expect("link");
+            std::os::unix::fs::symlink(&part, class.join(format!("{}1", d.name))).expect("link");
+            fs::File::create(dev.join(d.name))
+                .and_then(|f| f.set_len(d.size))
+                .expect("disk file");
+        }
+        fs::create_dir_all(dir.path().join("sys/devices/virtual/block/loop0")).expect("loop");
+        fs::write(
+            dir.path().join("sys/devices/virtual/block/loop0/size"),
+            "0\n",
+        )
+        .expect("size");
+        std::os::unix::fs::symlink(
+            dir.path().join("sys/devices/virtual/block/loop0"),
+            class.join("loop0"),
+        )
+        .expect("link");
+        let machine = install::Machine {
+            sys_block: class,
+            dev,
+            in_use: Vec::new(),
+            client: Client::default(),
+        };
+        Disks { dir, machine }
+    }
+
+    fn disk(&self, name: &str) -> PathBuf {
+        self.machine.dev.join(name)
+    }
+
+    fn install(&self, target: &str, image: &str, sha256: &str, wipe: bool) -> Installed {
+        let request = Request {
+            target: target.to_owned(),
+            image: image.to_owned(),
+            sha256: Sha256::parse(sha256).expect("sha256"),
+            wipe,
+        };
+        let mut lines = Vec::new();
+        let result = install::install(&request, &self.machine, &mut |line| lines.push(line));
+        Installed { result, lines }
+    }
+}
+
+struct Installed {
+    result: Result<install::Report, InstallError>,
+    lines: Vec<String>,
+}
+
+impl Installed {
+    fn events(&self) -> Vec<String> {
+        self.lines
+            .iter()
+            .map(|l| os_config::status::parse(l).expect("status line").event)
+            .collect()
+    }
+
+    fn failure(self) -> InstallError {
+        match self.result {
+            Ok(report) => panic!("installed: {report:?}"),
+            Err(e) => e,
+        }
+    }
+}
+
+/// A 16 MiB Plinth-like disk image (protective MBR, primary and backup GPT with the Plinth
+/// labels, data in some partitions, zeros elsewhere), compressed with its size in the frame
+/// header. Returns the raw image, the compressed file and its sha256.
+fn plinth_image(dir: &Path, labels: &[&str]) -> (Vec<u8>, PathBuf, String) {
+    let raw_path = dir.join("image.raw");
+    let size = 16 * MIB;
+    fs::File::create(&raw_path)
+        .and_then(|f| f.set_len(size))
+        .expect("image file");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&raw_path)
+        .expect("open");
+    gpt::mbr::ProtectiveMBR::with_lb_size((size / 512 - 1) as u32)
+        .overwrite_lba0(&mut file)
+        .expect("mbr");
+    let mut table = gpt::GptConfig::new()
+        .writable(true)
+        .create_from_device(&mut file, Some(uuid::Uuid::from_u128(9)))
+        .expect("gpt");
+    for (i, name) in labels.iter().enumerate() {
+        let size = if i == 0 { 4 * MIB } else { 2 * MIB };
+        table
+            .add_partition(name, size, gpt::partition_types::LINUX_FS, 0, Some(2048))
+            .expect("partition");
+    }
+    table.write().expect("write gpt");
+    let mut raw = fs::read(&raw_path).expect("read image");
+    // Data in the first partition and in the middle of the third; zeros elsewhere.
+    raw[(MIB as usize)..(MIB as usize + 300_000)].copy_from_slice(&noise(3, 300_000));
+    raw[(8 * MIB as usize)..(8 * MIB as usize + 5000)].copy_from_slice(&noise(4, 5000));
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).expect("encoder");
+    encoder
+        .set_pledged_src_size(Some(raw.len() as u64))
+        .expect("pledge");
+    encoder.include_contentsize(true).expect("content size");
+    encoder.write_all(&raw).expect("compress");
+    let compressed = encoder.finish().expect("finish");
+    let zst = dir.join("demo-1.raw.zst");
+    fs::write(&zst, &compressed).expect("write zst");
+    (raw, zst, hex::encode(sha2::Sha256::digest(&compressed)))
+}
+
+const PLINTH_LABELS: [&str; 6] = ["esp", "root-a", "verity-a", "root-b", "verity-b", "state"];
+
+/// The disk holds the image and zeros after it.
+fn assert_installed(disk: &Path, raw: &[u8]) {
+    let written = fs::read(disk).expect("read disk");
+    assert!(written[..raw.len()] == *raw, "the disk holds the image");
+    assert!(
+        written[raw.len()..].iter().all(|b| *b == 0),
+        "the rest of the disk is zero"
+    );
+    let table = os_config::gpt::read(&mut fs::File::open(disk).expect("open")).expect("gpt");
+    assert!(table.by_label("state").is_some());
+}
+
+/// Neither GPT nor boot sector is on the disk: its first and last MiB are zeros.
+fn assert_unbootable(disk: &Path) {
+    let written = fs::read(disk).expect("read disk");
+    let mib = MIB as usize;
+    assert!(written[..mib].iter().all(|b| *b == 0), "first MiB zeroed");
+    assert!(
+        written[written.len() - mib..].iter().all(|b| *b == 0),
+        "last MiB zeroed"
+    );
+    assert!(os_config::gpt::read(&mut fs::File::open(disk).expect("open")).is_err());
+}
+
+#[test]
+fn installs_an_image_over_http_and_from_a_file_on_the_first_empty_disks() {
+    let disks = Disks::new(&[
+        FakeDisk::virtio("vda", 64 * MIB, "0000:00:04.0", "one"),
+        FakeDisk::virtio("vdb", 64 * MIB, "0000:00:05.0", "two"),
+    ]);
+    let releases = disks.dir.path().join("releases");
+    fs::create_dir_all(&releases).expect("releases");
+    let (raw, zst, sha) = plinth_image(&releases, &PLINTH_LABELS);
+    let server = Server::start(releases);
+    let url = format!("{}/demo-1.raw.zst", server.url);
+
+    let installed = disks.install("first-empty", &url, &sha, false);
+    let events = installed.events();
+    let report = installed.result.expect("installed over http");
+    assert_eq!(report.target, disks.disk("vda"));
+    assert_eq!(report.bytes, raw.len() as u64);
+    assert_installed(&disks.disk("vda"), &raw);
+    assert_eq!(events.first().map(String::as_str), Some("install-start"));
+    assert_eq!(events.last().map(String::as_str), Some("install-done"));
+    assert!(events[1..events.len() - 1]
+        .iter()
+        .all(|e| e == "install-progress"));
+    assert!(events.len() >= 3, "{events:?}");
+    let start = os_config::status::parse(&installed.lines[0]).expect("start");
+    assert_eq!(start.get("target"), disks.disk("vda").to_str());
+    assert_eq!(start.get("size"), Some("67108864"));
+    assert_eq!(start.get("image"), Some(url.as_str()));
+    assert_eq!(start.get("image-size"), Some("16777216"));
+    let last_progress =
+        os_config::status::parse(&installed.lines[events.len() - 2]).expect("progress");
+    assert_eq!(last_progress.get("percent"), Some("100"));
+    assert_eq!(last_progress.get("written"), Some("16777216"));
+    let done = os_config::status::parse(installed.lines.last().expect("done")).expect("done");
+    assert_eq!(done.get("bytes"), Some("16777216"));
+
+    // vda holds a GPT now: the next first-empty disk is vdb; the image is a local file.
+    let file_url = format!("file://{}", zst.display());
+    let report = disks
+        .install("first-empty:32M", &file_url, &sha, false)
+        .result
+        .expect("installed from file://");
+    assert_eq!(report.target, disks.disk("vdb"));
+    assert_installed(&disks.disk("vdb"), &raw);
+
+    // No empty disk is left: the refusal lists both, with what they hold.
+    let e = disks
+        .install("first-empty", &file_url, &sha, false)
+        .failure();
+    assert_eq!(e.reason, Reason::NoDisk);
+    assert!(e.reason.refused());
+    for part in [
+        "install target `first-empty`",
+        "vda (67108864 bytes): not empty: holds a GPT with partitions esp, root-a, verity-a, root-b, verity-b, state",
+        "vdb (67108864 bytes): not empty",
+        "virtual devices, never used: loop0",
+    ] {
+        assert!(e.message.contains(part), "{part}: {}", e.message);
+    }
+    assert!(e
+        .status_line()
+        .starts_with("PLINTH-STATUS install-failed reason=no-disk error=\""));
+}
+
+#[test]
+fn a_disk_that_holds_data_is_refused_without_wipe_and_installed_with_it() {
+    let disks = Disks::new(&[FakeDisk::virtio("vda", 64 * MIB, "0000:00:04.0", "one")]);
+    let (raw, zst, sha) = plinth_image(disks.dir.path(), &PLINTH_LABELS);
+    let disk = disks.disk("vda");
+    let mut old = noise(7, 64 * MIB as usize);
+    old[..2048].fill(0);
+    old[1080..1082].copy_from_slice(&[0x53, 0xef]);
+    fs::write(&disk, &old).expect("old data");
+
+    let e = disks
+        .install("/dev/vda", zst.to_str().expect("utf8"), &sha, false)
+        .failure();
+    assert_eq!(e.reason, Reason::DiskNotEmpty);
+    assert!(e.message.contains("ext2/3/4 filesystem"), "{}", e.message);
+    assert!(e.message.contains("--wipe"), "{}", e.message);
+    assert!(fs::read(&disk).expect("read") == old, "nothing written");
+
+    disks
+        .install("vda", zst.to_str().expect("utf8"), &sha, true)
+        .result
+        .expect("installed with --wipe");
+    let written = fs::read(&disk).expect("read");
+    assert!(written[..raw.len()] == raw, "the image is on the disk");
+    assert!(
+        written[written.len() - MIB as usize..]
+            .iter()
+            .all(|b| *b == 0),
+        "the old data at the disk's end (a stale backup GPT there) is zeroed"
+    );
+}
+
+#[test]
+fn a_wrong_sha256_leaves_the_disk_without_a_partition_table() {
+    let disks = Disks::new(&[FakeDisk::virtio("vda", 64 * MIB, "0000:00:04.0", "one")]);
+    let (raw, zst, _) = plinth_image(disks.dir.path(), &PLINTH_LABELS);
+    let disk = disks.disk("vda");
+    // An older installation is on the disk.
+    let mut old = raw.clone();
+    old.resize(64 * MIB as usize, 0);
+    fs::write(&disk, &old).expect("old install");
+    let wrong = "ab".repeat(32);
+    let installed = disks.install("vda", zst.to_str().expect("utf8"), &wrong, true);
+    let events = installed.events();
+    let e = installed.failure();
+    assert_eq!(e.reason, Reason::Sha256Mismatch);
+    assert!(e.reason.refused(), "exit status 3");
+    assert!(e.message.contains(&wrong), "{}", e.message);
+    assert_eq!(events.first().map(String::as_str), Some("install-start"));
+    assert!(!events.contains(&"install-done".to_owned()));
+    assert_unbootable(&disk);
+}
+
+#[test]
+fn a_download_cut_short_every_time_leaves_the_disk_without_a_partition_table() {
+    let disks = Disks::new(&[FakeDisk::virtio("vda", 64 * MIB, "0000:00:04.0", "one")]);
+    let releases = disks.dir.path().join("releases");
+    fs::create_dir_all(&releases).expect("releases");
+    let (_, zst, sha) = plinth_image(&releases, &PLINTH_LABELS);
+    let len = fs::metadata(&zst).expect("zst").len() as usize;
+    let server = Server::start(releases);
+    server.control.lock().expect("lock").cut_always = Some(("demo-1.raw.zst".to_owned(), len / 2));
+    let e = disks
+        .install(
+            "vda",
+            &format!("{}/demo-1.raw.zst", server.url),
+            &sha,
+            false,
+        )
+        .failure();
+    assert_eq!(e.reason, Reason::DownloadFailed);
+    assert!(!e.reason.refused(), "exit status 1");
+    assert_eq!(
+        server.requests("demo-1.raw.zst").len(),
+        1 + install::DOWNLOAD_RETRIES as usize,
+        "started again from the beginning, then given up"
+    );
+    assert_unbootable(&disks.disk("vda"));
+}
+
+#[test]
+fn an_image_without_the_plinth_partitions_is_never_made_bootable() {
+    let disks = Disks::new(&[FakeDisk::virtio("vda", 64 * MIB, "0000:00:04.0", "one")]);
+    let (_, zst, sha) = plinth_image(disks.dir.path(), &["esp", "data"]);
+    let e = disks
+        .install("vda", zst.to_str().expect("utf8"), &sha, false)
+        .failure();
+    assert_eq!(e.reason, Reason::NotAPlinthImage);
+    assert!(
+        e.message.contains("root-a, verity-a, state"),
+        "{}",
+        e.message
+    );
+    assert_unbootable(&disks.disk("vda"));
+}
+
+#[test]
+fn an_image_larger_than_the_disk_is_refused_before_anything_is_written() {
+    let disks = Disks::new(&[FakeDisk::virtio("vda", 8 * MIB, "0000:00:04.0", "one")]);
+    let (_, zst, sha) = plinth_image(disks.dir.path(), &PLINTH_LABELS);
+    let old = noise(5, 8 * MIB as usize);
+    let mut old_zeroed = old.clone();
+    old_zeroed[..MIB as usize].fill(0);
+    fs::write(disks.disk("vda"), &old).expect("old data");
+    let installed = disks.install("vda", zst.to_str().expect("utf8"), &sha, true);
+    assert!(installed.lines.is_empty(), "{:?}", installed.lines);
+    let e = installed.failure();
+    assert_eq!(e.reason, Reason::TooSmall);
+    assert!(e.message.contains("8388608 bytes"), "{}", e.message);
+    assert!(
+        fs::read(disks.disk("vda")).expect("read") == old,
+        "nothing written"
+    );
+}
+
+#[test]
+fn targets_are_found_by_name_id_and_path_and_refusals_list_the_disks() {
+    let mut disks = Disks::new(&[
+        FakeDisk::virtio("vda", 64 * MIB, "0000:00:04.0", "boot disk"),
+        FakeDisk::virtio("vdb", 8 * MIB, "0000:00:05.0", "small"),
+        FakeDisk {
+            read_only: true,
+            ..FakeDisk::virtio("vdc", 64 * MIB, "0000:00:06.0", "cdrom")
+        },
+        FakeDisk {
+            model: "QEMU NVMe Ctrl",
+            ..FakeDisk::virtio("nvme0n1", 64 * MIB, "0000:00:07.0", "deadbeef")
+        },
+    ]);
+    disks.machine.in_use = vec!["vda".to_owned()];
+    let chosen = |spec: &str| {
+        install::resolve(spec, &disks.machine)
+            .map(|c| c.name)
+            .map_err(|e| (e.reason, e.message))
+    };
+    assert_eq!(chosen("vdb"), Ok("vdb".to_owned()));
+    assert_eq!(chosen("/dev/vdb"), Ok("vdb".to_owned()));
+    assert_eq!(chosen("/dev/disk/by-id/virtio-small"), Ok("vdb".to_owned()));
+    assert_eq!(
+        chosen("/dev/disk/by-path/pci-0000:00:05.0"),
+        Ok("vdb".to_owned())
+    );
+    assert_eq!(
+        chosen("/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_deadbeef"),
+        Ok("nvme0n1".to_owned())
+    );
+    assert_eq!(
+        chosen("/dev/disk/by-path/pci-0000:00:07.0-nvme-1"),
+        Ok("nvme0n1".to_owned())
+    );
+    // First-empty in kernel name order, skipping what is in use, read-only or too small.
+    assert_eq!(chosen("first-empty"), Ok("nvme0n1".to_owned()));
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new()
+            .write(true)
+            .open(disks.disk("nvme0n1"))
+            .expect("open"),
+        b"XFSB",
+        0,
+    )
+    .expect("xfs");
+    assert_eq!(chosen("first-empty"), Ok("vdb".to_owned()));
+    let (reason, message) = chosen("first-empty:16M").expect_err("nothing fits");
+    assert_eq!(reason, Reason::NoDisk);
+    for part in [
+        "install target `first-empty:16M`: no disk can be used",
+        "nvme0n1 (67108864 bytes): not empty: holds an xfs filesystem",
+        "vda (67108864 bytes): in use by the running system",
+        "vdb (8388608 bytes): smaller than 16777216 bytes",
+        "vdc (67108864 bytes): read-only",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    // A named disk may hold data (--wipe decides); a disk in use, a partition or a missing
+    // name is refused.
+    let held = install::resolve("nvme0n1", &disks.machine).expect("named");
+    assert_eq!(
+        held.contents,
+        Contents::Holds("an xfs filesystem".to_owned())
+    );
+    let (_, message) = chosen("/dev/vda").expect_err("in use");
+    assert!(
+        message.contains("vda (67108864 bytes): in use by the running system"),
+        "{message}"
+    );
+    let (_, message) = chosen("vdb1").expect_err("partition");
+    assert!(
+        message.contains("vdb1 is a partition; name a whole disk"),
+        "{message}"
+    );
+    let (_, message) = chosen("loop0").expect_err("loop");
+    assert!(message.contains("loop0 is a virtual device"), "{message}");
+    let (_, message) = chosen("/dev/disk/by-id/virtio-nope").expect_err("no such id");
+    assert!(
+        message.contains("vdb (8388608 bytes): not named so"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_command_line_takes_install_options_only_for_install() {
+    use init::update::command::{parse_args, Command as Cmd, Parsed};
+    let parse = |args: &[&str]| parse_args(args.iter().map(|a| a.to_string()));
+    let sha = "0".repeat(64);
+    let Parsed::Run(args) = parse(&[
+        "install",
+        "--target",
+        "first-empty:8G",
+        "--image",
+        "http://h/i.raw.zst",
+        "--sha256",
+        &sha,
+        "--wipe",
+    ])
+    .expect("parses") else {
+        panic!("help");
+    };
+    assert_eq!(args.command, Cmd::Install);
+    let request = args.install.expect("request");
+    assert_eq!(
+        (
+            request.target.as_str(),
+            request.image.as_str(),
+            request.wipe
+        ),
+        ("first-empty:8G", "http://h/i.raw.zst", true)
+    );
+    for (args, message) in [
+        (
+            &["install", "--target", "vda"][..],
+            "install needs --target, --image and --sha256",
+        ),
+        (
+            &["status", "--wipe"][..],
+            "--target, --image, --sha256 and --wipe are only for install",
+        ),
+        (
+            &[
+                "install", "--target", "vda", "--image", "/i", "--sha256", "xyz",
+            ][..],
+            "--sha256: invalid sha256 `xyz`",
+        ),
+    ] {
+        let text = format!("{:#}", parse(args).expect_err("refused"));
+        assert!(text.starts_with(message), "{args:?}: {text}");
+    }
 }

@@ -177,18 +177,18 @@ pub struct PartitionWriter {
 impl PartitionWriter {
     /// Opens `part` of the disk at `path` for writing from its start.
     pub fn open(path: &Path, part: &Partition) -> Result<PartitionWriter> {
+        PartitionWriter::open_range(path, part.start, part.size, &part.label)
+    }
+
+    /// Opens the `size` bytes of the disk at `path` from byte `start` for writing from their
+    /// start; `label` names the range in messages (`partition {label}`).
+    pub fn open_range(path: &Path, start: u64, size: u64, label: &str) -> Result<PartitionWriter> {
         use std::os::unix::fs::OpenOptionsExt as _;
         let buffered = fs::OpenOptions::new()
             .write(true)
             .open(path)
-            .with_context(|| {
-                format!(
-                    "opening {} to write partition {}",
-                    path.display(),
-                    part.label
-                )
-            })?;
-        let aligned = part.start.is_multiple_of(DIRECT_ALIGN as u64);
+            .with_context(|| format!("opening {} to write partition {label}", path.display()))?;
+        let aligned = start.is_multiple_of(DIRECT_ALIGN as u64);
         let direct = fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT)
@@ -198,11 +198,37 @@ impl PartitionWriter {
         Ok(PartitionWriter {
             buffered,
             direct,
-            start: part.start,
-            size: part.size,
+            start,
+            size,
             position: 0,
-            label: part.label.clone(),
+            label: label.to_owned(),
         })
+    }
+
+    /// Writes `len` zero bytes at the current position: with `BLKZEROOUT` on a block device (the
+    /// device zeroes or unmaps the range itself, fast on virtual and thin disks), else, when the
+    /// ioctl is refused (a regular file, an unaligned range), by writing zeros.
+    pub fn write_zeros(&mut self, len: u64) -> io::Result<()> {
+        use std::io::Write as _;
+        use std::os::fd::AsFd as _;
+        if len > self.size.saturating_sub(self.position) {
+            // The ordinary write path names the range and partition.
+            return self.write(&vec![0u8; len as usize]).map(|_| ());
+        }
+        let at = self.start + self.position;
+        if crate::syscall::zero_range(self.buffered.as_fd(), at, len).is_ok() {
+            self.position += len;
+            return Ok(());
+        }
+        const PIECE: usize = 1 << 20;
+        let zeros = AlignedBuf::new(PIECE);
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(PIECE as u64) as usize;
+            self.write_all(zeros.prefix(n))?;
+            left -= n as u64;
+        }
+        Ok(())
     }
 
     /// Whether writes go around the page cache.
@@ -262,4 +288,51 @@ impl io::Write for PartitionWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// The sha256 of `len` bytes of the disk at `path` from byte `start`, read from the medium: with
+/// `O_DIRECT` where the file system or device allows it, else (tmpfs) through the page cache after
+/// dropping the range's cached pages.
+pub fn hash_range(path: &Path, start: u64, len: u64) -> Result<[u8; 32]> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    const PIECE: usize = 4 << 20;
+    let context = || {
+        format!(
+            "reading back {len} bytes at byte {start} of {}",
+            path.display()
+        )
+    };
+    let buffered = fs::File::open(path).with_context(context)?;
+    let mut direct = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok();
+    // Pages cached by earlier buffered writes must not answer the buffered reads.
+    rustix::fs::fadvise(&buffered, start, len, rustix::fs::Advice::DontNeed)
+        .with_context(context)?;
+    let mut buf = AlignedBuf::new(PIECE);
+    let mut hasher = sha2::Sha256::new();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(PIECE as u64) as usize;
+        let at = start + done;
+        let piece = &mut buf.as_mut_slice()[..n];
+        let aligned = n.is_multiple_of(DIRECT_ALIGN) && at.is_multiple_of(DIRECT_ALIGN as u64);
+        match &direct {
+            Some(file) if aligned => match file.read_exact_at(piece, at) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The file system takes O_DIRECT opens but not the reads.
+                    direct = None;
+                    continue;
+                }
+                other => other.with_context(context)?,
+            },
+            _ => buffered.read_exact_at(piece, at).with_context(context)?,
+        }
+        hasher.update(&*piece);
+        done += n as u64;
+    }
+    Ok(hasher.finalize().into())
 }

@@ -10,9 +10,11 @@ use anyhow::{bail, Context, Result};
 use super::agent::{self, Agent, Outcome, Paths};
 use super::apply::Event;
 use super::daemon::{self, SystemClock, Updater};
-use super::fetch::Source;
+use super::fetch::{self, Client, Source};
+use super::install::{self, Machine, Request};
 use super::media;
 use super::strategy::{self, Decision};
+use super::tls::Trust;
 use os_config::status;
 
 /// The usage text `--help` prints and argument errors end with.
@@ -26,10 +28,18 @@ commands:
   rollback            boot the other slot next and mark the running version bad
   bless               mark the running boot good (plinth-init's health gate does this)
   daemon              check and apply every [update] interval (with jitter), report rollbacks
-exit status: 0 done, 1 error, 3 the release was refused (apply and check)";
+  install --target DISK --image URL --sha256 HEX [--wipe]
+                      write a zstd-compressed Plinth disk image (http://, https://, file:// or a
+                      path; HEX: sha256 of the compressed file) to DISK, bootable only once
+                      written and verified; DISK: vda, /dev/vda, /dev/disk/by-id/NAME,
+                      /dev/disk/by-path/NAME, first-empty or first-empty:MIN (like 8G); a disk
+                      that holds data is refused without --wipe
+exit status: 0 done, 1 error, 3 the release was refused (apply and check), or the disk or image
+(install)";
 
 /// Exit status of `apply` and `check` when the release is refused (bad signature, not newer,
-/// another image, an artifact that does not match its manifest).
+/// another image, an artifact that does not match its manifest), and of `install` when the disk
+/// or the image is refused ([`install::Reason::refused`]).
 pub const EXIT_REFUSED: u8 = 3;
 
 /// A `plinth-update` command.
@@ -47,6 +57,8 @@ pub enum Command {
     Bless,
     /// Check and apply every interval.
     Daemon,
+    /// Write a disk image to a local disk.
+    Install,
 }
 
 impl Command {
@@ -58,6 +70,7 @@ impl Command {
             "rollback" => Command::Rollback,
             "bless" => Command::Bless,
             "daemon" => Command::Daemon,
+            "install" => Command::Install,
             _ => return None,
         })
     }
@@ -74,6 +87,8 @@ pub struct Args {
     pub command: Command,
     /// `--from`: a release folder or a block device holding one (apply and check).
     pub from: Option<PathBuf>,
+    /// What `install` installs where (`--target`, `--image`, `--sha256`, `--wipe`).
+    pub install: Option<Request>,
 }
 
 /// What the command line asks for.
@@ -92,6 +107,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
     let mut paths = Paths::default();
     let mut command = String::new();
     let mut from: Option<PathBuf> = None;
+    let mut install = InstallFlags::default();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| {
@@ -106,6 +122,10 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
             "--boot-record" => paths.boot_record = value("--boot-record")?.into(),
             "--settled" => paths.settled = value("--settled")?.into(),
             "--from" => from = Some(value("--from")?.into()),
+            "--target" => install.target = Some(value("--target")?),
+            "--image" => install.image = Some(value("--image")?),
+            "--sha256" => install.sha256 = Some(value("--sha256")?),
+            "--wipe" => install.wipe = true,
             "-h" | "--help" => return Ok(Parsed::Help),
             cmd if !cmd.starts_with('-') && command.is_empty() => command = cmd.to_owned(),
             other => bail!("unknown argument `{other}`\n{USAGE}"),
@@ -120,12 +140,48 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Parsed> {
     let Some(command) = Command::parse(&command) else {
         bail!("unknown command `{command}`\n{USAGE}");
     };
+    let install = install.request(command == Command::Install)?;
     Ok(Parsed::Run(Box::new(Args {
         json,
         paths,
         command,
         from,
+        install,
     })))
+}
+
+/// The `install` options as given.
+#[derive(Debug, Default)]
+struct InstallFlags {
+    target: Option<String>,
+    image: Option<String>,
+    sha256: Option<String>,
+    wipe: bool,
+}
+
+impl InstallFlags {
+    /// The request of an `install` command line (all of `--target`, `--image` and `--sha256`
+    /// given, the sha256 valid); `None` for other commands, which take none of them.
+    fn request(self, installing: bool) -> Result<Option<Request>> {
+        if !installing {
+            if self.target.is_some() || self.image.is_some() || self.sha256.is_some() || self.wipe {
+                bail!("--target, --image, --sha256 and --wipe are only for install\n{USAGE}");
+            }
+            return Ok(None);
+        }
+        let (Some(target), Some(image), Some(sha256)) = (self.target, self.image, self.sha256)
+        else {
+            bail!("install needs --target, --image and --sha256\n{USAGE}");
+        };
+        let sha256 = os_config::units::Sha256::parse(&sha256)
+            .map_err(|e| anyhow::anyhow!("--sha256: {e}\n{USAGE}"))?;
+        Ok(Some(Request {
+            target,
+            image,
+            sha256,
+            wipe: self.wipe,
+        }))
+    }
 }
 
 /// Asks `plinth-init` for a clean reboot: it reboots on SIGINT, as on Ctrl-Alt-Del. An update's
@@ -301,8 +357,41 @@ fn exit_for(outcome: &Outcome) -> ExitCode {
     }
 }
 
+/// Installs as `request` says on this machine, printing status lines; returns the exit status:
+/// success, [`EXIT_REFUSED`] when the disk or image is refused, else failure. The machine is not
+/// rebooted here: `plinth-init` does that once this returns success.
+fn run_install(request: &Request, paths: &Paths) -> ExitCode {
+    let trust = Trust {
+        bundle: paths.ca_bundle.clone(),
+        update_ca: paths.update_ca.exists().then(|| paths.update_ca.clone()),
+    };
+    let client = Client::new(Some(trust), fetch::PACE);
+    let result = Machine::running(client, &paths.boot_record)
+        .map_err(|e| install::InstallError {
+            reason: install::Reason::NoDisk,
+            message: format!("{e:#}"),
+        })
+        .and_then(|machine| install::install(request, &machine, &mut |line| println!("{line}")));
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("{}", e.status_line());
+            eprintln!("plinth-update: install: {}", e.message);
+            if e.reason.refused() {
+                ExitCode::from(EXIT_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 /// Runs a parsed command line; returns the exit status.
 pub fn run(args: Args) -> Result<ExitCode> {
+    // A live system installing to a disk has no boot record or update configuration.
+    if let Some(request) = &args.install {
+        return Ok(run_install(request, &args.paths));
+    }
     let agent = Agent::load(args.paths.clone())?;
     // Media stay mounted until `run` returns.
     let media = match &args.from {
@@ -380,6 +469,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             let blessed = agent.bless()?;
             println!("{blessed:?}");
         }
+        Command::Install => bail!("install needs --target, --image and --sha256\n{USAGE}"),
         Command::Daemon => daemon::run(
             &mut AgentUpdater {
                 agent: &agent,
@@ -460,6 +550,7 @@ mod tests {
                 paths,
                 command: Command::Apply,
                 from: Some("/srv".into()),
+                install: None,
             }
         );
         for (name, command) in [

@@ -13,10 +13,13 @@
 //!   see [`agent::read_boot_record`]) and the running slot and version, then prints
 //!   `PLINTH-STATUS boot-blessed …`.
 //! - Tests interrupt [`Agent::apply`] through its hook at any [`apply::Event`].
+//! - `plinth-update install` (run by `plinth-init` on a live system with `plinth.install=`)
+//!   writes a disk image to a local disk through [`install::install`].
 //!
 //! Console lines the agent prints: `update-progress stage=…`, `update-delta reused=… fetched=… bytes=… total-bytes=…` (see [`delta`]), `update-staged version=… slot=…`,
 //! `update-waiting version=… reason="…"` (a window or FleetLock, see [`strategy`]),
-//! `update-refused version=… reason="…"`, `update-rebooting`, `rollback from=… to=…`.
+//! `update-refused version=… reason="…"`, `update-rebooting`, `rollback from=… to=…`; and
+//! `install-start`, `install-progress`, `install-done`, `install-failed` (see [`install`]).
 
 pub mod agent;
 pub mod apply;
@@ -27,6 +30,7 @@ pub mod delta;
 pub mod esp;
 pub mod fetch;
 pub mod gate;
+pub mod install;
 pub mod media;
 pub mod staging;
 pub mod state;
