@@ -119,10 +119,7 @@ impl Vm {
         let monitor = dir.path().join("monitor.sock");
         let mut netdev = String::from("user,id=n0,restrict=on");
         if let Some((folder, boot_file)) = &opts.tftp {
-            netdev.push_str(&format!(
-                ",tftp={},bootfile={boot_file}",
-                folder.display()
-            ));
+            netdev.push_str(&format!(",tftp={},bootfile={boot_file}", folder.display()));
         }
         for (host, guest) in &opts.forwards {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
@@ -156,7 +153,8 @@ impl Vm {
             ));
         }
         for (name, value) in &opts.fw_cfg {
-            cmd.arg("-fw_cfg").arg(format!("name={name},string={value}"));
+            cmd.arg("-fw_cfg")
+                .arg(format!("name={name},string={value}"));
         }
         if opts.no_reboot {
             cmd.arg("-no-reboot");

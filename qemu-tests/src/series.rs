@@ -19,7 +19,6 @@ pub const STAGE_DELAY_MS: u64 = 5000;
 /// The kernel argument that sets it, honoured only by the `test-hooks` build of the agent.
 pub const STAGE_DELAY_ARG: &str = "plinth.update-stage-delay-ms";
 
-
 /// An image definition of the test series. The packages (and so the lock's roots) are those of
 /// `e2e.toml`; versions differ in their version, their container and their bless times.
 pub fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> String {
@@ -101,4 +100,3 @@ pub fn build_version(work: &Path, n: u32, public: &str) -> Result<(String, PathB
     );
     Ok((text, raw))
 }
-

@@ -26,8 +26,7 @@ use anyhow::{bail, ensure, Context, Result};
 use builder::publish::Expiry;
 use os_config::manifest::{self, Manifest};
 use qemu_tests::series::{
-    build_version, definition, trusted_key, GUEST_SERVER, STAGE_DELAY_ARG, STAGE_DELAY_MS,
-    TRUSTED_KEY,
+    build, build_version, definition, trusted_key, GUEST_SERVER, STAGE_DELAY_MS, TRUSTED_KEY,
 };
 use qemu_tests::{image, parse_status, Vm, VmOptions};
 
