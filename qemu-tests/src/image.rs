@@ -50,10 +50,24 @@ pub fn build(definition: &Path, lock: &Path) -> Result<PathBuf> {
 
 /// [`build`] with the static `plinth-init` (and the `plinth-update` beside it) at `init`.
 pub fn build_with(definition: &Path, lock: &Path, init: &Path) -> Result<PathBuf> {
+    build_formats(definition, lock, init, false)
+}
+
+/// [`build_with`] that also writes the PXE folder (`plinth build --format pxe`); returns the raw
+/// disk image and the folder.
+pub fn build_pxe(definition: &Path, lock: &Path, init: &Path) -> Result<(PathBuf, PathBuf)> {
+    let raw = build_formats(definition, lock, init, true)?;
+    Ok((raw.clone(), builder::pxe::folder_for(&raw)))
+}
+
+/// Builds `definition` as raw, and with `pxe` also as a PXE folder, reusing an earlier build of
+/// the same inputs that wrote what is asked for.
+fn build_formats(definition: &Path, lock: &Path, init: &Path, pxe: bool) -> Result<PathBuf> {
+    let has_pxe = |raw: &Path| !pxe || builder::pxe::folder_for(raw).join("pxe.json").is_file();
     let mut built = BUILT
         .lock()
         .map_err(|_| anyhow::anyhow!("image cache lock poisoned"))?;
-    if let Some(raw) = built.get(definition) {
+    if let Some(raw) = built.get(definition).filter(|raw| has_pxe(raw)) {
         return Ok(raw.clone());
     }
     let stem = definition
@@ -67,10 +81,13 @@ pub fn build_with(definition: &Path, lock: &Path, init: &Path) -> Result<PathBuf
         .with_context(|| format!("copying {}", definition.display()))?;
     let lock_copy = builder::debian::lock::lock_path(&def_copy);
     std::fs::copy(lock, &lock_copy).with_context(|| format!("copying {}", lock.display()))?;
-    let args = build_args(&def_copy, &dir.join("out"), init);
+    let mut args = build_args(&def_copy, &dir.join("out"), init);
+    if pxe {
+        args.format.push("pxe".to_owned());
+    }
     let key = inputs_key(&def_copy, &lock_copy, args.init.as_deref())?;
     let key_file = dir.join("inputs.sha256");
-    if let Some(raw) = reusable(&key_file, &key, &args)? {
+    if let Some(raw) = reusable(&key_file, &key, &args)?.filter(|raw| has_pxe(raw)) {
         built.insert(definition.to_path_buf(), raw.clone());
         return Ok(raw);
     }

@@ -49,6 +49,18 @@ pub fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) 
 /// built earlier from the same inputs. A version that pauses its agent after each stage gets the
 /// binaries built with init's `test-hooks` feature.
 pub fn build(dir: &Path, stem: &str, text: &str) -> Result<PathBuf> {
+    let (def, init) = prepare(dir, stem, text)?;
+    image::build_with(&def, &image::workspace().join("images/qemu.lock"), &init)
+}
+
+/// [`build`] with the PXE folder too: returns the raw disk image and the folder.
+pub fn build_pxe(dir: &Path, stem: &str, text: &str) -> Result<(PathBuf, PathBuf)> {
+    let (def, init) = prepare(dir, stem, text)?;
+    image::build_pxe(&def, &image::workspace().join("images/qemu.lock"), &init)
+}
+
+/// Writes the definition `stem.toml` into `dir`; returns it and the `plinth-init` to build with.
+fn prepare(dir: &Path, stem: &str, text: &str) -> Result<(PathBuf, PathBuf)> {
     let init = if text.contains(STAGE_DELAY_ARG) {
         image::hooks_init_binary()?
     } else {
@@ -56,7 +68,7 @@ pub fn build(dir: &Path, stem: &str, text: &str) -> Result<PathBuf> {
     };
     let def = dir.join(format!("{stem}.toml"));
     std::fs::write(&def, text).with_context(|| format!("writing {}", def.display()))?;
-    image::build_with(&def, &image::workspace().join("images/qemu.lock"), &init)
+    Ok((def, init))
 }
 
 /// The definition of version `n` (1 to 4) of the update tests' image: v1 pauses its agent after

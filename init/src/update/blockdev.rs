@@ -290,11 +290,10 @@ impl io::Write for PartitionWriter {
     }
 }
 
-/// The sha256 of `len` bytes of the disk at `path` from byte `start`, read from the medium: with
-/// `O_DIRECT` where the file system or device allows it, else (tmpfs) through the page cache after
-/// dropping the range's cached pages.
-pub fn hash_range(path: &Path, start: u64, len: u64) -> Result<[u8; 32]> {
-    use sha2::Digest as _;
+/// Reads `len` bytes at byte `start` of `path` from the medium, not from the page cache (O_DIRECT
+/// where the file system or device allows it, else (tmpfs) buffered reads after dropping the
+/// range's cached pages), handing each piece to `visit`.
+pub fn read_back(path: &Path, start: u64, len: u64, visit: &mut dyn FnMut(&[u8])) -> Result<()> {
     use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
     const PIECE: usize = 4 << 20;
     let context = || {
@@ -313,7 +312,6 @@ pub fn hash_range(path: &Path, start: u64, len: u64) -> Result<[u8; 32]> {
     rustix::fs::fadvise(&buffered, start, len, rustix::fs::Advice::DontNeed)
         .with_context(context)?;
     let mut buf = AlignedBuf::new(PIECE);
-    let mut hasher = sha2::Sha256::new();
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(PIECE as u64) as usize;
@@ -331,8 +329,16 @@ pub fn hash_range(path: &Path, start: u64, len: u64) -> Result<[u8; 32]> {
             },
             _ => buffered.read_exact_at(piece, at).with_context(context)?,
         }
-        hasher.update(&*piece);
+        visit(piece);
         done += n as u64;
     }
+    Ok(())
+}
+
+/// The sha256 of `len` bytes at byte `start` of `path`, read from the medium ([`read_back`]).
+pub fn hash_range(path: &Path, start: u64, len: u64) -> Result<[u8; 32]> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    read_back(path, start, len, &mut |piece| hasher.update(piece))?;
     Ok(hasher.finalize().into())
 }
