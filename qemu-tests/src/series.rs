@@ -23,7 +23,7 @@ pub const STAGE_DELAY_ARG: &str = "plinth.update-stage-delay-ms";
 /// `e2e.toml`; versions differ in their version, their container and their bless times.
 pub fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) -> String {
     let container = if healthy {
-        "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo '<h1>Hello from Plinth</h1>' > /www/index.html; exec /bin/busybox httpd -f -p 80 -h /www\"]\nmounts = [\"/var/lib/web:/www\"]\nrestart = \"always\""
+        "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo '<h1>Hello from Plinth</h1>' > /www/index.html; exec /bin/busybox httpd -f -p 80 -h /www\"]\nmounts = [\"/var/lib/web:/www\"]\nports = [\"8080:80\"]\nrestart = \"always\""
     } else {
         // A crash loop: the engine restarts it at once, so most looks see it running.
         "command = [\"/bin/busybox\", \"false\"]\nrestart = \"always\""
