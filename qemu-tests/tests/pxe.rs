@@ -1,5 +1,6 @@
-//! Network boot under QEMU (OVMF, TCG): diskless guests boot the PXE folder's `live.efi` from
-//! QEMU's built-in TFTP server (OVMF's PXE client, QEMU's DHCP naming the boot file); the guest
+//! Network boot under QEMU (OVMF, TCG): diskless guests boot the PXE folder's `boot.ipxe` from
+//! QEMU's built-in TFTP server (the NIC's iPXE option ROM under OVMF runs the script, which loads
+//! `vmlinuz`, `initrd.img` and `root.cpio` over TFTP; QEMU's DHCP names the script); the guest
 //! reaches a local HTTP server on 127.0.0.1, serving the image to install and a release, only
 //! through `guestfwd`. Nothing leaves the machine.
 //!
@@ -10,8 +11,8 @@
 //! download and the disk stays unbootable; a power cut in the middle of the write leaves no
 //! partition table; the next install succeeds, the installed disk boots with its container
 //! running and takes the next release from the release server (v2 → v3, slot B, blessed).
-//! The installation arguments reach the guest through QEMU's fw_cfg (`opt/plinth/cmdline`), as
-//! `live.efi` carries a fixed command line.
+//! The installation arguments reach the guest through QEMU's fw_cfg (`opt/plinth/cmdline`), which
+//! stands in for the `plinth-args` a site's iPXE configuration would set.
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::TcpListener;
@@ -64,7 +65,7 @@ fn live_guest(
     server: u16,
     web: u16,
 ) -> VmOptions {
-    let mut opts = VmOptions::network_boot(pxe, builder::pxe::UKI_FILE);
+    let mut opts = VmOptions::network_boot(pxe, builder::pxe::IPXE_FILE);
     opts.mem_mib = LIVE_MEM_MIB;
     opts.extra_disks = disks.iter().map(|d| d.to_path_buf()).collect();
     opts.guest_forwards = vec![(GUEST_SERVER.to_owned(), server)];

@@ -272,8 +272,16 @@ pub fn compressed(archive: &Archive, mtime: u64) -> Result<Vec<u8>> {
     archive
         .write_cpio(&mut cpio, mtime)
         .context("writing the initramfs archive")?;
-    zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")
+    let mut out = zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")?;
+    // Zeros up to a multiple of 4 bytes: an archive loaded after this one (the PXE folder's
+    // uncompressed root.cpio) is only read as cpio when it starts 4-byte aligned, and the kernel
+    // skips zeros between archives.
+    out.resize(out.len().next_multiple_of(INITRD_ALIGN), 0);
+    Ok(out)
 }
+
+/// The compressed initramfs is padded to a multiple of this many bytes.
+pub const INITRD_ALIGN: usize = 4;
 
 #[cfg(test)]
 mod tests {
