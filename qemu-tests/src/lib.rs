@@ -510,6 +510,31 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// A static file server on 127.0.0.1 for `root` (`builder::serve`'s), for QEMU's `guestfwd`,
+/// which carries every guest connection over one host connection: each is answered until the host
+/// side sees its end. Returns the port.
+pub fn serve_folder(root: &Path) -> Result<u16> {
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", 0)).context("binding the file server")?;
+    let port = listener.local_addr()?.port();
+    let root = root.to_path_buf();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let root = root.clone();
+            std::thread::spawn(move || -> Result<()> {
+                let mut writer = stream.try_clone()?;
+                let mut reader = BufReader::new(stream);
+                // One guest connection after another, on the same stream.
+                while !reader.fill_buf()?.is_empty() {
+                    builder::serve::serve_connection(&root, &mut reader, &mut writer)?;
+                }
+                Ok(())
+            });
+        }
+    });
+    Ok(port)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

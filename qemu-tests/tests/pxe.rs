@@ -14,15 +14,14 @@
 //! The installation arguments reach the guest through QEMU's fw_cfg (`opt/plinth/cmdline`), which
 //! stands in for the `plinth-args` a site's iPXE configuration would set.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::net::TcpListener;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use os_config::live::FW_CFG_CMDLINE;
 use qemu_tests::series::{build, build_pxe, trusted_key, version_definition, GUEST_SERVER};
-use qemu_tests::{free_port, parse_status, Vm, VmOptions};
+use qemu_tests::{free_port, parse_status, serve_folder as serve, Vm, VmOptions};
 
 /// From QEMU start to a running container, under TCG on a busy machine (the boot file comes over
 /// TFTP first).
@@ -32,29 +31,6 @@ const LIVE_MEM_MIB: u32 = 512;
 /// The blank disk installed to: the image is about 2.1 GiB.
 const DISK_BYTES: u64 = 4 << 30;
 const MIB: u64 = 1 << 20;
-
-/// A static file server on 127.0.0.1 for `root`, for QEMU's `guestfwd` (which carries every guest
-/// connection over one host connection, so each is served until the host side sees its end).
-fn serve(root: &Path) -> Result<u16> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).context("binding the file server")?;
-    let port = listener.local_addr()?.port();
-    let root = root.to_path_buf();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let root = root.clone();
-            std::thread::spawn(move || -> Result<()> {
-                let mut writer = stream.try_clone()?;
-                let mut reader = BufReader::new(stream);
-                // One guest connection after another, on the same stream.
-                while !reader.fill_buf()?.is_empty() {
-                    builder::serve::serve_connection(&root, &mut reader, &mut writer)?;
-                }
-                Ok(())
-            });
-        }
-    });
-    Ok(port)
-}
 
 /// A network-booted guest of `pxe` with `disks`, installation arguments `install` (fw_cfg), and
 /// the demo container's port forwarded to `web` on the host.

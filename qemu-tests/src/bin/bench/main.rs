@@ -4,12 +4,13 @@
 //! writes the raw numbers to `target/bench/bench.json`.
 //!
 //! Environment: `BENCH_RUNS` (runs per figure, default 3), `BENCH_ONLY` (comma-separated subset
-//! of `build,cold,size,boot,update,scale`; default all but `scale`), `PLINTH_TEST_CONSOLE=1` to
+//! of `build,cold,size,boot,update,scale,live`; default all but `scale` and `live`), `PLINTH_TEST_CONSOLE=1` to
 //! echo guest consoles, `BENCH_TABLE=target/bench/bench.json` to print the table of an earlier
 //! run's numbers, `BENCH_BASELINE_ONLY=1` to boot only the baseline (when debugging its scripts).
 
 mod boot;
 mod build;
+mod live;
 mod scale;
 mod size;
 mod stats;
@@ -47,7 +48,7 @@ fn machine() -> Value {
 }
 
 /// The parts `BENCH_ONLY` can name.
-const PARTS: [&str; 6] = ["build", "cold", "size", "boot", "update", "scale"];
+const PARTS: [&str; 7] = ["build", "cold", "size", "boot", "update", "scale", "live"];
 
 /// The figures' table, and the scale study's tables when it ran.
 fn markdown(rows: &[Row], scale: &[scale::Step]) -> String {
@@ -148,6 +149,10 @@ fn main() -> Result<()> {
     }
     if want("update") {
         update::bench_update(&dir, &built, runs, &mut rows)?;
+        save(&rows, &scale_steps)?;
+    }
+    if want("live") {
+        live::bench_live(&dir, &built, &mut rows)?;
         save(&rows, &scale_steps)?;
     }
     if want("scale") {
