@@ -186,7 +186,9 @@ fn a_live_boot_in_512_mib_serves_the_page_and_a_disk_with_a_filesystem_is_not_in
         "expected install-failed reason=disk-not-empty, got {failed:?}"
     );
     ensure!(
-        failed.get("error").is_some_and(|e| e.contains("ext4")),
+        failed
+            .get("error")
+            .is_some_and(|e| e.contains("ext2/3/4 filesystem")),
         "the refusal does not say what the disk holds: {failed:?}"
     );
     vm.kill();
