@@ -4,11 +4,11 @@
 //! reaches a local HTTP server on 127.0.0.1, serving the image to install and a release, only
 //! through `guestfwd`. Nothing leaves the machine.
 //!
-//! Live: in 512 MiB of RAM the root comes from the initramfs through dm-verity, `/var` is a tmpfs,
-//! and the demo container serves its page. A disk that holds a filesystem is refused without
-//! `plinth.install.wipe` and left as it was.
-//! Install (one guest after the other, one blank disk): a wrong sha256 is refused after the
-//! download and the disk stays unbootable; a power cut in the middle of the write leaves no
+//! Live, one guest after the other: in 512 MiB of RAM the root comes from the initramfs through
+//! dm-verity, `/var` is a tmpfs, and the demo container serves its page; a disk that holds a
+//! filesystem is refused without `plinth.install.wipe` and left as it was; a wrong sha256 is
+//! refused after the download and the blank disk stays unbootable.
+//! Install, beside it (one blank disk): a power cut in the middle of the write leaves no
 //! partition table; the next install succeeds, the installed disk boots with its container
 //! running and takes the next release from the release server (v2 → v3, slot B, blessed).
 //! The installation arguments reach the guest through QEMU's fw_cfg (`opt/plinth/cmdline`), which
@@ -102,6 +102,16 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// A folder for the file server with the PXE folder's disk image under `install/`; returns the
+/// folder and the image's URL as the guest sees it.
+fn serve_image(work: &Path, pxe: &Path, image: &str) -> Result<(PathBuf, String)> {
+    let served = work.join("served");
+    std::fs::create_dir_all(served.join("install"))?;
+    let (from, to) = (pxe.join(image), served.join("install").join(image));
+    std::fs::hard_link(&from, &to).or_else(|_| std::fs::copy(&from, &to).map(|_| ()))?;
+    Ok((served, format!("http://{GUEST_SERVER}/install/{image}")))
+}
+
 /// The install arguments for fw_cfg.
 fn install_args(target: &str, image_url: &str, sha256: &str, wipe: bool) -> String {
     format!(
@@ -111,7 +121,7 @@ fn install_args(target: &str, image_url: &str, sha256: &str, wipe: bool) -> Stri
 }
 
 #[test]
-fn a_live_boot_in_512_mib_serves_the_page_and_a_disk_with_a_filesystem_is_not_installed_over(
+fn a_live_boot_in_512_mib_serves_the_page_and_installs_refuse_a_used_disk_and_a_wrong_checksum(
 ) -> Result<()> {
     let work_dir = tempfile::tempdir()?;
     let work = work_dir.path();
@@ -119,8 +129,7 @@ fn a_live_boot_in_512_mib_serves_the_page_and_a_disk_with_a_filesystem_is_not_in
     let public = trusted.public().to_string();
     let (_, pxe) = build_pxe(work, "update-v2", &version_definition(2, &public))?;
     let summary = summary(&pxe)?;
-    let served = work.join("served");
-    std::fs::create_dir_all(&served)?;
+    let (served, url) = serve_image(work, &pxe, &summary.image.file)?;
     let server = serve(&served)?;
 
     // The live system: root from the initramfs through dm-verity, /var a tmpfs, the page served.
@@ -167,12 +176,7 @@ fn a_live_boot_in_512_mib_serves_the_page_and_a_disk_with_a_filesystem_is_not_in
         .context("running mkfs.ext4")?;
     ensure!(status.success(), "mkfs.ext4 failed");
     let before = sha256_file(&disk)?;
-    let args = install_args(
-        "vda",
-        &format!("http://{GUEST_SERVER}/install/{}", summary.image.file),
-        &summary.image.sha256,
-        false,
-    );
+    let args = install_args("vda", &url, &summary.image.sha256, false);
     let mut vm = Vm::boot(&live_guest(
         &pxe,
         &[&disk],
@@ -196,49 +200,9 @@ fn a_live_boot_in_512_mib_serves_the_page_and_a_disk_with_a_filesystem_is_not_in
         sha256_file(&disk)? == before,
         "the refused disk was changed"
     );
-    Ok(())
-}
-
-#[test]
-fn an_install_refuses_a_wrong_checksum_survives_a_power_cut_then_boots_and_updates() -> Result<()> {
-    let work_dir = tempfile::tempdir()?;
-    let work = work_dir.path();
-    let (key, trusted) = trusted_key(work)?;
-    let public = trusted.public().to_string();
-    let (_, pxe) = build_pxe(work, "update-v2", &version_definition(2, &public))?;
-    let v3_text = version_definition(3, &public);
-    let v3 = build(work, "update-v3", &v3_text)?;
-    let summary = summary(&pxe)?;
-
-    // The server: the image to install under install/, the v3 release at the top.
-    let served = work.join("served");
-    std::fs::create_dir_all(served.join("install"))?;
-    std::fs::hard_link(
-        pxe.join(&summary.image.file),
-        served.join("install").join(&summary.image.file),
-    )
-    .or_else(|_| {
-        std::fs::copy(
-            pxe.join(&summary.image.file),
-            served.join("install").join(&summary.image.file),
-        )
-        .map(|_| ())
-    })?;
-    let def = work.join("publish.toml");
-    std::fs::write(&def, &v3_text)?;
-    builder::publish::publish(&builder::publish::Options {
-        file: def,
-        key,
-        to: served.clone(),
-        disk: Some(v3),
-        rollout: None,
-        expires: builder::publish::Expiry::default(),
-    })?;
-    let server = serve(&served)?;
-    let url = format!("http://{GUEST_SERVER}/install/{}", summary.image.file);
-    let disk = blank_disk(&work.join("disk.raw"), DISK_BYTES)?;
 
     // A wrong checksum: the whole image is downloaded and written, then refused; no GPT.
+    let disk = blank_disk(&work.join("blank.raw"), DISK_BYTES)?;
     let wrong = "0".repeat(64);
     let mut vm = Vm::boot(&live_guest(
         &pxe,
@@ -255,6 +219,35 @@ fn an_install_refuses_a_wrong_checksum_survives_a_power_cut_then_boots_and_updat
     );
     vm.kill();
     expect_unbootable(&disk, "a refused checksum")?;
+
+    Ok(())
+}
+
+#[test]
+fn an_install_survives_a_power_cut_then_boots_and_updates() -> Result<()> {
+    let work_dir = tempfile::tempdir()?;
+    let work = work_dir.path();
+    let (key, trusted) = trusted_key(work)?;
+    let public = trusted.public().to_string();
+    let (_, pxe) = build_pxe(work, "update-v2", &version_definition(2, &public))?;
+    let v3_text = version_definition(3, &public);
+    let v3 = build(work, "update-v3", &v3_text)?;
+    let summary = summary(&pxe)?;
+
+    // The server: the image to install under install/, the v3 release at the top.
+    let (served, url) = serve_image(work, &pxe, &summary.image.file)?;
+    let def = work.join("publish.toml");
+    std::fs::write(&def, &v3_text)?;
+    builder::publish::publish(&builder::publish::Options {
+        file: def,
+        key,
+        to: served.clone(),
+        disk: Some(v3),
+        rollout: None,
+        expires: builder::publish::Expiry::default(),
+    })?;
+    let server = serve(&served)?;
+    let disk = blank_disk(&work.join("disk.raw"), DISK_BYTES)?;
 
     // A power cut while the image is being written: still no GPT.
     let args = install_args("first-empty:2G", &url, &summary.image.sha256, false);
