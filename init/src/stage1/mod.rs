@@ -1047,6 +1047,21 @@ mod tests {
     }
 
     #[test]
+    fn a_live_boot_mounts_the_named_state_partition() {
+        let sys = live_machine(8, "plinth.state=vdb1");
+        let mut ext4 = vec![0u8; 4096];
+        ext4[1080..1082].copy_from_slice(&[0x53, 0xef]);
+        sys.add_file("/dev/vdb1", ext4);
+        run(&sys).expect_err("the fake exec returns");
+        assert!(
+            sys.calls()
+                .contains(&"mount ext4 /dev/vdb1 /sysroot/var".to_string()),
+            "{:?}",
+            sys.calls()
+        );
+    }
+
+    #[test]
     fn a_live_boot_refuses_a_missing_or_malformed_root_and_a_slot() {
         let sys = live_machine(8, "");
         sys.add_file("/plinth/root.live", vec![0u8; 4096 * 3 + 1]);

@@ -16,7 +16,7 @@ use crate::util::say;
 /// The bisection's bounds and step, MiB: the goal is the upper bound.
 const LOW_MIB: u32 = 128;
 const HIGH_MIB: u32 = 512;
-const STEP_MIB: u32 = 16;
+const STEP_MIB: u32 = 32;
 /// A boot that has not served the page by then counts as failed.
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 /// Where the guest finds the file server.
