@@ -4,6 +4,7 @@
 set -euo pipefail
 packages=(
   qemu-system-x86 ovmf qemu-utils        # booting images, output formats
+  ipxe-qemu                              # the NIC's iPXE ROM that network-boots the PXE tests
   squashfs-tools erofs-utils             # root filesystem images
   e2fsprogs dosfstools mtools fdisk      # state partition, ESP and GPT oracles
   cryptsetup-bin                         # veritysetup, the dm-verity oracle
@@ -15,6 +16,7 @@ packages=(
 provides=(
   qemu-system-x86:qemu-system-x86_64 qemu-utils:qemu-img
   ovmf:/usr/share/OVMF/OVMF_CODE_4M.fd ovmf:/usr/share/OVMF/OVMF_VARS_4M.fd
+  ipxe-qemu:/usr/lib/ipxe/qemu/efi-virtio.rom
   squashfs-tools:mksquashfs squashfs-tools:unsquashfs erofs-utils:mkfs.erofs
   e2fsprogs:mkfs.ext4 e2fsprogs:e2fsck dosfstools:mkfs.vfat dosfstools:fsck.vfat
   mtools:mcopy mtools:mmd fdisk:sfdisk cryptsetup-bin:veritysetup
