@@ -28,6 +28,8 @@ pub const MODULES: &[&str] = &[
     // QEMU, fw_cfg may carry installation arguments (`os_config::live::FW_CFG_CMDLINE`).
     "loop",
     "qemu_fw_cfg",
+    // `plinth.root-url=` fetches the live root in stage 1: the virtual machines' network card.
+    "virtio_net",
 ];
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //!
 //! Live, one guest after the other: in 512 MiB of RAM the root comes from the initramfs through
 //! dm-verity, `/var` is a tmpfs, and the demo container serves its page; a disk that holds a
-//! filesystem is refused without `plinth.install.wipe` and left as it was; a wrong sha256 is
+//! filesystem is refused without `plinth.install.wipe` and left as it was; the root fetched by
+//! stage 1 from `plinth.root-url=` (a script loading only the kernel and the initramfs) serves
+//! the page too; a wrong sha256 is
 //! refused after the download and the blank disk stays unbootable.
 //! Install, beside it (one blank disk): a power cut in the middle of the write leaves no
 //! partition table; the next install succeeds, the installed disk boots with its container
@@ -164,6 +166,53 @@ fn a_live_boot_in_512_mib_serves_the_page_and_installs_refuse_a_used_disk_and_a_
     eprintln!(
         "live guest served its page at {:.0}s",
         vm.elapsed().as_secs_f64()
+    );
+    vm.kill();
+
+    // The root fetched by stage 1 (plinth.root-url=) instead of carried in the initramfs: a
+    // script that loads the kernel and the initramfs only.
+    let tftp = work.join("tftp-net");
+    std::fs::create_dir_all(&tftp)?;
+    for file in [builder::pxe::KERNEL_FILE, builder::pxe::INITRD_FILE] {
+        std::fs::copy(pxe.join(file), tftp.join(file))?;
+    }
+    std::fs::copy(
+        pxe.join(os_config::live::ROOT_FILE),
+        served.join(os_config::live::ROOT_FILE),
+    )?;
+    std::fs::write(
+        tftp.join("net.ipxe"),
+        format!(
+            "#!ipxe\nkernel vmlinuz initrd=initrd.img {} plinth.root-url=http://{GUEST_SERVER}/{}\ninitrd initrd.img\nboot\n",
+            summary.cmdline,
+            os_config::live::ROOT_FILE
+        ),
+    )?;
+    let web = free_port()?;
+    let mut opts = live_guest(&tftp, &[], None, server, web);
+    opts.tftp = Some((tftp.clone(), "net.ipxe".to_owned()));
+    let mut vm = Vm::boot(&opts)?;
+    let fetched = vm.wait_status("root-fetched", BOOT)?;
+    ensure!(
+        fetched.get("bytes").map(String::as_str)
+            == Some(
+                std::fs::metadata(pxe.join(os_config::live::ROOT_FILE))?
+                    .len()
+                    .to_string()
+                    .as_str()
+            ),
+        "stage 1 fetched {fetched:?}"
+    );
+    let root = vm.wait_status("root-mounted", BOOT)?;
+    ensure!(
+        root.get("verity").map(String::as_str) == Some("yes"),
+        "the fetched root was not mounted through dm-verity: {root:?}"
+    );
+    vm.wait_status("container-running", BOOT)?;
+    let page = qemu_tests::engine::http_get(web, "/", Duration::from_secs(60))?;
+    ensure!(
+        page.contains("Hello from Plinth"),
+        "the guest with a fetched root served {page:?}"
     );
     vm.kill();
 

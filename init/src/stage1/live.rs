@@ -35,12 +35,18 @@ pub fn live_root<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
     if !cmdline.live {
         return Ok(());
     }
-    if let Some(url) = cmdline.args.value(ARG_ROOT_URL) {
-        bail!(
-            "{ARG_ROOT_URL}={url}: this stage 1 has no network; boot with the PXE folder's root.cpio as a second initrd instead"
-        );
-    }
-    let file = ctx.paths.live_root.clone();
+    let file = match cmdline.args.value(ARG_ROOT_URL) {
+        Some(url) => {
+            let file = ctx
+                .paths
+                .run
+                .join("plinth")
+                .join(os_config::live::ROOT_FILE);
+            fetch_root(url, &file).with_context(|| format!("{ARG_ROOT_URL}={url}"))?;
+            file
+        }
+        None => ctx.paths.live_root.clone(),
+    };
     let len = ctx
         .sys
         .open_read(&file)
@@ -71,6 +77,66 @@ pub fn live_root<S: System>(ctx: &mut Stage1<S>) -> Result<()> {
         device,
         data_blocks,
     });
+    Ok(())
+}
+
+/// How long a root download may go without a byte.
+const FETCH_STALL: Duration = Duration::from_secs(60);
+
+/// Downloads `root.live` from the http:// `url` into `dest` (under `/run`: memory), after
+/// configuring the first Ethernet interface by DHCP. Nothing in it is trusted until dm-verity
+/// checks each block against the root hash on the command line.
+fn fetch_root(url: &str, dest: &Path) -> Result<()> {
+    use std::io::{BufReader, Write as _};
+    let parsed = crate::update::fetch::HttpUrl::parse(url)?;
+    if parsed.scheme != crate::update::fetch::Scheme::Http {
+        bail!("stage 1 fetches the root over http:// only (dm-verity checks what arrives)");
+    }
+    let network = crate::stage2::net::configure(
+        &os_config::definition::Network::default(),
+        &crate::stage2::net::Paths::default(),
+    )
+    .context("configuring the network by DHCP to fetch the root")?;
+    crate::info!("network {network}");
+    let started = std::time::Instant::now();
+    let address = std::net::ToSocketAddrs::to_socket_addrs(&(parsed.host.as_str(), parsed.port))
+        .with_context(|| format!("resolving {}", parsed.host))?
+        .next()
+        .ok_or_else(|| anyhow!("{} has no address", parsed.host))?;
+    let stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(30))
+        .with_context(|| format!("connecting to {address}"))?;
+    stream.set_read_timeout(Some(FETCH_STALL))?;
+    let mut writer = stream.try_clone()?;
+    crate::http::write_head(
+        &mut writer,
+        "GET",
+        &parsed.path,
+        &[("Host", &parsed.authority()), ("Connection", "close")],
+    )?;
+    writer.flush()?;
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let head = crate::http::read_head(&mut reader)?;
+    if head.status != 200 {
+        bail!("the server answered {} instead of 200", head.status);
+    }
+    let mut body = crate::http::Body::new(&mut reader, &head, false)?;
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut out =
+        std::fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let bytes = std::io::copy(&mut body, &mut out)
+        .with_context(|| format!("downloading into {}", dest.display()))?;
+    if let Some(expected) = body.content_length().filter(|n| *n != bytes) {
+        bail!("the download ended after {bytes} of {expected} bytes");
+    }
+    crate::status::status(
+        "root-fetched",
+        &[
+            ("bytes", &bytes.to_string()),
+            ("ms", &started.elapsed().as_millis().to_string()),
+        ],
+    );
     Ok(())
 }
 
