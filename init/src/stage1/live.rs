@@ -1,5 +1,6 @@
 //! Stage 1 of a live (network) boot, `plinth.live` on the kernel command line: the root is
-//! `root.live` in the initramfs (see `os_config::live`), attached to a loop device and opened
+//! `root.live` in the initramfs (see `os_config::live`), or downloaded into `/run` from
+//! `plinth.root-url=` after DHCP, attached to a loop device and opened
 //! through dm-verity against `plinth.roothash=` as a disk root is. It stays compressed in memory:
 //! the initramfs file is the loop device's backing store, never unpacked. `/var` is the partition
 //! `plinth.state=` names, else a partition labelled `state` on a local disk, else a tmpfs; an
