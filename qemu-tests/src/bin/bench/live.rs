@@ -14,11 +14,12 @@ use crate::stats::{load_now, Row, Side};
 use crate::util::say;
 
 /// The bisection's bounds and step, MiB: the goal is the upper bound.
-const LOW_MIB: u32 = 128;
+const LOW_MIB: u32 = 192;
 const HIGH_MIB: u32 = 512;
 const STEP_MIB: u32 = 32;
-/// A boot that has not served the page by then counts as failed.
-const BOOT_LIMIT: Duration = Duration::from_secs(300);
+/// A boot that has not served the page by then counts as failed (generous: under TCG on a loaded
+/// machine a boot in ample memory has taken 290 s).
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
 /// Where the guest finds the file server.
 const GUEST_SERVER: &str = "10.0.2.100:8000";
 
@@ -67,13 +68,13 @@ fn boots(how: How<'_>, mem_mib: u32) -> Result<Option<f64>> {
     Ok(ok.then_some(seconds))
 }
 
-/// The least memory, to `STEP_MIB`, in which `how` serves the page; `None` if even
-/// `HIGH_MIB` does not.
-fn minimum(how: How<'_>) -> Result<Option<u32>> {
-    if boots(how, HIGH_MIB)?.is_none() {
+/// The least memory, to `STEP_MIB`, in which `how` serves the page; `None` if even `high`
+/// does not.
+fn minimum(how: How<'_>, high: u32) -> Result<Option<u32>> {
+    if boots(how, high)?.is_none() {
         return Ok(None);
     }
-    let (mut low, mut high) = (LOW_MIB, HIGH_MIB);
+    let (mut low, mut high) = (LOW_MIB, high);
     while high - low > STEP_MIB {
         let mid = (low + (high - low) / 2) / STEP_MIB * STEP_MIB;
         let mid = mid.clamp(low + STEP_MIB, high - STEP_MIB);
@@ -151,10 +152,14 @@ pub fn bench_live(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> 
     say("live: building the PXE folder");
     let (raw, pxe) = build_pxe(dir, built)?;
     let load = load_now();
-    let live = minimum(How::Live(&pxe))?;
-    let disk = minimum(How::Disk(&raw))?;
-    let (Some(live), Some(disk)) = (live, disk) else {
-        bail!("the image does not serve its page in {HIGH_MIB} MiB (live: {live:?}, from disk: {disk:?})");
+    let live = minimum(How::Live(&pxe), HIGH_MIB)?;
+    // The disk boot needs no more than the live one: bisect below the live figure only.
+    let disk = match live {
+        Some(live) => minimum(How::Disk(&raw), live)?,
+        None => None,
+    };
+    let Some(live) = live else {
+        bail!("the image does not serve its page in {HIGH_MIB} MiB booted live");
     };
     let mut row = Row::new(
         "live boot: least guest RAM serving the page",
@@ -162,7 +167,12 @@ pub fn bench_live(dir: &Path, built: &Built, rows: &mut Vec<Row>) -> Result<()> 
         "same image booted from disk",
     );
     row.push(Side::Ours, f64::from(live), load);
-    row.push(Side::Baseline, f64::from(disk), load);
+    match disk {
+        Some(disk) => row.push(Side::Baseline, f64::from(disk), load),
+        None => say(&format!(
+            "the disk boot did not serve the page in {live} MiB"
+        )),
+    }
     rows.push(row);
     say("live: installing to a blank disk");
     let (seconds, total) = install(dir, &pxe)?;
