@@ -1027,7 +1027,7 @@ fn stream(
             .context("starting the zstd decoder")
             .because(Reason::NotAPlinthImage)?;
         loop {
-            let n = match fill(&mut decoder, buf.as_mut_slice()) {
+            let n = match os_config::slice::read_full(&mut decoder, buf.as_mut_slice()) {
                 Ok(0) => break Ok(()),
                 Ok(n) => n,
                 Err(e) => break Err(e),
@@ -1115,20 +1115,6 @@ fn stream(
         head,
         tail,
     })
-}
-
-/// Reads until `buf` is full or the stream ends; returns how many bytes were read.
-fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// Writes `data` at byte `at` of the disk; all-zero data (`zeros`) through
