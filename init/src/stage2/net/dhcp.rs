@@ -33,6 +33,8 @@ pub mod option {
     pub const HOSTNAME: u8 = 12;
     /// Domain name.
     pub const DOMAIN_NAME: u8 = 15;
+    /// NTP servers (RFC 2132 section 8.3).
+    pub const NTP_SERVERS: u8 = 42;
     /// Address the client asks for.
     pub const REQUESTED_IP: u8 = 50;
     /// Lease time in seconds.
@@ -143,6 +145,7 @@ impl Packet {
                         option::ROUTER,
                         option::DNS,
                         option::DOMAIN_NAME,
+                        option::NTP_SERVERS,
                         option::LEASE_TIME,
                         option::SERVER_ID,
                         option::RENEWAL_TIME,
@@ -318,6 +321,8 @@ pub struct Lease {
     pub dns: Vec<Ipv4Addr>,
     /// Domain name (option 15), used as search domain.
     pub domain: Option<String>,
+    /// NTP servers (option 42), in the server's order of preference.
+    pub ntp: Vec<Ipv4Addr>,
     /// The server that granted it (option 54).
     pub server: Ipv4Addr,
     /// Lease duration (option 51).
@@ -370,6 +375,7 @@ impl Lease {
             router: ack.address_option(option::ROUTER),
             dns: ack.addresses_option(option::DNS),
             domain,
+            ntp: ack.addresses_option(option::NTP_SERVERS),
             server: ack.address_option(option::SERVER_ID).unwrap_or(ack.siaddr),
             lease_time,
             renewal_time,
@@ -684,6 +690,33 @@ mod tests {
         assert!(
             Lease::from_ack(&offer, now).is_err(),
             "an OFFER is not a lease"
+        );
+    }
+
+    #[test]
+    fn ack_carries_ntp_servers() {
+        let mut b = slirp_offer(5);
+        let end = b.iter().rposition(|&byte| byte == 255).expect("END option");
+        b.truncate(end);
+        b.extend_from_slice(&[42, 8, 10, 0, 2, 2, 192, 0, 2, 123, 255]);
+        let lease =
+            Lease::from_ack(&Packet::decode(&b).expect("decodes"), Instant::now()).expect("lease");
+        assert_eq!(
+            lease.ntp,
+            [Ipv4Addr::new(10, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 123)]
+        );
+        let without = Lease::from_ack(
+            &Packet::decode(&slirp_offer(5)).expect("decodes"),
+            Instant::now(),
+        )
+        .expect("lease");
+        assert!(without.ntp.is_empty(), "{:?}", without.ntp);
+        let asked = discover(1, MAC);
+        assert!(
+            asked
+                .option(option::PARAMETERS)
+                .is_some_and(|list| list.contains(&option::NTP_SERVERS)),
+            "option 42 is requested"
         );
     }
 

@@ -197,6 +197,14 @@ impl Configured {
         self.next_renewal
     }
 
+    /// NTP servers from the DHCP lease (option 42); empty for a static configuration.
+    pub fn ntp_servers(&self) -> Vec<Ipv4Addr> {
+        match &self.source {
+            Source::Static => Vec::new(),
+            Source::Dhcp(lease) => lease.ntp.clone(),
+        }
+    }
+
     /// Renews the DHCP lease (unicast before T2, broadcast after, a new lease after expiry or
     /// refusal) and applies any change. On failure the lease is kept and the next attempt is
     /// scheduled halfway to T2 (or expiry), at least a minute away.
