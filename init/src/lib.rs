@@ -5,6 +5,7 @@ pub mod status;
 
 // Shared by both stages and the agent.
 pub mod boot;
+pub mod clock;
 pub mod coldplug;
 pub mod http;
 pub mod kmod;

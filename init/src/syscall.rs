@@ -1,5 +1,6 @@
-//! The few system calls `rustix` does not wrap safely: device-mapper, block-device and interface
-//! ioctls, signal masks and waiting, and `kill(-1)`. The only module of this crate allowed to use `unsafe`.
+//! The few system calls `rustix` does not wrap safely: device-mapper, block-device, interface and
+//! RTC ioctls, setting and slewing the system clock, signal masks and waiting, and `kill(-1)`. The
+//! only module of this crate allowed to use `unsafe`.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -354,6 +355,113 @@ pub fn loop_configure_read_only(device: BorrowedFd<'_>, backing: BorrowedFd<'_>)
         )
     };
     if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves `CLOCK_REALTIME` by `offset_ns` nanoseconds at once (`clock_gettime` then
+/// `clock_settime`; needs `CAP_SYS_TIME`).
+pub fn clock_step(offset_ns: i64) -> io::Result<()> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, exclusively borrowed timespec that outlives the call; the kernel
+    // only writes it.
+    if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let current = i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec);
+    let target = current + i128::from(offset_ns);
+    let (Ok(seconds), Ok(nanos)) = (
+        libc::time_t::try_from(target.div_euclid(1_000_000_000)),
+        libc::c_long::try_from(target.rem_euclid(1_000_000_000)),
+    ) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("stepping the clock by {offset_ns} ns leaves the range of time_t"),
+        ));
+    };
+    if seconds < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("stepping the clock by {offset_ns} ns would set it before 1970"),
+        ));
+    }
+    let target = libc::timespec {
+        tv_sec: seconds,
+        tv_nsec: nanos,
+    };
+    // SAFETY: `target` is a valid, normalised timespec (0 <= tv_nsec < 10^9) that outlives the
+    // call; the kernel only reads it.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &target) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Slews `CLOCK_REALTIME` by `offset_us` microseconds (`adjtimex` with `ADJ_OFFSET_SINGLESHOT`,
+/// the `adjtime(3)` mode: the kernel runs the clock up to 0.5 ms/s faster or slower until the
+/// offset is made up; a new call replaces what is left of the previous one). Offsets beyond
+/// ±2000 s are cut to that.
+pub fn clock_slew(offset_us: i64) -> io::Result<()> {
+    // The kernel takes at most about ±2145 s (a 32-bit `long` of µs); callers slew far less.
+    let limited = offset_us.clamp(-2_000_000_000, 2_000_000_000);
+    let offset = libc::c_long::try_from(limited).unwrap_or(0);
+    // SAFETY: `timex` is a plain C struct of integers; all-zero is a valid value (no modes).
+    let mut request: libc::timex = unsafe { std::mem::zeroed() };
+    request.modes = libc::ADJ_OFFSET_SINGLESHOT;
+    request.offset = offset;
+    // SAFETY: `request` is a valid, exclusively borrowed `timex` that outlives the call; with
+    // ADJ_OFFSET_SINGLESHOT the kernel reads `offset` and writes the current state back.
+    if unsafe { libc::adjtimex(&mut request) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `RTC_SET_TIME` (`_IOW('p', 0x0a, struct rtc_time)`).
+const RTC_SET_TIME: libc::Ioctl = 0x4024_700a as libc::Ioctl;
+
+/// `struct rtc_time` of `<linux/rtc.h>` (the fields of `struct tm`).
+#[repr(C)]
+struct RtcTime {
+    tm_sec: libc::c_int,
+    tm_min: libc::c_int,
+    tm_hour: libc::c_int,
+    tm_mday: libc::c_int,
+    tm_mon: libc::c_int,
+    tm_year: libc::c_int,
+    tm_wday: libc::c_int,
+    tm_yday: libc::c_int,
+    tm_isdst: libc::c_int,
+}
+
+/// Sets the hardware clock `rtc` (an open `/dev/rtcN`) to the UTC time `time`.
+pub fn rtc_set_time(rtc: BorrowedFd<'_>, time: &os_config::units::CivilTime) -> io::Result<()> {
+    let Ok(year) = libc::c_int::try_from(time.year - 1900) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("year {} does not fit the RTC", time.year),
+        ));
+    };
+    // Month, day and time of day are at most 60, so the conversions cannot fail.
+    let field = |value: u32| libc::c_int::try_from(value).unwrap_or(0);
+    let value = RtcTime {
+        tm_sec: field(time.second),
+        tm_min: field(time.minute),
+        tm_hour: field(time.hour),
+        tm_mday: field(time.day),
+        tm_mon: field(time.month) - 1,
+        tm_year: year,
+        tm_wday: 0,
+        tm_yday: 0,
+        tm_isdst: 0,
+    };
+    // SAFETY: the kernel reads one `struct rtc_time` from the pointer, which points at `value`,
+    // alive for the duration of the call; the descriptor is borrowed and open.
+    if unsafe { libc::ioctl(rtc.as_raw_fd(), RTC_SET_TIME, &value as *const RtcTime) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

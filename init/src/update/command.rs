@@ -17,6 +17,9 @@ use super::strategy::{self, Decision};
 use super::tls::Trust;
 use os_config::status;
 
+/// How long the daemon waits for plinth-init to set the clock before its first check.
+const CLOCK_WAIT: Duration = Duration::from_secs(30);
+
 /// The usage text `--help` prints and argument errors end with.
 pub const USAGE: &str = "usage: plinth-update [--json] [--disk DEVICE] [--definition FILE] [--state FILE] [--boot-record FILE] [--settled FILE] COMMAND
 commands:
@@ -470,14 +473,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
             println!("{blessed:?}");
         }
         Command::Install => bail!("install needs --target, --image and --sha256\n{USAGE}"),
-        Command::Daemon => daemon::run(
-            &mut AgentUpdater {
-                agent: &agent,
-                json: args.json,
-            },
-            &mut SystemClock,
-            agent.interval,
-        ),
+        Command::Daemon => {
+            // Expiry dates and certificates mean nothing before plinth-init has set the clock.
+            let marker = Path::new(crate::clock::CLOCK_MARKER);
+            if !crate::clock::wait_for_clock(marker, CLOCK_WAIT) {
+                eprintln!(
+                    "plinth-update: {} is still missing after {CLOCK_WAIT:?}: checking with the clock as it is",
+                    marker.display()
+                );
+            }
+            daemon::run(
+                &mut AgentUpdater {
+                    agent: &agent,
+                    json: args.json,
+                },
+                &mut SystemClock,
+                agent.interval,
+            )
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
