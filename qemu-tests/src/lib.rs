@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod engine;
 pub mod image;
+pub mod netns;
 pub mod series;
 pub mod tls;
 
@@ -41,6 +42,18 @@ pub struct VmOptions {
     pub fw_cfg: Vec<(String, String)>,
     /// Exit QEMU instead of rebooting the guest (`-no-reboot`).
     pub no_reboot: bool,
+    /// QEMU fw_cfg items from files: `name=…,file=…` (for contents with commas or newlines).
+    pub fw_cfg_files: Vec<(String, PathBuf)>,
+    /// `-smbios` arguments, such as `type=1,manufacturer=Amazon EC2,product=m7i.large`.
+    pub smbios: Vec<String>,
+    /// The user network's addresses, such as `169.254.0.0/16` for a guest that must see a
+    /// cloud's link-local metadata address (default: QEMU's 10.0.2.0/24).
+    pub user_net: Option<String>,
+    /// `-rtc base=…`: the guest's clock at power-on, such as `2015-06-01T00:00:00`.
+    pub rtc_base: Option<String>,
+    /// Instead of the user network: QEMU runs inside this network namespace, and the guest's
+    /// only NIC is this tap device in it (made by [`netns::NetNs::add_tap`]).
+    pub tap: Option<(String, String)>,
 }
 
 impl VmOptions {
@@ -55,6 +68,11 @@ impl VmOptions {
             tftp: None,
             fw_cfg: Vec::new(),
             no_reboot: false,
+            fw_cfg_files: Vec::new(),
+            smbios: Vec::new(),
+            user_net: None,
+            rtc_base: None,
+            tap: None,
         }
     }
 
@@ -118,6 +136,9 @@ impl Vm {
         std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("copying {OVMF_VARS}"))?;
         let monitor = dir.path().join("monitor.sock");
         let mut netdev = String::from("user,id=n0,restrict=on");
+        if let Some(net) = &opts.user_net {
+            netdev.push_str(&format!(",net={net}"));
+        }
         if let Some((folder, boot_file)) = &opts.tftp {
             netdev.push_str(&format!(",tftp={},bootfile={boot_file}", folder.display()));
         }
@@ -127,7 +148,17 @@ impl Vm {
         for (guest, host) in &opts.guest_forwards {
             netdev.push_str(&format!(",guestfwd=tcp:{guest}-tcp:127.0.0.1:{host}"));
         }
-        let mut cmd = Command::new("qemu-system-x86_64");
+        if let Some((_, tap)) = &opts.tap {
+            netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");
+        }
+        let mut cmd = match &opts.tap {
+            Some((namespace, _)) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", namespace, "qemu-system-x86_64"]);
+                cmd
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
         cmd.args([
             "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "2",
         ])
@@ -155,6 +186,16 @@ impl Vm {
         for (name, value) in &opts.fw_cfg {
             cmd.arg("-fw_cfg")
                 .arg(format!("name={name},string={value}"));
+        }
+        for (name, file) in &opts.fw_cfg_files {
+            cmd.arg("-fw_cfg")
+                .arg(format!("name={name},file={}", file.display()));
+        }
+        for smbios in &opts.smbios {
+            cmd.arg("-smbios").arg(smbios);
+        }
+        if let Some(base) = &opts.rtc_base {
+            cmd.arg("-rtc").arg(format!("base={base}"));
         }
         if opts.no_reboot {
             cmd.arg("-no-reboot");
