@@ -10,6 +10,7 @@ packages=(
   cryptsetup-bin                         # veritysetup, the dm-verity oracle
   gpgv gnupg debian-archive-keyring      # archive signatures (gnupg makes test keys)
   zstd xz-utils cpio curl binutils iproute2
+  dnsmasq-base genisoimage               # the cloud tests' DHCP server (in a namespace), NoCloud ISO
 )
 # What each package is installed for: a program (looked up like `plinth` does, on PATH and in the
 # sbin folders a non-root PATH may lack) or an absolute file path.
@@ -22,6 +23,7 @@ provides=(
   mtools:mcopy mtools:mmd fdisk:sfdisk cryptsetup-bin:veritysetup
   gpgv:gpgv gnupg:gpg debian-archive-keyring:/usr/share/keyrings/debian-archive-keyring.gpg
   zstd:zstd xz-utils:xz cpio:cpio curl:curl binutils:ld binutils:objcopy iproute2:ip
+  dnsmasq-base:dnsmasq genisoimage:genisoimage
 )
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
