@@ -17,4 +17,6 @@ pub mod system;
 // Stage 1 (initramfs), stage 2 (real root), the update agent.
 pub mod stage1;
 pub mod stage2;
+// Stage 2's instance data from the cloud or hypervisor.
+pub mod provision;
 pub mod update;

@@ -49,6 +49,8 @@ pub struct Client {
     /// Where trusted certificates come from; `None`: `https://` URLs fail, naming why.
     pub trust: Option<Trust>,
     pub pace: Pace,
+    /// How long connecting may take ([`TIMEOUT`] unless set by [`Client::with_connect_timeout`]).
+    pub connect_timeout: Duration,
     /// The TLS configuration, loaded at the first `https://` connection: a program that never
     /// makes one (`plinth-init`, which loads the agent to look for a rollback) never reads the
     /// certificates and does not link TLS.
@@ -67,7 +69,17 @@ impl Client {
         Client {
             trust,
             pace,
+            connect_timeout: TIMEOUT,
             tls: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The same client, giving up connecting after `timeout` (a link-local metadata service
+    /// answers at once or not at all).
+    pub fn with_connect_timeout(self, timeout: Duration) -> Client {
+        Client {
+            connect_timeout: timeout,
+            ..self
         }
     }
 
@@ -544,11 +556,13 @@ fn connect(client: &Client, url: &HttpUrl) -> Result<Conn, FetchError> {
         .map_err(io_err)?
         .next()
         .ok_or_else(|| FetchError::Protocol(format!("{what}: host has no address")))?;
-    let stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(io_err)?;
+    let stream = TcpStream::connect_timeout(&addr, client.connect_timeout).map_err(io_err)?;
     stream
         .set_read_timeout(Some(client.pace.stall))
         .map_err(io_err)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
+    stream
+        .set_write_timeout(Some(client.connect_timeout))
+        .map_err(io_err)?;
     match url.scheme {
         Scheme::Http => Ok(Conn::Plain(stream)),
         Scheme::Https => match client.tls(&what)?.connect(&url.host, stream) {
@@ -570,27 +584,55 @@ pub fn http_post(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<(u16, String)> {
-    let what = url.to_string();
-    let mut conn = connect(client, url).with_context(|| format!("connecting to {what}"))?;
+    let reply = http_request(client, "POST", url, headers, body, SMALL_FILE_LIMIT)?;
+    Ok((
+        reply.status,
+        String::from_utf8_lossy(&reply.body).into_owned(),
+    ))
+}
+
+/// One request `method` with `headers` and `body` to `url`, `Connection: close`, no redirects
+/// followed; returns the whole answer, its body at most `limit` bytes. A `Content-Length` is sent
+/// unless the request is a `GET` without a body. `Io` errors are the ones worth retrying (no
+/// connection, a timeout); `Protocol` ones are answers this client refuses (e.g. too large).
+pub fn http_request(
+    client: &Client,
+    method: &str,
+    url: &HttpUrl,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    limit: u64,
+) -> Result<http::Response, FetchError> {
+    let what = format!("{method} {url}");
+    let io_err = |error: io::Error| FetchError::Io {
+        what: what.clone(),
+        error,
+    };
+    let mut conn = connect(client, url)?;
     let host = url.authority();
     let length = body.len().to_string();
     let mut fields = vec![
         ("Host", host.as_str()),
-        ("User-Agent", "plinth-update"),
+        ("User-Agent", "plinth"),
         ("Connection", "close"),
-        ("Content-Length", length.as_str()),
     ];
+    if method != "GET" || !body.is_empty() {
+        fields.push(("Content-Length", length.as_str()));
+    }
     fields.extend_from_slice(headers);
-    http::write_head(&mut conn, "POST", &url.path, &fields)
+    http::write_head(&mut conn, method, &url.path, &fields)
         .and_then(|()| conn.write_all(body))
         .and_then(|()| conn.flush())
-        .with_context(|| format!("sending to {what}"))?;
+        .map_err(io_err)?;
     // With a length, read just that (the server may keep the connection open); else to the end.
     let mut reader = BufReader::new(Paced::new(conn, client.pace));
-    let reply = http::read_response(&mut reader, false, SMALL_FILE_LIMIT)
-        .with_context(|| format!("reading the reply of {what}"))?;
-    let (status, body) = (reply.status, reply.body);
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    http::read_response(&mut reader, method == "HEAD", limit).map_err(|error| {
+        if error.kind() == io::ErrorKind::InvalidData {
+            FetchError::Protocol(format!("{what}: {error}"))
+        } else {
+            io_err(error)
+        }
+    })
 }
 
 fn http_get(
