@@ -88,7 +88,7 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// The output formats `plinth build --format` accepts.
-pub const FORMATS: [&str; 5] = ["raw", "qcow2", "vhd", "vmdk", "pxe"];
+pub const FORMATS: [&str; 6] = ["raw", "qcow2", "vhd", "vmdk", "gce", "pxe"];
 
 /// Refuses an output format that is not in [`FORMATS`], naming the allowed ones.
 pub fn check_formats(formats: &[String]) -> Result<()> {
@@ -110,7 +110,7 @@ pub struct Options {
     pub file: PathBuf,
     /// Folder the outputs are written to.
     pub output: PathBuf,
-    /// Output formats: raw, qcow2, vhd, vmdk, pxe (raw is always written).
+    /// Output formats: raw, qcow2, vhd, vmdk, gce, pxe (raw is always written).
     pub format: Vec<String>,
     /// Static plinth-init binary to put in the image; `None` looks for it (see [`find_init`]).
     pub init: Option<PathBuf>,
@@ -150,8 +150,16 @@ pub fn build_image(args: &Options) -> Result<Built> {
     check_formats(&args.format)?;
     let lock = crate::debian::load_lock(&def, &args.file)?;
     let mut tools = vec![crate::tools::MKSQUASHFS, crate::tools::MKFS_EXT4];
-    if args.format.iter().any(|f| f != "raw" && f != "pxe") {
+    if args
+        .format
+        .iter()
+        .any(|f| !["raw", "pxe", "gce"].contains(&f.as_str()))
+    {
         tools.push(crate::tools::QEMU_IMG);
+    }
+    let gce = args.format.iter().any(|f| f == "gce");
+    if gce {
+        tools.push(crate::tools::TAR);
     }
     let pxe = args.format.iter().any(|f| f == "pxe");
     if pxe {
@@ -229,11 +237,17 @@ pub fn build_image(args: &Options) -> Result<Built> {
     let others: Vec<String> = args
         .format
         .iter()
-        .filter(|f| f.as_str() != "raw" && f.as_str() != "pxe")
+        .filter(|f| !["raw", "pxe", "gce"].contains(&f.as_str()))
         .cloned()
         .collect();
     if !others.is_empty() {
         outputs.extend(crate::disk::convert(&raw, &others)?);
+    }
+    if gce {
+        let step = Step::start("gce output");
+        let out = crate::disk::gce::write_gce(&raw, epoch)?;
+        step.done(&out.display().to_string());
+        outputs.push(out);
     }
     if pxe {
         let inputs = crate::pxe::PxeInputs {
@@ -363,6 +377,53 @@ fn install_payload(def: &Definition, def_path: &Path, init: &Path, root: &Path) 
         }
         std::fs::write(&dest, pem).with_context(|| format!("writing {}", dest.display()))?;
     }
+    if let Some(tls) = &def.engine.tls {
+        let def_dir = def_path.parent().unwrap_or(Path::new("."));
+        install_engine_tls(tls, def_dir, root)
+            .with_context(|| format!("[engine] tls in {}", def_path.display()))?;
+    }
+    Ok(())
+}
+
+/// Places the `[engine] tls` files at [`os_config::definition::ENGINE_TLS_IN_IMAGE`] as
+/// `ca.pem`, `cert.pem` (0644) and `key.pem` (0600), each checked to be PEM of its kind.
+fn install_engine_tls(
+    tls: &os_config::definition::EngineTlsFiles,
+    def_dir: &Path,
+    root: &Path,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join(os_config::definition::ENGINE_TLS_IN_IMAGE.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sources = [
+        ("ca", &tls.ca, "CERTIFICATE-----"),
+        ("cert", &tls.cert, "CERTIFICATE-----"),
+        ("key", &tls.key, "PRIVATE KEY-----"),
+    ];
+    for ((key, source, label), (name, mode)) in sources
+        .into_iter()
+        .zip(os_config::definition::ENGINE_TLS_FILES)
+    {
+        let path = def_dir.join(source);
+        let pem = std::fs::read(&path).with_context(|| {
+            format!("{key} = {:?}: reading {}", source.display(), path.display())
+        })?;
+        let text = String::from_utf8_lossy(&pem);
+        let is_pem = text
+            .lines()
+            .any(|l| l.trim().starts_with("-----BEGIN") && l.trim().ends_with(label));
+        if !is_pem {
+            bail!(
+                "{key} = {:?}: {} holds no PEM block ending in `{label}`",
+                source.display(),
+                path.display()
+            );
+        }
+        let dest = dir.join(name);
+        std::fs::write(&dest, &pem).with_context(|| format!("writing {}", dest.display()))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", dest.display()))?;
+    }
     Ok(())
 }
 
@@ -386,11 +447,53 @@ mod tests {
     #[test]
     fn output_formats_include_pxe_and_unknown_ones_name_the_allowed() {
         let formats = |list: &[&str]| list.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>();
-        check_formats(&formats(&["raw", "qcow2", "vhd", "vmdk", "pxe"])).expect("all known");
+        check_formats(&formats(&["raw", "qcow2", "vhd", "vmdk", "gce", "pxe"])).expect("all known");
         let err = check_formats(&formats(&["raw", "iso"])).expect_err("iso is unknown");
         let text = err.to_string();
         assert!(text.contains("`iso`"), "{text}");
-        assert!(text.contains("raw, qcow2, vhd, vmdk, pxe"), "{text}");
+        assert!(text.contains("raw, qcow2, vhd, vmdk, gce, pxe"), "{text}");
+    }
+
+    #[test]
+    fn engine_tls_files_are_placed_with_their_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let def_path = dir.path().join("image.toml");
+        let text = "[image]\nname = \"demo\"\nversion = \"1\"\n\n[engine]\ntls = { ca = \"tls/ca.pem\", cert = \"tls/server.pem\", key = \"tls/server-key.pem\" }\n";
+        std::fs::write(&def_path, text).expect("definition");
+        let def = Definition::parse("image.toml", text).expect("parses");
+        let init = dir.path().join("bin/plinth-init");
+        std::fs::create_dir_all(init.parent().expect("bin")).expect("mkdir");
+        std::fs::write(&init, "init").expect("init");
+        let root = dir.path().join("root");
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+        std::fs::create_dir_all(dir.path().join("tls")).expect("mkdir");
+        std::fs::write(dir.path().join("tls/ca.pem"), cert).expect("ca");
+        std::fs::write(dir.path().join("tls/server.pem"), cert).expect("cert");
+        // Missing key, then a certificate where the key goes: errors name the key and the file.
+        let err = install_payload(&def, &def_path, &init, &root).expect_err("missing");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("[engine] tls") && text.contains("key = \"tls/server-key.pem\""),
+            "{text}"
+        );
+        std::fs::write(dir.path().join("tls/server-key.pem"), cert).expect("key");
+        let err = install_payload(&def, &def_path, &init, &root).expect_err("not a key");
+        assert!(format!("{err:#}").contains("PRIVATE KEY"), "{err:#}");
+        std::fs::write(dir.path().join("tls/server-key.pem"), key).expect("key");
+        install_payload(&def, &def_path, &init, &root).expect("installs");
+        let placed = root.join("usr/lib/plinth/engine-tls");
+        for (name, content, mode) in [
+            ("ca.pem", cert, 0o644),
+            ("cert.pem", cert, 0o644),
+            ("key.pem", key, 0o600),
+        ] {
+            let path = placed.join(name);
+            assert_eq!(std::fs::read_to_string(&path).expect("placed"), content);
+            let meta = std::fs::metadata(&path).expect("metadata");
+            assert_eq!(meta.permissions().mode() & 0o7777, mode, "{name}");
+        }
     }
 
     #[test]

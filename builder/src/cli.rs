@@ -72,8 +72,9 @@ pub struct BuildArgs {
     /// Folder the outputs are written to.
     #[arg(long, short, default_value = "out", value_name = "DIR")]
     pub output: PathBuf,
-    /// Output formats, comma separated: raw, qcow2, vhd, vmdk, pxe (the network-boot folder
-    /// <name>-<version>.pxe/); raw is always written.
+    /// Output formats, comma separated: raw, qcow2, vhd (fixed, whole MiB, for Azure), vmdk, gce
+    /// (<name>-<version>.gce.tar.gz holding disk.raw, for Google Compute Engine), pxe (the
+    /// network-boot folder <name>-<version>.pxe/); raw is always written.
     #[arg(long, value_delimiter = ',', default_value = "raw")]
     pub format: Vec<String>,
     /// Static plinth-init binary to put in the image [default: next to plinth, or target/x86_64-unknown-linux-gnu/release].

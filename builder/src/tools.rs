@@ -32,6 +32,11 @@ pub const OBJCOPY: Tool = Tool {
     program: "objcopy",
     package: "binutils",
 };
+/// GNU tar, for the `gce` output's sparse `oldgnu` archive.
+pub const TAR: Tool = Tool {
+    program: "tar",
+    package: "tar",
+};
 pub const GPGV: Tool = Tool {
     program: "gpgv",
     package: "gpgv",

@@ -88,6 +88,12 @@ fn check_refuses_what_build_would_refuse() {
             "Plinth's own program",
         ),
         (
+            "rootfs::etc::daemon_json: the engine's API on plain TCP without TLS",
+            "[engine]\nsettings = { hosts = [\"tcp://0.0.0.0:2375\"] }\n".to_owned(),
+            "img.toml:5:23:",
+            "insecure-tcp = true",
+        ),
+        (
             "rootfs::kmod::closure: a module name that names no module",
             "[kernel]\nmodules = [\"../x\"]\n".to_owned(),
             "img.toml:5:12:",

@@ -30,6 +30,8 @@ pub struct Definition {
     pub containers: Vec<Container>,
     #[serde(default, rename = "file")]
     pub files: Vec<File>,
+    #[serde(default)]
+    pub time: Time,
 }
 
 /// `[image]`: identity of the image.
@@ -125,7 +127,7 @@ pub enum EngineKind {
 }
 
 /// `[engine]`: the container engine and its settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Engine {
     #[serde(default)]
@@ -133,6 +135,66 @@ pub struct Engine {
     /// Written as the engine's own configuration (`/etc/docker/daemon.json` for Docker).
     #[serde(default)]
     pub settings: toml::Table,
+    /// Mutual TLS for the engine's API on [`Engine::tls_listen`]: the CA that signs the clients'
+    /// certificates and the engine's own certificate and key. The builder places the files at
+    /// [`ENGINE_TLS_IN_IMAGE`].
+    #[serde(default)]
+    pub tls: Option<EngineTlsFiles>,
+    /// The socket address the engine's TLS API listens on when `tls` is set
+    /// [default: `0.0.0.0:2376`].
+    #[serde(default = "default_tls_listen")]
+    pub tls_listen: String,
+    /// Accept plain `tcp://` entries in `settings.hosts` without TLS: anyone who reaches the port
+    /// is root on the machine. Only for test machines reached through a private forward.
+    #[serde(default)]
+    pub insecure_tcp: bool,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Engine {
+            kind: EngineKind::default(),
+            settings: toml::Table::new(),
+            tls: None,
+            tls_listen: default_tls_listen(),
+            insecure_tcp: false,
+        }
+    }
+}
+
+/// `[engine] tls`: PEM files, relative to the definition (or absolute), like
+/// `{ ca = "ca.pem", cert = "server.pem", key = "server-key.pem" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EngineTlsFiles {
+    /// The CA certificates a client's certificate must chain to.
+    pub ca: std::path::PathBuf,
+    /// The engine's certificate (chain).
+    pub cert: std::path::PathBuf,
+    /// The engine's private key.
+    pub key: std::path::PathBuf,
+}
+
+/// Where the image holds the `[engine] tls` files: `ca.pem`, `cert.pem` and `key.pem`.
+pub const ENGINE_TLS_IN_IMAGE: &str = "/usr/lib/plinth/engine-tls";
+
+/// Where `plinth-init` writes the engine's TLS files given by user data (`ca.pem`, `cert.pem`,
+/// `key.pem`); they take the place of the image's.
+pub const ENGINE_TLS_IN_RUN: &str = "/run/plinth/engine-tls";
+
+/// The names of the three engine TLS files in [`ENGINE_TLS_IN_IMAGE`] and [`ENGINE_TLS_IN_RUN`],
+/// with their modes: the key is readable by root only.
+pub const ENGINE_TLS_FILES: [(&str, u32); 3] =
+    [("ca.pem", 0o644), ("cert.pem", 0o644), ("key.pem", 0o600)];
+
+/// `[time]`: where the machine sets its clock from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Time {
+    /// NTP servers: host names or IP addresses, each with an optional `:port`
+    /// (`"time.example"`, `"10.0.0.1:123"`, `"[fd00::1]:123"`).
+    #[serde(default)]
+    pub servers: Vec<String>,
 }
 
 /// `[disk]`: partition sizes.
@@ -182,7 +244,7 @@ impl Default for Disk {
 }
 
 /// `[network]`: how the first Ethernet interface is configured.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Network {
     /// `dhcp` (default) or `static`.
@@ -472,6 +534,9 @@ fn default_kernel_package() -> String {
 fn default_cmdline() -> Vec<String> {
     vec!["console=ttyS0".to_owned(), "quiet".to_owned()]
 }
+fn default_tls_listen() -> String {
+    "0.0.0.0:2376".to_owned()
+}
 fn default_esp() -> ByteSize {
     ByteSize(256 * ByteSize::MIB)
 }
@@ -627,6 +692,93 @@ mod tests {
             let err = parse(&format!("{MINIMAL}{tail}")).expect_err(tail);
             assert!(err.to_string().contains(want), "{tail}: {err}");
             assert!(err.location.is_some(), "{tail}: {err}");
+        }
+    }
+
+    #[test]
+    fn plain_tcp_engine_api_needs_tls_or_an_explicit_choice() {
+        let tcp = "[engine]\nsettings = { hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }\n";
+        let err = parse(&format!("{MINIMAL}{tcp}")).expect_err("plain tcp");
+        assert_eq!(err.location, Some((5, 50)), "{err}");
+        for want in [
+            "engine.settings.hosts[1]",
+            "tcp://0.0.0.0:2375",
+            "[engine] tls",
+            "insecure-tcp = true",
+        ] {
+            assert!(err.message.contains(want), "{want}: {err}");
+        }
+        let bare = "[engine]\nsettings = { hosts = [\"0.0.0.0:2375\"] }\n";
+        assert!(
+            parse(&format!("{MINIMAL}{bare}")).is_err(),
+            "no scheme is tcp"
+        );
+        for way_out in [
+            "insecure-tcp = true\n",
+            "tls = { ca = \"ca.pem\", cert = \"c.pem\", key = \"k.pem\" }\n",
+        ] {
+            let def = parse(&format!("{MINIMAL}{tcp}{way_out}")).expect(way_out);
+            assert_eq!(def.engine.tls_listen, "0.0.0.0:2376");
+        }
+        let verify =
+            "[engine]\nsettings = { hosts = [\"tcp://0.0.0.0:2376\"], tlsverify = true }\n";
+        parse(&format!("{MINIMAL}{verify}")).expect("tlsverify in the settings");
+        let unix = "[engine]\nsettings = { hosts = [\"unix:///run/docker.sock\"] }\n";
+        parse(&format!("{MINIMAL}{unix}")).expect("a unix socket only");
+    }
+
+    #[test]
+    fn engine_tls_and_time_servers() {
+        let def = parse(&format!(
+            "{MINIMAL}[engine]\ntls = {{ ca = \"ca.pem\", cert = \"server.pem\", key = \"server-key.pem\" }}\ntls-listen = \"[::]:2376\"\n[time]\nservers = [\"time.example\", \"10.0.0.1:123\", \"[fd00::1]:123\", \"fd00::2\"]\n"
+        ))
+        .expect("tls and time parse");
+        let tls = def.engine.tls.expect("tls");
+        assert_eq!(tls.key, std::path::PathBuf::from("server-key.pem"));
+        assert_eq!(def.time.servers.len(), 4);
+        let cases = [
+            (
+                "[time]\nservers = [\"ok.example\", \"\"]\n",
+                "time.servers",
+                (5, 26),
+                "is empty",
+            ),
+            (
+                "[time]\nservers = [\"ntp://x\"]\n",
+                "time.servers",
+                (5, 12),
+                "no scheme",
+            ),
+            (
+                "[time]\nservers = [\"a b\"]\n",
+                "time.servers",
+                (5, 12),
+                "holds ' '",
+            ),
+            (
+                "[time]\nservers = [\"x:0\"]\n",
+                "time.servers",
+                (5, 12),
+                "1-65535",
+            ),
+            (
+                "[engine]\ntls-listen = \"localhost:2376\"\n",
+                "engine.tls-listen",
+                (5, 14),
+                "IP:PORT",
+            ),
+            (
+                "[engine]\ntls-listen = \"0.0.0.0:0\"\n",
+                "engine.tls-listen",
+                (5, 14),
+                "1-65535",
+            ),
+        ];
+        for (tail, key, location, want) in cases {
+            let err = parse(&format!("{MINIMAL}{tail}")).expect_err(tail);
+            assert!(err.message.starts_with(key), "{tail}: {err}");
+            assert!(err.message.contains(want), "{tail}: {err}");
+            assert_eq!(err.location, Some(location), "{tail}: {err}");
         }
     }
 

@@ -72,6 +72,32 @@ impl KeyPath {
         path
     }
 
+    /// The top-level key this path starts with (`container` of `container[2].ports`).
+    pub fn root_key(&self) -> Option<&str> {
+        match self.segments.first() {
+            Some(Segment::Key(key)) => Some(key),
+            _ => None,
+        }
+    }
+
+    /// The array index right after the top-level key (`2` of `container[2].ports`).
+    pub fn root_index(&self) -> Option<usize> {
+        match self.segments.get(1) {
+            Some(Segment::Index(index)) => Some(*index),
+            _ => None,
+        }
+    }
+
+    /// This path with the array index after its top-level key replaced by `index`
+    /// (`container[2].ports` → `container[0].ports`); unchanged when it has none.
+    pub fn with_root_index(&self, index: usize) -> KeyPath {
+        let mut path = self.clone();
+        if let Some(Segment::Index(i)) = path.segments.get_mut(1) {
+            *i = index;
+        }
+        path
+    }
+
     /// The same path, located at the last key's name instead of its value.
     pub fn at_key(&self) -> KeyPath {
         KeyPath {

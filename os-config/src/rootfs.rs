@@ -40,7 +40,7 @@ pub const DIRECTORIES: [&str; 13] = [
 ];
 
 /// Files and symlinks the build writes itself, with what a definition uses to change them.
-pub const OWNED_FILES: [(&str, &str); 10] = [
+pub const OWNED_FILES: [(&str, &str); 11] = [
     ("etc/hostname", "set [image] hostname"),
     ("etc/os-release", "it is Plinth's own, from [image]"),
     ("usr/lib/os-release", "it is Plinth's own, from [image]"),
@@ -54,6 +54,7 @@ pub const OWNED_FILES: [(&str, &str); 10] = [
     ("usr/bin/plinth-init", "it is Plinth's own program"),
     ("usr/bin/plinth-update", "it is Plinth's own program"),
     ("usr/share/plinth/update-ca.pem", "set [update] ca"),
+    ("usr/lib/plinth/engine-tls", "set [engine] tls"),
 ];
 
 /// Plinth's own file: the definition the image was built from.

@@ -597,15 +597,133 @@ pub fn definition(def: &Definition) -> Result<(), Problem> {
         }
     }
 
-    engine_settings(
-        &def.engine.settings,
-        &KeyPath::root("engine").key("settings"),
-    )?;
+    engine(def)?;
+    time(def)?;
     disk(def)?;
     network(def)?;
     update(def)?;
     containers(def)?;
     files(def)
+}
+
+/// An NTP server: a host name, an IPv4 address or an IPv6 address (in brackets when a port
+/// follows), with an optional `:port`, like `"time.example"`, `"10.0.0.1:123"`, `"[fd00::1]:123"`.
+pub fn time_server(text: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "`{text}` is not a time server: {why} (expected a host name or IP address with an optional :port, like \"time.example\", \"10.0.0.1:123\" or \"[fd00::1]:123\")"
+        ))
+    };
+    if text.is_empty() {
+        return bad("it is empty");
+    }
+    if text.contains("://") {
+        return bad("give no scheme");
+    }
+    if let Some(c) = text.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return bad(&format!("it holds {c:?}"));
+    }
+    if text.parse::<Ipv6Addr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = match text.strip_prefix('[') {
+        Some(inner) => match inner.split_once(']') {
+            Some((literal, after)) if literal.parse::<Ipv6Addr>().is_ok() => {
+                match after.strip_prefix(':') {
+                    Some(port) => (None, Some(port)),
+                    None if after.is_empty() => (None, None),
+                    None => return bad("text follows the IPv6 address"),
+                }
+            }
+            _ => return bad("no IPv6 address in the brackets"),
+        },
+        None => match text.split_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(text), None),
+        },
+    };
+    if let Some(host) = host {
+        if host.parse::<Ipv4Addr>().is_err() && !is_dns_name(host) {
+            return bad(&format!(
+                "`{host}` is neither a host name nor an IP address"
+            ));
+        }
+    }
+    if port.is_some_and(|p| parse_port_number(p).is_none()) {
+        return bad("the port is not a number 1-65535");
+    }
+    Ok(())
+}
+
+/// A socket address to listen on: an IPv4 or bracketed IPv6 address and a port 1-65535, like
+/// `"0.0.0.0:2376"` or `"[::]:2376"`.
+pub fn listen_address(text: &str) -> Result<(), String> {
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(address) if address.port() != 0 => Ok(()),
+        _ => Err(format!(
+            "`{text}` is not an address to listen on: expected IP:PORT with a port 1-65535, like \"0.0.0.0:2376\" or \"[::]:2376\""
+        )),
+    }
+}
+
+/// Whether an engine API address (an entry of Docker's `hosts`) is plain TCP: `tcp://…`, or an
+/// address without a scheme, which Docker reads as TCP too.
+pub fn is_tcp_host(host: &str) -> bool {
+    match host.split_once("://") {
+        Some((scheme, _)) => scheme.eq_ignore_ascii_case("tcp"),
+        None => !host.is_empty(),
+    }
+}
+
+/// `[engine]`: settings that have a JSON form, TLS files, the TLS address, and no engine API on
+/// plain TCP unless it is protected by TLS or explicitly accepted.
+fn engine(def: &Definition) -> Result<(), Problem> {
+    let path = KeyPath::root("engine");
+    let engine = &def.engine;
+    engine_settings(&engine.settings, &path.key("settings"))?;
+    if let Some(tls) = &engine.tls {
+        for (key, file) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+            let text = file.to_string_lossy();
+            if text.is_empty() || text.contains('\0') {
+                fail(
+                    &path.key("tls").key(key),
+                    "expected a PEM file path (relative to the definition)".to_owned(),
+                )?;
+            }
+        }
+    }
+    listen_address(&engine.tls_listen).at(&path.key("tls-listen"))?;
+    let verified = engine.tls.is_some()
+        || engine.insecure_tcp
+        || engine
+            .settings
+            .get("tlsverify")
+            .and_then(toml::Value::as_bool)
+            == Some(true);
+    let Some(toml::Value::Array(hosts)) = engine.settings.get("hosts") else {
+        return Ok(());
+    };
+    for (i, host) in hosts.iter().enumerate() {
+        let Some(host) = host.as_str() else { continue };
+        if is_tcp_host(host) && !verified {
+            fail(
+                &path.key("settings").key("hosts").index(i),
+                format!(
+                    "`{host}` in engine.settings.hosts serves the engine's API over plain TCP, and whoever reaches that port is root on the machine; set [engine] tls = {{ ca = \"ca.pem\", cert = \"server.pem\", key = \"server-key.pem\" }} for mutual TLS on port 2376, or insecure-tcp = true in [engine] to accept that anyone reaching the port is root on the machine"
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `[time] servers`.
+fn time(def: &Definition) -> Result<(), Problem> {
+    let path = KeyPath::root("time").key("servers");
+    for (i, server) in def.time.servers.iter().enumerate() {
+        time_server(server).at(&path.index(i))?;
+    }
+    Ok(())
 }
 
 /// `[engine] settings` become JSON: a TOML date-time or a float that is not finite has no JSON form.

@@ -36,7 +36,7 @@ pub fn definition(version: &str, key: &str, healthy: bool, extra_cmdline: &str) 
     format!(
         "[image]\nname = \"upd\"\nversion = \"{version}\"\n\n[debian]\nsuite = \"bookworm\"\n\n\
          [kernel]\ncmdline = [\"console=ttyS0\"{extra_cmdline}]\n\n\
-         [engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }}\n\n\
+         [engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }}\ninsecure-tcp = true\n\n\
          [disk]\nroot = \"512MiB\"\nstate = \"1GiB\"\n\n\
          [update]\nurl = \"http://{GUEST_SERVER}\"\nkeys = [\"{key}\"]\nbless-after = \"5s\"\n\
          bless-timeout = \"{bless_timeout}\"\ninterval = \"10s\"\n\n\

@@ -8,6 +8,7 @@
 //! a byte-identical image.
 
 pub mod esp;
+pub mod gce;
 pub mod gpt;
 pub mod initramfs;
 pub mod rootimage;
@@ -356,6 +357,23 @@ fn qemu_img_format(format: &str) -> Result<(&'static str, &'static str, &'static
     })
 }
 
+/// Refuses a raw disk whose size is not a whole number of MiB: Azure takes only fixed VHDs of
+/// whole MiB, and `force_size=on` keeps the raw size as the VHD's virtual size. Every disk
+/// [`write_disk`] lays out is (1 MiB margins and partitions of whole MiB).
+fn whole_mib(raw: &Path) -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    let size = std::fs::metadata(raw)
+        .with_context(|| format!("reading size of {}", raw.display()))?
+        .len();
+    if !size.is_multiple_of(MIB) {
+        bail!(
+            "{} is {size} bytes, not a whole number of MiB: a VHD for Azure must be",
+            raw.display()
+        );
+    }
+    Ok(())
+}
+
 /// Converts the raw image into each of `formats` (`raw`, `qcow2`, `vhd`, `vmdk`) next to it
 /// (`x.raw` → `x.qcow2`), and returns the paths of all requested outputs. Each conversion goes to
 /// a temporary name first. raw and qcow2 outputs are reproducible; VHD and VMDK headers carry a
@@ -376,6 +394,9 @@ pub fn convert(raw: &Path, formats: &[String]) -> Result<Vec<PathBuf>> {
             continue;
         }
         let (driver, ext, options) = qemu_img_format(format)?;
+        if format == "vhd" {
+            whole_mib(raw)?;
+        }
         let step = Step::start(format!("{format} output"));
         let out = raw.with_extension(ext);
         let partial = raw.with_extension(format!("{ext}.partial"));
@@ -413,6 +434,35 @@ mod tests {
         assert_eq!(human(512), "512 B");
         assert_eq!(human(3 << 20), "3.0 MiB");
         assert_eq!(human(1536 << 20), "1.5 GiB");
+    }
+
+    #[test]
+    fn vhd_keeps_the_raw_size_a_whole_number_of_mib() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raw = dir.path().join("d.raw");
+        let size: u64 = 5 << 20;
+        let file = File::create(&raw).expect("raw");
+        file.set_len(size).expect("size");
+        drop(file);
+        let outputs = convert(&raw, &["vhd".to_owned()]).expect("vhd");
+        assert_eq!(outputs, [raw.with_extension("vhd")]);
+        let info = Command::new("qemu-img")
+            // A fixed VHD has its footer at the end only, so it must be named: probing says raw.
+            .args(["info", "--output=json", "-f", "vpc"])
+            .arg(&outputs[0])
+            .output()
+            .expect("qemu-img info");
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("JSON");
+        assert_eq!(info["format"], "vpc", "{info}");
+        assert_eq!(info["virtual-size"].as_u64(), Some(size), "{info}");
+        assert_eq!(size % (1 << 20), 0);
+        // The file is the disk and its 512-byte footer.
+        let len = std::fs::metadata(&outputs[0]).expect("vhd").len();
+        assert_eq!(len, size + 512);
+
+        std::fs::write(&raw, [0u8; 1536]).expect("odd raw");
+        let err = convert(&raw, &["vhd".to_owned()]).expect_err("not whole MiB");
+        assert!(err.to_string().contains("whole number of MiB"), "{err}");
     }
 
     #[test]

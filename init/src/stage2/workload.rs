@@ -719,7 +719,7 @@ mod tests {
         assert_eq!(Listen::Flag.args(), ["--host=unix:///run/docker.sock"]);
 
         let with_socket = definition(
-            "[engine.settings]\nhosts = [\"tcp://0.0.0.0:2376\", \"unix:///var/run/docker.sock\"]\n",
+            "[engine.settings]\nhosts = [\"tcp://0.0.0.0:2376\", \"unix:///var/run/docker.sock\"]\ntlsverify = true\n",
         );
         let listen = dockerd_listen(&with_socket.engine).expect("listen");
         assert_eq!(listen, Listen::ConfigFile);

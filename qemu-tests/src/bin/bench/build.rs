@@ -79,7 +79,7 @@ pub fn write_definition(dir: &Path, name: &str, variant: &Variant) -> Result<Pat
     // The engine also on TCP for the guest measurements, and an update source that never
     // answers, so the update agent runs (and can be measured) as on a real machine.
     let text = format!(
-        "{text}\n[engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }}\n\n[update]\nurl = \"http://10.0.2.2:9/releases\"\nkeys = [{:?}]\ninterval = \"1h\"\n",
+        "{text}\n[engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }}\ninsecure-tcp = true\n\n[update]\nurl = \"http://10.0.2.2:9/releases\"\nkeys = [{:?}]\ninterval = \"1h\"\n",
         public.trim()
     );
     let def = dir.join(format!("{name}.toml"));
