@@ -2,6 +2,10 @@
 //! (stage 2). See `init::boot::select_stage` for how it tells the two apart.
 
 use init::boot::{select_stage, Stage};
+use init::stage2::workload::{DockerWorkload, DEFINITION_PATH};
+use init::stage2::Workload;
+use init::system::Paths;
+use std::path::Path;
 use std::sync::Arc;
 
 fn main() {
@@ -11,35 +15,37 @@ fn main() {
     let sysroot = std::path::Path::new("/sysroot").is_dir();
     match select_stage(&args, is_pid1, sysroot) {
         Ok(Stage::One) => init::stage1::run(),
-        Ok(Stage::Two) => {
-            let path = std::path::Path::new(init::stage2::workload::DEFINITION_PATH);
-            // A live boot asked to install: no engine, the installer, then the installed disk.
-            match init::stage2::install::requested() {
-                Ok(Some(request)) => {
-                    match init::stage2::install::InstallWorkload::load(request, path) {
-                        Ok(workload) => init::stage2::run(Arc::new(workload)),
-                        Err(e) => init::stage2::fatal(e),
-                    }
-                }
-                Ok(None) => {}
-                // Reported, then the live system comes up as it would without the request.
-                Err(e) => init::status::status(
-                    "install-failed",
-                    &[("reason", "bad-arguments"), ("error", &format!("{e:#}"))],
-                ),
-            }
-            match init::stage2::workload::DockerWorkload::load(path) {
-                // A boot whose entry still carries a boot counter is blessed only once healthy.
-                Ok(workload) => {
-                    let gate = init::update::gate::bless_hook(init::update::Paths::default());
-                    init::stage2::run(Arc::new(workload.on_start(gate)))
-                }
-                Err(e) => init::stage2::fatal(e),
-            }
-        }
+        Ok(Stage::Two) => init::stage2::run(stage2_workload),
         Err(message) => {
             eprintln!("plinth-init: {message}");
             std::process::exit(2);
         }
     }
+}
+
+/// Stage 2's workload, made once the system is prepared: the installer when a live boot was asked
+/// to install, else Docker Engine and the declared containers of the image definition with the
+/// instance's user data over it.
+fn stage2_workload(paths: &Paths) -> anyhow::Result<Arc<dyn Workload>> {
+    let path = Path::new(DEFINITION_PATH);
+    // A live boot asked to install: no engine, the installer, then the installed disk.
+    match init::stage2::install::requested() {
+        Ok(Some(request)) => {
+            let workload = init::stage2::install::InstallWorkload::load(request, path)?;
+            return Ok(Arc::new(workload));
+        }
+        Ok(None) => {}
+        // Reported, then the live system comes up as it would without the request.
+        Err(e) => init::status::status(
+            "install-failed",
+            &[("reason", "bad-arguments"), ("error", &format!("{e:#}"))],
+        ),
+    }
+    let image = DockerWorkload::read_definition(path)?;
+    let instance = init::stage2::instance::provision(paths, image);
+    // A boot whose entry still carries a boot counter is blessed only once healthy.
+    let gate = init::update::gate::bless_hook(init::update::Paths::default());
+    Ok(Arc::new(
+        DockerWorkload::for_instance(instance)?.on_start(gate),
+    ))
 }

@@ -423,12 +423,37 @@ fn ensure_image(
         if let Some(id) = present {
             return Ok(id);
         }
+        // A container of the instance's user data may run an image the OS image carries for
+        // one of its own containers: load that archive instead of pulling.
+        if let Some(path) = baked_archive_of(&decl.image, &options.images_dir) {
+            engine.load_image(&path).map_err(|e| e.to_string())?;
+            if let Some(id) = engine.image_id(&decl.image).map_err(|e| e.to_string())? {
+                return Ok(id);
+            }
+        }
         engine.pull_image(&decl.image).map_err(|e| e.to_string())?;
         engine
             .image_id(&decl.image)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("image `{}` is still missing after the pull", decl.image))
     }
+}
+
+/// The archive in `images_dir` (`<container name>.tar`) whose image is tagged `reference`.
+fn baked_archive_of(reference: &str, images_dir: &Path) -> Option<PathBuf> {
+    let wanted = normalise_reference(reference);
+    let mut archives: Vec<_> = std::fs::read_dir(images_dir)
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|e| e == "tar"))
+        .collect();
+    archives.sort();
+    archives.into_iter().find(|path| {
+        File::open(path)
+            .and_then(|mut f| archive_image(&mut f, reference))
+            .is_ok_and(|(_, tags)| tags.iter().any(|t| normalise_reference(t) == wanted))
+    })
 }
 
 /// Creates the host side of every bind mount (under `/var`), so the engine does not create it
@@ -1235,6 +1260,40 @@ mod tests {
         assert!(err.to_string().contains("manifest.json"), "{err}");
         assert_eq!(normalise_reference("busybox"), "busybox:latest");
         assert_eq!(normalise_reference("a/b@sha256:00"), "a/b@sha256:00");
+    }
+
+    #[test]
+    fn an_image_without_an_archive_of_its_own_comes_from_a_baked_archive_before_a_pull() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = Options {
+            images_dir: dir.path().join("images"),
+            host_root: dir.path().join("root"),
+        };
+        std::fs::create_dir_all(&options.images_dir).expect("mkdir");
+        let hex = "c".repeat(64);
+        std::fs::write(
+            options.images_dir.join("web.tar"),
+            archive_bytes(&hex, "plinth/busybox:1"),
+        )
+        .expect("write archive");
+        std::fs::write(
+            options.images_dir.join("other.tar"),
+            archive_bytes(&"d".repeat(64), "other:1"),
+        )
+        .expect("write archive");
+        let engine = FakeEngine::default();
+        // A user-data container: no archive or build of its own, the image the OS image carries.
+        let mut extra = web();
+        extra.name = Name::parse("extra").expect("name");
+        extra.image = "plinth/busybox:1".into();
+        let id = ensure_image(&engine, &extra, &options).expect("loaded from web.tar");
+        assert_eq!(id, format!("sha256:{hex}"));
+        assert_eq!(engine.calls(), ["load web.tar"]);
+        // An image no archive carries is pulled (and fails here: the fake registry is empty).
+        extra.image = "absent:2".into();
+        let err = ensure_image(&engine, &extra, &options).expect_err("not pullable");
+        assert!(err.contains("manifest unknown"), "{err}");
+        assert_eq!(engine.calls(), ["load web.tar", "pull absent:2"]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod containers;
 pub mod docker;
 pub mod install;
+pub mod instance;
 pub mod net;
 pub mod shutdown;
 pub mod stability;
@@ -404,8 +405,10 @@ fn engine_config<S: System>(ctx: &mut Stage2<S>) -> Result<()> {
         })
 }
 
-/// Runs stage 2 as PID 1: prepare, start `workload`, supervise forever, shut down on request.
-pub fn run(workload: Arc<dyn Workload>) -> ! {
+/// Runs stage 2 as PID 1: prepare, make the workload (`make` runs once the system is prepared,
+/// so it may read devices, firmware tables and the network: the instance's data), start it,
+/// supervise forever, shut down on request. An error from `make` is fatal.
+pub fn run(make: impl FnOnce(&Paths) -> Result<Arc<dyn Workload>>) -> ! {
     crate::status::open_sinks();
     crate::status::status("stage2-start", &[]);
     // Before any thread exists, so that every thread shares one small heap.
@@ -433,6 +436,10 @@ pub fn run(workload: Arc<dyn Workload>) -> ! {
         fatal(e);
     }
     crate::status::status("stage2-ready", &[("uptime-ms", &uptime_ms())]);
+    let workload = match make(&ctx.paths) {
+        Ok(workload) => workload,
+        Err(e) => fatal(e),
+    };
     // The power button's modules are loaded with the other device modules, after the engine
     // started: the watcher waits for its input device that long.
     shutdown::watch_power_button(

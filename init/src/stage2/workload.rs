@@ -63,24 +63,49 @@ impl Listen {
 }
 
 /// Chooses how dockerd listens from `[engine] settings`; `hosts`, if set, must be an array of
-/// strings.
-pub fn dockerd_listen(engine: &Engine) -> Result<Listen> {
-    let Some(hosts) = engine.settings.get("hosts") else {
-        return Ok(Listen::Flag);
+/// strings. With `tls` (the folder of `ca.pem`, `cert.pem` and `key.pem`), dockerd also listens
+/// on `[engine] tls-listen` over TCP and admits only clients whose certificate that CA signed.
+pub fn dockerd_listen(engine: &Engine, tls: Option<&Path>) -> Result<Listen> {
+    let hosts: Option<Vec<String>> = match engine.settings.get("hosts") {
+        None => None,
+        Some(hosts) => Some(
+            hosts
+                .as_array()
+                .and_then(|items| items.iter().map(|h| h.as_str().map(str::to_owned)).collect())
+                .with_context(|| {
+                    format!("[engine] settings: `hosts` must be an array of strings such as [\"unix://{DOCKER_SOCKET}\"], not {hosts}")
+                })?,
+        ),
     };
-    let hosts: Vec<&str> = hosts
-        .as_array()
-        .and_then(|items| items.iter().map(|h| h.as_str()).collect())
-        .with_context(|| {
-            format!("[engine] settings: `hosts` must be an array of strings such as [\"unix://{DOCKER_SOCKET}\"], not {hosts}")
-        })?;
-    if hosts.iter().any(|h| SOCKET_HOSTS.contains(h)) {
-        return Ok(Listen::ConfigFile);
-    }
+    let has_socket = |hosts: &[String]| hosts.iter().any(|h| SOCKET_HOSTS.contains(&h.as_str()));
     let mut settings =
         serde_json::to_value(&engine.settings).context("converting [engine] settings to JSON")?;
-    if let Some(list) = settings.get_mut("hosts").and_then(|h| h.as_array_mut()) {
-        list.insert(0, format!("unix://{DOCKER_SOCKET}").into());
+    match (tls, hosts) {
+        (None, None) => return Ok(Listen::Flag),
+        (None, Some(hosts)) if has_socket(&hosts) => return Ok(Listen::ConfigFile),
+        (None, Some(mut hosts)) => {
+            hosts.insert(0, format!("unix://{DOCKER_SOCKET}"));
+            settings["hosts"] = hosts.into();
+        }
+        (Some(dir), hosts) => {
+            let mut hosts = hosts.unwrap_or_default();
+            if !has_socket(&hosts) {
+                hosts.insert(0, format!("unix://{DOCKER_SOCKET}"));
+            }
+            let tcp = format!("tcp://{}", engine.tls_listen);
+            if !hosts.contains(&tcp) {
+                hosts.push(tcp);
+            }
+            settings["hosts"] = hosts.into();
+            settings["tlsverify"] = true.into();
+            for (key, file) in [
+                ("tlscacert", "ca.pem"),
+                ("tlscert", "cert.pem"),
+                ("tlskey", "key.pem"),
+            ] {
+                settings[key] = dir.join(file).display().to_string().into();
+            }
+        }
     }
     let json = serde_json::to_string_pretty(&settings).context("writing dockerd's settings")?;
     Ok(Listen::Amended(json))
@@ -268,6 +293,8 @@ pub struct DockerWorkload {
     settle: Arc<Settle>,
     observer: Arc<Observer>,
     watch_interval: Duration,
+    /// The platform's name, for its time source (`ec2`, `gce`, …).
+    platform: &'static str,
 }
 
 impl std::fmt::Debug for DockerWorkload {
@@ -282,18 +309,47 @@ impl std::fmt::Debug for DockerWorkload {
 
 impl DockerWorkload {
     /// Reads and validates the image definition at `path` (normally [`DEFINITION_PATH`]).
-    pub fn load(path: &Path) -> Result<DockerWorkload> {
+    pub fn read_definition(path: &Path) -> Result<Definition> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the image definition {}", path.display()))?;
-        let definition = Definition::parse(&path.display().to_string(), &text)
-            .with_context(|| format!("parsing the image definition {}", path.display()))?;
-        DockerWorkload::new(definition)
+        Definition::parse(&path.display().to_string(), &text)
+            .with_context(|| format!("parsing the image definition {}", path.display()))
     }
 
-    /// The workload for a parsed definition; fails if its engine settings cannot be used.
+    /// [`DockerWorkload::new`] of the image definition at `path`, without instance data.
+    pub fn load(path: &Path) -> Result<DockerWorkload> {
+        DockerWorkload::new(DockerWorkload::read_definition(path)?)
+    }
+
+    /// The workload for a parsed definition; fails if its engine settings cannot be used. The
+    /// engine's TLS files, if `[engine] tls` is set, are the image's.
     pub fn new(definition: Definition) -> Result<DockerWorkload> {
-        let listen = dockerd_listen(&definition.engine)?;
+        let tls = definition
+            .engine
+            .tls
+            .as_ref()
+            .map(|_| PathBuf::from(os_config::definition::ENGINE_TLS_IN_IMAGE));
+        DockerWorkload::build(definition, tls.as_deref(), "")
+    }
+
+    /// The workload of a provisioned instance: its definition (user data applied), its engine
+    /// TLS files and its platform's time source.
+    pub fn for_instance(instance: crate::stage2::instance::Instance) -> Result<DockerWorkload> {
+        DockerWorkload::build(
+            instance.definition,
+            instance.engine_tls.as_deref(),
+            instance.platform.name(),
+        )
+    }
+
+    fn build(
+        definition: Definition,
+        tls: Option<&Path>,
+        platform: &'static str,
+    ) -> Result<DockerWorkload> {
+        let listen = dockerd_listen(&definition.engine, tls)?;
         Ok(DockerWorkload {
+            platform,
             definition,
             listen,
             socket: PathBuf::from(DOCKER_SOCKET),
@@ -450,25 +506,55 @@ fn log_health(health: &Health) {
     }
 }
 
-/// Configures the network from `[network]` and keeps a DHCP lease renewed in a thread.
-pub fn start_network(network: &os_config::definition::Network) {
+/// Configures the network from `[network]` and keeps a DHCP lease renewed in a thread, once per
+/// boot (provisioning may need it before the workload starts); returns the NTP servers DHCP
+/// named (option 42).
+pub fn start_network(network: &os_config::definition::Network) -> Vec<std::net::Ipv4Addr> {
+    static STARTED: std::sync::OnceLock<Vec<std::net::Ipv4Addr>> = std::sync::OnceLock::new();
+    STARTED.get_or_init(|| configure_network(network)).clone()
+}
+
+fn configure_network(network: &os_config::definition::Network) -> Vec<std::net::Ipv4Addr> {
     let paths = net::Paths::default();
     let configured = match net::configure(network, &paths) {
         Ok(configured) => configured,
         Err(e) => {
             crate::info!("network configuration failed: {e:#}");
-            return;
+            return Vec::new();
         }
     };
     crate::info!("network {configured}");
+    let ntp = configured.ntp_servers();
     if configured.renewal_due().is_none() {
-        return;
+        return ntp;
     }
     let renewer = std::thread::Builder::new()
         .name("dhcp-renew".into())
         .spawn(move || renew_forever(configured, &paths));
     if let Err(e) = renewer {
         crate::info!("starting the DHCP renewal thread failed: {e}");
+    }
+    ntp
+}
+
+/// Keeps the clock in step, in its own thread, from `[time] servers`, the NTP servers DHCP named
+/// and the platform's time source, in that order.
+fn start_clock(configured: &[String], dhcp: &[std::net::Ipv4Addr], platform: &str) {
+    let (sources, errors) = crate::clock::sources(configured, dhcp, platform);
+    for error in errors {
+        crate::info!("[time] servers: {error}");
+    }
+    let started = std::thread::Builder::new()
+        .name("clock".into())
+        .spawn(move || {
+            crate::clock::keep_time(
+                sources,
+                crate::clock::KernelClock::default(),
+                PathBuf::from(crate::clock::CLOCK_MARKER),
+            )
+        });
+    if let Err(e) = started {
+        crate::info!("starting the clock thread failed: {e}");
     }
 }
 
@@ -513,7 +599,8 @@ impl Workload for DockerWorkload {
 
     fn after_start(&self) -> Result<()> {
         self.start_hook();
-        start_network(&self.definition.network);
+        let ntp = start_network(&self.definition.network);
+        start_clock(&self.definition.time.servers, &ntp, self.platform);
         self.engine_loop();
         Ok(())
     }
@@ -715,13 +802,16 @@ mod tests {
     #[test]
     fn dockerd_gets_the_host_flag_only_without_hosts_in_the_settings() {
         let plain = definition("");
-        assert_eq!(dockerd_listen(&plain.engine).expect("listen"), Listen::Flag);
+        assert_eq!(
+            dockerd_listen(&plain.engine, None).expect("listen"),
+            Listen::Flag
+        );
         assert_eq!(Listen::Flag.args(), ["--host=unix:///run/docker.sock"]);
 
         let with_socket = definition(
             "[engine.settings]\nhosts = [\"tcp://0.0.0.0:2376\", \"unix:///var/run/docker.sock\"]\ntlsverify = true\n",
         );
-        let listen = dockerd_listen(&with_socket.engine).expect("listen");
+        let listen = dockerd_listen(&with_socket.engine, None).expect("listen");
         assert_eq!(listen, Listen::ConfigFile);
         assert!(
             listen.args().is_empty(),
@@ -730,10 +820,43 @@ mod tests {
     }
 
     #[test]
+    fn engine_tls_adds_the_tls_listener_and_its_files() {
+        let def = definition("[engine]\ntls-listen = \"[::]:2376\"\nsettings = { debug = true }\n");
+        let listen =
+            dockerd_listen(&def.engine, Some(Path::new("/run/plinth/engine-tls"))).expect("listen");
+        let Listen::Amended(json) = &listen else {
+            panic!("expected an amended configuration, got {listen:?}");
+        };
+        let value: serde_json::Value = serde_json::from_str(json).expect("JSON");
+        assert_eq!(
+            value["hosts"],
+            serde_json::json!(["unix:///run/docker.sock", "tcp://[::]:2376"])
+        );
+        assert_eq!(value["tlsverify"], true);
+        assert_eq!(value["tlscacert"], "/run/plinth/engine-tls/ca.pem");
+        assert_eq!(value["tlscert"], "/run/plinth/engine-tls/cert.pem");
+        assert_eq!(value["tlskey"], "/run/plinth/engine-tls/key.pem");
+        assert_eq!(value["debug"], true, "other settings are kept");
+        // The socket named in the settings is not repeated.
+        let def =
+            definition("[engine]\nsettings = { hosts = [\"unix:///var/run/docker.sock\"] }\n");
+        let Listen::Amended(json) =
+            dockerd_listen(&def.engine, Some(Path::new("/t"))).expect("listen")
+        else {
+            panic!("expected an amended configuration");
+        };
+        let value: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+        assert_eq!(
+            value["hosts"],
+            serde_json::json!(["unix:///var/run/docker.sock", "tcp://0.0.0.0:2376"])
+        );
+    }
+
+    #[test]
     fn hosts_without_the_socket_get_it_in_an_amended_configuration() {
         let def =
             definition("[engine.settings]\nhosts = [\"tcp://0.0.0.0:2376\"]\ntlsverify = true\n");
-        let listen = dockerd_listen(&def.engine).expect("listen");
+        let listen = dockerd_listen(&def.engine, None).expect("listen");
         let Listen::Amended(json) = &listen else {
             panic!("expected an amended configuration, got {listen:?}");
         };
@@ -751,7 +874,9 @@ mod tests {
     fn hosts_that_are_not_a_list_of_strings_are_refused() {
         for bad in ["hosts = \"unix:///run/docker.sock\"", "hosts = [1]"] {
             let def = definition(&format!("[engine.settings]\n{bad}\n"));
-            let error = dockerd_listen(&def.engine).expect_err(bad).to_string();
+            let error = dockerd_listen(&def.engine, None)
+                .expect_err(bad)
+                .to_string();
             assert!(
                 error.contains("`hosts` must be an array of strings"),
                 "{error}"

@@ -43,6 +43,9 @@ pub struct Paths {
     pub ca_bundle: PathBuf,
     /// The image's update CA (`[update] ca`), used besides the bundle when the definition sets it.
     pub update_ca: PathBuf,
+    /// The instance's user data, which plinth-init keeps when it is Plinth's and valid: its
+    /// `[update]` settings apply over the definition's.
+    pub user_data: PathBuf,
 }
 
 impl Default for Paths {
@@ -57,6 +60,7 @@ impl Default for Paths {
             settled: PathBuf::from(crate::stage2::workload::SETTLED_MARKER),
             ca_bundle: PathBuf::from(super::tls::SYSTEM_CA_BUNDLE),
             update_ca: PathBuf::from(os_config::definition::UPDATE_CA_IN_IMAGE),
+            user_data: Path::new("/run").join(os_config::userdata::USER_DATA_IN_RUN),
         }
     }
 }
@@ -181,9 +185,8 @@ pub fn read_boot_record(path: &Path) -> Result<BootRecord> {
 impl Agent {
     /// Reads the definition and the boot record (the running slot and the boot disk).
     pub fn load(paths: Paths) -> Result<Agent> {
-        let text = std::fs::read_to_string(&paths.definition)
-            .with_context(|| format!("reading image definition {}", paths.definition.display()))?;
-        let definition = Definition::parse(&paths.definition.display().to_string(), &text)?;
+        let definition =
+            os_config::userdata::effective_definition(&paths.definition, &paths.user_data)?;
         let Some(update) = definition.update.clone() else {
             bail!(
                 "{} has no [update] table: this image does not take updates",
