@@ -50,7 +50,15 @@ impl NetNs {
         let n = ns.name.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"])?;
         ip(&["-n", n, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", n, "addr", "add", &format!("{address}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{address}/24"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", n, "link", "set", "br0", "up"])?;
         Ok(ns)
     }
