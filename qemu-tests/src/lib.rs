@@ -31,6 +31,9 @@ pub struct VmOptions {
     pub forwards: Vec<(u16, u16)>,
     /// `guestfwd` rules: guest `ip:port` → host `127.0.0.1:port`.
     pub guest_forwards: Vec<(String, u16)>,
+    /// `guestfwd` rules that run a command per connection: guest `ip:port` → command line (QEMU
+    /// allows only one chardev-backed forward per port number).
+    pub guest_commands: Vec<(String, String)>,
     /// Extra raw disks attached as virtio drives after the boot disk.
     pub extra_disks: Vec<PathBuf>,
     /// Write guest changes to a throw-away overlay instead of the disk.
@@ -63,6 +66,7 @@ impl VmOptions {
             mem_mib: 2048,
             forwards: Vec::new(),
             guest_forwards: Vec::new(),
+            guest_commands: Vec::new(),
             extra_disks: Vec::new(),
             snapshot: false,
             tftp: None,
@@ -147,6 +151,12 @@ impl Vm {
         }
         for (guest, host) in &opts.guest_forwards {
             netdev.push_str(&format!(",guestfwd=tcp:{guest}-tcp:127.0.0.1:{host}"));
+        }
+        for (guest, command) in &opts.guest_commands {
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:{guest}-cmd:{}",
+                command.replace(',', ",,")
+            ));
         }
         if let Some((_, tap)) = &opts.tap {
             netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");

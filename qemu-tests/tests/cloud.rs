@@ -8,9 +8,10 @@
 //! - NoCloud on a vfat volume labelled `cidata`: `#cloud-config` user data is reported as ignored,
 //!   the meta-data's host name is applied; on an iso9660 volume: invalid Plinth user data is
 //!   reported with its line and column, and the image's own container still runs.
-//! - EC2 (IMDSv2) and GCE: fake metadata servers on 127.0.0.1, which the guest reaches at
-//!   169.254.169.254 through `guestfwd` (its user network is 169.254.0.0/16), and SMBIOS strings
-//!   that name the platform. The EC2 server refuses any request without a session token.
+//! - EC2 (IMDSv2), GCE and Azure: fake metadata servers on 127.0.0.1, which the guest reaches at
+//!   169.254.169.254 through `guestfwd` (its user network is 168.0.0.0/7), and SMBIOS strings
+//!   that name the platform. The EC2 server refuses any request without a session token; the
+//!   Azure guest reports ready to a fake wire server at 168.63.129.16.
 //! - Time: a guest whose clock starts in 2015 sets it from an SNTP server that DHCP option 42
 //!   names; both run in a network namespace of the test, on a bridge only this machine has.
 
@@ -372,6 +373,7 @@ struct Request {
     method: String,
     path: String,
     headers: BTreeMap<String, String>,
+    body: String,
 }
 
 /// Reads one request head (and skips its body); `None` at the end of the stream.
@@ -406,6 +408,7 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>> {
         method: method.to_owned(),
         path: path.to_owned(),
         headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
     }))
 }
 
@@ -451,16 +454,37 @@ fn metadata_server(
     Ok((port, seen))
 }
 
-/// A guest on the 169.254.0.0/16 user network whose 169.254.169.254:80 is `server`, with SMBIOS
-/// system strings `manufacturer` and `product`.
+/// A guest on the 168.0.0.0/7 user network (which holds the clouds' link-local metadata address
+/// and Azure's wire server) whose 169.254.169.254:80 is `server`, with SMBIOS system strings
+/// `manufacturer` and `product`.
 fn cloud_guest(server: u16, manufacturer: &str, product: &str) -> Result<VmOptions> {
     let mut opts = guest()?;
-    opts.user_net = Some("169.254.0.0/16".to_owned());
+    opts.user_net = Some("168.0.0.0/7".to_owned());
     opts.guest_forwards = vec![("169.254.169.254:80".to_owned(), server)];
     opts.smbios = vec![format!(
         "type=1,manufacturer={manufacturer},product={product}"
     )];
     Ok(opts)
+}
+
+/// Standard base64 with padding, for the fake Azure IMDS's `userData`.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[test]
@@ -549,6 +573,81 @@ fn ec2_imdsv2_and_gce_metadata_servers_provision_the_instance() -> Result<()> {
             .all(|r| r.headers.get("metadata-flavor").map(String::as_str) == Some("Google")),
         "a GCE metadata request without Metadata-Flavor: {requests:?}"
     );
+    Ok(())
+}
+
+/// Azure's identifier in SMBIOS chassis asset tags.
+const AZURE_ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
+
+#[test]
+fn azure_imds_provisions_the_instance_and_it_reports_ready_to_the_wire_server() -> Result<()> {
+    assert_eq!(base64(b"Plinth!"), "UGxpbnRoIQ==");
+    let user_data = base64(b"#plinth\nhostname = \"azure-from-user-data\"\n");
+    let (imds, imds_seen) = metadata_server(move |r| {
+        if r.headers.get("metadata").map(String::as_str) != Some("true") {
+            return (400, Vec::new(), Vec::new());
+        }
+        if r.path.starts_with("/metadata/instance/compute?") {
+            let body = format!("{{\"name\":\"azure-vm\",\"userData\":\"{user_data}\"}}");
+            return (200, Vec::new(), body.into_bytes());
+        }
+        (404, Vec::new(), Vec::new())
+    })?;
+    let (wire, wire_seen) = metadata_server(|r| match (r.method.as_str(), r.path.as_str()) {
+        ("GET", "/machine/?comp=goalstate") => (
+            200,
+            Vec::new(),
+            b"<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<GoalState><Version>2012-11-30</Version>\
+              <Incarnation>3</Incarnation><Machine><ExpectedState>Started</ExpectedState></Machine>\
+              <Container><ContainerId>5f6e7d8c-0000-4000-8000-000000000001</ContainerId>\
+              <RoleInstanceList><RoleInstance><InstanceId>0c1d2e3f.azure-vm</InstanceId>\
+              </RoleInstance></RoleInstanceList></Container></GoalState>"
+                .to_vec(),
+        ),
+        ("POST", "/machine?comp=health") => (200, Vec::new(), Vec::new()),
+        _ => (404, Vec::new(), Vec::new()),
+    })?;
+    let mut opts = cloud_guest(imds, "Microsoft Corporation", "Virtual Machine")?;
+    // A second forward on port 80: through a relay command (QEMU names forwards by port).
+    opts.guest_commands = vec![(
+        "168.63.129.16:80".to_owned(),
+        format!("{} 127.0.0.1:{wire}", env!("CARGO_BIN_EXE_tcp-relay")),
+    )];
+    opts.smbios.push(format!("type=3,asset={AZURE_ASSET_TAG}"));
+    let mut vm = Vm::boot(&opts)?;
+    let platform = vm.wait_status("platform", BOOT)?;
+    ensure!(field(&platform, "name") == "azure", "{platform:?}");
+    expect_provisioned(&mut vm, "azure", "plinth")?;
+    expect_hostname(&mut vm, "azure-from-user-data")?;
+    vm.wait_status("provision-reported", BOOT)?;
+    vm.kill();
+    ensure!(
+        !imds_seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .is_empty(),
+        "the IMDS was never asked"
+    );
+    let wire = wire_seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    let report = wire
+        .iter()
+        .find(|r| r.method == "POST")
+        .with_context(|| format!("no health report reached the wire server: {wire:?}"))?;
+    for part in [
+        "<State>Ready</State>",
+        "<GoalStateIncarnation>3</GoalStateIncarnation>",
+        "<ContainerId>5f6e7d8c-0000-4000-8000-000000000001</ContainerId>",
+        "<InstanceId>0c1d2e3f.azure-vm</InstanceId>",
+    ] {
+        ensure!(
+            report.body.contains(part),
+            "the health report lacks {part}: {}",
+            report.body
+        );
+    }
     Ok(())
 }
 
