@@ -107,6 +107,10 @@ pub struct RunArgs {
     /// http://10.0.2.100:8000, the `[update] url` to build the image with.
     #[arg(long, value_name = "DIR")]
     pub serve: Option<PathBuf>,
+    /// Instance user data for the guest (QEMU fw_cfg `opt/plinth/user-data`): Plinth's TOML is
+    /// checked before the boot; other formats are passed on (and ignored by the guest).
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -230,6 +234,7 @@ impl From<RunArgs> for crate::qemu::RunOptions {
             forwards: args.forwards,
             snapshot: args.snapshot,
             serve: args.serve,
+            user_data: args.user_data,
         }
     }
 }

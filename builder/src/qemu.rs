@@ -221,6 +221,37 @@ pub struct RunOptions {
     pub snapshot: bool,
     /// Release folder served to the guest at [`serve::GUEST_URL`].
     pub serve: Option<PathBuf>,
+    /// Instance user data, passed through QEMU's fw_cfg.
+    pub user_data: Option<PathBuf>,
+}
+
+/// Checks `--user-data FILE` (Plinth user data must parse; other kinds are passed on as they
+/// are) and returns QEMU's arguments that carry it.
+pub fn user_data_args(file: &Path) -> Result<Vec<String>> {
+    let bytes =
+        std::fs::read(file).with_context(|| format!("reading the user data {}", file.display()))?;
+    match os_config::userdata::classify(&file.display().to_string(), &bytes)? {
+        os_config::userdata::UserDataKind::Foreign(kind) => eprintln!(
+            "plinth: {} is {kind} user data, not Plinth's: the guest will ignore it",
+            file.display()
+        ),
+        os_config::userdata::UserDataKind::Empty => {
+            eprintln!("plinth: {} is empty", file.display())
+        }
+        os_config::userdata::UserDataKind::Plinth(_) => {}
+    }
+    let path = std::path::absolute(file)
+        .with_context(|| format!("finding {}", file.display()))?
+        .display()
+        .to_string();
+    Ok(vec![
+        "-fw_cfg".to_owned(),
+        format!(
+            "name={},file={}",
+            os_config::userdata::FW_CFG_USER_DATA,
+            path.replace(',', ",,")
+        ),
+    ])
 }
 
 /// Runs `plinth run`.
@@ -238,6 +269,7 @@ pub fn run(args: &RunOptions) -> Result<()> {
         .as_deref()
         .map(serve::release_folder)
         .transpose()?;
+    let user_data = args.user_data.as_deref().map(user_data_args).transpose()?;
     tools::require(&[tools::QEMU_SYSTEM])?;
     for firmware in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(firmware).is_file() {
@@ -252,6 +284,7 @@ pub fn run(args: &RunOptions) -> Result<()> {
     opts.mem_mib = args.mem;
     opts.snapshot = args.snapshot;
     opts.forwards = forwards;
+    opts.extra.extend(user_data.into_iter().flatten());
     if let Some(dir) = served {
         let plinth = std::env::current_exe().context("finding the plinth program")?;
         opts.guest_forwards
@@ -425,6 +458,7 @@ mod tests {
             forwards: vec![forward.to_owned()],
             snapshot: true,
             serve: None,
+            user_data: None,
         };
         let mut serving = args("/nonexistent/d.raw", "tcg", "1:2");
         serving.serve = Some(PathBuf::from("/nonexistent/releases"));
@@ -444,6 +478,45 @@ mod tests {
         assert!(err.to_string().contains("use tcg, kvm or auto"), "{err}");
         let err = run(&args("/nonexistent/d.raw", "tcg", "x")).expect_err("bad forward");
         assert!(err.to_string().contains("HOST:GUEST"), "{err}");
+    }
+
+    #[test]
+    fn user_data_is_checked_and_passed_through_fw_cfg() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let good = dir.path().join("a,b.toml");
+        std::fs::write(&good, "#plinth\nhostname = \"vm-1\"\n").expect("write");
+        let args = user_data_args(&good).expect("valid user data");
+        assert_eq!(args[0], "-fw_cfg");
+        assert_eq!(
+            args[1],
+            format!(
+                "name=opt/plinth/user-data,file={}",
+                good.display().to_string().replace(',', ",,")
+            )
+        );
+        let foreign = dir.path().join("cloud.yaml");
+        std::fs::write(&foreign, "#cloud-config\npackages: []\n").expect("write");
+        assert!(
+            user_data_args(&foreign).is_ok(),
+            "passed on, ignored by the guest"
+        );
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "hostname = \"vm-1\"\nhostnme = \"x\"\n").expect("write");
+        let err = user_data_args(&bad).expect_err("misspelt key").to_string();
+        assert!(err.contains("bad.toml:2:1"), "{err}");
+        let mut missing = RunOptions {
+            disk: PathBuf::from("/nonexistent/d.raw"),
+            accel: "tcg".to_owned(),
+            mem: 512,
+            forwards: Vec::new(),
+            snapshot: true,
+            serve: None,
+            user_data: Some(dir.path().join("absent.toml")),
+        };
+        let err = run(&missing).expect_err("no user data file").to_string();
+        assert!(err.contains("absent.toml"), "{err}");
+        missing.user_data = None;
+        assert!(run(&missing).is_err());
     }
 
     #[test]

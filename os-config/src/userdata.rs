@@ -26,6 +26,10 @@ use crate::validate::Problem;
 /// Where `plinth-init` writes the accepted user data, relative to `/run`.
 pub const USER_DATA_IN_RUN: &str = "plinth/user-data.toml";
 
+/// The QEMU fw_cfg item plinth-init reads user data from (`-fw_cfg name=…,file=…`; `plinth run
+/// --user-data` passes it).
+pub const FW_CFG_USER_DATA: &str = "opt/plinth/user-data";
+
 /// What a user-data blob is.
 // Made once per boot and taken apart at once: boxing the large variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
