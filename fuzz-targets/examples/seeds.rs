@@ -1,6 +1,7 @@
 //! Writes the seed corpora of the fuzz targets: `cargo run -p fuzz-targets --example seeds --
 //! fuzz/corpus`. Seeds are real inputs made with the project's own writers (manifests, boot
-//! entries, DHCP packets, GPT disks, verity superblocks) and the example definitions; each file
+//! entries, DHCP packets, GPT disks, verity superblocks), the example definitions and cloud user
+//! data as instances receive it; each file
 //! is named `seed-<what>` so that minimised fuzzer finds (`id:…`) can sit beside them.
 
 use std::fs;
@@ -64,6 +65,7 @@ fn main() -> std::io::Result<()> {
     http(&mut seeds)?;
     engine(&mut seeds)?;
     tar(&mut seeds)?;
+    userdata(&mut seeds)?;
     Ok(())
 }
 
@@ -488,5 +490,46 @@ fn tar(seeds: &mut Seeds) -> std::io::Result<()> {
         )
     });
     seeds.write("tar", "deb-data", &deb)?;
+    Ok(())
+}
+
+/// PEM text of the shape `[engine] tls` in user data asks for (the target checks the blocks'
+/// labels, not the keys inside).
+const PEM_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBkTCB+wIJAKHBfpegPjMCMA0GCSqGSIb3DQEBCwUAMBExDzANBgNVBAMMBnBs\n-----END CERTIFICATE-----\n";
+const PEM_KEY: &str = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkNsZ1y1QnBxRz6bl6Bf3uEhR9yOKxXhFvJ4kH5Q0eQoAoGCCqGSM49\n-----END EC PRIVATE KEY-----\n";
+
+/// Cloud user data: Plinth's own (laid over the target's image), other tools' formats, and
+/// what must be refused.
+fn userdata(seeds: &mut Seeds) -> std::io::Result<()> {
+    let plinth = "#plinth\nhostname = \"node-7\"\n\n[engine]\nsettings = { debug = true, max-concurrent-downloads = 6 }\n\n[update]\nchannel = \"beta\"\nstrategy = \"immediate\"\ninterval = \"30m\"\n\n[time]\nservers = [\"10.0.0.1\", \"time.example:123\"]\n\n[[container]]\nname = \"db\"\nimage = \"postgres:17\"\n\n[[container]]\nname = \"cache\"\nimage = \"redis:7\"\nports = [\"6379:6379\"]\nrestart = \"always\"\n";
+    let tls = format!(
+        "[engine]\nsettings = {{ hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2376\"] }}\n\n[engine.tls]\nca = {PEM_CERT:?}\ncert = {PEM_CERT:?}\nkey = {PEM_KEY:?}\n"
+    );
+    let mime = "Content-Type: multipart/mixed; boundary=\"==BOUNDARY==\"\nMIME-Version: 1.0\n\n--==BOUNDARY==\nContent-Type: text/cloud-config; charset=\"us-ascii\"\n\n#cloud-config\nhostname: node-7\n--==BOUNDARY==--\n";
+    let cases: [(&str, &[u8]); 8] = [
+        ("plinth.toml", plinth.as_bytes()),
+        ("engine-tls.toml", tls.as_bytes()),
+        (
+            "cloud-config.yaml",
+            b"#cloud-config\nhostname: node-7\nusers:\n  - name: admin\n",
+        ),
+        ("mime-multipart", mime.as_bytes()),
+        (
+            "update-url.toml",
+            b"[update]\nchannel = \"beta\"\nurl = \"http://evil.example/releases\"\n",
+        ),
+        (
+            "bad-toml.toml",
+            b"hostname = \"node-7\n[engine\nsettings = {\n",
+        ),
+        ("bad-utf8.toml", b"hostname = \"node\xff\xfe-7\"\n"),
+        (
+            "plain-tcp.toml",
+            b"[engine]\nsettings = { hosts = [\"tcp://0.0.0.0:2375\"] }\n",
+        ),
+    ];
+    for (name, bytes) in cases {
+        seeds.write("userdata", name, bytes)?;
+    }
     Ok(())
 }

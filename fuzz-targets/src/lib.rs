@@ -9,6 +9,7 @@
 pub mod disk;
 
 use std::io::{BufReader, Cursor, Read};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use init::http;
@@ -18,6 +19,7 @@ use os_config::boot::{BootArgs, BootRecord, Entry, EntryName};
 use os_config::cmdline::{format_arg, Cmdline};
 use os_config::layout::VeritySuperblock;
 use os_config::manifest::{self, Manifest, SecretKey};
+use os_config::userdata::{self, UserDataKind};
 use os_config::Definition;
 
 /// A fuzz target: takes any bytes, panics only when an invariant of the code under test fails.
@@ -37,6 +39,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("engine", engine),
     ("tar", tar),
     ("chunk-index", chunk_index),
+    ("userdata", userdata),
 ];
 
 /// The target called `name`.
@@ -61,6 +64,92 @@ pub fn definition(data: &[u8]) {
     // Parsing is a function of the text alone.
     let again = Definition::parse("fuzz.toml", text);
     assert!(again.is_ok(), "a definition parsed once but not twice");
+}
+
+/// The image definition the `userdata` target lays user data over: a host name, engine settings,
+/// two containers, `[update]` (its key is the public half of [`manifest_key`]) and `[time]`.
+pub const USERDATA_IMAGE: &str = r#"[image]
+name = "fuzz"
+version = "1.0"
+hostname = "fuzz-host"
+
+[engine]
+settings = { log-driver = "local", debug = false }
+
+[update]
+url = "http://10.0.0.1/releases"
+keys = ["ed25519:ea4a6c63e29c520abef5507b132ec5f9954776aebebe7b92421eea691446d22c"]
+strategy = "window"
+window = { start = "02:00", length = "1h" }
+
+[time]
+servers = ["10.0.2.2"]
+
+[[container]]
+name = "web"
+image = "busybox:1"
+ports = ["8080:80"]
+
+[[container]]
+name = "db"
+image = "postgres:16"
+"#;
+
+/// [`USERDATA_IMAGE`], parsed once.
+pub fn userdata_image() -> &'static Definition {
+    static IMAGE: OnceLock<Definition> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        Definition::parse("userdata-image.toml", USERDATA_IMAGE)
+            .unwrap_or_else(|e| panic!("the userdata target's image does not parse: {e}"))
+    })
+}
+
+/// Cloud user data (`os_config::userdata::classify`), and Plinth's own laid over
+/// [`USERDATA_IMAGE`] (`UserData::apply`): what applies is a valid definition whose update
+/// source and trusted keys are the image's, and every error says something.
+pub fn userdata(data: &[u8]) {
+    let kind = match userdata::classify("user-data", data) {
+        Ok(kind) => kind,
+        Err(e) => {
+            assert!(
+                !e.message.trim().is_empty(),
+                "user data refused without a message"
+            );
+            return;
+        }
+    };
+    let parsed = match kind {
+        UserDataKind::Plinth(parsed) => parsed,
+        UserDataKind::Foreign(name) => {
+            assert!(!name.is_empty(), "foreign user data without a kind");
+            return;
+        }
+        UserDataKind::Empty => return,
+    };
+    let image = userdata_image();
+    let merged = match parsed.apply(image) {
+        Ok(merged) => merged,
+        Err(message) => {
+            // `key.path: what is wrong`: the part after the key must say something.
+            let what = message
+                .split_once(": ")
+                .map_or(message.as_str(), |(_, m)| m);
+            assert!(
+                !what.trim().is_empty(),
+                "user data not applied, without a message: {message:?}"
+            );
+            return;
+        }
+    };
+    if let Err(problem) = os_config::validate::definition(&merged) {
+        panic!("applied user data gives an invalid definition: {problem:?}");
+    }
+    let source = |d: &Definition| d.update.as_ref().map(|u| (u.url.clone(), u.keys.clone()));
+    assert_eq!(
+        source(&merged),
+        source(image),
+        "user data changed where updates come from or which keys are trusted"
+    );
 }
 
 /// Key the `manifest` target signs with (a fixed seed: fuzzing needs no secret).

@@ -109,3 +109,43 @@ fn gpt_seeds_read_as_plinth_disks() {
         assert_eq!(table.from_backup, name == "seed-backup-only", "{name}");
     }
 }
+
+/// The Plinth user-data seeds apply over the target's image, or the target never gets past
+/// the merge; those meant to be refused are.
+#[test]
+fn userdata_seeds_reach_the_merge() {
+    use os_config::userdata::{classify, UserDataKind};
+    let image = fuzz_targets::userdata_image();
+    for (name, applies) in [
+        ("seed-plinth.toml", true),
+        ("seed-engine-tls.toml", true),
+        ("seed-plain-tcp.toml", false),
+    ] {
+        let data = fs::read(fuzz_dir().join("corpus/userdata").join(name)).expect("reading a seed");
+        let UserDataKind::Plinth(parsed) =
+            classify(name, &data).unwrap_or_else(|e| panic!("{name}: {e}"))
+        else {
+            panic!("{name} is not Plinth user data");
+        };
+        assert_eq!(parsed.apply(image).is_ok(), applies, "{name}");
+    }
+    for (name, kind) in [
+        ("seed-cloud-config.yaml", "cloud-config"),
+        ("seed-mime-multipart", "mime-multipart"),
+    ] {
+        let data = fs::read(fuzz_dir().join("corpus/userdata").join(name)).expect("reading a seed");
+        assert_eq!(
+            classify(name, &data).ok(),
+            Some(UserDataKind::Foreign(kind)),
+            "{name}"
+        );
+    }
+    for name in [
+        "seed-update-url.toml",
+        "seed-bad-toml.toml",
+        "seed-bad-utf8.toml",
+    ] {
+        let data = fs::read(fuzz_dir().join("corpus/userdata").join(name)).expect("reading a seed");
+        assert!(classify(name, &data).is_err(), "{name} is refused");
+    }
+}

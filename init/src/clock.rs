@@ -1,6 +1,7 @@
 //! Network time: an SNTPv4 client (RFC 4330, client mode of RFC 5905) that steps the system clock
 //! once at boot and then keeps it in step by slewing, with its servers taken from the
-//! configuration, DHCP option 42 and the cloud platform.
+//! configuration, DHCP option 42 and the cloud platform; on a KVM guest with `ptp_kvm`, the host's
+//! clock (`/dev/ptpN`, "KVM virtual PTP") when no server answers or there is none.
 //!
 //! The first answer decides the boot: a `clock-synced` (or `clock-unsynced`) status line and the
 //! marker file [`CLOCK_MARKER`], which the update agent waits for before it judges expiry dates or
@@ -8,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsFd;
@@ -46,8 +48,19 @@ pub const STEP_THRESHOLD_NS: i64 = NANOS_PER_SECOND;
 /// A slew larger than this is logged.
 const LOG_SLEW_THRESHOLD_NS: i64 = 100_000_000;
 
-/// Requests sent to one server per query; the sample with the lowest delay wins.
+/// Requests sent to one server per query (readings of a PTP clock); the sample with the lowest
+/// delay wins.
 const TRIES: u32 = 4;
+
+/// Where the kernel lists its PTP hardware clocks, one `ptpN` folder each with a `clock_name`.
+pub const SYS_CLASS_PTP: &str = "/sys/class/ptp";
+
+/// The `clock_name` of the PTP clock `ptp_kvm` registers: the KVM host's `CLOCK_REALTIME`.
+pub const KVM_PTP_CLOCK_NAME: &str = "KVM virtual PTP";
+
+/// The stratum reported for the KVM host's clock: a reference clock read directly, as a
+/// stratum-1 server reads its own.
+pub const PTP_STRATUM: u8 = 1;
 
 /// An NTP timestamp: seconds since 1900 in the high 32 bits, the fraction in the low 32 bits.
 /// The seconds wrap every 136 years (eras); see [`Timestamp::to_unix_nanos`].
@@ -246,7 +259,7 @@ pub fn check_reply(reply: &Packet, sent: Timestamp) -> Result<(), Rejection> {
 }
 
 /// One measurement of the local clock against a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
     /// How far the local clock is behind the server's, in nanoseconds (positive: set it forward).
     pub offset_ns: i64,
@@ -255,7 +268,7 @@ pub struct Sample {
     /// The server's stratum.
     pub stratum: u8,
     /// The server.
-    pub server: SocketAddr,
+    pub server: SourceAddr,
 }
 
 impl Sample {
@@ -273,6 +286,16 @@ impl Sample {
         let offset = ((t2 - t1) + (t3 - t4)) / 2;
         let delay = (t4 - t1) - (t3 - t2);
         (clamp(offset), clamp(delay).max(0))
+    }
+
+    /// Offset `clock - (before + after) / 2` and delay `after - before` of a clock read between
+    /// two readings of the local one, `before` and `after` (all nanoseconds since 1970). A
+    /// negative delay (the local clock set back meanwhile) counts as zero.
+    pub fn from_readings(before: i64, clock: i64, after: i64) -> (i64, i64) {
+        let (before, clock, after) = (i128::from(before), i128::from(clock), i128::from(after));
+        let clamp = |v: i128| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+        let midpoint = before + (after - before) / 2;
+        (clamp(clock - midpoint), clamp(after - before).max(0))
     }
 }
 
@@ -303,6 +326,14 @@ pub enum ClockError {
         /// The server.
         server: SocketAddr,
         /// The I/O failure.
+        source: io::Error,
+    },
+    /// A PTP clock could not be opened or read.
+    #[error("reading the PTP clock {}: {source}", device.display())]
+    Ptp {
+        /// The clock's device (`/dev/ptp0`).
+        device: PathBuf,
+        /// The failure.
         source: io::Error,
     },
 }
@@ -363,13 +394,37 @@ impl ClockControl for KernelClock {
     }
 }
 
-/// An NTP server.
+/// A time source: an NTP server or a PTP hardware clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
-    /// The server as given (`time.example.com:123`, `10.0.2.2`), for messages.
+    /// The source as given (`time.example.com:123`, `10.0.2.2`) or found (`/dev/ptp0 (KVM
+    /// virtual PTP)`), for messages.
     pub name: String,
-    /// Its address, resolved once.
-    pub addr: SocketAddr,
+    /// Where it is read.
+    pub addr: SourceAddr,
+}
+
+/// Where a time source is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceAddr {
+    /// An NTP server's address, resolved once.
+    Udp(SocketAddr),
+    /// A PTP hardware clock's device (`/dev/ptp0`), read with `clock_gettime`.
+    Ptp(PathBuf),
+}
+
+impl fmt::Display for SourceAddr {
+    /// The address (`10.0.2.2:123`), or the clock's device name (`ptp0`), as status lines show
+    /// them.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceAddr::Udp(addr) => write!(f, "{addr}"),
+            SourceAddr::Ptp(device) => match device.file_name() {
+                Some(name) => write!(f, "{}", name.to_string_lossy()),
+                None => write!(f, "{}", device.display()),
+            },
+        }
+    }
 }
 
 /// Splits `host[:port]` (`[v6]:port` or a bare IPv6 address) into host and port.
@@ -407,7 +462,7 @@ pub fn parse_source(text: &str) -> Result<Source, String> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(Source {
             name: text.to_owned(),
-            addr: SocketAddr::new(ip, port),
+            addr: SourceAddr::Udp(SocketAddr::new(ip, port)),
         });
     }
     let valid_name = !host.is_empty()
@@ -428,7 +483,7 @@ pub fn parse_source(text: &str) -> Result<Source, String> {
         .ok_or_else(|| format!("`{text}`: `{host}` has no address"))?;
     Ok(Source {
         name: text.to_owned(),
-        addr,
+        addr: SourceAddr::Udp(addr),
     })
 }
 
@@ -445,17 +500,59 @@ pub fn platform_sources(platform_name: &str) -> Vec<Source> {
     };
     vec![Source {
         name: name.to_owned(),
-        addr: SocketAddr::new(IpAddr::V4(ip), NTP_PORT),
+        addr: SourceAddr::Udp(SocketAddr::new(IpAddr::V4(ip), NTP_PORT)),
     }]
 }
 
-/// The servers to ask, in order: `configured` (`[time] servers`, `host[:port]`), then the DHCP
-/// servers (option 42), then the platform's; an address already listed is not repeated. Entries
-/// that do not parse or resolve are left out and described in the second list.
+/// The device of the KVM host's clock (`dev`/`ptpN` whose `sys_class_ptp`/`ptpN/clock_name` is
+/// [`KVM_PTP_CLOCK_NAME`]), the first in name order; `None` on hosts without `ptp_kvm`. Other
+/// PTP clocks (a network card's) keep their own time, which may be anything, and are not used.
+/// A folder whose `clock_name` cannot be read is skipped.
+pub fn kvm_ptp_device(sys_class_ptp: &Path, dev: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(sys_class_ptp).ok()?;
+    let mut names: Vec<String> = entries
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("ptp"))
+        .collect();
+    names.sort_by_key(|name| (name.len(), name.clone()));
+    names.into_iter().find_map(|name| {
+        let clock_name = std::fs::read_to_string(sys_class_ptp.join(&name).join("clock_name"));
+        match clock_name {
+            Ok(text) if text.trim_end() == KVM_PTP_CLOCK_NAME => Some(dev.join(name)),
+            _ => None,
+        }
+    })
+}
+
+/// The KVM host's clock as a source (see [`kvm_ptp_device`]).
+pub fn kvm_ptp_source(sys_class_ptp: &Path, dev: &Path) -> Option<Source> {
+    let device = kvm_ptp_device(sys_class_ptp, dev)?;
+    Some(Source {
+        name: format!("{} ({KVM_PTP_CLOCK_NAME})", device.display()),
+        addr: SourceAddr::Ptp(device),
+    })
+}
+
+/// The sources to ask, in order: `configured` (`[time] servers`, `host[:port]`), then the DHCP
+/// servers (option 42), then the platform's, then the KVM host's clock when this machine has
+/// one (`/dev/ptpN`, found under [`SYS_CLASS_PTP`]); an address already listed is not repeated.
+/// Entries that do not parse or resolve are left out and described in the second list.
 pub fn sources(
     configured: &[String],
     dhcp: &[Ipv4Addr],
     platform: &str,
+) -> (Vec<Source>, Vec<String>) {
+    let ptp = kvm_ptp_source(Path::new(SYS_CLASS_PTP), Path::new("/dev"));
+    sources_with(configured, dhcp, platform, ptp)
+}
+
+/// [`sources`] with the PTP clock given (`ptp`, asked last) instead of looked for.
+pub fn sources_with(
+    configured: &[String],
+    dhcp: &[Ipv4Addr],
+    platform: &str,
+    ptp: Option<Source>,
 ) -> (Vec<Source>, Vec<String>) {
     let mut errors = Vec::new();
     let mut all = Vec::new();
@@ -467,9 +564,10 @@ pub fn sources(
     }
     all.extend(dhcp.iter().map(|&ip| Source {
         name: ip.to_string(),
-        addr: SocketAddr::new(IpAddr::V4(ip), NTP_PORT),
+        addr: SourceAddr::Udp(SocketAddr::new(IpAddr::V4(ip), NTP_PORT)),
     }));
     all.extend(platform_sources(platform));
+    all.extend(ptp);
     let mut unique: Vec<Source> = Vec::new();
     for source in all {
         if !unique.iter().any(|s| s.addr == source.addr) {
@@ -518,7 +616,7 @@ pub fn query_with(
     for _ in 0..TRIES {
         match exchange(&socket, addr, timeout, clock) {
             Ok(Some(sample)) => {
-                if best.is_none_or(|b| sample.delay_ns < b.delay_ns) {
+                if best.as_ref().is_none_or(|b| sample.delay_ns < b.delay_ns) {
                     best = Some(sample);
                 }
             }
@@ -611,8 +709,47 @@ fn exchange(
             offset_ns,
             delay_ns,
             stratum: reply.stratum,
-            server: addr,
+            server: SourceAddr::Udp(addr),
         }));
+    }
+}
+
+/// Reads the PTP clock `device` against `clock` (only its [`ClockControl::now`] is used): four
+/// readings, each between two of the local clock; the one with the lowest delay wins
+/// ([`Sample::from_readings`]), reported at stratum [`PTP_STRATUM`].
+pub fn query_ptp(device: &Path, clock: &impl ClockControl) -> Result<Sample, ClockError> {
+    let ptp_err = |source: io::Error| ClockError::Ptp {
+        device: device.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(device).map_err(ptp_err)?;
+    let mut best: Option<Sample> = None;
+    for _ in 0..TRIES {
+        let before = unix_nanos(clock.now());
+        let reading = crate::syscall::clock_gettime_fd(file.as_fd()).map_err(ptp_err)?;
+        let after = unix_nanos(clock.now());
+        let (offset_ns, delay_ns) = Sample::from_readings(before, reading, after);
+        if best.as_ref().is_none_or(|b| delay_ns < b.delay_ns) {
+            best = Some(Sample {
+                offset_ns,
+                delay_ns,
+                stratum: PTP_STRATUM,
+                server: SourceAddr::Ptp(device.to_owned()),
+            });
+        }
+    }
+    best.ok_or_else(|| ptp_err(io::Error::other("no reading")))
+}
+
+/// Asks `source` for the time: an NTP query or PTP clock readings, measured against `clock`.
+fn query_source(
+    source: &Source,
+    timeout: Duration,
+    clock: &impl ClockControl,
+) -> Result<Sample, ClockError> {
+    match &source.addr {
+        SourceAddr::Udp(addr) => query_with(*addr, timeout, clock),
+        SourceAddr::Ptp(device) => query_ptp(device, clock),
     }
 }
 
@@ -765,7 +902,7 @@ impl<C: ClockControl> Keeper<C> {
     fn ask(&self) -> Result<Sample, Vec<String>> {
         let mut failures = Vec::new();
         for source in &self.sources {
-            match query_with(source.addr, self.timing.query_timeout, &self.control) {
+            match query_source(source, self.timing.query_timeout, &self.control) {
                 Ok(sample) => return Ok(sample),
                 Err(e) => failures.push(format!("{} ({e})", source.name)),
             }
@@ -1059,7 +1196,7 @@ mod tests {
     fn query_measures_a_server_ten_years_ahead() {
         let (addr, server) = fake_server(TEN_YEARS, TRIES as usize, |p| p);
         let sample = query(addr, Duration::from_secs(2)).expect("answer");
-        assert_eq!(sample.server, addr);
+        assert_eq!(sample.server, SourceAddr::Udp(addr));
         assert_eq!(sample.stratum, 2);
         assert!(
             (sample.offset_ns - TEN_YEARS).abs() < NANOS / 10,
@@ -1112,7 +1249,7 @@ mod tests {
             "192.0.2.3:0".to_owned(),
         ];
         let dhcp = [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(10, 0, 2, 2)];
-        let (list, errors) = sources(&configured, &dhcp, "ec2");
+        let (list, errors) = sources_with(&configured, &dhcp, "ec2", None);
         let addrs: Vec<String> = list.iter().map(|s| s.addr.to_string()).collect();
         assert_eq!(
             addrs[..4],
@@ -1124,7 +1261,11 @@ mod tests {
             ]
         );
         assert_eq!(list[4].name, "localhost");
-        assert!(list[4].addr.ip().is_loopback(), "{:?}", list[4]);
+        assert!(
+            matches!(list[4].addr, SourceAddr::Udp(addr) if addr.ip().is_loopback()),
+            "{:?}",
+            list[4]
+        );
         assert_eq!(addrs[5..], ["10.0.2.2:123", "169.254.169.123:123"]);
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors[0].contains("`bad host`"), "{errors:?}");
@@ -1177,7 +1318,7 @@ mod tests {
     fn source(addr: SocketAddr) -> Source {
         Source {
             name: addr.to_string(),
-            addr,
+            addr: SourceAddr::Udp(addr),
         }
     }
 
@@ -1281,5 +1422,137 @@ mod tests {
         assert!(wait_for_clock(&marker, Duration::from_secs(5)));
         assert!(started.elapsed() < Duration::from_secs(2));
         writer.join().expect("writer");
+    }
+
+    #[test]
+    fn a_clock_read_between_two_local_readings_gives_offset_and_delay() {
+        // The host 10 s ahead, read 1 ms into a 2 ms window.
+        assert_eq!(
+            Sample::from_readings(NOW, NOW + 10 * NANOS + 1_000_000, NOW + 2_000_000),
+            (10 * NANOS, 2_000_000)
+        );
+        // The host behind: a negative offset, measured from the midpoint.
+        assert_eq!(
+            Sample::from_readings(NOW, NOW - NANOS + 500, NOW + 1000),
+            (-NANOS, 1000)
+        );
+        // The local clock set back between the readings: no negative delay.
+        assert_eq!(Sample::from_readings(NOW, NOW, NOW - 10), (5, 0));
+        // Far apart clocks do not overflow.
+        assert_eq!(
+            Sample::from_readings(i64::MIN, i64::MAX, i64::MIN).0,
+            i64::MAX
+        );
+    }
+
+    /// A fake `/sys/class/ptp` with `clocks` (folder, `clock_name`).
+    fn ptp_tree(clocks: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, clock_name) in clocks {
+            let folder = dir.path().join(name);
+            std::fs::create_dir_all(&folder).expect("folder");
+            std::fs::write(folder.join("clock_name"), clock_name).expect("clock_name");
+        }
+        dir
+    }
+
+    #[test]
+    fn the_kvm_ptp_clock_is_found_among_others() {
+        let dev = Path::new("/dev");
+        let tree = ptp_tree(&[
+            ("ptp0", "igb\n"),
+            ("ptp1", "KVM virtual PTP\n"),
+            ("ptp10", "KVM virtual PTP\n"),
+        ]);
+        assert_eq!(
+            kvm_ptp_device(tree.path(), dev),
+            Some(PathBuf::from("/dev/ptp1"))
+        );
+        let source = kvm_ptp_source(tree.path(), dev).expect("a source");
+        assert_eq!(source.addr, SourceAddr::Ptp(PathBuf::from("/dev/ptp1")));
+        assert_eq!(source.addr.to_string(), "ptp1");
+        assert_eq!(source.name, "/dev/ptp1 (KVM virtual PTP)");
+    }
+
+    #[test]
+    fn a_network_card_ptp_clock_is_not_used() {
+        let dev = Path::new("/dev");
+        let nic = ptp_tree(&[("ptp0", "igb\n"), ("ptp1", "mlx5_ptp\n")]);
+        assert_eq!(kvm_ptp_device(nic.path(), dev), None);
+        // A folder without clock_name, and no folder at all.
+        let broken = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(broken.path().join("ptp0")).expect("folder");
+        assert_eq!(kvm_ptp_device(broken.path(), dev), None);
+        assert_eq!(kvm_ptp_device(&broken.path().join("missing"), dev), None);
+    }
+
+    #[test]
+    fn the_ptp_clock_is_asked_after_the_network_servers() {
+        let ptp = Source {
+            name: "/dev/ptp0 (KVM virtual PTP)".to_owned(),
+            addr: SourceAddr::Ptp(PathBuf::from("/dev/ptp0")),
+        };
+        let dhcp = [Ipv4Addr::new(10, 0, 2, 2)];
+        let (list, errors) =
+            sources_with(&["192.0.2.1".to_owned()], &dhcp, "ec2", Some(ptp.clone()));
+        assert!(errors.is_empty(), "{errors:?}");
+        let addrs: Vec<String> = list.iter().map(|s| s.addr.to_string()).collect();
+        assert_eq!(
+            addrs,
+            [
+                "192.0.2.1:123",
+                "10.0.2.2:123",
+                "169.254.169.123:123",
+                "ptp0"
+            ]
+        );
+        let (alone, _) = sources_with(&[], &[], "metal", Some(ptp.clone()));
+        assert_eq!(alone, [ptp]);
+    }
+
+    #[test]
+    fn a_ptp_device_that_is_not_a_clock_fails_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = dir.path().join("ptp0");
+        std::fs::write(&fake, "").expect("file");
+        let err = query_ptp(&fake, &FakeClock::default()).expect_err("not a clock");
+        assert!(matches!(err, ClockError::Ptp { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&fake.display().to_string()),
+            "{err}"
+        );
+        let missing = dir.path().join("ptp9");
+        let err = query_ptp(&missing, &FakeClock::default()).expect_err("no device");
+        assert!(err.to_string().contains("ptp9"), "{err}");
+    }
+
+    #[test]
+    fn a_ptp_sample_sets_the_clock_like_a_server_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("clock");
+        let mut keeper = Keeper::new(
+            Vec::new(),
+            FakeClock::default(),
+            marker.clone(),
+            quick_timing(),
+        );
+        let sample = Sample {
+            offset_ns: TEN_YEARS,
+            delay_ns: 2_000,
+            stratum: PTP_STRATUM,
+            server: SourceAddr::Ptp(PathBuf::from("/dev/ptp0")),
+        };
+        assert!(keeper.first_sync(&sample));
+        assert_eq!(keeper.control().calls(), [("step", TEN_YEARS)]);
+        let text = std::fs::read_to_string(&marker).expect("marker");
+        assert_eq!(
+            text,
+            format!("synced offset-ms=+{}\n", TEN_YEARS / 1_000_000)
+        );
+        assert!(keeper.correct(&Sample {
+            offset_ns: 3_000,
+            ..sample
+        }));
+        assert_eq!(keeper.control().calls()[1], ("slew", 3_000));
     }
 }

@@ -1,10 +1,10 @@
 //! The few system calls `rustix` does not wrap safely: device-mapper, block-device, interface and
-//! RTC ioctls, setting and slewing the system clock, signal masks and waiting, and `kill(-1)`. The
+//! RTC ioctls, setting and slewing the system clock, reading PTP clocks, signal masks and waiting, and `kill(-1)`. The
 //! only module of this crate allowed to use `unsafe`.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 /// Issues a device-mapper ioctl (`request` from `verity::DmCommand::request`) with `buf`, which
@@ -421,6 +421,37 @@ pub fn clock_slew(offset_us: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// `CLOCKFD`: the low bits of a dynamic POSIX clock id that say it names a file descriptor.
+const CLOCKFD: libc::clockid_t = 3;
+
+/// The clock id of the dynamic POSIX clock open as `fd` (a `/dev/ptpN`): the kernel's
+/// `FD_TO_CLOCKID(fd)`, `((~fd) << 3) | CLOCKFD`, a negative id no static clock uses.
+pub fn fd_clock_id(fd: RawFd) -> libc::clockid_t {
+    ((!fd) << 3) | CLOCKFD
+}
+
+/// Reads the dynamic POSIX clock open as `clock` (a PTP hardware clock, `/dev/ptpN`) with
+/// `clock_gettime`: nanoseconds since 1970 on that clock. Fails with `EINVAL` when the file is
+/// not a clock.
+pub fn clock_gettime_fd(clock: BorrowedFd<'_>) -> io::Result<i64> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, exclusively borrowed timespec that outlives the call; the kernel
+    // only writes it. The clock id names `clock`, which stays open for the call (borrowed).
+    if unsafe { libc::clock_gettime(fd_clock_id(clock.as_raw_fd()), &mut now) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let nanos = i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec);
+    i64::try_from(nanos).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the clock reads {} s, beyond 2262", now.tv_sec),
+        )
+    })
+}
+
 /// `RTC_SET_TIME` (`_IOW('p', 0x0a, struct rtc_time)`).
 const RTC_SET_TIME: libc::Ioctl = 0x4024_700a as libc::Ioctl;
 
@@ -470,6 +501,27 @@ pub fn rtc_set_time(rtc: BorrowedFd<'_>, time: &os_config::units::CivilTime) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dynamic_clock_ids_follow_fd_to_clockid() {
+        // FD_TO_CLOCKID of <linux/posix-timers.h>: ((~fd) << 3) | 3.
+        assert_eq!(fd_clock_id(0), -5);
+        assert_eq!(fd_clock_id(3), -29);
+        assert_eq!(fd_clock_id(1000), -8005);
+        // CLOCKFD in the low three bits, and never a static clock id.
+        for fd in [0, 5, 17, 1 << 20] {
+            assert_eq!(fd_clock_id(fd) & 7, 3, "fd {fd}");
+            assert!(fd_clock_id(fd) < 0, "fd {fd}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_clock_is_not_read() {
+        let file = tempfile::tempfile().expect("temporary file");
+        use std::os::fd::AsFd;
+        let err = clock_gettime_fd(file.as_fd()).expect_err("a plain file has no clock");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    }
 
     /// Hex mask of a `Sig…:` line of /proc/<pid>/status as printed by a child.
     fn child_status_line(field: &str) -> String {
