@@ -20,8 +20,9 @@ use crate::provision::{self, Env, Found, Platform};
 use crate::system::{Paths, RealSystem, System as _};
 
 /// The modules provisioning reads its local sources with: QEMU's fw_cfg and the filesystems of
-/// NoCloud and config-2 volumes.
-const MODULES: [&str; 1] = ["qemu_fw_cfg"];
+/// NoCloud and config-2 volumes; and the KVM host's clock, a time source of last resort, which
+/// no device announces for coldplug (it loads only on KVM).
+const MODULES: [&str; 2] = ["qemu_fw_cfg", "ptp_kvm"];
 
 /// What provisioning made of the machine.
 #[derive(Debug, Clone)]
