@@ -244,7 +244,7 @@ impl Default for Disk {
 }
 
 /// `[network]`: how the first Ethernet interface is configured.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Network {
     /// `dhcp` (default) or `static`.

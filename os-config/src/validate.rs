@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::definition::{Definition, NetworkMode, Source, UpdateStrategy};
+use crate::definition::{Definition, Network, NetworkMode, Source, UpdateStrategy};
 use crate::diagnostic::KeyPath;
 use crate::units::ByteSize;
 
@@ -600,7 +600,7 @@ pub fn definition(def: &Definition) -> Result<(), Problem> {
     engine(def)?;
     time(def)?;
     disk(def)?;
-    network(def)?;
+    network(&def.network)?;
     update(def)?;
     containers(def)?;
     files(def)
@@ -784,9 +784,11 @@ fn disk(def: &Definition) -> Result<(), Problem> {
     Ok(())
 }
 
-fn network(def: &Definition) -> Result<(), Problem> {
+/// The rules of `[network]`: a static mode needs an IPv4 `address` with prefix, DHCP takes no
+/// address, gateway or DNS servers, and gateway and DNS servers are IPv4 addresses. Shared with
+/// the network settings read from a cloud's instance data, which must pass the same checks.
+pub fn network(n: &Network) -> Result<(), Problem> {
     let path = KeyPath::root("network");
-    let n = &def.network;
     match (n.mode, &n.address) {
         (NetworkMode::Static, None) => fail(
             &path.key("mode"),

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use rustix::mount::{MountFlags, UnmountFlags};
 
+use os_config::definition::Network;
+
 use super::label::{read_label, VolumeFs};
+use super::network_config::{parse_network_config, parse_network_data};
 use super::{sanitize_hostname, Env, Found, FW_CFG_USER_DATA, USER_DATA_LIMIT};
 
 /// Largest meta data file read.
@@ -75,6 +78,7 @@ pub fn read_fw_cfg(by_name: &Path) -> Result<Option<Found>> {
         source: "fw_cfg",
         hostname: None,
         user_data: Some(data),
+        network: None,
     }))
 }
 
@@ -120,7 +124,44 @@ fn read_meta(path: &Path) -> Result<Option<String>> {
         .map_err(|_| anyhow::anyhow!("{} is not UTF-8", path.display()))
 }
 
-/// A NoCloud volume's files in `dir`: `meta-data` (the host name) and `user-data`.
+/// The network settings in the file at `path` read by `parse`, if the file is there; an error
+/// names the file.
+fn read_network(
+    path: &Path,
+    parse: fn(&str) -> Result<Option<Network>>,
+) -> Result<Option<Network>> {
+    match read_meta(path)? {
+        Some(text) => parse(&text).with_context(|| format!("reading {}", path.display())),
+        None => Ok(None),
+    }
+}
+
+/// The static network settings in a NoCloud volume's `network-config` in `dir` (cloud-init
+/// network config version 1 or 2); `None` for DHCP or no file.
+pub fn read_nocloud_network(dir: &Path) -> Result<Option<Network>> {
+    read_network(&dir.join("network-config"), parse_network_config)
+}
+
+/// The static network settings in a config drive's `openstack/latest/network_data.json` in
+/// `dir`; `None` for DHCP or no file.
+pub fn read_config_drive_network(dir: &Path) -> Result<Option<Network>> {
+    read_network(
+        &dir.join("openstack/latest/network_data.json"),
+        parse_network_data,
+    )
+}
+
+/// `network` read from `source`; a failure is logged and DHCP (`None`) used, so that the host
+/// name and user data still apply.
+fn network_or_dhcp(source: &str, network: Result<Option<Network>>) -> Option<Network> {
+    network.unwrap_or_else(|e| {
+        crate::info!("{source}: {e:#}; the network is configured by DHCP");
+        None
+    })
+}
+
+/// A NoCloud volume's files in `dir`: `meta-data` (the host name), `user-data` and
+/// `network-config` (see [`read_nocloud_network`]; unreadable, it is logged and DHCP used).
 pub fn read_nocloud(dir: &Path) -> Result<Found> {
     let meta = read_meta(&dir.join("meta-data"))?;
     let hostname = meta
@@ -131,11 +172,13 @@ pub fn read_nocloud(dir: &Path) -> Result<Found> {
         source: "nocloud",
         hostname,
         user_data: read_user_data(&dir.join("user-data"))?,
+        network: network_or_dhcp("nocloud", read_nocloud_network(dir)),
     })
 }
 
-/// An OpenStack config drive's files in `dir`: `openstack/latest/meta_data.json` (the host name)
-/// and `openstack/latest/user_data`.
+/// An OpenStack config drive's files in `dir`: `openstack/latest/meta_data.json` (the host name),
+/// `openstack/latest/user_data` and `openstack/latest/network_data.json` (see
+/// [`read_config_drive_network`]; unreadable, it is logged and DHCP used).
 pub fn read_config_drive(dir: &Path) -> Result<Found> {
     let latest = dir.join("openstack/latest");
     let meta_path = latest.join("meta_data.json");
@@ -149,6 +192,7 @@ pub fn read_config_drive(dir: &Path) -> Result<Found> {
         source: "config-2",
         hostname,
         user_data: read_user_data(&latest.join("user_data"))?,
+        network: network_or_dhcp("config-2", read_config_drive_network(dir)),
     })
 }
 
@@ -305,6 +349,7 @@ mod tests {
                 source: "fw_cfg",
                 hostname: None,
                 user_data: Some(b"[network]\n".to_vec()),
+                network: None,
             })
         );
         let env = Env {
@@ -380,7 +425,8 @@ mod tests {
             Found {
                 source: "nocloud",
                 hostname: None,
-                user_data: None
+                user_data: None,
+                network: None,
             }
         );
         std::fs::write(
@@ -395,6 +441,7 @@ mod tests {
                 source: "nocloud",
                 hostname: Some("node-7".into()),
                 user_data: Some(b"[network]\n".to_vec()),
+                network: None,
             }
         );
         // An invalid host name is dropped, the user data still read.
@@ -420,11 +467,96 @@ mod tests {
                 source: "config-2",
                 hostname: Some("vm-1".into()),
                 user_data: Some(b"data".to_vec()),
+                network: None,
             }
         );
         std::fs::write(latest.join("meta_data.json"), "not json").expect("write");
         let err = format!("{:#}", read_config_drive(dir.path()).expect_err("bad json"));
         assert!(err.contains("meta_data.json"), "{err}");
+    }
+
+    #[test]
+    fn a_nocloud_folder_gives_its_network_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_nocloud_network(dir.path()).expect("no file"), None);
+        std::fs::write(dir.path().join("user-data"), "[network]\n").expect("write");
+        std::fs::write(
+            dir.path().join("network-config"),
+            "version: 2\nethernets:\n  eth0:\n    addresses: [10.0.0.5/24]\n    gateway4: 10.0.0.1\n",
+        )
+        .expect("write");
+        let want = Network {
+            mode: os_config::definition::NetworkMode::Static,
+            address: Some("10.0.0.5/24".into()),
+            gateway: Some("10.0.0.1".into()),
+            dns: Vec::new(),
+        };
+        assert_eq!(read_nocloud(dir.path()).expect("read").network, Some(want));
+        // A file that cannot be read names itself and its line; the volume's user data is still
+        // read, with DHCP.
+        std::fs::write(
+            dir.path().join("network-config"),
+            "version: 2\nethernets: [eth0\n",
+        )
+        .expect("write");
+        let err = format!("{:#}", read_nocloud_network(dir.path()).expect_err("bad"));
+        assert!(err.contains("network-config: line 2:"), "{err}");
+        let found = read_nocloud(dir.path()).expect("read");
+        assert_eq!((found.network, found.user_data.is_some()), (None, true));
+        std::fs::write(
+            dir.path().join("network-config"),
+            "version: 1\nconfig:\n- type: physical\n  subnets:\n  - type: dhcp\n",
+        )
+        .expect("write");
+        assert_eq!(read_nocloud_network(dir.path()).expect("dhcp"), None);
+    }
+
+    #[test]
+    fn a_config_drive_folder_gives_its_network_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let latest = dir.path().join("openstack/latest");
+        std::fs::create_dir_all(&latest).expect("mkdir");
+        assert_eq!(
+            read_config_drive_network(dir.path()).expect("no file"),
+            None
+        );
+        std::fs::write(
+            latest.join("network_data.json"),
+            r#"{"networks": [{"type": "ipv4", "ip_address": "10.0.0.5", "netmask": "255.255.255.0",
+                "routes": [{"network": "0.0.0.0", "netmask": "0.0.0.0", "gateway": "10.0.0.1"}]}],
+                "services": [{"type": "dns", "address": "10.0.0.2"}]}"#,
+        )
+        .expect("write");
+        let want = Network {
+            mode: os_config::definition::NetworkMode::Static,
+            address: Some("10.0.0.5/24".into()),
+            gateway: Some("10.0.0.1".into()),
+            dns: vec!["10.0.0.2".into()],
+        };
+        assert_eq!(
+            read_config_drive(dir.path()).expect("read").network,
+            Some(want)
+        );
+        std::fs::write(
+            latest.join("network_data.json"),
+            r#"{"networks": [{"type": "ipv4_dhcp"}]}"#,
+        )
+        .expect("write");
+        assert_eq!(read_config_drive(dir.path()).expect("read").network, None);
+        std::fs::write(
+            latest.join("network_data.json"),
+            r#"{"networks": [{"type": "ipv4", "ip_address": "10.0.0.5", "netmask": "255.255.0.255"}]}"#,
+        )
+        .expect("write");
+        let err = format!(
+            "{:#}",
+            read_config_drive_network(dir.path()).expect_err("bad")
+        );
+        assert!(
+            err.contains("network_data.json") && err.contains("not contiguous"),
+            "{err}"
+        );
+        assert_eq!(read_config_drive(dir.path()).expect("read").network, None);
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub fn ec2(env: &Env) -> Result<Found> {
         source: "ec2",
         hostname,
         user_data,
+        network: None,
     })
 }
 
@@ -177,6 +178,7 @@ pub fn gce(env: &Env) -> Result<Found> {
         source: "gce",
         hostname,
         user_data,
+        network: None,
     })
 }
 
@@ -220,6 +222,7 @@ pub fn azure(env: &Env) -> Result<Found> {
         source: "azure",
         hostname,
         user_data,
+        network: None,
     })
 }
 
@@ -356,6 +359,7 @@ pub(super) mod tests {
                 source: "ec2",
                 hostname: Some("ip-10-0-1-5".into()),
                 user_data: Some(b"[network]\n".to_vec()),
+                network: None,
             }
         );
         let requests = server.join().expect("server");
@@ -466,6 +470,7 @@ pub(super) mod tests {
                 source: "gce",
                 hostname: Some("vm-1".into()),
                 user_data: None,
+                network: None,
             }
         );
         server.join().expect("server");
@@ -498,6 +503,7 @@ pub(super) mod tests {
                 source: "azure",
                 hostname: Some("myvm".into()),
                 user_data: Some(b"[network]\n".to_vec()),
+                network: None,
             }
         );
         server.join().expect("server");

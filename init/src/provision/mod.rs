@@ -1,15 +1,19 @@
 //! Instance data from the platform the machine runs on: which cloud or hypervisor it is (from
 //! DMI), then its host name and raw user data from a local source (QEMU `fw_cfg`, a NoCloud
 //! `cidata` volume, an OpenStack `config-2` drive) or, once the network is up, the platform's
-//! metadata service (EC2, GCE, Azure). Only bytes are found here: parsing and applying the user
-//! data is the caller's. Nothing here is fatal to boot: every failure is a returned error or a
-//! logged line.
+//! metadata service (EC2, GCE, Azure). A NoCloud volume's `network-config` (version 1 or 2) and a
+//! config drive's `network_data.json` may also give static IPv4 settings for the first Ethernet
+//! interface, checked like a definition's `[network]`; the other sources leave the network to
+//! DHCP. Only bytes and those settings are found here: parsing and applying the user data, and
+//! configuring the network, is the caller's. Nothing here is fatal to boot: every failure is a
+//! returned error or a logged line (an unreadable network file is logged, and DHCP used).
 
 mod azure;
 mod dmi;
 pub mod label;
 mod local;
 mod metadata;
+mod network_config;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,8 +24,10 @@ use anyhow::Result;
 pub use azure::{goal_state, health_report, GoalState};
 pub use dmi::{classify, Dmi};
 pub use local::{
-    parse_config_drive_meta, parse_nocloud_meta, read_config_drive, read_fw_cfg, read_nocloud,
+    parse_config_drive_meta, parse_nocloud_meta, read_config_drive, read_config_drive_network,
+    read_fw_cfg, read_nocloud, read_nocloud_network,
 };
+pub use network_config::{netmask_prefix, parse_network_config, parse_network_data};
 
 /// Largest user data accepted, in bytes (1 MiB).
 pub const USER_DATA_LIMIT: u64 = 1 << 20;
@@ -70,6 +76,10 @@ pub struct Found {
     pub hostname: Option<String>,
     /// The raw user data, at most [`USER_DATA_LIMIT`] bytes.
     pub user_data: Option<Vec<u8>>,
+    /// Static IPv4 settings for the first Ethernet interface (`mode = "static"`, checked like a
+    /// definition's `[network]`) from a NoCloud `network-config` or a config drive's
+    /// `network_data.json`; `None`: DHCP, as for every other source.
+    pub network: Option<os_config::definition::Network>,
 }
 
 /// Every path and address the sources are read from, overridable for tests.
