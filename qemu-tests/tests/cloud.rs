@@ -6,7 +6,8 @@
 //!   certificates in the user data. Through `hostfwd`, curl with a client certificate from that CA
 //!   runs a container; curl without a certificate, or with one from another CA, is refused.
 //! - NoCloud on a vfat volume labelled `cidata`: `#cloud-config` user data is reported as ignored,
-//!   the meta-data's host name is applied; on an iso9660 volume: invalid Plinth user data is
+//!   the meta-data's host name and the network-config's static address are applied; on an iso9660
+//!   volume: invalid Plinth user data is
 //!   reported with its line and column, and the image's own container still runs.
 //! - EC2 (IMDSv2), GCE and Azure: fake metadata servers on 127.0.0.1, which the guest reaches at
 //!   169.254.169.254 through `guestfwd` (its user network is 168.0.0.0/7), and SMBIOS strings
@@ -269,12 +270,22 @@ fn fw_cfg_user_data_names_the_host_replaces_a_container_and_opens_the_engine_ove
 // ---------------------------------------------------------------------------------------------
 // NoCloud
 
-/// A NoCloud volume labelled `cidata` holding `meta-data` and `user-data`, as vfat or iso9660.
-fn nocloud_volume(dir: &Path, iso: bool, meta_data: &str, user_data: &str) -> Result<PathBuf> {
+/// A NoCloud volume labelled `cidata` holding `meta-data`, `user-data` and, if given,
+/// `network-config`, as vfat or iso9660.
+fn nocloud_volume(
+    dir: &Path,
+    iso: bool,
+    meta_data: &str,
+    user_data: &str,
+    network_config: Option<&str>,
+) -> Result<PathBuf> {
     let files = dir.join(if iso { "cidata-iso" } else { "cidata-vfat" });
     std::fs::create_dir_all(&files)?;
     std::fs::write(files.join("meta-data"), meta_data)?;
     std::fs::write(files.join("user-data"), user_data)?;
+    if let Some(text) = network_config {
+        std::fs::write(files.join("network-config"), text)?;
+    }
     let volume = dir.join(if iso { "cidata.iso" } else { "cidata.vfat" });
     let volume_text = volume.display().to_string();
     if iso {
@@ -295,7 +306,10 @@ fn nocloud_volume(dir: &Path, iso: bool, meta_data: &str, user_data: &str) -> Re
         let file = std::fs::File::create(&volume)?;
         file.set_len(8 << 20)?;
         run("mkfs.vfat", &["-n", "CIDATA", &volume_text])?;
-        for name in ["meta-data", "user-data"] {
+        for name in ["meta-data", "user-data", "network-config"] {
+            if !files.join(name).exists() {
+                continue;
+            }
             run(
                 "mcopy",
                 &[
@@ -316,12 +330,15 @@ fn nocloud_volumes_name_the_host_ignore_cloud_config_and_report_invalid_user_dat
     let work = work_dir.path();
 
     // vfat: cloud-init's own user data is not Plinth's: reported as ignored; the host name comes
-    // from the meta-data.
+    // from the meta-data, a static address from the network-config (version 2).
     let vfat = nocloud_volume(
         work,
         false,
         "instance-id: i-0001\nlocal-hostname: nocloud-vfat\n",
         "#cloud-config\npackages: [nginx]\n",
+        Some(
+            "version: 2\nethernets:\n  eth0:\n    addresses: [10.0.2.50/24]\n    gateway4: 10.0.2.2\n    nameservers:\n      addresses: [10.0.2.3]\n",
+        ),
     )?;
     let mut opts = guest()?;
     opts.extra_disks = vec![vfat];
@@ -334,6 +351,13 @@ fn nocloud_volumes_name_the_host_ignore_cloud_config_and_report_invalid_user_dat
         "expected the cloud-config user data reported as ignored, got {provisioned:?}"
     );
     expect_hostname(&mut vm, "nocloud-vfat")?;
+    let network = vm.wait_status("network", BOOT)?;
+    ensure!(
+        field(&network, "address") == "10.0.2.50/24"
+            && field(&network, "gateway") == "10.0.2.2"
+            && field(&network, "source") == "static",
+        "the network-config's static address was not configured: {network:?}"
+    );
     vm.kill();
 
     // iso9660: Plinth user data with a misspelt key on line 4: refused with its place, and the
@@ -343,6 +367,7 @@ fn nocloud_volumes_name_the_host_ignore_cloud_config_and_report_invalid_user_dat
         true,
         "instance-id: i-0002\nlocal-hostname: nocloud-iso\n",
         "#plinth\n[[container]]\nname = \"extra\"\nimagee = \"busybox\"\n",
+        None,
     )?;
     let mut opts = guest()?;
     opts.extra_disks = vec![iso];

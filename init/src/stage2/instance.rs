@@ -6,7 +6,9 @@
 //! Console lines: `platform name=…`, then `provisioned source=… platform=… user-data=plinth|
 //! ignored|none|invalid [kind=…]` or `provisioned source=none platform=…`,
 //! `provision-error source=… error=…` for user data that is not valid, and `hostname name=…
-//! from=…` when the instance data names the host.
+//! from=…` when the instance data names the host. A static network the source gives
+//! (`network-config`, `network_data.json`) replaces the image's `[network]`, and user data's
+//! `[network]` replaces that.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -61,6 +63,10 @@ pub fn provision(paths: &Paths, image: Definition) -> Instance {
         );
         return instance;
     };
+    if let Some(network) = &found.network {
+        // The platform's static configuration; user data may still replace it.
+        instance.definition.network = network.clone();
+    }
     let user_data = apply_user_data(&found, &mut instance);
     let hostname = user_data
         .as_ref()

@@ -524,6 +524,23 @@ fn configure_network(network: &os_config::definition::Network) -> Vec<std::net::
         }
     };
     crate::info!("network {configured}");
+    let address = format!("{}/{}", configured.address, configured.prefix);
+    let gateway = configured.gateway.map_or("-".to_owned(), |g| g.to_string());
+    crate::status::status(
+        "network",
+        &[
+            ("interface", &configured.interface.name),
+            ("address", &address),
+            ("gateway", &gateway),
+            (
+                "source",
+                match configured.source {
+                    net::Source::Static => "static",
+                    net::Source::Dhcp(_) => "dhcp",
+                },
+            ),
+        ],
+    );
     let ntp = configured.ntp_servers();
     if configured.renewal_due().is_none() {
         return ntp;
