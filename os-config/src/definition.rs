@@ -460,7 +460,10 @@ pub struct Container {
 
 /// One entry of `[[container]] networks`: a network name, or `{ name = "back", aliases = ["db"] }`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a network name, or a table like { name = \"back\", aliases = [\"db\"] }"
+)]
 pub enum NetworkAttachment {
     /// Just the network's name.
     Name(Name),
@@ -1163,6 +1166,14 @@ log = {{ driver = "local", max-size = "5m", max-file = 2 }}
         }
         let fine = format!("{MINIMAL}{APP}ports = [\"127.0.0.1:80:80\", \"127.0.0.2:80:80\", \"[::1]:80:80\", \"80:80/udp\"]\n");
         parse(&fine).expect("the same port on different addresses and protocols");
+        let bad_table = parse(&format!(
+            "{MINIMAL}{APP}networks = [{{ nam = \"back\" }}]\n"
+        ))
+        .expect_err("misspelt key");
+        assert!(
+            bad_table.message.contains("aliases = [\"db\"]"),
+            "{bad_table}"
+        );
         let bad_driver = parse(&format!(
             "{MINIMAL}{APP}log = {{ driver = \"journald\" }}\n"
         ))
