@@ -59,6 +59,7 @@ pub fn definition(data: &[u8]) {
     for container in &definition.containers {
         for port in &container.ports {
             let _ = os_config::definition::parse_port(port);
+            let _ = os_config::definition::published_port(port);
         }
     }
     // Parsing is a function of the text alone.

@@ -32,6 +32,10 @@ pub struct Definition {
     pub files: Vec<File>,
     #[serde(default)]
     pub time: Time,
+    /// `[[container-network]]`: user-defined engine networks containers join by name (the key
+    /// is not `[[network]]`, which `[network]`, the machine's own interface, already takes).
+    #[serde(default, rename = "container-network")]
+    pub container_networks: Vec<ContainerNetwork>,
 }
 
 /// `[image]`: identity of the image.
@@ -418,6 +422,170 @@ pub struct Container {
     #[serde(default)]
     pub restart: RestartPolicy,
     pub health: Option<HealthCheck>,
+    /// `[[container-network]]`s joined, by name or as `{ name, aliases }`; the first at create,
+    /// the others before start. Empty: the engine's default bridge.
+    #[serde(default)]
+    pub networks: Vec<NetworkAttachment>,
+    /// Allocate a pseudo-terminal (the engine's `Tty`).
+    #[serde(default)]
+    pub tty: bool,
+    /// Keep standard input open (the engine's `OpenStdin`).
+    #[serde(default)]
+    pub stdin: bool,
+    /// Declared containers started (and running, healthy if they have a health check) before
+    /// this one.
+    #[serde(default)]
+    pub depends_on: Vec<Name>,
+    /// `user`, `user:group`, `uid` or `uid:gid` the command runs as [default: the image's].
+    pub user: Option<String>,
+    /// Absolute working directory of the command [default: the image's].
+    pub workdir: Option<String>,
+    /// Memory limit, at least 6MiB (the engine's minimum).
+    pub memory: Option<ByteSize>,
+    /// CPU limit in CPUs, like `1.5`; more than 0, at most 1024.
+    pub cpus: Option<f64>,
+    /// Capabilities added, `NET_ADMIN` or `CAP_NET_ADMIN`, or `ALL`.
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    /// Capabilities dropped, `NET_RAW` or `CAP_NET_RAW`, or `ALL`.
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
+    /// Mount the container's root file system read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Where the container's output goes [default: [`Log::default`], `json-file` rotated at
+    /// 10m, 3 files].
+    pub log: Option<Log>,
+}
+
+/// One entry of `[[container]] networks`: a network name, or `{ name = "back", aliases = ["db"] }`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(
+    untagged,
+    expecting = "a network name, or a table like { name = \"back\", aliases = [\"db\"] }"
+)]
+pub enum NetworkAttachment {
+    /// Just the network's name.
+    Name(Name),
+    /// The network's name and the extra names the container answers to on it.
+    Table(NetworkAttachmentTable),
+}
+
+/// `{ name = "back", aliases = ["db"] }` in `[[container]] networks`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NetworkAttachmentTable {
+    pub name: Name,
+    /// DNS names the container has on this network besides its own name.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+impl NetworkAttachment {
+    /// The network's name.
+    pub fn name(&self) -> &Name {
+        match self {
+            NetworkAttachment::Name(name) => name,
+            NetworkAttachment::Table(table) => &table.name,
+        }
+    }
+
+    /// The container's aliases on the network (none for the short form).
+    pub fn aliases(&self) -> &[String] {
+        match self {
+            NetworkAttachment::Name(_) => &[],
+            NetworkAttachment::Table(table) => &table.aliases,
+        }
+    }
+}
+
+/// `[[container]] log`: the engine's log driver and its rotation.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Log {
+    #[serde(default)]
+    pub driver: LogDriver,
+    /// Size at which a log file is rotated, the engine's text: digits and `k`, `m` or `g`
+    /// [default: `10m`; not with `driver = "none"`].
+    pub max_size: Option<String>,
+    /// How many log files are kept, at least 1 [default: 3; not with `driver = "none"`].
+    pub max_file: Option<u32>,
+}
+
+impl Default for Log {
+    /// `json-file`, rotated at 10m, 3 files kept: what a container without `log` gets.
+    fn default() -> Self {
+        Log {
+            driver: LogDriver::JsonFile,
+            max_size: None,
+            max_file: None,
+        }
+    }
+}
+
+/// Rotation size when `log` does not give `max-size`.
+pub const DEFAULT_LOG_MAX_SIZE: &str = "10m";
+/// Files kept when `log` does not give `max-file`.
+pub const DEFAULT_LOG_MAX_FILE: u32 = 3;
+
+/// A log driver the engine ships and keeps logs on the machine with (or none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogDriver {
+    #[default]
+    JsonFile,
+    Local,
+    None,
+}
+
+impl LogDriver {
+    /// The engine's name for the driver.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogDriver::JsonFile => "json-file",
+            LogDriver::Local => "local",
+            LogDriver::None => "none",
+        }
+    }
+}
+
+/// `[[container-network]]`: a user-defined engine network; containers on it resolve each other
+/// by name and alias.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ContainerNetwork {
+    pub name: Name,
+    #[serde(default)]
+    pub driver: NetworkDriver,
+    /// Containers on it reach nothing outside it.
+    #[serde(default)]
+    pub internal: bool,
+    /// Containers not created with it may join it later (`overlay` networks).
+    #[serde(default)]
+    pub attachable: bool,
+    /// Address range, an IPv4 or IPv6 CIDR like `"172.30.0.0/24"` [default: the engine picks].
+    pub subnet: Option<String>,
+}
+
+/// The engine's network driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkDriver {
+    /// A bridge on this machine.
+    #[default]
+    Bridge,
+    /// A network across Swarm nodes.
+    Overlay,
+}
+
+impl NetworkDriver {
+    /// The engine's name for the driver.
+    pub fn name(self) -> &'static str {
+        match self {
+            NetworkDriver::Bridge => "bridge",
+            NetworkDriver::Overlay => "overlay",
+        }
+    }
 }
 
 /// A container image assembled by `plinth` from Debian packages.
@@ -518,6 +686,9 @@ impl Definition {
 
 /// Parses a published port `"HOST:CONTAINER[/tcp|/udp]"` into (host, container, protocol).
 pub use crate::validate::parse_port;
+
+/// Parses a `[[container]] ports` entry, with an optional address and port ranges.
+pub use crate::validate::{published_port, PublishedPort};
 
 fn yes() -> bool {
     true
@@ -780,6 +951,234 @@ mod tests {
             assert!(err.message.contains(want), "{tail}: {err}");
             assert_eq!(err.location, Some(location), "{tail}: {err}");
         }
+    }
+
+    const APP: &str = "[[container]]\nname = \"app\"\nimage = \"x\"\n";
+
+    #[test]
+    fn container_options_and_networks_parse() {
+        let src = format!(
+            r#"{MINIMAL}
+[[container-network]]
+name = "back"
+internal = true
+subnet = "172.30.0.0/24"
+
+[[container-network]]
+name = "front"
+driver = "overlay"
+attachable = true
+
+[[container]]
+name = "db"
+image = "postgres:17"
+
+[[container]]
+name = "app"
+image = "app:1"
+networks = [{{ name = "back", aliases = ["api"] }}, "front"]
+tty = true
+stdin = true
+depends-on = ["db"]
+user = "1000:1000"
+workdir = "/app"
+memory = "256MiB"
+cpus = 1.5
+cap-add = ["NET_ADMIN", "cap_sys_time"]
+cap-drop = ["ALL"]
+read-only = true
+ports = ["127.0.0.1:8080:80", "[::1]:8443:443", "8000-8010:9000-9010/udp"]
+log = {{ driver = "local", max-size = "5m", max-file = 2 }}
+"#
+        );
+        let def = parse(&src).expect("every option parses");
+        let back = &def.container_networks[0];
+        assert_eq!(
+            (back.name.as_str(), back.driver, back.internal),
+            ("back", NetworkDriver::Bridge, true)
+        );
+        assert_eq!(def.container_networks[1].driver, NetworkDriver::Overlay);
+        let app = &def.containers[1];
+        assert_eq!(app.networks[0].name().as_str(), "back");
+        assert_eq!(app.networks[0].aliases(), ["api"]);
+        assert_eq!(
+            app.networks[1],
+            NetworkAttachment::Name(Name::parse("front").expect("name"))
+        );
+        assert!(app.tty && app.stdin && app.read_only);
+        assert_eq!(app.depends_on[0].as_str(), "db");
+        assert_eq!(app.memory, Some(ByteSize(256 << 20)));
+        assert_eq!(app.cpus, Some(1.5));
+        assert_eq!(app.log.as_ref().map(|l| l.driver), Some(LogDriver::Local));
+        let port = published_port(&app.ports[2]).expect("range");
+        assert_eq!(
+            (port.host, port.container, port.protocol, port.len()),
+            ((8000, 8010), (9000, 9010), "udp", 11)
+        );
+        let plain = parse(&format!("{MINIMAL}{APP}")).expect("no options");
+        assert_eq!(
+            plain.containers[0].log, None,
+            "the default log is applied by plinth-init"
+        );
+        assert!(plain.container_networks.is_empty());
+    }
+
+    #[test]
+    fn container_options_refused_with_their_key() {
+        let net = "[[container-network]]\nname = \"back\"\n";
+        let db = "[[container]]\nname = \"db\"\nimage = \"x\"\n";
+        let cases = [
+            (
+                format!("{APP}networks = [\"back\"]\n"),
+                "container[0].networks[0]",
+                "not declared",
+            ),
+            (
+                format!("{APP}networks = [\"host\"]\n"),
+                "container[0].networks[0]",
+                "engine's own networks",
+            ),
+            (
+                format!("{net}{APP}networks = [\"back\", {{ name = \"back\" }}]\n"),
+                "container[0].networks[1]",
+                "listed twice",
+            ),
+            (
+                format!("{net}{APP}networks = [{{ name = \"back\", aliases = [\"a b\"] }}]\n"),
+                "container[0].networks[0].aliases[0]",
+                "not a DNS name",
+            ),
+            (
+                format!("{APP}depends-on = [\"redis\"]\n"),
+                "container[0].depends-on[0]",
+                "not a declared container",
+            ),
+            (
+                format!("{APP}depends-on = [\"app\"]\n"),
+                "container[0].depends-on[0]",
+                "itself",
+            ),
+            (
+                format!("{APP}depends-on = [\"db\"]\n{db}depends-on = [\"app\"]\n"),
+                "container[0].depends-on",
+                "app → db → app",
+            ),
+            (
+                format!("{APP}user = \"a:b:c\"\n"),
+                "container[0].user",
+                "not a user",
+            ),
+            (
+                format!("{APP}workdir = \"app\"\n"),
+                "container[0].workdir",
+                "absolute",
+            ),
+            (
+                format!("{APP}memory = \"4MiB\"\n"),
+                "container[0].memory",
+                "at least 6MiB",
+            ),
+            (format!("{APP}cpus = 0.0\n"), "container[0].cpus", "above 0"),
+            (
+                format!("{APP}cpus = 2000.0\n"),
+                "container[0].cpus",
+                "at most 1024",
+            ),
+            (
+                format!("{APP}cap-add = [\"NET_ADMIN\", \"FLY\"]\n"),
+                "container[0].cap-add[1]",
+                "not a Linux capability",
+            ),
+            (
+                format!("{APP}cap-drop = [\"CAP_\"]\n"),
+                "container[0].cap-drop[0]",
+                "not a Linux capability",
+            ),
+            (
+                format!("{APP}log = {{ max-size = \"10MB\" }}\n"),
+                "container[0].log.max-size",
+                "k, m or g",
+            ),
+            (
+                format!("{APP}log = {{ max-file = 0 }}\n"),
+                "container[0].log.max-file",
+                "at least 1",
+            ),
+            (
+                format!("{APP}log = {{ driver = \"none\", max-file = 2 }}\n"),
+                "container[0].log.max-file",
+                "keeps no log",
+            ),
+            (
+                format!("{APP}ports = [\"localhost:80:80\"]\n"),
+                "container[0].ports[0]",
+                "not an IPv4 address",
+            ),
+            (
+                format!("{APP}ports = [\"::1:80:80\"]\n"),
+                "container[0].ports[0]",
+                "two ports",
+            ),
+            (
+                format!("{APP}ports = [\"8000-8010:9000-9009\"]\n"),
+                "container[0].ports[0]",
+                "differ in length",
+            ),
+            (
+                format!("{APP}ports = [\"8010-8000:9010-9000\"]\n"),
+                "container[0].ports[0]",
+                "ascending",
+            ),
+            (
+                format!("{APP}ports = [\"8000-8010:80-90\", \"127.0.0.1:8005:80\"]\n"),
+                "container[0].ports[1]",
+                "already published by container[0].ports[0]",
+            ),
+            (
+                format!("{APP}ports = [\"127.0.0.1:80:80\", \"0.0.0.0:80:81\"]\n"),
+                "container[0].ports[1]",
+                "80/tcp is already published",
+            ),
+            (
+                "[[container-network]]\nname = \"bridge\"\n".to_owned(),
+                "container-network[0].name",
+                "engine's own",
+            ),
+            (
+                format!("{net}{net}"),
+                "container-network[1].name",
+                "declared twice",
+            ),
+            (
+                format!("{net}subnet = \"10.0.0.0/33\"\n"),
+                "container-network[0].subnet",
+                "not a subnet",
+            ),
+        ];
+        for (tail, key, want) in cases {
+            let err = parse(&format!("{MINIMAL}{tail}")).expect_err(&tail);
+            assert!(
+                err.message.starts_with(&format!("{key}: ")),
+                "{tail}: {err}"
+            );
+            assert!(err.message.contains(want), "{tail}: {err}");
+            assert!(err.location.is_some(), "{tail}: {err}");
+        }
+        let fine = format!("{MINIMAL}{APP}ports = [\"127.0.0.1:80:80\", \"127.0.0.2:80:80\", \"[::1]:80:80\", \"80:80/udp\"]\n");
+        parse(&fine).expect("the same port on different addresses and protocols");
+        let bad_table = parse(&format!(
+            "{MINIMAL}{APP}networks = [{{ nam = \"back\" }}]\n"
+        ))
+        .expect_err("misspelt key");
+        assert!(
+            bad_table.message.contains("aliases = [\"db\"]"),
+            "{bad_table}"
+        );
+        let bad_driver = parse(&format!(
+            "{MINIMAL}{APP}log = {{ driver = \"journald\" }}\n"
+        ))
+        .expect_err("journald");
+        assert!(bad_driver.message.contains("json-file"), "{bad_driver}");
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::definition::{
-    Container, Definition, EngineTlsFiles, FleetLock, Network, Time, UpdateStrategy, Window,
-    ENGINE_TLS_IN_RUN,
+    Container, ContainerNetwork, Definition, EngineTlsFiles, FleetLock, Network, Time,
+    UpdateStrategy, Window, ENGINE_TLS_IN_RUN,
 };
 use crate::diagnostic::{explain, DefinitionError, KeyPath, Spans};
 use crate::units::{Duration, Name};
@@ -114,6 +114,10 @@ pub struct UserData {
     pub containers: Vec<Container>,
     /// Replaces the image's `[time]` as a whole.
     pub time: Option<Time>,
+    /// `[[container-network]]`: one with the name of an image network replaces it; others are
+    /// added.
+    #[serde(default, rename = "container-network")]
+    pub container_networks: Vec<ContainerNetwork>,
 }
 
 /// `[engine]` in user data.
@@ -286,7 +290,9 @@ impl UserData {
             update.apply(&mut merged)?;
         }
         let origins = self.merge_containers(&mut merged);
-        crate::validate::definition(&merged).map_err(|p| self.rename(p, &origins))?;
+        let network_origins = self.merge_networks(&mut merged);
+        crate::validate::definition(&merged)
+            .map_err(|p| self.rename(p, &origins, &network_origins))?;
         Ok(merged)
     }
 
@@ -312,14 +318,42 @@ impl UserData {
         origins
     }
 
+    /// Replaces or adds the user-data networks; returns where each merged network came from.
+    fn merge_networks(&self, merged: &mut Definition) -> Vec<Origin> {
+        let networks = &mut merged.container_networks;
+        let mut origins: Vec<Origin> = (0..networks.len()).map(Origin::Image).collect();
+        for (j, network) in self.container_networks.iter().enumerate() {
+            match networks.iter().position(|n| n.name == network.name) {
+                Some(i) => {
+                    networks[i] = network.clone();
+                    origins[i] = Origin::UserData(j);
+                }
+                None => {
+                    networks.push(network.clone());
+                    origins.push(Origin::UserData(j));
+                }
+            }
+        }
+        origins
+    }
+
     /// Turns a problem of the merged definition into one named by user-data keys.
-    fn rename(&self, mut problem: Problem, origins: &[Origin]) -> Problem {
+    fn rename(
+        &self,
+        mut problem: Problem,
+        origins: &[Origin],
+        network_origins: &[Origin],
+    ) -> Problem {
         let mut image_container = None;
         problem.paths = problem
             .paths
             .iter()
             .map(|path| match (path.root_key(), path.root_index()) {
                 (Some("image"), _) => KeyPath::root("hostname"),
+                (Some("container-network"), Some(i)) => match network_origins.get(i) {
+                    Some(Origin::UserData(j)) => path.with_root_index(*j),
+                    _ => path.clone(),
+                },
                 (Some("container"), Some(i)) => match origins.get(i) {
                     Some(Origin::UserData(j)) => path.with_root_index(*j),
                     _ => {
@@ -644,6 +678,20 @@ mod tests {
         let err = data.apply(&image()).expect_err("port clash");
         assert!(err.starts_with("container[1].ports[0]: "), "{err}");
         assert!(err.contains("already published"), "{err}");
+    }
+
+    #[test]
+    fn networks_from_user_data_are_merged_by_name() {
+        let data = plinth("[[container-network]]\nname = \"back\"\ninternal = true\n\n[[container]]\nname = \"db\"\nimage = \"postgres:17\"\nnetworks = [\"back\"]\ndepends-on = [\"web\"]\n");
+        let merged = data.apply(&image()).expect("applies");
+        assert_eq!(merged.container_networks.len(), 1);
+        assert!(merged.container_networks[0].internal);
+        assert_eq!(merged.containers[1].networks[0].name().as_str(), "back");
+        let bad = plinth(
+            "[[container-network]]\nname = \"ok\"\n\n[[container-network]]\nname = \"none\"\n",
+        );
+        let err = bad.apply(&image()).expect_err("engine network name");
+        assert!(err.starts_with("container-network[1].name: "), "{err}");
     }
 
     #[test]

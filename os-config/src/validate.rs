@@ -3,9 +3,11 @@
 //! allowed; [`definition`] applies them all and says which key broke one.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::definition::{Definition, Network, NetworkMode, Source, UpdateStrategy};
+use crate::definition::{
+    Container, Definition, LogDriver, Network, NetworkMode, Source, UpdateStrategy,
+};
 use crate::diagnostic::KeyPath;
 use crate::units::ByteSize;
 
@@ -23,6 +25,20 @@ trait At {
 
 impl At for Result<(), String> {
     fn at(self, path: &KeyPath) -> Result<(), Problem> {
+        self.map_err(|message| Problem {
+            paths: vec![path.clone()],
+            message,
+        })
+    }
+}
+
+/// [`At::at`] for a rule that also returns the parsed value.
+trait AtValue<T> {
+    fn at_value(self, path: &KeyPath) -> Result<T, Problem>;
+}
+
+impl<T> AtValue<T> for Result<T, String> {
+    fn at_value(self, path: &KeyPath) -> Result<T, Problem> {
         self.map_err(|message| Problem {
             paths: vec![path.clone()],
             message,
@@ -234,6 +250,231 @@ pub fn parse_port(text: &str) -> Option<(u16, u16, &str)> {
     };
     let (host, guest) = ports.split_once(':')?;
     Some((parse_port_number(host)?, parse_port_number(guest)?, proto))
+}
+
+/// A `[[container]] ports` entry: `"[ADDR:]HOST:CONTAINER[/tcp|/udp]"`, where ADDR is an IPv4
+/// or bracketed IPv6 address and HOST and CONTAINER are ports or equally long ranges `A-B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishedPort {
+    /// The host address the port is bound on; `None` for every address.
+    pub host_ip: Option<IpAddr>,
+    /// First and last host port (equal for a single port).
+    pub host: (u16, u16),
+    /// First and last container port; as many as host ports.
+    pub container: (u16, u16),
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
+}
+
+impl PublishedPort {
+    /// How many ports the entry publishes.
+    pub fn len(&self) -> u32 {
+        u32::from(self.host.1 - self.host.0) + 1
+    }
+
+    /// Always false: an entry publishes at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Each (host port, container port) pair, in order.
+    pub fn pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        (self.host.0..=self.host.1).zip(self.container.0..=self.container.1)
+    }
+
+    /// Whether both entries may want the same host port: same protocol, overlapping ranges,
+    /// and addresses that are equal or include each other (none given, `0.0.0.0` or `::`).
+    pub fn clashes_with(&self, other: &PublishedPort) -> bool {
+        let wide = |ip: Option<IpAddr>| ip.is_none_or(|ip| ip.is_unspecified());
+        self.protocol == other.protocol
+            && self.host.0 <= other.host.1
+            && other.host.0 <= self.host.1
+            && (wide(self.host_ip) || wide(other.host_ip) || self.host_ip == other.host_ip)
+    }
+}
+
+/// A port or a range `A-B` (A ≤ B), each 1-65535.
+fn port_range(text: &str) -> Option<(u16, u16)> {
+    match text.split_once('-') {
+        Some((first, last)) => {
+            let range = (parse_port_number(first)?, parse_port_number(last)?);
+            (range.0 <= range.1).then_some(range)
+        }
+        None => parse_port_number(text).map(|p| (p, p)),
+    }
+}
+
+/// Parses a `[[container]] ports` entry (see [`PublishedPort`]); the error says what is allowed.
+pub fn published_port(text: &str) -> Result<PublishedPort, String> {
+    let bad = |why: &str| {
+        format!("`{text}`: {why} (expected \"HOST:CONTAINER\", \"HOST:CONTAINER/udp\", \"127.0.0.1:HOST:CONTAINER\", \"[::1]:HOST:CONTAINER\" or ranges \"8000-8010:9000-9010\", ports of digits 1-65535)")
+    };
+    let (ports, protocol) = match text.split_once('/') {
+        Some((p, "tcp")) => (p, "tcp"),
+        Some((p, "udp")) => (p, "udp"),
+        Some((_, other)) => return Err(bad(&format!("protocol `{other}` is not tcp or udp"))),
+        None => (text, "tcp"),
+    };
+    let (host_ip, ports) = match ports.strip_prefix('[') {
+        Some(inner) => {
+            let (literal, rest) = inner
+                .split_once("]:")
+                .ok_or_else(|| bad("an IPv6 address in brackets is followed by `:`"))?;
+            let ip = literal
+                .parse::<Ipv6Addr>()
+                .map_err(|_| bad(&format!("`{literal}` is not an IPv6 address")))?;
+            (Some(IpAddr::V6(ip)), rest)
+        }
+        None => match ports.matches(':').count() {
+            1 => (None, ports),
+            2 => {
+                let (address, rest) = ports.split_once(':').unwrap_or_default();
+                let ip = address.parse::<Ipv4Addr>().map_err(|_| {
+                    bad(&format!(
+                        "`{address}` is not an IPv4 address (an IPv6 address goes in brackets)"
+                    ))
+                })?;
+                (Some(IpAddr::V4(ip)), rest)
+            }
+            _ => return Err(bad("it is not two ports with an optional address")),
+        },
+    };
+    let (host, container) = ports
+        .split_once(':')
+        .ok_or_else(|| bad("it is not two ports with an optional address"))?;
+    let host = port_range(host)
+        .ok_or_else(|| bad(&format!("`{host}` is not a port or an ascending range")))?;
+    let container = port_range(container).ok_or_else(|| {
+        bad(&format!(
+            "`{container}` is not a port or an ascending range"
+        ))
+    })?;
+    if host.1 - host.0 != container.1 - container.0 {
+        return Err(bad("the host and container ranges differ in length"));
+    }
+    Ok(PublishedPort {
+        host_ip,
+        host,
+        container,
+        protocol,
+    })
+}
+
+/// The Linux capabilities (`capabilities(7)`), without their `CAP_` prefix.
+pub const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// A capability name for `cap-add`/`cap-drop`, with or without `CAP_`, in any case, or `ALL`;
+/// returns the engine's form, `CAP_NET_ADMIN` or `ALL`.
+pub fn capability(text: &str) -> Result<String, String> {
+    let upper = text.to_ascii_uppercase();
+    if upper == "ALL" {
+        return Ok(upper);
+    }
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    if CAPABILITIES.contains(&bare) {
+        Ok(format!("CAP_{bare}"))
+    } else {
+        Err(format!(
+            "`{text}` is not a Linux capability: expected ALL or one of {} (with or without CAP_)",
+            CAPABILITIES.join(", ")
+        ))
+    }
+}
+
+/// A container's `user`: a name or number, optionally `:group` (`"1000:1000"`, `"nobody"`).
+pub fn container_user(text: &str) -> Result<(), String> {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 32
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    };
+    let ok = match text.split_once(':') {
+        Some((user, group)) => part(user) && part(group),
+        None => part(text),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{text}` is not a user: expected a name or number, optionally with `:group`, like \"1000:1000\" or \"nobody\" (letters, digits, `_`, `.`, `-`)"))
+    }
+}
+
+/// A log file size as the engine's log drivers read it: digits and `k`, `m` or `g`, like `10m`.
+pub fn log_size(text: &str) -> Result<(), String> {
+    let ok = text.len() >= 2
+        && text.len() <= 12
+        && text.ends_with(['k', 'm', 'g'])
+        && text[..text.len() - 1].bytes().all(|b| b.is_ascii_digit())
+        && text[..text.len() - 1].bytes().any(|b| b != b'0');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{text}` is not a log size: expected a number above 0 followed by k, m or g, like \"10m\""))
+    }
+}
+
+/// A network's address range: an IPv4 or IPv6 address with a prefix length, like
+/// `"172.30.0.0/24"` or `"fd00:1::/64"`.
+pub fn subnet(text: &str) -> Result<(), String> {
+    let ok = text.split_once('/').is_some_and(|(address, prefix)| {
+        let max = match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(_)) => 32,
+            Ok(IpAddr::V6(_)) => 128,
+            Err(_) => return false,
+        };
+        !prefix.is_empty()
+            && prefix.len() <= 3
+            && prefix.bytes().all(|b| b.is_ascii_digit())
+            && prefix.parse::<u8>().is_ok_and(|p| p <= max)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{text}` is not a subnet: expected an IPv4 or IPv6 address with a prefix length, like \"172.30.0.0/24\" or \"fd00:1::/64\""))
+    }
 }
 
 /// A container image reference as the engine reads it: `[host[:port]/]path[:tag][@sha256:hex]`,
@@ -603,6 +844,7 @@ pub fn definition(def: &Definition) -> Result<(), Problem> {
     network(&def.network)?;
     update(def)?;
     containers(def)?;
+    dependency_cycles(def)?;
     files(def)
 }
 
@@ -879,7 +1121,8 @@ fn update(def: &Definition) -> Result<(), Problem> {
 
 fn containers(def: &Definition) -> Result<(), Problem> {
     let mut names = BTreeSet::new();
-    let mut published: BTreeMap<(u16, &str), KeyPath> = BTreeMap::new();
+    let mut published: Vec<(PublishedPort, KeyPath)> = Vec::new();
+    container_networks(def)?;
     for (i, c) in def.containers.iter().enumerate() {
         let path = KeyPath::root("container").index(i);
         let name = c.name.as_str();
@@ -918,17 +1161,24 @@ fn containers(def: &Definition) -> Result<(), Problem> {
         }
         for (j, port) in c.ports.iter().enumerate() {
             let here = path.key("ports").index(j);
-            let Some((host, _, proto)) = parse_port(port) else {
-                fail(&here, format!("`{port}`: expected \"HOST:CONTAINER\" or \"HOST:CONTAINER/udp\", ports of digits 1-65535"))?;
-                continue;
-            };
-            if let Some(first) = published.insert((host, proto), here.clone()) {
+            let port = published_port(port).at_value(&here)?;
+            if let Some((_, first)) = published.iter().find(|(p, _)| p.clashes_with(&port)) {
+                let (low, high) = port.host;
+                let ports = match low == high {
+                    true => format!("{low}"),
+                    false => format!("{low}-{high}"),
+                };
                 fail(
                     &here,
-                    format!("host port {host}/{proto} is already published by {first}"),
+                    format!(
+                        "host port {ports}/{} is already published by {first}",
+                        port.protocol
+                    ),
                 )?;
             }
+            published.push((port, here));
         }
+        container_options(def, c, &path)?;
         for (j, m) in c.mounts.iter().enumerate() {
             mount(m).at(&path.key("mounts").index(j))?;
         }
@@ -945,6 +1195,200 @@ fn containers(def: &Definition) -> Result<(), Problem> {
                 fail(&path.key("retries"), "at least 1".to_owned())?;
             }
         }
+    }
+    Ok(())
+}
+
+/// The smallest memory limit the engine accepts.
+pub const MIN_CONTAINER_MEMORY: u64 = 6 * ByteSize::MIB;
+/// The largest `cpus` a container may be given.
+pub const MAX_CPUS: f64 = 1024.0;
+/// Network names the engine keeps for itself.
+pub const ENGINE_NETWORKS: [&str; 3] = ["bridge", "host", "none"];
+
+/// `[[container]]` keys beyond the image, ports and mounts: networks, dependencies, user,
+/// working directory, limits, capabilities and logging.
+fn container_options(def: &Definition, c: &Container, path: &KeyPath) -> Result<(), Problem> {
+    container_attachments(def, c, path)?;
+    for (j, dependency) in c.depends_on.iter().enumerate() {
+        let here = path.key("depends-on").index(j);
+        if dependency == &c.name {
+            fail(
+                &here,
+                format!("container `{}` cannot depend on itself", c.name),
+            )?;
+        }
+        if !def.containers.iter().any(|d| &d.name == dependency) {
+            fail(&here, format!("`{dependency}` is not a declared container; depends-on names [[container]] names"))?;
+        }
+    }
+    if let Some(user) = &c.user {
+        container_user(user).at(&path.key("user"))?;
+    }
+    if let Some(workdir) = &c.workdir {
+        normal_path(workdir, "workdir").at(&path.key("workdir"))?;
+    }
+    if let Some(memory) = c.memory {
+        if memory.0 < MIN_CONTAINER_MEMORY {
+            fail(
+                &path.key("memory"),
+                format!(
+                    "\"{memory}\" is below the engine's minimum: at least {}",
+                    ByteSize(MIN_CONTAINER_MEMORY)
+                ),
+            )?;
+        }
+    }
+    if let Some(cpus) = c.cpus {
+        if !(cpus > 0.0 && cpus <= MAX_CPUS) {
+            fail(
+                &path.key("cpus"),
+                format!("{cpus} CPUs: expected a number above 0 and at most {MAX_CPUS}, like 1.5"),
+            )?;
+        }
+    }
+    for key in ["cap-add", "cap-drop"] {
+        let list = if key == "cap-add" {
+            &c.cap_add
+        } else {
+            &c.cap_drop
+        };
+        for (j, name) in list.iter().enumerate() {
+            capability(name).at_value(&path.key(key).index(j))?;
+        }
+    }
+    if let Some(log) = &c.log {
+        let path = path.key("log");
+        if log.driver == LogDriver::None {
+            for (key, given) in [
+                ("max-size", log.max_size.is_some()),
+                ("max-file", log.max_file.is_some()),
+            ] {
+                if given {
+                    fail(&path.key(key), format!("driver = \"none\" keeps no log: `{key}` applies to json-file and local"))?;
+                }
+            }
+        }
+        if let Some(size) = &log.max_size {
+            log_size(size).at(&path.key("max-size"))?;
+        }
+        if log.max_file == Some(0) {
+            fail(&path.key("max-file"), "at least 1".to_owned())?;
+        }
+    }
+    Ok(())
+}
+
+/// `[[container]] networks`: declared `[[container-network]]`s, each once, with DNS-name aliases.
+fn container_attachments(def: &Definition, c: &Container, path: &KeyPath) -> Result<(), Problem> {
+    for (j, attachment) in c.networks.iter().enumerate() {
+        let here = path.key("networks").index(j);
+        let name = attachment.name().as_str();
+        if ENGINE_NETWORKS.contains(&name) {
+            fail(&here, format!("`{name}` is one of the engine's own networks ({}): leave `networks` empty for the default bridge; `host` and `none` cannot be combined with user networks and are not offered", ENGINE_NETWORKS.join(", ")))?;
+        }
+        if !def
+            .container_networks
+            .iter()
+            .any(|n| n.name.as_str() == name)
+        {
+            fail(
+                &here,
+                format!(
+                    "network `{name}` is not declared: add [[container-network]] name = \"{name}\""
+                ),
+            )?;
+        }
+        if c.networks[..j].iter().any(|n| n.name().as_str() == name) {
+            fail(&here, format!("network `{name}` is listed twice"))?;
+        }
+        for (k, alias) in attachment.aliases().iter().enumerate() {
+            if !is_dns_name(alias) {
+                fail(&here.key("aliases").index(k), format!("`{alias}` is not a DNS name: dot-separated labels of 1 to 63 letters, digits and `-` (not first or last)"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[[container-network]]`: unique names other than the engine's own, subnets as CIDR.
+fn container_networks(def: &Definition) -> Result<(), Problem> {
+    for (i, network) in def.container_networks.iter().enumerate() {
+        let path = KeyPath::root("container-network").index(i);
+        let name = network.name.as_str();
+        if ENGINE_NETWORKS.contains(&name) {
+            fail(
+                &path.key("name"),
+                format!(
+                    "`{name}` is the name of one of the engine's own networks ({}); choose another",
+                    ENGINE_NETWORKS.join(", ")
+                ),
+            )?;
+        }
+        if def.container_networks[..i]
+            .iter()
+            .any(|n| n.name == network.name)
+        {
+            fail(
+                &path.key("name"),
+                format!("network name `{name}` is declared twice"),
+            )?;
+        }
+        if let Some(range) = &network.subnet {
+            subnet(range).at(&path.key("subnet"))?;
+        }
+    }
+    Ok(())
+}
+
+/// `depends-on` without cycles; the error names the chain, `a → b → a`.
+fn dependency_cycles(def: &Definition) -> Result<(), Problem> {
+    let mut order = Vec::new();
+    container_order(&def.containers, &mut order).map_err(|(i, chain)| Problem {
+        paths: vec![KeyPath::root("container").index(i).key("depends-on")],
+        message: format!(
+            "containers depend on each other in a cycle: {}",
+            chain.join(" → ")
+        ),
+    })
+}
+
+/// Orders `containers` so that every one comes after what it `depends-on` (declaration order
+/// otherwise), appending indexes to `order`. On a cycle, gives the index of a container on it
+/// and the chain of names. Names that are not declared are ignored.
+pub fn container_order(
+    containers: &[Container],
+    order: &mut Vec<usize>,
+) -> Result<(), (usize, Vec<String>)> {
+    fn visit(
+        containers: &[Container],
+        i: usize,
+        stack: &mut Vec<usize>,
+        order: &mut Vec<usize>,
+    ) -> Result<(), (usize, Vec<String>)> {
+        if order.contains(&i) {
+            return Ok(());
+        }
+        if let Some(at) = stack.iter().position(|&s| s == i) {
+            let mut chain: Vec<String> = stack[at..]
+                .iter()
+                .map(|&s| containers[s].name.to_string())
+                .collect();
+            chain.push(containers[i].name.to_string());
+            return Err((i, chain));
+        }
+        stack.push(i);
+        for dependency in &containers[i].depends_on {
+            if let Some(j) = containers.iter().position(|c| &c.name == dependency) {
+                visit(containers, j, stack, order)?;
+            }
+        }
+        stack.pop();
+        order.push(i);
+        Ok(())
+    }
+    for i in 0..containers.len() {
+        visit(containers, i, &mut Vec::new(), order)?;
     }
     Ok(())
 }

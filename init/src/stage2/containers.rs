@@ -14,11 +14,14 @@ use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use os_config::definition::{parse_port, Container, RestartPolicy};
+use os_config::definition::{
+    published_port, Container, ContainerNetwork, Log, RestartPolicy, DEFAULT_LOG_MAX_FILE,
+    DEFAULT_LOG_MAX_SIZE,
+};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::stage2::docker::{self, ContainerDetails, ContainerSummary};
+use crate::stage2::docker::{self, ContainerDetails, ContainerSummary, NetworkSummary};
 
 /// Label marking a container as created by Plinth.
 pub const MANAGED_LABEL: &str = "plinth.managed";
@@ -49,6 +52,19 @@ pub trait Engine {
     fn remove_container(&self, id: &str) -> docker::Result<()>;
     /// Deletes images no tag and no container refers to; returns the bytes reclaimed.
     fn prune_images(&self) -> docker::Result<u64>;
+    /// Networks carrying [`MANAGED_LABEL`].
+    fn list_managed_networks(&self) -> docker::Result<Vec<NetworkSummary>>;
+    /// Creates a network from a `POST /networks/create` body; returns its ID.
+    fn create_network(&self, name: &str, body: &Value) -> docker::Result<String>;
+    /// Removes a network.
+    fn remove_network(&self, id: &str) -> docker::Result<()>;
+    /// Connects a (created, not yet started) container to a network with extra DNS names.
+    fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        aliases: &[String],
+    ) -> docker::Result<()>;
 }
 
 impl Engine for docker::Client {
@@ -82,6 +98,23 @@ impl Engine for docker::Client {
     fn prune_images(&self) -> docker::Result<u64> {
         self.prune_dangling_images()
     }
+    fn list_managed_networks(&self) -> docker::Result<Vec<NetworkSummary>> {
+        self.list_networks(Some(&format!("{MANAGED_LABEL}=1")))
+    }
+    fn create_network(&self, name: &str, body: &Value) -> docker::Result<String> {
+        docker::Client::create_network(self, name, body)
+    }
+    fn remove_network(&self, id: &str) -> docker::Result<()> {
+        docker::Client::remove_network(self, id)
+    }
+    fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        aliases: &[String],
+    ) -> docker::Result<()> {
+        docker::Client::connect_network(self, network, container, aliases)
+    }
 }
 
 /// Receives machine-readable status events (`PLINTH-STATUS <event> key=value…`).
@@ -105,13 +138,23 @@ pub struct Options {
     pub images_dir: PathBuf,
     /// Prefix for the host side of mounts (`/` on the machine).
     pub host_root: PathBuf,
+    /// How long a container waits for each of its `depends-on` to run (and be healthy) before
+    /// it is started anyway.
+    pub dependency_timeout: Duration,
+    /// How often a dependency is looked at while waiting.
+    pub dependency_poll: Duration,
 }
+
+/// How long a container waits for a dependency by default.
+pub const DEFAULT_DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             images_dir: PathBuf::from(DEFAULT_IMAGES_DIR),
             host_root: PathBuf::from("/"),
+            dependency_timeout: DEFAULT_DEPENDENCY_TIMEOUT,
+            dependency_poll: Duration::from_secs(1),
         }
     }
 }
@@ -127,6 +170,10 @@ pub struct Report {
     pub recreated: Vec<String>,
     /// Managed containers no longer declared.
     pub removed: Vec<String>,
+    /// Declared networks created (or created again after their declaration changed).
+    pub networks_created: Vec<String>,
+    /// Managed networks no longer declared, removed.
+    pub networks_removed: Vec<String>,
     /// Containers that could not be brought to their declared state, with the reason.
     pub failed: Vec<(String, String)>,
     /// Bytes freed by deleting images that replaced or removed containers left unused.
@@ -200,6 +247,15 @@ pub fn decide(spec_hash: &str, image_id: &str, existing: Option<&ContainerSummar
 
 /// The sha256 (hex) of the declaration's canonical JSON: object keys sorted, no whitespace.
 pub fn spec_hash(decl: &Container) -> String {
+    canonical_hash(decl)
+}
+
+/// The sha256 (hex) of a `[[container-network]]` declaration's canonical JSON.
+pub fn network_spec_hash(decl: &ContainerNetwork) -> String {
+    canonical_hash(decl)
+}
+
+fn canonical_hash<T: serde::Serialize>(decl: &T) -> String {
     let value = serde_json::to_value(decl).unwrap_or_else(|e| json!(e.to_string()));
     let mut canonical = String::new();
     write_canonical(&value, &mut canonical);
@@ -259,20 +315,26 @@ pub fn create_body(decl: &Container, spec_hash: &str) -> Value {
         "Labels".into(),
         json!({ MANAGED_LABEL: "1", SPEC_LABEL: spec_hash }),
     );
-    let mut exposed = Map::new();
-    let mut bindings = Map::new();
-    for port in &decl.ports {
-        // The definition was validated when parsed; an unparsable port cannot reach here.
-        if let Some((host, guest, proto)) = parse_port(port) {
-            let key = format!("{guest}/{proto}");
-            exposed.insert(key.clone(), json!({}));
-            let entry = bindings.entry(key).or_insert_with(|| json!([]));
-            if let Value::Array(list) = entry {
-                list.push(json!({ "HostIp": "0.0.0.0", "HostPort": host.to_string() }));
-            }
-        }
-    }
+    let (exposed, bindings) = port_bindings(decl);
     body.insert("ExposedPorts".into(), Value::Object(exposed));
+    if decl.tty {
+        body.insert("Tty".into(), json!(true));
+    }
+    if decl.stdin {
+        body.insert("OpenStdin".into(), json!(true));
+    }
+    if let Some(user) = &decl.user {
+        body.insert("User".into(), json!(user));
+    }
+    if let Some(workdir) = &decl.workdir {
+        body.insert("WorkingDir".into(), json!(workdir));
+    }
+    if let Some(first) = decl.networks.first() {
+        body.insert(
+            "NetworkingConfig".into(),
+            json!({ "EndpointsConfig": { first.name().as_str(): { "Aliases": first.aliases() } } }),
+        );
+    }
     if let Some(health) = &decl.health {
         let mut test = vec!["CMD".to_owned()];
         test.extend(health.command.iter().cloned());
@@ -285,15 +347,97 @@ pub fn create_body(decl: &Container, spec_hash: &str) -> Value {
             }),
         );
     }
-    body.insert(
-        "HostConfig".into(),
-        json!({
-            "Binds": decl.mounts,
-            "PortBindings": bindings,
-            "RestartPolicy": { "Name": restart_name(decl.restart), "MaximumRetryCount": 0 },
-        }),
-    );
+    body.insert("HostConfig".into(), host_config(decl, bindings));
     Value::Object(body)
+}
+
+/// `ExposedPorts` and `HostConfig.PortBindings`: one entry per port of a range.
+fn port_bindings(decl: &Container) -> (Map<String, Value>, Map<String, Value>) {
+    let mut exposed = Map::new();
+    let mut bindings = Map::new();
+    // The definition was validated when parsed; an unparsable port cannot reach here.
+    for port in decl.ports.iter().filter_map(|p| published_port(p).ok()) {
+        let host_ip = port
+            .host_ip
+            .map_or_else(|| "0.0.0.0".to_owned(), |ip| ip.to_string());
+        for (host, guest) in port.pairs() {
+            let key = format!("{guest}/{}", port.protocol);
+            exposed.insert(key.clone(), json!({}));
+            let entry = bindings.entry(key).or_insert_with(|| json!([]));
+            if let Value::Array(list) = entry {
+                list.push(json!({ "HostIp": host_ip, "HostPort": host.to_string() }));
+            }
+        }
+    }
+    (exposed, bindings)
+}
+
+/// `HostConfig`: mounts, ports, restart policy, network, limits, capabilities and logging.
+fn host_config(decl: &Container, bindings: Map<String, Value>) -> Value {
+    let mut host = Map::new();
+    host.insert("Binds".into(), json!(decl.mounts));
+    host.insert("PortBindings".into(), Value::Object(bindings));
+    host.insert(
+        "RestartPolicy".into(),
+        json!({ "Name": restart_name(decl.restart), "MaximumRetryCount": 0 }),
+    );
+    host.insert("LogConfig".into(), log_config(decl.log.as_ref()));
+    if let Some(first) = decl.networks.first() {
+        host.insert("NetworkMode".into(), json!(first.name().as_str()));
+    }
+    if let Some(memory) = decl.memory {
+        host.insert("Memory".into(), json!(memory.0));
+    }
+    if let Some(cpus) = decl.cpus {
+        // Validated to 0 < cpus ≤ 1024, so the product fits.
+        host.insert("NanoCpus".into(), json!((cpus * 1e9).round() as i64));
+    }
+    let capabilities = |names: &[String]| -> Vec<String> {
+        names
+            .iter()
+            .filter_map(|n| os_config::validate::capability(n).ok())
+            .collect()
+    };
+    if !decl.cap_add.is_empty() {
+        host.insert("CapAdd".into(), json!(capabilities(&decl.cap_add)));
+    }
+    if !decl.cap_drop.is_empty() {
+        host.insert("CapDrop".into(), json!(capabilities(&decl.cap_drop)));
+    }
+    if decl.read_only {
+        host.insert("ReadonlyRootfs".into(), json!(true));
+    }
+    Value::Object(host)
+}
+
+/// `HostConfig.LogConfig`: rotation on unless the declaration says `driver = "none"`.
+fn log_config(log: Option<&Log>) -> Value {
+    let default = Log::default();
+    let log = log.unwrap_or(&default);
+    let mut config = Map::new();
+    if log.driver != os_config::definition::LogDriver::None {
+        let size = log.max_size.as_deref().unwrap_or(DEFAULT_LOG_MAX_SIZE);
+        let files = log.max_file.unwrap_or(DEFAULT_LOG_MAX_FILE);
+        config.insert("max-size".into(), json!(size));
+        config.insert("max-file".into(), json!(files.to_string()));
+    }
+    json!({ "Type": log.driver.name(), "Config": config })
+}
+
+/// The `POST /networks/create` body for a `[[container-network]]`.
+pub fn network_body(decl: &ContainerNetwork, spec_hash: &str) -> Value {
+    let mut body = json!({
+        "Name": decl.name.as_str(),
+        "CheckDuplicate": true,
+        "Driver": decl.driver.name(),
+        "Internal": decl.internal,
+        "Attachable": decl.attachable,
+        "Labels": { MANAGED_LABEL: "1", SPEC_LABEL: spec_hash },
+    });
+    if let Some(subnet) = &decl.subnet {
+        body["IPAM"] = json!({ "Driver": "default", "Config": [{ "Subnet": subnet }] });
+    }
+    body
 }
 
 /// Reads the image ID (`sha256:<config digest>`) and tags of the image in a `docker save` archive
@@ -468,7 +612,8 @@ fn create_mount_dirs(decl: &Container, options: &Options) -> Result<(), String> 
     Ok(())
 }
 
-/// Brings one declared container to its declared state; returns what was done.
+/// Brings one declared container to its declared state; returns what was done. A created
+/// container joins its other networks before it starts.
 fn reconcile_one(
     engine: &dyn Engine,
     decl: &Container,
@@ -483,13 +628,9 @@ fn reconcile_one(
         Decision::Keep { id } => id.clone(),
         Decision::Recreate { id } => {
             engine.remove_container(id).map_err(|e| e.to_string())?;
-            engine
-                .create_container(decl.name.as_str(), &create_body(decl, &hash))
-                .map_err(|e| e.to_string())?
+            create_connected(engine, decl, &hash)?
         }
-        Decision::Create => engine
-            .create_container(decl.name.as_str(), &create_body(decl, &hash))
-            .map_err(|e| e.to_string())?,
+        Decision::Create => create_connected(engine, decl, &hash)?,
     };
     engine.start_container(&id).map_err(|e| e.to_string())?;
     match engine.inspect_container(&id).map_err(|e| e.to_string())? {
@@ -508,22 +649,171 @@ fn reconcile_one(
     }
 }
 
-/// Makes every declared container exist exactly as declared and running, removes managed
-/// containers no longer declared, and reports `container-started`/`container-failed` per
-/// declared container (`container-running` comes later, from [`crate::stage2::stability`], once a
-/// container has stayed up). Fails only when the engine cannot list its containers; a container that
-/// cannot be brought up is recorded in the report and does not stop the others.
+/// Creates a container (on its first network) and connects it to the others; returns its ID.
+fn create_connected(engine: &dyn Engine, decl: &Container, hash: &str) -> Result<String, String> {
+    let id = engine
+        .create_container(decl.name.as_str(), &create_body(decl, hash))
+        .map_err(|e| e.to_string())?;
+    // The engine (API 1.41) attaches only one network at create.
+    for network in decl.networks.iter().skip(1) {
+        engine
+            .connect_network(network.name().as_str(), &id, network.aliases())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(id)
+}
+
+/// Waits until `dependency` runs, and is healthy if it has a health check, for at most
+/// [`Options::dependency_timeout`].
+fn wait_for(engine: &dyn Engine, dependency: &Container, options: &Options) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + options.dependency_timeout;
+    loop {
+        let state = health(engine, std::slice::from_ref(dependency)).map_err(|e| e.to_string())?;
+        let observed = state.containers.first().map(|c| &c.health);
+        match observed {
+            Some(ContainerHealth::Healthy) => return Ok(()),
+            Some(other) if std::time::Instant::now() >= deadline => {
+                return Err(format!(
+                    "`{}` is {other} after {} s",
+                    dependency.name,
+                    options.dependency_timeout.as_secs()
+                ))
+            }
+            _ => std::thread::sleep(options.dependency_poll),
+        }
+    }
+}
+
+/// Waits for every `depends-on` of `decl` that was brought up in this run; a dependency that
+/// failed or stays down past the timeout is a warning, and `decl` is started anyway (its
+/// restart policy covers a dependency that comes up later).
+fn wait_for_dependencies(
+    engine: &dyn Engine,
+    decl: &Container,
+    decls: &[Container],
+    options: &Options,
+    report: &mut Report,
+) {
+    for name in &decl.depends_on {
+        let Some(dependency) = decls.iter().find(|d| &d.name == name) else {
+            continue;
+        };
+        if report
+            .failed
+            .iter()
+            .any(|(failed, _)| failed == name.as_str())
+        {
+            report.warnings.push(format!(
+                "container {}: starting without its dependency {name}, which failed",
+                decl.name
+            ));
+            continue;
+        }
+        crate::info!("container {}: waiting for {name}", decl.name);
+        if let Err(e) = wait_for(engine, dependency, options) {
+            report
+                .warnings
+                .push(format!("container {}: starting anyway: {e}", decl.name));
+        }
+    }
+}
+
+/// Makes the declared networks exist as declared, before any container joins them. A network
+/// whose declaration changed is created again, after the declared containers on it (which the
+/// engine would not let go of it) are removed; they are created again afterwards. Returns the
+/// names of the containers removed for that.
+fn reconcile_networks(
+    engine: &dyn Engine,
+    networks: &[ContainerNetwork],
+    decls: &[Container],
+    existing: &[ContainerSummary],
+    report: &mut Report,
+) -> Vec<String> {
+    let mut dropped = Vec::new();
+    let managed = match engine.list_managed_networks() {
+        Ok(list) => list,
+        Err(e) => {
+            report.warnings.push(e.to_string());
+            return dropped;
+        }
+    };
+    for network in networks {
+        let name = network.name.as_str();
+        let hash = network_spec_hash(network);
+        let current = managed.iter().find(|n| n.name == name);
+        if let Some(current) = current {
+            if current.labels.get(SPEC_LABEL) == Some(&hash) {
+                continue;
+            }
+            let on_it = decls
+                .iter()
+                .filter(|d| d.networks.iter().any(|n| n.name() == &network.name));
+            for decl in on_it {
+                let Some(container) = existing
+                    .iter()
+                    .find(|c| c.name() == Some(decl.name.as_str()))
+                else {
+                    continue;
+                };
+                match engine.remove_container(&container.id) {
+                    Ok(()) => dropped.push(decl.name.to_string()),
+                    Err(e) => report.warnings.push(e.to_string()),
+                }
+            }
+            if let Err(e) = engine.remove_network(&current.id) {
+                report.warnings.push(e.to_string());
+                continue;
+            }
+        }
+        match engine.create_network(name, &network_body(network, &hash)) {
+            Ok(_) => report.networks_created.push(name.to_owned()),
+            Err(e) => report.warnings.push(e.to_string()),
+        }
+    }
+    dropped
+}
+
+/// Removes managed networks that are no longer declared (their containers are gone by now).
+fn remove_stale_networks(engine: &dyn Engine, networks: &[ContainerNetwork], report: &mut Report) {
+    let managed = match engine.list_managed_networks() {
+        Ok(list) => list,
+        Err(e) => return report.warnings.push(e.to_string()),
+    };
+    for stale in managed
+        .iter()
+        .filter(|n| !networks.iter().any(|d| d.name.as_str() == n.name))
+    {
+        match engine.remove_network(&stale.id) {
+            Ok(()) => report.networks_removed.push(stale.name.clone()),
+            Err(e) => report.warnings.push(e.to_string()),
+        }
+    }
+}
+
+/// Declared containers in the order they are brought up: each after its `depends-on`.
+fn start_order(decls: &[Container]) -> Vec<usize> {
+    let mut order = Vec::new();
+    // Validation refused cycles; should one slip through, declaration order still starts all.
+    if os_config::validate::container_order(decls, &mut order).is_err() {
+        order = (0..decls.len()).collect();
+    }
+    order
+}
+
+/// Makes every declared network and container exist exactly as declared, containers running
+/// (each after its `depends-on`), removes managed containers and then networks no longer
+/// declared, and reports `container-started`/`container-failed` per declared container
+/// (`container-running` comes later, from [`crate::stage2::stability`], once a container has
+/// stayed up). Fails only when the engine cannot list its containers; a container or network
+/// that cannot be brought up is recorded in the report and does not stop the others.
 pub fn reconcile(
     engine: &dyn Engine,
     decls: &[Container],
+    networks: &[ContainerNetwork],
     options: &Options,
     sink: &dyn StatusSink,
 ) -> docker::Result<Report> {
     let existing = engine.list_containers()?;
-    let by_name: BTreeMap<&str, &ContainerSummary> = existing
-        .iter()
-        .filter_map(|c| Some((c.name()?, c)))
-        .collect();
     let mut report = Report::default();
     // Stale containers go first: they may hold host ports a declared container needs.
     for container in &existing {
@@ -536,13 +826,24 @@ pub fn reconcile(
             }
         }
     }
-    for decl in decls {
+    let dropped = reconcile_networks(engine, networks, decls, &existing, &mut report);
+    let by_name: BTreeMap<&str, &ContainerSummary> = existing
+        .iter()
+        .filter_map(|c| Some((c.name()?, c)))
+        .filter(|(name, _)| !dropped.iter().any(|d| d == name))
+        .collect();
+    for i in start_order(decls) {
+        let decl = &decls[i];
         let name = decl.name.as_str();
+        wait_for_dependencies(engine, decl, decls, options, &mut report);
         match reconcile_one(engine, decl, by_name.get(name).copied(), options) {
             Ok(decision) => {
                 match decision {
                     Decision::Keep { .. } => report.kept.push(name.to_owned()),
                     Decision::Recreate { .. } => report.recreated.push(name.to_owned()),
+                    Decision::Create if dropped.iter().any(|d| d == name) => {
+                        report.recreated.push(name.to_owned())
+                    }
                     Decision::Create => report.created.push(name.to_owned()),
                 }
                 sink.status("container-started", &[("name", name)]);
@@ -553,6 +854,7 @@ pub fn reconcile(
             }
         }
     }
+    remove_stale_networks(engine, networks, &mut report);
     // Images superseded by a new archive or left by removed containers would otherwise fill
     // /var over many updates.
     if !report.recreated.is_empty() || !report.removed.is_empty() || !report.created.is_empty() {
@@ -727,8 +1029,11 @@ pub fn health(engine: &dyn Engine, decls: &[Container]) -> docker::Result<Health
 mod tests {
     use super::*;
     use crate::stage2::docker::{ContainerConfig, ContainerState};
-    use os_config::definition::{HealthCheck, ImageBuild};
-    use os_config::units::{Duration as ConfigDuration, Name};
+    use os_config::definition::{
+        HealthCheck, ImageBuild, LogDriver, NetworkAttachment, NetworkAttachmentTable,
+        NetworkDriver,
+    };
+    use os_config::units::{ByteSize, Duration as ConfigDuration, Name};
     use std::cell::RefCell;
     use std::io::Cursor;
     use std::sync::Mutex;
@@ -754,6 +1059,18 @@ mod tests {
                 interval: ConfigDuration(Duration::from_secs(5)),
                 retries: 3,
             }),
+            networks: Vec::new(),
+            tty: false,
+            stdin: false,
+            depends_on: Vec::new(),
+            user: None,
+            workdir: None,
+            memory: None,
+            cpus: None,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            read_only: false,
+            log: None,
         }
     }
 
@@ -777,7 +1094,8 @@ mod tests {
                     "80/tcp": [{ "HostIp": "0.0.0.0", "HostPort": "8080" }],
                     "53/udp": [{ "HostIp": "0.0.0.0", "HostPort": "53" }]
                 },
-                "RestartPolicy": { "Name": "always", "MaximumRetryCount": 0 }
+                "RestartPolicy": { "Name": "always", "MaximumRetryCount": 0 },
+                "LogConfig": { "Type": "json-file", "Config": { "max-size": "10m", "max-file": "3" } }
             }
         });
         assert_eq!(body, expected);
@@ -794,8 +1112,155 @@ mod tests {
         );
     }
 
+    /// `web()` with every option set.
+    fn everything() -> Container {
+        let mut c = web();
+        c.ports = vec![
+            "127.0.0.1:8080:80".into(),
+            "[::1]:8443:443".into(),
+            "8000-8002:9000-9002/udp".into(),
+        ];
+        c.networks = vec![
+            NetworkAttachment::Table(NetworkAttachmentTable {
+                name: Name::parse("back").expect("name"),
+                aliases: vec!["db".into()],
+            }),
+            NetworkAttachment::Name(Name::parse("front").expect("name")),
+        ];
+        c.tty = true;
+        c.stdin = true;
+        c.depends_on = vec![Name::parse("redis").expect("name")];
+        c.user = Some("1000:1000".into());
+        c.workdir = Some("/app".into());
+        c.memory = Some(ByteSize(256 << 20));
+        c.cpus = Some(1.5);
+        c.cap_add = vec!["net_admin".into(), "CAP_SYS_TIME".into()];
+        c.cap_drop = vec!["ALL".into()];
+        c.read_only = true;
+        c.log = Some(Log {
+            driver: LogDriver::Local,
+            max_size: Some("5m".into()),
+            max_file: Some(2),
+        });
+        c
+    }
+
+    #[test]
+    fn create_body_carries_every_option() {
+        let body = create_body(&everything(), "abc");
+        assert_eq!(body["Tty"], json!(true));
+        assert_eq!(body["OpenStdin"], json!(true));
+        assert_eq!(body["User"], json!("1000:1000"));
+        assert_eq!(body["WorkingDir"], json!("/app"));
+        assert_eq!(
+            body["NetworkingConfig"],
+            json!({ "EndpointsConfig": { "back": { "Aliases": ["db"] } } })
+        );
+        assert_eq!(
+            body["ExposedPorts"],
+            json!({ "80/tcp": {}, "443/tcp": {}, "9000/udp": {}, "9001/udp": {}, "9002/udp": {} })
+        );
+        let host = &body["HostConfig"];
+        assert_eq!(host["NetworkMode"], json!("back"));
+        assert_eq!(host["Memory"], json!(268_435_456u64));
+        assert_eq!(host["NanoCpus"], json!(1_500_000_000i64));
+        assert_eq!(host["CapAdd"], json!(["CAP_NET_ADMIN", "CAP_SYS_TIME"]));
+        assert_eq!(host["CapDrop"], json!(["ALL"]));
+        assert_eq!(host["ReadonlyRootfs"], json!(true));
+        assert_eq!(
+            host["LogConfig"],
+            json!({ "Type": "local", "Config": { "max-size": "5m", "max-file": "2" } })
+        );
+        assert_eq!(
+            host["PortBindings"],
+            json!({
+                "80/tcp": [{ "HostIp": "127.0.0.1", "HostPort": "8080" }],
+                "443/tcp": [{ "HostIp": "::1", "HostPort": "8443" }],
+                "9000/udp": [{ "HostIp": "0.0.0.0", "HostPort": "8000" }],
+                "9001/udp": [{ "HostIp": "0.0.0.0", "HostPort": "8001" }],
+                "9002/udp": [{ "HostIp": "0.0.0.0", "HostPort": "8002" }],
+            })
+        );
+        // Without the options: nothing of theirs, and log rotation on all the same.
+        let body = create_body(&web(), "abc");
+        for key in ["Tty", "OpenStdin", "User", "WorkingDir", "NetworkingConfig"] {
+            assert!(body.get(key).is_none(), "{key}");
+        }
+        for key in [
+            "NetworkMode",
+            "Memory",
+            "NanoCpus",
+            "CapAdd",
+            "CapDrop",
+            "ReadonlyRootfs",
+        ] {
+            assert!(body["HostConfig"].get(key).is_none(), "{key}");
+        }
+        assert_eq!(
+            body["HostConfig"]["LogConfig"],
+            json!({ "Type": "json-file", "Config": { "max-size": "10m", "max-file": "3" } })
+        );
+        let mut quiet = web();
+        quiet.log = Some(Log {
+            driver: LogDriver::None,
+            max_size: None,
+            max_file: None,
+        });
+        assert_eq!(
+            create_body(&quiet, "abc")["HostConfig"]["LogConfig"],
+            json!({ "Type": "none", "Config": {} })
+        );
+    }
+
+    #[test]
+    fn network_body_matches_the_engine_api() {
+        let network = ContainerNetwork {
+            name: Name::parse("back").expect("name"),
+            driver: NetworkDriver::Bridge,
+            internal: true,
+            attachable: false,
+            subnet: Some("172.30.0.0/24".into()),
+        };
+        assert_eq!(
+            network_body(&network, "h"),
+            json!({
+                "Name": "back",
+                "CheckDuplicate": true,
+                "Driver": "bridge",
+                "Internal": true,
+                "Attachable": false,
+                "Labels": { "plinth.managed": "1", "plinth.spec": "h" },
+                "IPAM": { "Driver": "default", "Config": [{ "Subnet": "172.30.0.0/24" }] },
+            })
+        );
+        let mut changed = network.clone();
+        changed.internal = false;
+        assert_ne!(network_spec_hash(&network), network_spec_hash(&changed));
+    }
+
     #[test]
     fn spec_hash_is_stable_and_tracks_every_field() {
+        let full = spec_hash(&everything());
+        let changes: [fn(&mut Container); 13] = [
+            |c| c.networks.pop().map(drop).unwrap_or_default(),
+            |c| c.networks.reverse(),
+            |c| c.tty = false,
+            |c| c.stdin = false,
+            |c| c.depends_on.clear(),
+            |c| c.user = Some("0".into()),
+            |c| c.workdir = None,
+            |c| c.memory = Some(ByteSize(512 << 20)),
+            |c| c.cpus = Some(2.0),
+            |c| c.cap_add.pop().map(drop).unwrap_or_default(),
+            |c| c.cap_drop.clear(),
+            |c| c.read_only = false,
+            |c| c.log = None,
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut changed = everything();
+            change(&mut changed);
+            assert_ne!(full, spec_hash(&changed), "change {i}");
+        }
         let a = spec_hash(&web());
         assert_eq!(a.len(), 64);
         assert_eq!(a, spec_hash(&web()));
@@ -875,6 +1340,7 @@ mod tests {
     #[derive(Default)]
     struct FakeEngine {
         containers: Mutex<Vec<ContainerSummary>>,
+        networks: Mutex<Vec<NetworkSummary>>,
         images: Mutex<BTreeMap<String, String>>,
         pullable: BTreeMap<String, String>,
         calls: Mutex<Vec<String>>,
@@ -992,6 +1458,39 @@ mod tests {
         fn remove_container(&self, id: &str) -> docker::Result<()> {
             self.log(format!("remove {id}"));
             self.containers.lock().expect("lock").retain(|c| c.id != id);
+            Ok(())
+        }
+        fn list_managed_networks(&self) -> docker::Result<Vec<NetworkSummary>> {
+            let list = self.networks.lock().expect("lock");
+            Ok(list
+                .iter()
+                .filter(|n| n.labels.get(MANAGED_LABEL).map(String::as_str) == Some("1"))
+                .cloned()
+                .collect())
+        }
+        fn create_network(&self, name: &str, body: &Value) -> docker::Result<String> {
+            self.log(format!("create network {name}"));
+            let labels = serde_json::from_value(body["Labels"].clone()).expect("labels");
+            let id = format!("net-{name}");
+            self.networks.lock().expect("lock").push(NetworkSummary {
+                id: id.clone(),
+                name: name.to_owned(),
+                labels,
+            });
+            Ok(id)
+        }
+        fn remove_network(&self, id: &str) -> docker::Result<()> {
+            self.log(format!("remove network {id}"));
+            self.networks.lock().expect("lock").retain(|n| n.id != id);
+            Ok(())
+        }
+        fn connect_network(
+            &self,
+            network: &str,
+            container: &str,
+            aliases: &[String],
+        ) -> docker::Result<()> {
+            self.log(format!("connect {container} to {network} as {aliases:?}"));
             Ok(())
         }
     }
@@ -1126,6 +1625,7 @@ mod tests {
         let options = Options {
             images_dir: dir.path().join("images"),
             host_root: PathBuf::from("/"),
+            ..Options::default()
         };
         std::fs::create_dir_all(&options.images_dir).expect("mkdir");
         let tag = "plinth-test/busybox:1";
@@ -1165,12 +1665,12 @@ mod tests {
         let lines = Mutex::new(Vec::new());
         let sink = |line: &str| lines.lock().expect("lock").push(line.to_owned());
 
-        let report = reconcile(&client, &[], &options, &sink).expect("clean slate");
+        let report = reconcile(&client, &[], &[], &options, &sink).expect("clean slate");
         assert!(report.failed.is_empty(), "{report:?}");
         let one = std::slice::from_ref(&decl);
         let timed = |what: &str| {
             let start = std::time::Instant::now();
-            let report = reconcile(&client, one, &options, &sink).expect("reconcile");
+            let report = reconcile(&client, one, &[], &options, &sink).expect("reconcile");
             eprintln!("{what}: {:?}", start.elapsed());
             assert!(report.warnings.is_empty(), "{report:?}");
             report
@@ -1182,7 +1682,7 @@ mod tests {
         decl.env.insert("CHANGED".into(), "1".into());
         let one = std::slice::from_ref(&decl);
         let start = std::time::Instant::now();
-        let report = reconcile(&client, one, &options, &sink).expect("reconcile");
+        let report = reconcile(&client, one, &[], &options, &sink).expect("reconcile");
         eprintln!("recreate: {:?}", start.elapsed());
         assert_eq!(report.recreated, ["plinth-web"], "{report:?}");
         assert!(report.warnings.is_empty(), "{report:?}");
@@ -1202,7 +1702,7 @@ mod tests {
         }
         let stop = stop_all(&client, Duration::from_secs(5)).expect("stop");
         assert_eq!(stop.stopped, ["plinth-web"], "{stop:?}");
-        let report = reconcile(&client, &[], &options, &sink).expect("remove");
+        let report = reconcile(&client, &[], &[], &options, &sink).expect("remove");
         assert_eq!(report.removed, ["plinth-web"], "{report:?}");
         std::fs::remove_dir_all(&www).expect("cleanup");
         assert_eq!(
@@ -1268,6 +1768,7 @@ mod tests {
         let options = Options {
             images_dir: dir.path().join("images"),
             host_root: dir.path().join("root"),
+            ..Options::default()
         };
         std::fs::create_dir_all(&options.images_dir).expect("mkdir");
         let hex = "c".repeat(64);
@@ -1302,6 +1803,7 @@ mod tests {
         let options = Options {
             images_dir: dir.path().join("images"),
             host_root: dir.path().join("root"),
+            ..Options::default()
         };
         std::fs::create_dir_all(&options.images_dir).expect("mkdir");
         let hex = "b".repeat(64);
@@ -1362,7 +1864,7 @@ mod tests {
         let lines = RefCell::new(Vec::new());
         let sink = |line: &str| lines.borrow_mut().push(line.to_owned());
         let decls = [kept, changed, baked, missing];
-        let report = reconcile(&engine, &decls, &options, &sink).expect("reconcile");
+        let report = reconcile(&engine, &decls, &[], &options, &sink).expect("reconcile");
 
         assert_eq!(report.kept, ["web"]);
         assert_eq!(report.recreated, ["changed"]);
@@ -1413,7 +1915,7 @@ mod tests {
 
         // A second run with nothing changed keeps everything and loads nothing.
         engine.calls.lock().expect("lock").clear();
-        let report = reconcile(&engine, &decls[..3], &options, &sink).expect("reconcile");
+        let report = reconcile(&engine, &decls[..3], &[], &options, &sink).expect("reconcile");
         assert_eq!(report.kept, ["web", "changed", "baked"]);
         assert!(report.all_running());
         assert_eq!(
@@ -1444,11 +1946,132 @@ mod tests {
     }
 
     #[test]
+    fn reconcile_makes_networks_first_and_starts_dependencies_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = Options {
+            images_dir: dir.path().join("images"),
+            host_root: dir.path().join("root"),
+            dependency_timeout: Duration::from_millis(50),
+            dependency_poll: Duration::from_millis(10),
+        };
+        let network = |name: &str| ContainerNetwork {
+            name: Name::parse(name).expect("name"),
+            driver: NetworkDriver::Bridge,
+            internal: false,
+            attachable: false,
+            subnet: None,
+        };
+        let mut app = web();
+        app.name = Name::parse("app").expect("name");
+        app.ports.clear();
+        app.networks = everything().networks;
+        app.depends_on = vec![Name::parse("db").expect("name")];
+        let mut db = web();
+        db.name = Name::parse("db").expect("name");
+        db.ports.clear();
+        db.networks = vec![NetworkAttachment::Name(Name::parse("back").expect("name"))];
+        let networks = [network("back"), network("front")];
+        let engine = FakeEngine {
+            containers: Mutex::new(vec![summary(
+                "gone",
+                &[(MANAGED_LABEL, "1"), (SPEC_LABEL, "x")],
+                "sha256:bb",
+                "running",
+            )]),
+            networks: Mutex::new(vec![
+                NetworkSummary {
+                    id: "net-old".into(),
+                    name: "old".into(),
+                    labels: BTreeMap::from([(MANAGED_LABEL.into(), "1".into())]),
+                },
+                NetworkSummary {
+                    id: "net-admin".into(),
+                    name: "admin".into(),
+                    labels: BTreeMap::new(),
+                },
+            ]),
+            images: Mutex::new(BTreeMap::from([(
+                "busybox:1.36".into(),
+                "sha256:bb".into(),
+            )])),
+            ..Default::default()
+        };
+        let sink = |_: &str| {};
+        // `app` is declared first but depends on `db`.
+        let decls = [app.clone(), db.clone()];
+        let report = reconcile(&engine, &decls, &networks, &options, &sink).expect("reconcile");
+        assert_eq!(report.created, ["db", "app"], "{report:?}");
+        assert_eq!(report.networks_created, ["back", "front"]);
+        assert_eq!(report.networks_removed, ["old"]);
+        assert!(report.warnings.is_empty(), "{report:?}");
+        assert_eq!(
+            engine.calls(),
+            [
+                "remove id-gone",
+                "create network back",
+                "create network front",
+                "create db",
+                "start id-db",
+                "create app",
+                "connect id-app to front as []",
+                "start id-app",
+                "remove network net-old",
+                "prune",
+            ]
+        );
+
+        // Unchanged: nothing is created; a changed network is made again, and the declared
+        // container on it with it.
+        engine.calls.lock().expect("lock").clear();
+        let mut internal = networks.clone();
+        internal[1].internal = true;
+        let report = reconcile(&engine, &decls, &internal, &options, &sink).expect("reconcile");
+        assert_eq!(report.kept, ["db"], "{report:?}");
+        assert_eq!(report.recreated, ["app"], "{report:?}");
+        assert_eq!(report.networks_created, ["front"]);
+        assert_eq!(
+            engine.calls(),
+            [
+                "remove id-app",
+                "remove network net-front",
+                "create network front",
+                "start id-db",
+                "create app",
+                "connect id-app to front as []",
+                "start id-app",
+                "prune",
+            ]
+        );
+
+        // A dependency that never comes up: the dependent waits (bounded), then starts anyway.
+        engine.calls.lock().expect("lock").clear();
+        let stuck = FakeEngine {
+            images: Mutex::new(BTreeMap::from([(
+                "busybox:1.36".into(),
+                "sha256:bb".into(),
+            )])),
+            fail_start: Some("id-db".into()),
+            ..Default::default()
+        };
+        let report = reconcile(&stuck, &decls, &networks, &options, &sink).expect("reconcile");
+        assert_eq!(report.failed.len(), 1, "{report:?}");
+        assert_eq!(report.created, ["app"]);
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("without its dependency db")),
+            "{report:?}"
+        );
+    }
+
+    #[test]
     fn container_exiting_at_start_is_reported_failed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = Options {
             images_dir: dir.path().join("images"),
             host_root: dir.path().to_path_buf(),
+            ..Options::default()
         };
         let engine = FakeEngine {
             images: Mutex::new(BTreeMap::from([(
@@ -1460,7 +2083,7 @@ mod tests {
         };
         let lines = RefCell::new(Vec::new());
         let sink = |line: &str| lines.borrow_mut().push(line.to_owned());
-        let report = reconcile(&engine, &[web()], &options, &sink).expect("reconcile");
+        let report = reconcile(&engine, &[web()], &[], &options, &sink).expect("reconcile");
         assert!(!report.all_running());
         assert!(
             lines.borrow()[0].starts_with(
@@ -1506,7 +2129,7 @@ mod tests {
         let sink = |line: &str| lines.lock().expect("lock").push(line.to_owned());
         let options = Options::default();
         let report =
-            reconcile(&client, &[decl.clone(), missing], &options, &sink).expect("reconcile");
+            reconcile(&client, &[decl.clone(), missing], &[], &options, &sink).expect("reconcile");
         assert_eq!(report.created, ["plinth-pulled"], "{report:?}");
         assert!(
             client.inspect_image(&image).expect("inspect").is_some(),
@@ -1520,7 +2143,7 @@ mod tests {
             ),
             "{line}"
         );
-        let report = reconcile(&client, &[], &options, &sink).expect("cleanup");
+        let report = reconcile(&client, &[], &[], &options, &sink).expect("cleanup");
         assert_eq!(report.removed, ["plinth-pulled"], "{report:?}");
     }
 

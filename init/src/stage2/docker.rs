@@ -199,6 +199,19 @@ impl ContainerSummary {
     }
 }
 
+/// One entry of the network list.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkSummary {
+    /// The network ID.
+    pub id: String,
+    /// The network's name.
+    pub name: String,
+    /// Labels set at creation.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+}
+
 /// The parts of a container inspection Plinth uses.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
@@ -529,6 +542,54 @@ impl Client {
             .map(drop)
     }
 
+    /// Lists networks; `label` filters on `key` or `key=value`.
+    pub fn list_networks(&self, label: Option<&str>) -> Result<Vec<NetworkSummary>> {
+        let mut path = "/networks".to_owned();
+        if let Some(label) = label {
+            let filters = serde_json::json!({ "label": [label] }).to_string();
+            path.push_str(&format!("?filters={}", query_escape(&filters)));
+        }
+        let response = self.call("listing networks", "GET", &path, Body::None, &[200])?;
+        json("listing networks", &response)
+    }
+
+    /// Creates a network from a `POST /networks/create` body (which names it); returns its ID.
+    pub fn create_network(&self, name: &str, body: &Value) -> Result<String> {
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "Id")]
+            id: String,
+        }
+        let what = format!("creating network {name}");
+        let response = self.call(&what, "POST", "/networks/create", Body::Json(body), &[201])?;
+        json::<Created>(&what, &response).map(|c| c.id)
+    }
+
+    /// Removes a network; one that is already gone is not an error.
+    pub fn remove_network(&self, id: &str) -> Result<()> {
+        let what = format!("removing network {id}");
+        let path = format!("/networks/{}", query_escape(id));
+        self.call(&what, "DELETE", &path, Body::None, &[204, 404])
+            .map(drop)
+    }
+
+    /// Connects a container to a network, with extra DNS names on it.
+    pub fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        aliases: &[String],
+    ) -> Result<()> {
+        let what = format!("connecting container {container} to network {network}");
+        let path = format!("/networks/{}/connect", query_escape(network));
+        let body = serde_json::json!({
+            "Container": container,
+            "EndpointConfig": { "Aliases": aliases },
+        });
+        self.call(&what, "POST", &path, Body::Json(&body), &[200])
+            .map(drop)
+    }
+
     /// Inspects an image by reference or ID; `None` if the engine does not have it.
     pub fn inspect_image(&self, reference: &str) -> Result<Option<ImageDetails>> {
         let what = format!("inspecting image {reference}");
@@ -789,6 +850,56 @@ mod tests {
         let seen = engine.join().expect("fake engine thread");
         let sent: Value = serde_json::from_slice(&seen[1].1).expect("create body is JSON");
         assert_eq!(sent, body);
+    }
+
+    #[test]
+    fn networks_are_listed_created_connected_and_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (socket, engine) = fake_engine(
+            dir.path(),
+            vec![
+                (
+                    "GET /v1.41/networks?filters=%7B%22label%22%3A%5B%22plinth.managed%3D1%22%5D%7D HTTP/1.1",
+                    "HTTP/1.1 200 OK\r\nContent-Length: 59\r\n\r\n[{\"Id\":\"n1\",\"Name\":\"back\",\"Labels\":{\"plinth.managed\":\"1\"}}]",
+                ),
+                (
+                    "POST /v1.41/networks/create HTTP/1.1",
+                    "HTTP/1.1 201 Created\r\nContent-Length: 11\r\n\r\n{\"Id\":\"n2\"}",
+                ),
+                (
+                    "POST /v1.41/networks/front/connect HTTP/1.1",
+                    "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                ),
+                (
+                    "DELETE /v1.41/networks/n1 HTTP/1.1",
+                    "HTTP/1.1 204 No Content\r\n\r\n",
+                ),
+            ],
+        );
+        let client = Client::new(&socket);
+        let listed = client
+            .list_networks(Some("plinth.managed=1"))
+            .expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].id.as_str(), listed[0].name.as_str()),
+            ("n1", "back")
+        );
+        assert_eq!(listed[0].labels["plinth.managed"], "1");
+        let body = serde_json::json!({ "Name": "front", "Driver": "bridge" });
+        assert_eq!(client.create_network("front", &body).expect("create"), "n2");
+        client
+            .connect_network("front", "c1", &["web".to_owned()])
+            .expect("connect");
+        client.remove_network("n1").expect("remove");
+        let seen = engine.join().expect("fake engine thread");
+        let sent: Value = serde_json::from_slice(&seen[1].1).expect("create body");
+        assert_eq!(sent, body);
+        let sent: Value = serde_json::from_slice(&seen[2].1).expect("connect body");
+        assert_eq!(
+            sent,
+            serde_json::json!({ "Container": "c1", "EndpointConfig": { "Aliases": ["web"] } })
+        );
     }
 
     #[test]

@@ -443,6 +443,7 @@ impl DockerWorkload {
         match containers::reconcile(
             client,
             &self.definition.containers,
+            &self.definition.container_networks,
             &self.options,
             &ConsoleStatus,
         ) {
