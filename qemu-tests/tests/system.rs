@@ -49,6 +49,53 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
     let engine = Engine { port: api };
     engine.wait_ready(Duration::from_secs(60))?;
 
+    // The container options real applications use, as the engine applied them to `probe`; it
+    // reaches `web` by its alias on the user-defined network `back`.
+    vm.wait_for("PLINTH-STATUS container-running name=probe", BOOT)?;
+    let probe = engine.inspect("probe")?;
+    let config = &probe["Config"];
+    let host = &probe["HostConfig"];
+    ensure!(
+        config["Tty"] == true && config["User"] == "1000:1000" && config["WorkingDir"] == "/tmp",
+        "probe's TTY, user or working folder: {config}"
+    );
+    ensure!(
+        host["Memory"] == 64 << 20
+            && host["NanoCpus"] == 500_000_000
+            && host["ReadonlyRootfs"] == true
+            && host["CapDrop"].to_string().contains("ALL"),
+        "probe's limits, read-only root or capabilities: {host}"
+    );
+    ensure!(
+        host["LogConfig"]["Type"] == "json-file"
+            && host["LogConfig"]["Config"]["max-size"] == "10m"
+            && host["LogConfig"]["Config"]["max-file"] == "3",
+        "log rotation is not on by default: {}",
+        host["LogConfig"]
+    );
+    ensure!(
+        host["PortBindings"]["81/tcp"][0]["HostIp"] == "127.0.0.1",
+        "probe's port is not bound to the loopback address: {}",
+        host["PortBindings"]
+    );
+    let aliases = probe["NetworkSettings"]["Networks"]["back"]["Aliases"].to_string();
+    ensure!(
+        aliases.contains("probe-alias"),
+        "probe is not on `back` with its alias: {}",
+        probe["NetworkSettings"]["Networks"]
+    );
+    let web_started = engine.inspect("web")?["State"]["StartedAt"].to_string();
+    let probe_started = probe["State"]["StartedAt"].to_string();
+    ensure!(
+        probe_started >= web_started,
+        "probe (depends on web) started at {probe_started}, before web at {web_started}"
+    );
+    wait_until(Duration::from_secs(120), || {
+        let (_, logs) = engine.request("GET", "/containers/probe/logs?stdout=1", None)?;
+        Ok(String::from_utf8_lossy(&logs).contains("Hello from Plinth"))
+    })
+    .context("probe never fetched the page from web's alias `www` on the network `back`")?;
+
     // The root is read-only and /var is the ext4 state partition.
     let touch = engine.run(
         HELPER_IMAGE,
