@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::diagnostic::{explain, DefinitionError, Spans};
+use crate::diagnostic::{DefinitionError, Spans};
 use crate::units::{ByteSize, Duration, FileMode, Name, Sha256, Version};
 
 /// A whole image definition.
@@ -643,14 +643,7 @@ impl Definition {
     /// Parses and validates a definition. `file` is only used to name the file in errors, which
     /// are located through the parser's spans of the offending key or value.
     pub fn parse(file: &str, source: &str) -> Result<Definition, DefinitionError> {
-        let definition: Definition = toml::from_str(source).map_err(|e| {
-            DefinitionError::at(
-                file,
-                source,
-                e.span().map(|s| s.start),
-                explain(e.message()),
-            )
-        })?;
+        let definition: Definition = DefinitionError::from_toml(file, source)?;
         if let Err(problem) = crate::validate::definition(&definition) {
             let spans = Spans::parse(source);
             let offset = problem

@@ -27,6 +27,22 @@ impl fmt::Display for DefinitionError {
 }
 
 impl DefinitionError {
+    /// Deserialises TOML `source` (read from `file`) into `T`, a parse or type error located at
+    /// the parser's span of the key or value at fault.
+    pub fn from_toml<T: serde::de::DeserializeOwned>(
+        file: &str,
+        source: &str,
+    ) -> Result<T, DefinitionError> {
+        toml::from_str(source).map_err(|e| {
+            DefinitionError::at(
+                file,
+                source,
+                e.span().map(|s| s.start),
+                explain(e.message()),
+            )
+        })
+    }
+
     /// Builds an error at byte offset `offset` of `source`.
     pub fn at(file: &str, source: &str, offset: Option<usize>, message: String) -> Self {
         DefinitionError {

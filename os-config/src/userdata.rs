@@ -19,7 +19,7 @@ use crate::definition::{
     Container, ContainerNetwork, Definition, EngineTlsFiles, FleetLock, Network, Time,
     UpdateStrategy, Window, ENGINE_TLS_IN_RUN,
 };
-use crate::diagnostic::{explain, DefinitionError, KeyPath, Spans};
+use crate::diagnostic::{DefinitionError, KeyPath, Spans};
 use crate::units::{Duration, Name};
 use crate::validate::Problem;
 
@@ -181,14 +181,7 @@ impl UserData {
     /// Parses and checks user data on its own (PEM text, refused keys). `file` names the source
     /// in errors, located at `file:line:col`.
     pub fn parse(file: &str, source: &str) -> Result<UserData, DefinitionError> {
-        let data: UserData = toml::from_str(source).map_err(|e| {
-            DefinitionError::at(
-                file,
-                source,
-                e.span().map(|s| s.start),
-                explain(e.message()),
-            )
-        })?;
+        let data: UserData = DefinitionError::from_toml(file, source)?;
         data.check()
             .map_err(|problem| locate(file, source, &problem))?;
         Ok(data)
