@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::status;
+use crate::udp::ReceiveError;
 
 /// Where plinth-init records the outcome of the first synchronisation: `synced offset-ms=<ms>`,
 /// `no-answer` or `no-source`, one line. It exists once the clock is as right as it will get
@@ -664,54 +665,44 @@ fn exchange(
     socket
         .send(&Packet::request(sent).encode())
         .map_err(io_err)?;
+    // A wait beyond a century is as good as endless, and `Instant` cannot add much more.
+    let deadline = started + timeout.min(Duration::from_secs(100 * 365 * 24 * 3600));
     let mut buffer = [0u8; 512];
-    loop {
-        let left = timeout.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            return Ok(None);
-        }
-        socket.set_read_timeout(Some(left)).map_err(io_err)?;
-        let length = match socket.recv(&mut buffer) {
-            Ok(length) => length,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Ok(None)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(e)),
-        };
+    let received = crate::udp::receive_until(socket, deadline, &mut buffer, |datagram| {
         let t4 = t1.saturating_add(i64::try_from(started.elapsed().as_nanos()).unwrap_or(0));
-        let Ok(reply) = Packet::decode(&buffer[..length]) else {
-            continue; // not NTP
+        let Ok(reply) = Packet::decode(datagram) else {
+            return Ok(None); // not NTP
         };
         match check_reply(&reply, sent) {
-            Ok(()) => {}
+            Ok(()) => Ok(Some((reply, t4))),
             // A late reply to an earlier request, or not ours at all.
-            Err(Rejection::WrongOriginate { .. }) => continue,
-            Err(reason) => {
-                return Err(ClockError::Rejected {
-                    server: addr,
-                    reason,
-                })
-            }
+            Err(Rejection::WrongOriginate { .. }) => Ok(None),
+            Err(reason) => Err(reason),
         }
-        let (offset_ns, delay_ns) = Sample::from_times(
-            t1,
-            reply.receive.to_unix_nanos(),
-            reply.transmit.to_unix_nanos(),
-            t4,
-        );
-        return Ok(Some(Sample {
-            offset_ns,
-            delay_ns,
-            stratum: reply.stratum,
-            server: SourceAddr::Udp(addr),
-        }));
-    }
+    });
+    let (reply, t4) = match received {
+        Ok(answer) => answer,
+        Err(ReceiveError::TimedOut) => return Ok(None),
+        Err(ReceiveError::Io(e)) => return Err(io_err(e)),
+        Err(ReceiveError::Refused(reason)) => {
+            return Err(ClockError::Rejected {
+                server: addr,
+                reason,
+            })
+        }
+    };
+    let (offset_ns, delay_ns) = Sample::from_times(
+        t1,
+        reply.receive.to_unix_nanos(),
+        reply.transmit.to_unix_nanos(),
+        t4,
+    );
+    Ok(Some(Sample {
+        offset_ns,
+        delay_ns,
+        stratum: reply.stratum,
+        server: SourceAddr::Udp(addr),
+    }))
 }
 
 /// Reads the PTP clock `device` against `clock` (only its [`ClockControl::now`] is used): four

@@ -5,6 +5,7 @@ use crate::system::System;
 use anyhow::{Context as _, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Loads modules of one kernel, dependencies first, each at most once.
 #[derive(Debug)]
@@ -124,6 +125,40 @@ impl ModuleLoader {
     }
 }
 
+/// A coldplug that runs at most once, however many steps ask for it: provisioning needs the
+/// network card's driver before it asks a metadata service, and the device-module thread needs
+/// every driver later in the same boot.
+#[derive(Debug, Default)]
+pub struct ColdplugOnce {
+    report: OnceLock<LoadReport>,
+}
+
+impl ColdplugOnce {
+    /// A coldplug that has not run yet.
+    pub const fn new() -> ColdplugOnce {
+        ColdplugOnce {
+            report: OnceLock::new(),
+        }
+    }
+
+    /// The first call runs [`ModuleLoader::coldplug`] with `loader` and logs its report under
+    /// `coldplug`; later calls load and log nothing and return that first report. A call made
+    /// while the first runs (in another thread) waits for it.
+    pub fn run<S: System + ?Sized>(
+        &self,
+        loader: &mut ModuleLoader,
+        sys: &S,
+        sysfs: &Path,
+        rounds: usize,
+    ) -> &LoadReport {
+        self.report.get_or_init(|| {
+            let report = loader.coldplug(sys, sysfs, rounds);
+            log_report("coldplug", &report);
+            report
+        })
+    }
+}
+
 /// Every device's `modalias` under `<sysfs>/bus/*/devices/*/modalias`, deduplicated, sorted.
 pub fn modaliases<S: System + ?Sized>(sys: &S, sysfs: &Path) -> Vec<String> {
     let mut found = BTreeSet::new();
@@ -212,6 +247,29 @@ mod tests {
             .filter(|c| c.starts_with("load "))
             .collect();
         assert_eq!(loads.len(), 4, "each module loaded once: {loads:?}");
+    }
+
+    #[test]
+    fn coldplug_once_runs_only_the_first_time() {
+        let sys = fake();
+        let open =
+            || ModuleLoader::open(&sys, Path::new("/lib/modules"), "6.1.0-test").expect("opens");
+        let once = ColdplugOnce::new();
+        let first = once.run(&mut open(), &sys, Path::new("/sys"), 4).clone();
+        assert_eq!(first.loaded, ["button", "virtio", "virtio_pci"]);
+        // A new device would be found by a second coldplug; the guard hands back the first one.
+        sys.add_file(
+            "/sys/bus/virtio/devices/virtio0/modalias",
+            "virtio:d00000002v00001AF4",
+        );
+        let second = once.run(&mut open(), &sys, Path::new("/sys"), 4);
+        assert_eq!(second, &first);
+        let loads = sys
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("load "))
+            .count();
+        assert_eq!(loads, 3, "the second call loads nothing");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod mounts;
 pub mod syscall;
 pub mod system;
+pub mod udp;
 
 // Stage 1 (initramfs), stage 2 (real root), the update agent.
 pub mod stage1;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::diagnostic::{DefinitionError, Spans};
+use crate::diagnostic::DefinitionError;
 use crate::units::{ByteSize, Duration, FileMode, Name, Sha256, Version};
 
 /// A whole image definition.
@@ -644,24 +644,8 @@ impl Definition {
     /// are located through the parser's spans of the offending key or value.
     pub fn parse(file: &str, source: &str) -> Result<Definition, DefinitionError> {
         let definition: Definition = DefinitionError::from_toml(file, source)?;
-        if let Err(problem) = crate::validate::definition(&definition) {
-            let spans = Spans::parse(source);
-            let offset = problem
-                .paths
-                .iter()
-                .find_map(|p| spans.exact_offset(p))
-                .or_else(|| problem.paths.first().and_then(|p| spans.offset(p)));
-            let named = problem
-                .paths
-                .first()
-                .map_or(String::new(), |p| format!("{p}: "));
-            return Err(DefinitionError::at(
-                file,
-                source,
-                offset,
-                format!("{named}{}", problem.message),
-            ));
-        }
+        crate::validate::definition(&definition)
+            .map_err(|problem| DefinitionError::locate(file, source, &problem, None))?;
         Ok(definition)
     }
 

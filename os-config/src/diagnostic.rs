@@ -7,6 +7,8 @@
 use std::fmt;
 use std::ops::Range;
 
+use crate::validate::Problem;
+
 /// A definition that could not be accepted, with where and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct DefinitionError {
@@ -41,6 +43,29 @@ impl DefinitionError {
                 explain(e.message()),
             )
         })
+    }
+
+    /// An error for a `problem` a rule found in the parsed TOML `source` (read from `file`),
+    /// located through the parser's spans at the first of its keys the file has (else where the
+    /// first key would be) and named `key: message`. A problem with no key is named `unnamed`
+    /// when given, else by its message alone.
+    pub fn locate(file: &str, source: &str, problem: &Problem, unnamed: Option<&str>) -> Self {
+        let spans = Spans::parse(source);
+        let offset = problem
+            .paths
+            .iter()
+            .find_map(|p| spans.exact_offset(p))
+            .or_else(|| problem.paths.first().and_then(|p| spans.offset(p)));
+        let name = problem
+            .paths
+            .first()
+            .map(ToString::to_string)
+            .or_else(|| unnamed.map(str::to_owned));
+        let message = match name {
+            Some(name) => format!("{name}: {}", problem.message),
+            None => problem.message.clone(),
+        };
+        DefinitionError::at(file, source, offset, message)
     }
 
     /// Builds an error at byte offset `offset` of `source`.
@@ -337,6 +362,27 @@ mod tests {
             container.key("env").key("A=B").to_string(),
             "container[1].env.\"A=B\""
         );
+    }
+
+    #[test]
+    fn problems_are_located_at_the_first_key_the_file_has() {
+        let src = "[update]\nurl = \"https://u\"\nbless-after = \"5m\"\n";
+        let update = KeyPath::root("update");
+        let problem = Problem {
+            paths: vec![update.key("bless-timeout"), update.key("bless-after")],
+            message: "must be longer".to_owned(),
+        };
+        let err = DefinitionError::locate("d.toml", src, &problem, None);
+        assert_eq!(err.location, Some((3, 15)), "{err}");
+        assert_eq!(err.message, "update.bless-timeout: must be longer");
+        let keyless = Problem {
+            paths: vec![],
+            message: "empty".to_owned(),
+        };
+        let err = DefinitionError::locate("u.toml", src, &keyless, Some("user data"));
+        assert_eq!(err.to_string(), "u.toml: user data: empty");
+        let err = DefinitionError::locate("d.toml", src, &keyless, None);
+        assert_eq!(err.to_string(), "d.toml: empty");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::definition::{
     Container, ContainerNetwork, Definition, EngineTlsFiles, FleetLock, Network, Time,
     UpdateStrategy, Window, ENGINE_TLS_IN_RUN,
 };
-use crate::diagnostic::{DefinitionError, KeyPath, Spans};
+use crate::diagnostic::{DefinitionError, KeyPath};
 use crate::units::{Duration, Name};
 use crate::validate::Problem;
 
@@ -432,27 +432,20 @@ fn problem(path: KeyPath, message: String) -> Problem {
     }
 }
 
+/// What a problem that names no key is about.
+const USER_DATA: &str = "user data";
+
 fn first_path(problem: &Problem) -> String {
     problem
         .paths
         .first()
-        .map_or_else(|| "user data".to_owned(), ToString::to_string)
+        .map_or_else(|| USER_DATA.to_owned(), ToString::to_string)
 }
 
-/// A problem located in `source` through its spans, named `key: message`.
+/// A problem located in `source` through its spans, named `key: message` (`user data: message`
+/// when it names no key).
 fn locate(file: &str, source: &str, problem: &Problem) -> DefinitionError {
-    let spans = Spans::parse(source);
-    let offset = problem
-        .paths
-        .iter()
-        .find_map(|p| spans.exact_offset(p))
-        .or_else(|| problem.paths.first().and_then(|p| spans.offset(p)));
-    DefinitionError::at(
-        file,
-        source,
-        offset,
-        format!("{}: {}", first_path(problem), problem.message),
-    )
+    DefinitionError::locate(file, source, problem, Some(USER_DATA))
 }
 
 /// The definition a machine runs by: the image's (`image_toml`, the baked

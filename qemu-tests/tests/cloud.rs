@@ -25,13 +25,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
+use os_config::userdata::FW_CFG_USER_DATA;
 use qemu_tests::netns::NetNs;
 use qemu_tests::{free_port, image, Vm, VmOptions};
 
 /// From QEMU start to a running container, under TCG on a busy machine.
 const BOOT: Duration = Duration::from_secs(420);
-/// The fw_cfg item plinth-init reads user data from.
-const FW_CFG_USER_DATA: &str = "opt/plinth/user-data";
 /// The image's container image, which the user data's containers use too.
 const DEMO_IMAGE: &str = "plinth/busybox:1";
 

@@ -32,8 +32,8 @@ pub use network_config::{netmask_prefix, parse_network_config, parse_network_dat
 /// Largest user data accepted, in bytes (1 MiB).
 pub const USER_DATA_LIMIT: u64 = 1 << 20;
 
-/// The fw_cfg file QEMU is given user data in (`-fw_cfg name=opt/plinth/user-data,file=…`).
-pub const FW_CFG_USER_DATA: &str = "opt/plinth/user-data";
+/// The fw_cfg file QEMU is given user data in, as `plinth run --user-data` names it.
+pub use os_config::userdata::FW_CFG_USER_DATA;
 
 /// The platform the machine runs on, as its DMI tables tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

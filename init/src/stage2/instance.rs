@@ -113,8 +113,9 @@ fn find(paths: &Paths, env: &Env, platform: Platform, image: &Definition) -> Opt
     if !provision::needs_network(platform) {
         return None;
     }
-    // The metadata service is on the network: its NIC driver and an address first.
-    super::load_device_modules(&RealSystem::default(), paths, &[]);
+    // The metadata service is on the network: its NIC driver and an address first. The
+    // device-module thread finds this coldplug done and does not repeat it.
+    super::coldplug_devices(&RealSystem::default(), paths, &super::BOOT_COLDPLUG);
     super::workload::start_network(&image.network);
     match provision::find_network(env, platform) {
         Ok(found) => found,

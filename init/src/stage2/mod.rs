@@ -12,7 +12,7 @@ pub mod supervise;
 pub mod workload;
 
 use crate::boot::{run_steps, Clock, Step};
-use crate::coldplug::{log_report, ModuleLoader};
+use crate::coldplug::{log_report, ColdplugOnce, ModuleLoader};
 use crate::mounts;
 use crate::stage2::shutdown::Action;
 use crate::stage2::supervise::{Service, Supervisor};
@@ -339,16 +339,31 @@ fn open_modules<S: System + ?Sized>(sys: &S, paths: &Paths) -> Option<ModuleLoad
     }
 }
 
-/// Coldplug of the devices present (network cards among them), then the power button and media
-/// modules, then `extra` (the definition's `[kernel] modules`). Runs after the engine was started,
-/// before the network is configured.
-pub fn load_device_modules<S: System + ?Sized>(sys: &S, paths: &Paths, extra: &[String]) {
+/// The coldplug of this boot: provisioning's, when a metadata service needs the network card's
+/// driver first, else the one [`load_device_modules`] runs beside the starting engine.
+pub static BOOT_COLDPLUG: ColdplugOnce = ColdplugOnce::new();
+
+/// Coldplug of the devices present (network cards among them), unless `coldplug` already ran.
+pub fn coldplug_devices<S: System + ?Sized>(sys: &S, paths: &Paths, coldplug: &ColdplugOnce) {
+    if let Some(mut loader) = open_modules(sys, paths) {
+        coldplug.run(&mut loader, sys, &paths.sys, 4);
+    }
+}
+
+/// Coldplug of the devices present (network cards among them) unless `coldplug` already ran,
+/// then the power button and media modules, then `extra` (the definition's `[kernel] modules`).
+/// Runs after the engine was started, before the network is configured.
+pub fn load_device_modules<S: System + ?Sized>(
+    sys: &S,
+    paths: &Paths,
+    coldplug: &ColdplugOnce,
+    extra: &[String],
+) {
     let started = sys.now();
     let Some(mut loader) = open_modules(sys, paths) else {
         return;
     };
-    let report = loader.coldplug(sys, &paths.sys, 4);
-    log_report("coldplug", &report);
+    coldplug.run(&mut loader, sys, &paths.sys, 4);
     let mut wanted: Vec<&str> = os_config::modules::POWER_BUTTON.to_vec();
     wanted.extend(os_config::modules::MEDIA);
     wanted.extend(extra.iter().map(String::as_str));
@@ -455,7 +470,7 @@ pub fn run(make: impl FnOnce(&Paths) -> Result<Arc<dyn Workload>>) -> ! {
     let started = std::thread::Builder::new()
         .name("workload".into())
         .spawn(move || {
-            load_device_modules(&RealSystem::default(), &paths, &extra);
+            load_device_modules(&RealSystem::default(), &paths, &BOOT_COLDPLUG, &extra);
             if let Err(e) = after.after_start() {
                 crate::info!("workload failed: {e:#}");
                 crate::status::status("workload-failed", &[("error", &format!("{e:#}"))]);
@@ -596,10 +611,51 @@ mod tests {
             !loads(&sys).iter().any(|c| c.ends_with("evdev.ko")),
             "the power button's module is not loaded before the engine starts"
         );
-        load_device_modules(&sys, &Paths::stage2_under(Path::new("/")), &[]);
+        load_device_modules(
+            &sys,
+            &Paths::stage2_under(Path::new("/")),
+            &ColdplugOnce::new(),
+            &[],
+        );
         assert_eq!(
             loads(&sys).last().map(String::as_str),
             Some("load /usr/lib/modules/6.1.0-test/kernel/evdev.ko")
+        );
+    }
+
+    #[test]
+    fn coldplug_runs_once_when_provisioning_ran_it() {
+        let sys = machine();
+        let modules = "/usr/lib/modules/6.1.0-test";
+        sys.add_file(
+            format!("{modules}/modules.dep"),
+            "kernel/overlay.ko:\nkernel/veth.ko:\nkernel/evdev.ko:\nkernel/virtio_net.ko:\n",
+        );
+        sys.add_file(
+            format!("{modules}/modules.alias"),
+            "alias virtio:d00000001v* virtio_net\n",
+        );
+        sys.add_file(format!("{modules}/kernel/virtio_net.ko"), "ko");
+        sys.add_file(
+            "/sys/bus/virtio/devices/virtio0/modalias",
+            "virtio:d00000001v00001AF4",
+        );
+        run_on(&sys).expect("stage 2 steps");
+        let paths = Paths::stage2_under(Path::new("/"));
+        let coldplug = ColdplugOnce::new();
+        coldplug_devices(&sys, &paths, &coldplug);
+        load_device_modules(&sys, &paths, &coldplug, &[]);
+        let loads: Vec<String> = sys
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("load ") && !c.contains("/overlay.") && !c.contains("/veth."))
+            .collect();
+        assert_eq!(
+            loads,
+            [
+                "load /usr/lib/modules/6.1.0-test/kernel/virtio_net.ko",
+                "load /usr/lib/modules/6.1.0-test/kernel/evdev.ko",
+            ]
         );
     }
 
@@ -615,6 +671,7 @@ mod tests {
         load_device_modules(
             &sys,
             &Paths::stage2_under(Path::new("/")),
+            &ColdplugOnce::new(),
             &["xfs".to_string()],
         );
         let loads: Vec<String> = sys

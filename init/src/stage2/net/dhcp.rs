@@ -9,6 +9,8 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
+use crate::udp::{receive_until, ReceiveError};
+
 /// DHCP server port.
 pub const SERVER_PORT: u16 = 67;
 /// DHCP client port.
@@ -494,44 +496,28 @@ impl Client {
             .map_err(|e| self.io(e))?;
         let deadline = Instant::now() + wait;
         let mut buffer = [0u8; 1500];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            socket
-                .set_read_timeout(Some(left))
-                .map_err(|e| self.io(e))?;
-            let length = match socket.recv_from(&mut buffer) {
-                Ok((length, _)) => length,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ok(None)
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.io(e)),
-            };
-            let Ok(reply) = Packet::decode(&buffer[..length]) else {
-                continue; // not DHCP, or broken: not ours to judge
+        let received = receive_until(socket, deadline, &mut buffer, |datagram| {
+            let Ok(reply) = Packet::decode(datagram) else {
+                return Ok(None); // not DHCP, or broken: not ours to judge
             };
             if reply.op != BOOTREPLY || reply.xid != packet.xid || reply.chaddr != self.mac {
-                continue;
+                return Ok(None);
             }
             match reply.message_type() {
-                Some(MessageType::Nak) => {
-                    return Err(DhcpError::Nak {
-                        server: reply
-                            .address_option(option::SERVER_ID)
-                            .unwrap_or(Ipv4Addr::UNSPECIFIED),
-                    })
-                }
-                Some(t) if accept.contains(&t) => return Ok(Some(reply)),
-                _ => continue,
+                Some(MessageType::Nak) => Err(DhcpError::Nak {
+                    server: reply
+                        .address_option(option::SERVER_ID)
+                        .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                }),
+                Some(t) if accept.contains(&t) => Ok(Some(reply)),
+                _ => Ok(None),
             }
+        });
+        match received {
+            Ok(reply) => Ok(Some(reply)),
+            Err(ReceiveError::TimedOut) => Ok(None),
+            Err(ReceiveError::Io(e)) => Err(self.io(e)),
+            Err(ReceiveError::Refused(nak)) => Err(nak),
         }
     }
 
