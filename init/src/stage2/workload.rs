@@ -222,12 +222,16 @@ pub struct SettleState {
     pub reconciled_once: bool,
     /// A reconciliation is under way.
     pub reconciling: bool,
+    /// The engine has not answered within [`ENGINE_TIMEOUT`] of its first start on this boot:
+    /// an update, which may be the cure, does not wait for it any longer.
+    pub engine_late: bool,
 }
 
 impl SettleState {
-    /// Whether the update agent may act.
+    /// Whether the update agent may act: on a good boot once the containers were reconciled, or
+    /// once the engine is late and there is nothing to reconcile with.
     pub fn settled(&self) -> bool {
-        self.boot_good && self.reconciled_once && !self.reconciling
+        self.boot_good && (self.reconciled_once || self.engine_late) && !self.reconciling
     }
 }
 
@@ -425,10 +429,15 @@ impl DockerWorkload {
                 }
                 Err(e) if start.elapsed() >= ENGINE_TIMEOUT && !reported_late => {
                     reported_late = true;
+                    let first = !self.settle.get().reconciled_once;
                     crate::info!(
-                        "the engine has not answered within {} s ({e}); still waiting, see /var/log/dockerd.log",
-                        ENGINE_TIMEOUT.as_secs()
+                        "the engine has not answered within {} s ({e}); still waiting, see /var/log/dockerd.log{}",
+                        ENGINE_TIMEOUT.as_secs(),
+                        if first { "; updates no longer wait for it" } else { "" }
                     );
+                    if first {
+                        self.settle.update(|s| s.engine_late = true);
+                    }
                 }
                 Err(e) => crate::info!(
                     "waiting for the engine ({} s so far): {e}",
@@ -808,6 +817,42 @@ pub fn wait_healthy(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_good_boot_settles_after_reconciling_or_when_the_engine_is_late() {
+        use super::SettleState;
+        let good = SettleState {
+            boot_good: true,
+            ..SettleState::default()
+        };
+        assert!(!good.settled(), "nothing reconciled yet");
+        let late = SettleState {
+            engine_late: true,
+            ..good
+        };
+        assert!(late.settled(), "a late engine does not hold updates back");
+        assert!(
+            !SettleState {
+                reconciling: true,
+                ..late
+            }
+            .settled(),
+            "not while a reconciliation runs"
+        );
+        assert!(
+            !SettleState {
+                boot_good: false,
+                ..late
+            }
+            .settled(),
+            "a boot on trial waits for its bless"
+        );
+        assert!(SettleState {
+            reconciled_once: true,
+            ..good
+        }
+        .settled());
+    }
+
     use super::*;
 
     const BASE: &str =
