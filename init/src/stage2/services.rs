@@ -1,0 +1,237 @@
+//! Makes the declared `[[service]]`s exist as declared on a swarm manager, like
+//! [`crate::stage2::containers`] does for containers.
+//!
+//! Every service Plinth creates carries [`MANAGED_LABEL`] and [`SPEC_LABEL`] (the hash of its
+//! canonical declaration). A declared service whose hash is unchanged is kept; a changed one is
+//! updated in place (a rolling update, as `[service.update]` says); a managed service no longer
+//! declared is removed. Services without the managed label are left alone, also when they take
+//! a declared name (that one is reported as failed). The overlay networks the services use are
+//! made to exist first, and images a baked archive carries are loaded on this node.
+
+#![warn(missing_docs)]
+
+use std::collections::BTreeSet;
+
+use os_config::definition::{published_port, ContainerNetwork, Service};
+use serde_json::{json, Map, Value};
+
+use crate::stage2::containers::{self, MANAGED_LABEL, SPEC_LABEL};
+use crate::stage2::docker::ServiceSummary;
+use crate::stage2::swarm::SwarmEngine;
+
+/// What service reconciliation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Declared services found as declared.
+    pub kept: Vec<String>,
+    /// Declared services that did not exist.
+    pub created: Vec<String>,
+    /// Services whose declaration changed, updated in place.
+    pub updated: Vec<String>,
+    /// Managed services no longer declared.
+    pub removed: Vec<String>,
+    /// Overlay networks created for the services.
+    pub networks_created: Vec<String>,
+    /// Services that could not be brought to their declared state, with the reason.
+    pub failed: Vec<(String, String)>,
+    /// Problems that did not keep any service from being as declared.
+    pub warnings: Vec<String>,
+}
+
+/// One log line: `kept 1, created 1, updated 0, removed 0, failed 0`.
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "kept {}, created {}, updated {}, removed {}, failed {}",
+            self.kept.len(),
+            self.created.len(),
+            self.updated.len(),
+            self.removed.len(),
+            self.failed.len()
+        )?;
+        for (name, reason) in &self.failed {
+            write!(f, "; {name}: {reason}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The sha256 (hex) of a `[[service]]` declaration's canonical JSON.
+pub fn spec_hash(decl: &Service) -> String {
+    containers::canonical_hash(decl)
+}
+
+/// The `POST /services/create` (and update) body for a declaration.
+pub fn service_body(decl: &Service, spec_hash: &str) -> Value {
+    let mut container = Map::new();
+    container.insert("Image".into(), json!(decl.image));
+    if !decl.command.is_empty() {
+        container.insert("Args".into(), json!(decl.command));
+    }
+    let env: Vec<String> = decl.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    container.insert("Env".into(), json!(env));
+    container.insert("Mounts".into(), Value::Array(mounts(decl)));
+    let networks: Vec<Value> = decl
+        .networks
+        .iter()
+        .map(|n| json!({ "Target": n.as_str() }))
+        .collect();
+    let mode = match decl.replica_count() {
+        Some(replicas) => json!({ "Replicated": { "Replicas": replicas } }),
+        None => json!({ "Global": {} }),
+    };
+    let update = decl.update.unwrap_or_default();
+    json!({
+        "Name": decl.name.as_str(),
+        "Labels": { MANAGED_LABEL: "1", SPEC_LABEL: spec_hash },
+        "TaskTemplate": {
+            "ContainerSpec": Value::Object(container),
+            "Placement": { "Constraints": decl.constraints },
+            "Networks": networks,
+        },
+        "Mode": mode,
+        "UpdateConfig": {
+            "Parallelism": update.parallelism,
+            "Delay": u64::try_from(update.delay.0.as_nanos()).unwrap_or(u64::MAX),
+        },
+        "EndpointSpec": { "Mode": "vip", "Ports": ports(decl) },
+    })
+}
+
+/// `ContainerSpec.Mounts`: bind mounts, read-only for `:ro`.
+fn mounts(decl: &Service) -> Vec<Value> {
+    decl.mounts
+        .iter()
+        .filter_map(|m| {
+            let mut parts = m.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            let read_only = parts.next() == Some("ro");
+            Some(json!({ "Type": "bind", "Source": source, "Target": target, "ReadOnly": read_only }))
+        })
+        .collect()
+}
+
+/// `EndpointSpec.Ports`: one routing-mesh entry per port of a range.
+fn ports(decl: &Service) -> Vec<Value> {
+    let mut out = Vec::new();
+    // The definition was validated when parsed; an unparsable port cannot reach here.
+    for port in decl.ports.iter().filter_map(|p| published_port(p).ok()) {
+        for (published, target) in port.pairs() {
+            out.push(json!({
+                "Protocol": port.protocol,
+                "TargetPort": target,
+                "PublishedPort": published,
+                "PublishMode": "ingress",
+            }));
+        }
+    }
+    out
+}
+
+/// Creates the overlay networks the services use that do not exist yet (a changed one is left
+/// to the container reconciliation, which recreates declared networks).
+fn ensure_networks(
+    engine: &dyn SwarmEngine,
+    decls: &[Service],
+    networks: &[ContainerNetwork],
+    report: &mut Report,
+) -> Result<(), String> {
+    let used: BTreeSet<&str> = decls
+        .iter()
+        .flat_map(|s| s.networks.iter().map(|n| n.as_str()))
+        .collect();
+    if used.is_empty() {
+        return Ok(());
+    }
+    let managed = engine.list_managed_networks().map_err(|e| e.to_string())?;
+    for network in networks.iter().filter(|n| used.contains(n.name.as_str())) {
+        let name = network.name.as_str();
+        if managed.iter().any(|n| n.name == name) {
+            continue;
+        }
+        let hash = containers::network_spec_hash(network);
+        engine
+            .create_network(name, &containers::network_body(network, &hash))
+            .map_err(|e| e.to_string())?;
+        report.networks_created.push(name.to_owned());
+    }
+    Ok(())
+}
+
+/// Loads the image of each service the engine lacks from a baked archive that carries it; one
+/// that no archive carries is left to the engine, which pulls it on every node a task runs on.
+fn load_images(
+    engine: &dyn SwarmEngine,
+    decls: &[Service],
+    options: &containers::Options,
+    report: &mut Report,
+) {
+    for decl in decls {
+        match engine.image_id(&decl.image) {
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(e) => {
+                report.warnings.push(e.to_string());
+                continue;
+            }
+        }
+        let Some(archive) = containers::baked_archive_of(&decl.image, &options.images_dir) else {
+            continue;
+        };
+        if let Err(e) = engine.load_image(&archive) {
+            report.warnings.push(e.to_string());
+        }
+    }
+}
+
+/// Makes every declared service exist as declared and removes managed services no longer
+/// declared. Fails only when the overlay networks cannot be made or the services cannot be
+/// listed; a service that cannot be created or updated is recorded in the report.
+pub fn reconcile(
+    engine: &dyn SwarmEngine,
+    decls: &[Service],
+    networks: &[ContainerNetwork],
+    options: &containers::Options,
+) -> Result<Report, String> {
+    let mut report = Report::default();
+    ensure_networks(engine, decls, networks, &mut report)?;
+    load_images(engine, decls, options, &mut report);
+    let existing = engine.list_services().map_err(|e| e.to_string())?;
+    let managed =
+        |s: &ServiceSummary| s.spec.labels.get(MANAGED_LABEL).map(String::as_str) == Some("1");
+    for stale in existing
+        .iter()
+        .filter(|s| managed(s) && !decls.iter().any(|d| d.name.as_str() == s.spec.name))
+    {
+        match engine.remove_service(&stale.id) {
+            Ok(()) => report.removed.push(stale.spec.name.clone()),
+            Err(e) => report.warnings.push(e.to_string()),
+        }
+    }
+    for decl in decls {
+        let name = decl.name.as_str();
+        let hash = spec_hash(decl);
+        let body = service_body(decl, &hash);
+        let result = match existing.iter().find(|s| s.spec.name == name) {
+            None => engine
+                .create_service(name, &body)
+                .map(|_| report.created.push(name.to_owned())),
+            Some(current) if !managed(current) => {
+                report.failed.push((name.to_owned(), "a service of that name exists that Plinth did not create: it is left alone (remove it to let Plinth create the declared one)".to_owned()));
+                continue;
+            }
+            Some(current) if current.spec.labels.get(SPEC_LABEL) == Some(&hash) => {
+                report.kept.push(name.to_owned());
+                continue;
+            }
+            Some(current) => engine
+                .update_service(&current.id, current.version.index, &body)
+                .map(|()| report.updated.push(name.to_owned())),
+        };
+        if let Err(e) = result {
+            report.failed.push((name.to_owned(), e.to_string()));
+        }
+    }
+    Ok(report)
+}
