@@ -235,3 +235,180 @@ pub fn reconcile(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage2::docker::{ObjectVersion, ServiceSpecSummary};
+    use crate::stage2::swarm::tests::{definition, FakeSwarm};
+    use std::collections::BTreeMap;
+
+    const MANAGER: &str = "[swarm]\nrole = \"manager\"\ninit = true\n";
+
+    fn summary(id: &str, name: &str, labels: &[(&str, &str)], version: u64) -> ServiceSummary {
+        ServiceSummary {
+            id: id.into(),
+            version: ObjectVersion { index: version },
+            spec: ServiceSpecSummary {
+                name: name.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect::<BTreeMap<_, _>>(),
+            },
+        }
+    }
+
+    #[test]
+    fn service_body_matches_the_engine_api() {
+        let def = definition(&format!(
+            "{MANAGER}[[container-network]]\nname = \"mesh\"\ndriver = \"overlay\"\n[[service]]\nname = \"web\"\nimage = \"nginx:1\"\nreplicas = 3\nports = [\"8080:80\", \"53-54:53-54/udp\"]\nenv = {{ B = \"2\", A = \"1\" }}\nmounts = [\"/var/lib/web:/www:ro\"]\nnetworks = [\"mesh\"]\nconstraints = [\"node.role==worker\"]\ncommand = [\"nginx\", \"-g\", \"daemon off;\"]\nupdate = {{ parallelism = 2, delay = \"10s\" }}\n[[service]]\nname = \"agent\"\nimage = \"agent:1\"\nmode = \"global\"\n"
+        ));
+        let body = service_body(&def.services[0], "HASH");
+        assert_eq!(
+            body,
+            json!({
+                "Name": "web",
+                "Labels": { "plinth.managed": "1", "plinth.spec": "HASH" },
+                "TaskTemplate": {
+                    "ContainerSpec": {
+                        "Image": "nginx:1",
+                        "Args": ["nginx", "-g", "daemon off;"],
+                        "Env": ["A=1", "B=2"],
+                        "Mounts": [{ "Type": "bind", "Source": "/var/lib/web", "Target": "/www", "ReadOnly": true }],
+                    },
+                    "Placement": { "Constraints": ["node.role==worker"] },
+                    "Networks": [{ "Target": "mesh" }],
+                },
+                "Mode": { "Replicated": { "Replicas": 3 } },
+                "UpdateConfig": { "Parallelism": 2, "Delay": 10_000_000_000u64 },
+                "EndpointSpec": { "Mode": "vip", "Ports": [
+                    { "Protocol": "tcp", "TargetPort": 80, "PublishedPort": 8080, "PublishMode": "ingress" },
+                    { "Protocol": "udp", "TargetPort": 53, "PublishedPort": 53, "PublishMode": "ingress" },
+                    { "Protocol": "udp", "TargetPort": 54, "PublishedPort": 54, "PublishMode": "ingress" },
+                ] },
+            })
+        );
+        let global = service_body(&def.services[1], "H");
+        assert_eq!(global["Mode"], json!({ "Global": {} }));
+        assert_eq!(
+            global["UpdateConfig"],
+            json!({ "Parallelism": 1, "Delay": 0 })
+        );
+        assert!(global["TaskTemplate"]["ContainerSpec"]
+            .get("Args")
+            .is_none());
+        let mut changed = def.services[0].clone();
+        assert_eq!(spec_hash(&changed), spec_hash(&def.services[0]));
+        changed.replicas = Some(4);
+        assert_ne!(spec_hash(&changed), spec_hash(&def.services[0]));
+    }
+
+    #[test]
+    fn services_are_created_updated_removed_and_foreign_ones_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let def = definition(&format!(
+            "{MANAGER}[[container-network]]\nname = \"mesh\"\ndriver = \"overlay\"\n[[service]]\nname = \"new\"\nimage = \"new:1\"\nnetworks = [\"mesh\"]\n[[service]]\nname = \"same\"\nimage = \"same:1\"\n[[service]]\nname = \"changed\"\nimage = \"changed:2\"\n[[service]]\nname = \"theirs\"\nimage = \"theirs:1\"\n"
+        ));
+        let same_hash = spec_hash(&def.services[1]);
+        let engine = FakeSwarm::default();
+        *engine.services.lock().expect("lock") = vec![
+            summary(
+                "s-same",
+                "same",
+                &[("plinth.managed", "1"), ("plinth.spec", &same_hash)],
+                5,
+            ),
+            summary(
+                "s-changed",
+                "changed",
+                &[("plinth.managed", "1"), ("plinth.spec", "old")],
+                7,
+            ),
+            summary(
+                "s-gone",
+                "gone",
+                &[("plinth.managed", "1"), ("plinth.spec", "x")],
+                2,
+            ),
+            summary("s-theirs", "theirs", &[], 3),
+            summary("s-other", "other", &[("team", "ops")], 3),
+        ];
+        let options = containers::Options {
+            images_dir: dir.path().join("images"),
+            ..containers::Options::default()
+        };
+        let report =
+            reconcile(&engine, &def.services, &def.container_networks, &options).expect("lists");
+        assert_eq!(
+            engine.calls(),
+            [
+                "create network mesh \"overlay\"",
+                "remove service s-gone",
+                "create service new",
+                "update service s-changed version 7",
+            ]
+        );
+        assert_eq!(report.created, ["new"]);
+        assert_eq!(report.kept, ["same"]);
+        assert_eq!(report.updated, ["changed"]);
+        assert_eq!(report.removed, ["gone"]);
+        assert_eq!(report.networks_created, ["mesh"]);
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(report.failed[0].0, "theirs");
+        assert!(report.failed[0].1.contains("did not create"), "{report}");
+        let bodies = engine.bodies.lock().expect("lock").clone();
+        assert_eq!(
+            bodies[1]["TaskTemplate"]["ContainerSpec"]["Image"],
+            "changed:2"
+        );
+
+        // The overlay network exists now: the next round creates nothing.
+        let again = FakeSwarm::default();
+        *again.networks.lock().expect("lock") = engine.networks.lock().expect("lock").clone();
+        reconcile(
+            &again,
+            &def.services[..1],
+            &def.container_networks,
+            &options,
+        )
+        .expect("again");
+        assert_eq!(again.calls(), ["create service new"]);
+    }
+
+    #[test]
+    fn a_service_image_from_a_baked_archive_is_loaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).expect("mkdir");
+        // A `docker save` archive of a container's image, tagged app:1.
+        let manifest = format!(
+            "[{{\"Config\":\"{}.json\",\"RepoTags\":[\"app:1\"],\"Layers\":[]}}]",
+            "a".repeat(64)
+        );
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(manifest.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "manifest.json", manifest.as_bytes())
+            .expect("tar");
+        std::fs::write(images.join("app.tar"), builder.into_inner().expect("tar")).expect("w");
+        let def = definition(&format!(
+            "{MANAGER}[[service]]\nname = \"web\"\nimage = \"app:1\"\n[[service]]\nname = \"db\"\nimage = \"postgres:17\"\n"
+        ));
+        let engine = FakeSwarm::default();
+        let options = containers::Options {
+            images_dir: images.clone(),
+            ..containers::Options::default()
+        };
+        reconcile(&engine, &def.services, &[], &options).expect("reconciles");
+        let load = format!("load {}", images.join("app.tar").display());
+        assert_eq!(
+            engine.calls(),
+            [load.as_str(), "create service web", "create service db"],
+            "postgres:17 is left to the engine's pull"
+        );
+    }
+}
