@@ -673,6 +673,45 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_manager_round_reconciles_services_and_reports_a_failed_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let def = definition(
+            "[swarm]\nrole = \"manager\"\ninit = true\n[[service]]\nname = \"web\"\nimage = \"nginx:1\"\n",
+        );
+        let engine = FakeSwarm::in_state("active", true);
+        engine.services.lock().expect("lock").push(ServiceSummary {
+            id: "s1".into(),
+            version: Default::default(),
+            spec: docker::ServiceSpecSummary {
+                name: "web".into(),
+                labels: BTreeMap::new(),
+            },
+        });
+        let mut rounds = Rounds::new(&def, options(dir.path()));
+        let lines = Lines::default();
+        let now = Instant::now();
+        rounds.tick(&engine, now, &lines);
+        let printed = lines.0.lock().expect("lock").clone();
+        assert_eq!(printed.len(), 1, "{printed:?}");
+        assert!(
+            printed[0].starts_with("PLINTH-STATUS swarm-error reason=\"service web: "),
+            "{printed:?}"
+        );
+        assert_eq!(rounds.next_due(), Some(now + FIRST_BACKOFF));
+        engine.services.lock().expect("lock").clear();
+        rounds.tick(&engine, now + FIRST_BACKOFF, &lines);
+        assert_eq!(
+            engine.calls().last().map(String::as_str),
+            Some("create service web")
+        );
+        let printed = lines.0.lock().expect("lock").clone();
+        assert_eq!(
+            printed[1],
+            "PLINTH-STATUS swarm-ready role=manager node-id=node-a managers=1 nodes=2"
+        );
+    }
+
+    #[test]
     fn a_node_already_in_its_role_is_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = options(dir.path());
