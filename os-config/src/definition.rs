@@ -36,6 +36,13 @@ pub struct Definition {
     /// is not `[[network]]`, which `[network]`, the machine's own interface, already takes).
     #[serde(default, rename = "container-network")]
     pub container_networks: Vec<ContainerNetwork>,
+    /// `[swarm]`: the machine's membership of a Docker Swarm [default: none; a node Plinth
+    /// joined leaves].
+    #[serde(default)]
+    pub swarm: Option<Swarm>,
+    /// `[[service]]`: Swarm services a manager makes exist as declared.
+    #[serde(default, rename = "service")]
+    pub services: Vec<Service>,
 }
 
 /// `[image]`: identity of the image.
@@ -588,6 +595,133 @@ impl NetworkDriver {
     }
 }
 
+/// `[swarm]`: the machine's Docker Swarm membership, made to match at every engine start.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Swarm {
+    /// `manager` or `worker`.
+    pub role: SwarmRole,
+    /// The address other nodes reach this one at: an interface name (`eth0`, resolved to its
+    /// IPv4 address at boot) or an IP address [default: the engine picks].
+    pub advertise: Option<String>,
+    /// Where the swarm's management port listens [default: `0.0.0.0:2377`].
+    #[serde(default = "default_swarm_listen")]
+    pub listen: String,
+    /// Managers to join, `HOST[:PORT]` (`"10.0.0.1:2377"`); the port defaults to 2377.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// The join token (`SWMTKN-1-…`), for a node that joins.
+    pub token: Option<String>,
+    /// A file on the machine holding the join token, read at each join attempt (in place of
+    /// `token`).
+    pub token_file: Option<String>,
+    /// Start a new swarm: only on the first manager, never with `join`.
+    #[serde(default)]
+    pub init: bool,
+}
+
+/// A node's role in the swarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwarmRole {
+    /// Runs the swarm's control plane (and tasks).
+    Manager,
+    /// Runs tasks only.
+    Worker,
+}
+
+impl SwarmRole {
+    /// The name written in `[swarm] role`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SwarmRole::Manager => "manager",
+            SwarmRole::Worker => "worker",
+        }
+    }
+}
+
+/// The default `[swarm] listen`.
+pub const DEFAULT_SWARM_LISTEN: &str = "0.0.0.0:2377";
+/// The swarm management port a `[swarm] join` entry without a port means.
+pub const SWARM_PORT: u16 = 2377;
+
+/// `[[service]]`: a Swarm service, made to exist as declared by a manager.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Service {
+    pub name: Name,
+    /// Image reference; a node without it loads it from a baked `[[container]]` archive that
+    /// carries it, else pulls it.
+    pub image: String,
+    /// How many tasks run (replicated mode) [default: 1; not with `mode = "global"`].
+    pub replicas: Option<u64>,
+    /// `replicated` (default) or `global` (one task on every node that meets the constraints).
+    pub mode: Option<ServiceMode>,
+    /// Ports published through the routing mesh on every node, `"HOST:CONTAINER"` or
+    /// `"HOST:CONTAINER/udp"` (ranges allowed, no address).
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Bind mounts, as `[[container]] mounts`; the host side must exist on every node a task
+    /// runs on (it lies under `/var`).
+    #[serde(default)]
+    pub mounts: Vec<String>,
+    /// `[[container-network]]`s with `driver = "overlay"` the tasks join.
+    #[serde(default)]
+    pub networks: Vec<Name>,
+    /// Placement constraints, `"node.role==worker"`, `"node.labels.zone!=b"`.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    /// Arguments replacing the image's `CMD`.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// How a changed service is rolled out [default: one task at a time, no delay].
+    pub update: Option<ServiceUpdate>,
+}
+
+/// How a service's tasks are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceMode {
+    /// A fixed number of tasks (`replicas`).
+    #[default]
+    Replicated,
+    /// One task on every eligible node.
+    Global,
+}
+
+impl Service {
+    /// The replica count of a replicated service (`None` for a global one).
+    pub fn replica_count(&self) -> Option<u64> {
+        match self.mode.unwrap_or_default() {
+            ServiceMode::Global => None,
+            ServiceMode::Replicated => Some(self.replicas.unwrap_or(1)),
+        }
+    }
+}
+
+/// `[service.update]`: the rolling update of a changed service.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServiceUpdate {
+    /// Tasks updated at once; 0 updates all at once [default: 1].
+    #[serde(default = "default_parallelism")]
+    pub parallelism: u64,
+    /// Pause between two batches [default: `0s`].
+    #[serde(default = "default_update_delay")]
+    pub delay: Duration,
+}
+
+impl Default for ServiceUpdate {
+    fn default() -> Self {
+        ServiceUpdate {
+            parallelism: default_parallelism(),
+            delay: default_update_delay(),
+        }
+    }
+}
+
 /// A container image assembled by `plinth` from Debian packages.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -684,6 +818,15 @@ fn default_cmdline() -> Vec<String> {
 }
 fn default_tls_listen() -> String {
     "0.0.0.0:2376".to_owned()
+}
+fn default_swarm_listen() -> String {
+    DEFAULT_SWARM_LISTEN.to_owned()
+}
+fn default_parallelism() -> u64 {
+    1
+}
+fn default_update_delay() -> Duration {
+    Duration(std::time::Duration::ZERO)
 }
 fn default_esp() -> ByteSize {
     ByteSize(256 * ByteSize::MIB)
@@ -1156,6 +1299,240 @@ log = {{ driver = "local", max-size = "5m", max-file = 2 }}
         ))
         .expect_err("journald");
         assert!(bad_driver.message.contains("json-file"), "{bad_driver}");
+    }
+
+    const MANAGER: &str = "[swarm]\nrole = \"manager\"\ninit = true\n";
+    const OVERLAY: &str = "[[container-network]]\nname = \"mesh\"\ndriver = \"overlay\"\n";
+    const WEB: &str = "[[service]]\nname = \"web\"\nimage = \"nginx:1\"\n";
+    const TOKEN: &str =
+        "SWMTKN-1-3pu6hszjas19xyp7ghgosyx9k8atbfcr8p2is99znpy26u2lkl-1awxwuwd3z9j1z3puu7rcgdbx";
+
+    #[test]
+    fn swarm_and_services_parse() {
+        let src = format!(
+            r#"{MINIMAL}
+[swarm]
+role = "worker"
+advertise = "eth0"
+join = ["10.0.0.1:2377", "manager-2"]
+token-file = "/var/lib/swarm/token"
+"#
+        );
+        let def = parse(&src).expect("a worker parses");
+        let swarm = def.swarm.expect("swarm");
+        assert_eq!(swarm.role, SwarmRole::Worker);
+        assert_eq!(swarm.listen, DEFAULT_SWARM_LISTEN);
+        assert_eq!(swarm.join, ["10.0.0.1:2377", "manager-2"]);
+        assert_eq!(swarm.token_file.as_deref(), Some("/var/lib/swarm/token"));
+        assert!(!swarm.init);
+
+        let src = format!(
+            r#"{MINIMAL}{OVERLAY}
+[swarm]
+role = "manager"
+join = ["[fd00::1]:2377"]
+token = "{TOKEN}"
+advertise = "10.0.0.2"
+listen = "10.0.0.2:2377"
+
+[[service]]
+name = "web"
+image = "nginx:1.27"
+replicas = 3
+ports = ["8080:80", "53:53/udp"]
+env = {{ MODE = "prod" }}
+mounts = ["/var/lib/web:/usr/share/nginx/html:ro"]
+networks = ["mesh"]
+constraints = ["node.role==worker", "node.labels.zone != b"]
+command = ["nginx", "-g", "daemon off;"]
+update = {{ parallelism = 2, delay = "10s" }}
+
+[[service]]
+name = "agent"
+image = "agent:1"
+mode = "global"
+"#
+        );
+        let def = parse(&src).expect("a manager with services parses");
+        let web = &def.services[0];
+        assert_eq!(web.replica_count(), Some(3));
+        assert_eq!(web.networks[0].as_str(), "mesh");
+        let update = web.update.expect("update");
+        assert_eq!(
+            (update.parallelism, update.delay.0),
+            (2, std::time::Duration::from_secs(10))
+        );
+        assert_eq!(def.services[1].replica_count(), None);
+        let plain = parse(&format!("{MINIMAL}{MANAGER}{WEB}")).expect("defaults");
+        assert_eq!(plain.services[0].replica_count(), Some(1));
+        assert_eq!(plain.services[0].update, None);
+        assert_eq!(ServiceUpdate::default().parallelism, 1);
+        assert!(parse(MINIMAL).expect("minimal").swarm.is_none());
+    }
+
+    #[test]
+    fn swarm_and_services_refused_with_their_key() {
+        let worker = "[swarm]\nrole = \"worker\"\n";
+        let joining =
+            format!("[swarm]\nrole = \"worker\"\njoin = [\"10.0.0.1\"]\ntoken = \"{TOKEN}\"\n");
+        let bridge = "[[container-network]]\nname = \"back\"\n";
+        let cases = [
+            (
+                format!("{worker}init = true\n"),
+                "swarm.init",
+                "only role = \"manager\"",
+            ),
+            (
+                format!("{MANAGER}join = [\"10.0.0.1:2377\"]\n"),
+                "swarm.join",
+                "give one or the other",
+            ),
+            (
+                format!("{MANAGER}token = \"{TOKEN}\"\n"),
+                "swarm.token",
+                "only used to join",
+            ),
+            (worker.to_owned(), "swarm.role", "needs join"),
+            (
+                "[swarm]\nrole = \"manager\"\n".to_owned(),
+                "swarm.role",
+                "init = true",
+            ),
+            (
+                format!("{worker}join = [\"10.0.0.1:2377\"]\n"),
+                "swarm.join",
+                "needs the swarm's join token",
+            ),
+            (
+                format!("{joining}token-file = \"/var/lib/t\"\n"),
+                "swarm.token-file",
+                "not both",
+            ),
+            (
+                format!("{worker}join = [\"m\"]\ntoken = \"secret-value\"\n"),
+                "swarm.token",
+                "SWMTKN-1-",
+            ),
+            (
+                format!("{worker}join = [\"m\"]\ntoken-file = \"var/lib/t\"\n"),
+                "swarm.token-file",
+                "absolute",
+            ),
+            (
+                format!("{joining}advertise = \"eth0/1\"\n"),
+                "swarm.advertise",
+                "interface name",
+            ),
+            (
+                format!("{joining}listen = \"eth0:2377\"\n"),
+                "swarm.listen",
+                "IP:PORT",
+            ),
+            (
+                format!("{worker}join = [\"http://m:2377\"]\ntoken = \"{TOKEN}\"\n"),
+                "swarm.join[0]",
+                "no scheme",
+            ),
+            (
+                format!("{worker}join = [\"m:99999\"]\ntoken = \"{TOKEN}\"\n"),
+                "swarm.join[0]",
+                "1-65535",
+            ),
+            ("[swarm]\nrole = \"leader\"\n".to_owned(), "", "manager"),
+            (WEB.to_owned(), "service[0].name", "role = \"manager\""),
+            (
+                format!("{joining}{WEB}"),
+                "service[0].name",
+                "role = \"manager\"",
+            ),
+            (
+                format!("{MANAGER}{WEB}{WEB}"),
+                "service[1].name",
+                "declared twice",
+            ),
+            (
+                format!("{MANAGER}{WEB}mode = \"global\"\nreplicas = 2\n"),
+                "service[0].replicas",
+                "not both",
+            ),
+            (
+                format!("{MANAGER}{WEB}image = \"Bad\"\n").replace("image = \"nginx:1\"\n", ""),
+                "service[0].image",
+                "not an image reference",
+            ),
+            (
+                format!("{MANAGER}{WEB}ports = [\"127.0.0.1:80:80\"]\n"),
+                "service[0].ports[0]",
+                "without an address",
+            ),
+            (
+                format!("{MANAGER}{WEB}ports = [\"80\"]\n"),
+                "service[0].ports[0]",
+                "HOST:CONTAINER",
+            ),
+            (
+                format!("{MANAGER}{WEB}ports = [\"80:80\", \"80:81\"]\n"),
+                "service[0].ports[1]",
+                "already published by service[0].ports[0]",
+            ),
+            (
+                format!("{MANAGER}{APP}ports = [\"8080:80\"]\n{WEB}ports = [\"8080:80\"]\n"),
+                "service[0].ports[0]",
+                "already published by container[0].ports[0]",
+            ),
+            (
+                format!("{MANAGER}{WEB}mounts = [\"/etc:/x\"]\n"),
+                "service[0].mounts[0]",
+                "host side under /var",
+            ),
+            (
+                format!("{MANAGER}{WEB}networks = [\"mesh\"]\n"),
+                "service[0].networks[0]",
+                "not declared",
+            ),
+            (
+                format!("{MANAGER}{bridge}{WEB}networks = [\"back\"]\n"),
+                "service[0].networks[0]",
+                "driver = \"overlay\"",
+            ),
+            (
+                format!("{MANAGER}{OVERLAY}{WEB}networks = [\"mesh\", \"mesh\"]\n"),
+                "service[0].networks[1]",
+                "listed twice",
+            ),
+            (
+                format!("{MANAGER}{WEB}constraints = [\"node.role=worker\"]\n"),
+                "service[0].constraints[0]",
+                "KEY==VALUE",
+            ),
+            (
+                format!("{MANAGER}{WEB}env = {{ \"A=B\" = \"x\" }}\n"),
+                "service[0].env.\"A=B\"",
+                "environment variable name",
+            ),
+            (
+                format!("{MANAGER}{WEB}update = {{ delay = \"soon\" }}\n"),
+                "",
+                "invalid duration",
+            ),
+        ];
+        for (tail, key, want) in cases {
+            let err = parse(&format!("{MINIMAL}{tail}")).expect_err(&tail);
+            assert!(
+                err.message.starts_with(&format!("{key}: ")) || key.is_empty(),
+                "{tail}: {err}"
+            );
+            assert!(err.message.contains(want), "{tail}: {err}");
+            assert!(err.location.is_some(), "{tail}: {err}");
+        }
+        let secret = parse(&format!(
+            "{MINIMAL}{worker}join = [\"m\"]\ntoken = \"SWMTKN-1-a b\"\n"
+        ))
+        .expect_err("bad token");
+        assert!(
+            !secret.message.contains("a b"),
+            "the token is not repeated: {secret}"
+        );
     }
 
     #[test]

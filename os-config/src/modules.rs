@@ -40,8 +40,8 @@ pub const POWER_BUTTON: &[&str] = &["button", "evdev"];
 
 /// What Docker's Swarm mode needs beyond [`ENGINE`]: VXLAN overlay networks, IPVS service load
 /// balancing, conntrack over netlink, encrypted overlays (ESP/xfrm), VLANs and the macvlan and
-/// ipvlan network drivers. Shipped in every image, not loaded at boot (nothing loads them yet:
-/// name them in `[kernel] modules` to load them).
+/// ipvlan network drivers. Shipped in every image; a swarm node loads [`SWARM`], the others are
+/// loaded when named in `[kernel] modules`.
 pub const NETWORK: &[&str] = &[
     "vxlan",
     "ip_vs",
@@ -58,6 +58,34 @@ pub const NETWORK: &[&str] = &[
     "macvlan",
     "ipvlan",
 ];
+
+/// What a node of a Docker Swarm loads besides [`ENGINE`] when `[swarm]` is declared: VXLAN
+/// overlay networks (with their UDP tunnel helpers), IPVS load balancing of the routing mesh,
+/// the marks and conntrack netlink it uses, and the `u32` match of encrypted overlays. Shipped
+/// in every image (user data may declare `[swarm]` on an image that does not), loaded by
+/// plinth-init only on a swarm node.
+pub const SWARM: &[&str] = &[
+    "vxlan",
+    "udp_tunnel",
+    "ip6_udp_tunnel",
+    "ip_vs",
+    "ip_vs_rr",
+    "xt_ipvs",
+    "xt_mark",
+    "nf_conntrack_netlink",
+    "xt_u32",
+];
+
+/// The modules a definition asks stage 2 to load besides Plinth's own: [`SWARM`] when `[swarm]`
+/// is declared, then `[kernel] modules`.
+pub fn declared(def: &crate::Definition) -> Vec<String> {
+    let swarm = def.swarm.as_ref().map_or(&[][..], |_| SWARM);
+    swarm
+        .iter()
+        .map(|m| (*m).to_owned())
+        .chain(def.kernel.modules.iter().cloned())
+        .collect()
+}
 
 /// A machine family an image boots on (`[kernel] platforms`): its drivers ship in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
@@ -200,11 +228,12 @@ pub fn stage2_loaded() -> Vec<&'static str> {
 }
 
 /// The modules Plinth itself needs in every image, whatever the platforms: the initramfs set,
-/// [`stage2_loaded`] and [`NETWORK`].
+/// [`stage2_loaded`], [`NETWORK`] and [`SWARM`].
 pub fn always_shipped() -> Vec<&'static str> {
     let mut out = crate::initramfs::MODULES.to_vec();
     out.extend(stage2_loaded());
     out.extend(NETWORK);
+    out.extend(SWARM);
     out
 }
 
@@ -219,6 +248,7 @@ mod tests {
             ("media", MEDIA),
             ("power button", POWER_BUTTON),
             ("network", NETWORK),
+            ("swarm", SWARM),
         ];
         for platform in Platform::ALL {
             lists.push((platform.name(), platform.modules()));
@@ -232,6 +262,33 @@ mod tests {
                     "{list}: {name} is not a module name spelled with `_`"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn swarm_modules_are_loaded_only_on_a_swarm_node() {
+        let plain = crate::Definition::parse(
+            "t.toml",
+            "[image]\nname = \"a\"\nversion = \"1\"\n[kernel]\nmodules = [\"vfio\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(declared(&plain), ["vfio"]);
+        let swarm = crate::Definition::parse(
+            "t.toml",
+            "[image]\nname = \"a\"\nversion = \"1\"\n[kernel]\nmodules = [\"vfio\"]\n[swarm]\nrole = \"manager\"\ninit = true\n",
+        )
+        .expect("parses");
+        let loaded = declared(&swarm);
+        assert_eq!(loaded.len(), SWARM.len() + 1);
+        for name in [
+            "vxlan",
+            "ip_vs",
+            "ip_vs_rr",
+            "xt_ipvs",
+            "nf_conntrack_netlink",
+            "vfio",
+        ] {
+            assert!(loaded.iter().any(|m| m == name), "{name}");
         }
     }
 
@@ -250,6 +307,7 @@ mod tests {
         assert!(toml::from_str::<T>("p = [\"vmware\"]").is_err());
         assert!(always_shipped().contains(&"dm_verity"));
         assert!(always_shipped().contains(&"vxlan"));
+        assert!(always_shipped().contains(&"xt_u32"));
         assert_eq!(stage2_loaded().len(), ENGINE.len() + 2 + MEDIA.len());
     }
 }

@@ -16,8 +16,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::definition::{
-    Container, ContainerNetwork, Definition, EngineTlsFiles, FleetLock, Network, Time,
-    UpdateStrategy, Window, ENGINE_TLS_IN_RUN,
+    Container, ContainerNetwork, Definition, EngineTlsFiles, FleetLock, Network, Service, Swarm,
+    Time, UpdateStrategy, Window, ENGINE_TLS_IN_RUN,
 };
 use crate::diagnostic::{DefinitionError, KeyPath};
 use crate::units::{Duration, Name};
@@ -118,6 +118,11 @@ pub struct UserData {
     /// added.
     #[serde(default, rename = "container-network")]
     pub container_networks: Vec<ContainerNetwork>,
+    /// Replaces the image's `[swarm]` as a whole.
+    pub swarm: Option<Swarm>,
+    /// `[[service]]`: one with the name of an image service replaces it; others are added.
+    #[serde(default, rename = "service")]
+    pub services: Vec<Service>,
 }
 
 /// `[engine]` in user data.
@@ -175,6 +180,13 @@ pub struct UserUpdate {
 enum Origin {
     Image(usize),
     UserData(usize),
+}
+
+/// Where the merged definition's containers, networks and services came from.
+struct Origins {
+    containers: Vec<Origin>,
+    networks: Vec<Origin>,
+    services: Vec<Origin>,
 }
 
 impl UserData {
@@ -263,6 +275,9 @@ impl UserData {
         if let Some(time) = &self.time {
             merged.time = time.clone();
         }
+        if let Some(swarm) = &self.swarm {
+            merged.swarm = Some(swarm.clone());
+        }
         if let Some(engine) = &self.engine {
             for (key, value) in &engine.settings {
                 merged.engine.settings.insert(key.clone(), value.clone());
@@ -284,8 +299,17 @@ impl UserData {
         }
         let origins = self.merge_containers(&mut merged);
         let network_origins = self.merge_networks(&mut merged);
-        crate::validate::definition(&merged)
-            .map_err(|p| self.rename(p, &origins, &network_origins))?;
+        let service_origins = self.merge_services(&mut merged);
+        crate::validate::definition(&merged).map_err(|p| {
+            self.rename(
+                p,
+                &Origins {
+                    containers: origins,
+                    networks: network_origins,
+                    services: service_origins,
+                },
+            )
+        })?;
         Ok(merged)
     }
 
@@ -330,24 +354,42 @@ impl UserData {
         origins
     }
 
+    /// Replaces or adds the user-data services; returns where each merged service came from.
+    fn merge_services(&self, merged: &mut Definition) -> Vec<Origin> {
+        let services = &mut merged.services;
+        let mut origins: Vec<Origin> = (0..services.len()).map(Origin::Image).collect();
+        for (j, service) in self.services.iter().enumerate() {
+            match services.iter().position(|s| s.name == service.name) {
+                Some(i) => {
+                    services[i] = service.clone();
+                    origins[i] = Origin::UserData(j);
+                }
+                None => {
+                    services.push(service.clone());
+                    origins.push(Origin::UserData(j));
+                }
+            }
+        }
+        origins
+    }
+
     /// Turns a problem of the merged definition into one named by user-data keys.
-    fn rename(
-        &self,
-        mut problem: Problem,
-        origins: &[Origin],
-        network_origins: &[Origin],
-    ) -> Problem {
+    fn rename(&self, mut problem: Problem, origins: &Origins) -> Problem {
         let mut image_container = None;
         problem.paths = problem
             .paths
             .iter()
             .map(|path| match (path.root_key(), path.root_index()) {
                 (Some("image"), _) => KeyPath::root("hostname"),
-                (Some("container-network"), Some(i)) => match network_origins.get(i) {
+                (Some("container-network"), Some(i)) => match origins.networks.get(i) {
                     Some(Origin::UserData(j)) => path.with_root_index(*j),
                     _ => path.clone(),
                 },
-                (Some("container"), Some(i)) => match origins.get(i) {
+                (Some("service"), Some(i)) => match origins.services.get(i) {
+                    Some(Origin::UserData(j)) => path.with_root_index(*j),
+                    _ => path.clone(),
+                },
+                (Some("container"), Some(i)) => match origins.containers.get(i) {
                     Some(Origin::UserData(j)) => path.with_root_index(*j),
                     _ => {
                         image_container = Some(i);
@@ -678,6 +720,54 @@ mod tests {
         );
         let err = bad.apply(&image()).expect_err("engine network name");
         assert!(err.starts_with("container-network[1].name: "), "{err}");
+    }
+
+    #[test]
+    fn swarm_is_replaced_and_services_merged_by_name() {
+        let mut with_swarm = image();
+        let base = Definition::parse(
+            "image.toml",
+            "[image]\nname = \"demo\"\nversion = \"1.0\"\n\n[swarm]\nrole = \"manager\"\ninit = true\n\n[[container-network]]\nname = \"mesh\"\ndriver = \"overlay\"\n\n[[service]]\nname = \"web\"\nimage = \"nginx:1\"\nreplicas = 2\n\n[[service]]\nname = \"api\"\nimage = \"api:1\"\n",
+        )
+        .expect("image with services parses");
+        with_swarm.swarm = base.swarm.clone();
+        with_swarm.container_networks = base.container_networks.clone();
+        with_swarm.services = base.services.clone();
+        let data = plinth(
+            "[swarm]\nrole = \"manager\"\njoin = [\"10.0.0.1:2377\"]\ntoken-file = \"/var/lib/swarm/token\"\nadvertise = \"eth0\"\n\n[[service]]\nname = \"api\"\nimage = \"api:2\"\nnetworks = [\"mesh\"]\n\n[[service]]\nname = \"cache\"\nimage = \"redis:7\"\nmode = \"global\"\n",
+        );
+        let merged = data.apply(&with_swarm).expect("applies");
+        let swarm = merged.swarm.as_ref().expect("swarm");
+        assert!(
+            !swarm.init,
+            "the instance's [swarm] replaces the image's whole"
+        );
+        assert_eq!(swarm.join, ["10.0.0.1:2377"]);
+        let names: Vec<&str> = merged.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["web", "api", "cache"]);
+        assert_eq!(merged.services[0].replicas, Some(2));
+        assert_eq!(merged.services[1].image, "api:2");
+        assert_eq!(merged.services[1].networks[0].as_str(), "mesh");
+
+        // A worker's [swarm] over an image with services: the image's service is blamed.
+        let worker =
+            plinth("[swarm]\nrole = \"worker\"\njoin = [\"m\"]\ntoken = \"SWMTKN-1-abc-def\"\n");
+        let err = worker
+            .apply(&with_swarm)
+            .expect_err("services need a manager");
+        assert!(err.starts_with("service[0].name: "), "{err}");
+        assert!(err.contains("role = \"manager\""), "{err}");
+        // A bad service of the user data is named by its own index.
+        let bad = plinth("[[service]]\nname = \"ok\"\nimage = \"ok:1\"\n\n[[service]]\nname = \"x\"\nimage = \"x:1\"\nnetworks = [\"nope\"]\n");
+        let err = bad.apply(&with_swarm).expect_err("undeclared network");
+        assert!(err.starts_with("service[1].networks[0]: "), "{err}");
+        // User data may add a swarm to an image that has none.
+        let added = plinth("[swarm]\nrole = \"manager\"\ninit = true\n\n[[service]]\nname = \"w\"\nimage = \"w:1\"\n");
+        let merged = added.apply(&image()).expect("swarm added");
+        assert_eq!(merged.services.len(), 1);
+        let err =
+            classify("ud", b"[swarm]\nrole = \"worker\"\nint = true\n").expect_err("misspelt");
+        assert!(err.message.contains("did you mean `init`?"), "{err}");
     }
 
     #[test]

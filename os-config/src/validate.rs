@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::definition::{
-    Container, Definition, LogDriver, Network, NetworkMode, Source, UpdateStrategy,
+    Container, Definition, LogDriver, Network, NetworkDriver, NetworkMode, ServiceMode, Source,
+    SwarmRole, UpdateStrategy,
 };
 use crate::diagnostic::KeyPath;
 use crate::units::ByteSize;
@@ -845,25 +846,41 @@ pub fn definition(def: &Definition) -> Result<(), Problem> {
     update(def)?;
     containers(def)?;
     dependency_cycles(def)?;
+    swarm(def)?;
+    services(def)?;
     files(def)
 }
 
 /// An NTP server: a host name, an IPv4 address or an IPv6 address (in brackets when a port
 /// follows), with an optional `:port`, like `"time.example"`, `"10.0.0.1:123"`, `"[fd00::1]:123"`.
 pub fn time_server(text: &str) -> Result<(), String> {
-    let bad = |why: &str| {
-        Err(format!(
+    host_port(text).map_err(|why| {
+        format!(
             "`{text}` is not a time server: {why} (expected a host name or IP address with an optional :port, like \"time.example\", \"10.0.0.1:123\" or \"[fd00::1]:123\")"
-        ))
-    };
+        )
+    })
+}
+
+/// A swarm manager to join (`[swarm] join`): a host name or IP address (IPv6 in brackets when a
+/// port follows) with an optional `:port`, like `"10.0.0.1:2377"` or `"manager-1"`.
+pub fn swarm_manager(text: &str) -> Result<(), String> {
+    host_port(text).map_err(|why| {
+        format!(
+            "`{text}` is not a manager address: {why} (expected a host name or IP address with an optional :port, like \"10.0.0.1:2377\", \"manager-1\" or \"[fd00::1]:2377\")"
+        )
+    })
+}
+
+/// A host name or IP address with an optional `:port`; the error says why not.
+fn host_port(text: &str) -> Result<(), String> {
     if text.is_empty() {
-        return bad("it is empty");
+        return Err("it is empty".to_owned());
     }
     if text.contains("://") {
-        return bad("give no scheme");
+        return Err("give no scheme".to_owned());
     }
     if let Some(c) = text.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return bad(&format!("it holds {c:?}"));
+        return Err(format!("it holds {c:?}"));
     }
     if text.parse::<Ipv6Addr>().is_ok() {
         return Ok(());
@@ -874,10 +891,10 @@ pub fn time_server(text: &str) -> Result<(), String> {
                 match after.strip_prefix(':') {
                     Some(port) => (None, Some(port)),
                     None if after.is_empty() => (None, None),
-                    None => return bad("text follows the IPv6 address"),
+                    None => return Err("text follows the IPv6 address".to_owned()),
                 }
             }
-            _ => return bad("no IPv6 address in the brackets"),
+            _ => return Err("no IPv6 address in the brackets".to_owned()),
         },
         None => match text.split_once(':') {
             Some((host, port)) => (Some(host), Some(port)),
@@ -886,13 +903,11 @@ pub fn time_server(text: &str) -> Result<(), String> {
     };
     if let Some(host) = host {
         if host.parse::<Ipv4Addr>().is_err() && !is_dns_name(host) {
-            return bad(&format!(
-                "`{host}` is neither a host name nor an IP address"
-            ));
+            return Err(format!("`{host}` is neither a host name nor an IP address"));
         }
     }
     if port.is_some_and(|p| parse_port_number(p).is_none()) {
-        return bad("the port is not a number 1-65535");
+        return Err("the port is not a number 1-65535".to_owned());
     }
     Ok(())
 }
@@ -1163,18 +1178,7 @@ fn containers(def: &Definition) -> Result<(), Problem> {
             let here = path.key("ports").index(j);
             let port = published_port(port).at_value(&here)?;
             if let Some((_, first)) = published.iter().find(|(p, _)| p.clashes_with(&port)) {
-                let (low, high) = port.host;
-                let ports = match low == high {
-                    true => format!("{low}"),
-                    false => format!("{low}-{high}"),
-                };
-                fail(
-                    &here,
-                    format!(
-                        "host port {ports}/{} is already published by {first}",
-                        port.protocol
-                    ),
-                )?;
+                fail(&here, already_published(&port, first))?;
             }
             published.push((port, here));
         }
@@ -1197,6 +1201,19 @@ fn containers(def: &Definition) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+/// `host port 8080/tcp is already published by container[0].ports[1]` (a range as `8000-8010`).
+fn already_published(port: &PublishedPort, first: &KeyPath) -> String {
+    let (low, high) = port.host;
+    let ports = match low == high {
+        true => format!("{low}"),
+        false => format!("{low}-{high}"),
+    };
+    format!(
+        "host port {ports}/{} is already published by {first}",
+        port.protocol
+    )
 }
 
 /// The smallest memory limit the engine accepts.
@@ -1389,6 +1406,214 @@ pub fn container_order(
     }
     for i in 0..containers.len() {
         visit(containers, i, &mut Vec::new(), order)?;
+    }
+    Ok(())
+}
+
+/// A network interface name as the kernel allows it: 1 to 15 bytes, none of them `/`, `:`,
+/// white space or control characters, and not `.` or `..`.
+fn is_interface_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 15
+        && text != "."
+        && text != ".."
+        && !text
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// `[swarm] advertise`: an IP address, or an interface name (`eth0`) whose IPv4 address is
+/// advertised.
+pub fn swarm_advertise(text: &str) -> Result<(), String> {
+    if text.parse::<IpAddr>().is_ok() || is_interface_name(text) {
+        Ok(())
+    } else {
+        Err(format!("`{text}` is neither an IP address nor an interface name: expected an address like \"10.0.0.5\" or an interface like \"eth0\" (1 to 15 characters without `/`, `:` or spaces)"))
+    }
+}
+
+/// A swarm join token as `docker swarm join-token -q` prints it: `SWMTKN-1-` and letters,
+/// digits and `-`. The error does not repeat the token, which is a secret.
+pub fn swarm_token(text: &str) -> Result<(), String> {
+    let ok = text.len() <= 256
+        && text.strip_prefix("SWMTKN-1-").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("the value is not a swarm join token: expected SWMTKN-1- followed by letters, digits and `-`, as `docker swarm join-token -q worker` (or `manager`) prints it".to_owned())
+    }
+}
+
+/// A service placement constraint, `KEY==VALUE` or `KEY!=VALUE`, like `"node.role==worker"` or
+/// `"node.labels.zone!=b"`.
+pub fn placement_constraint(text: &str) -> Result<(), String> {
+    let (key, value) = text
+        .split_once("==")
+        .or_else(|| text.split_once("!="))
+        .unwrap_or_default();
+    let key = key.trim();
+    let value = value.trim();
+    let key_ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let value_ok = !value.is_empty() && !value.chars().any(char::is_control);
+    if key_ok && value_ok {
+        Ok(())
+    } else {
+        Err(format!("`{}` is not a placement constraint: expected KEY==VALUE or KEY!=VALUE, like \"node.role==worker\", \"node.hostname!=web-1\" or \"node.labels.zone==a\"", text.escape_debug()))
+    }
+}
+
+/// `[swarm]`: addresses and the token, and the rules between `role`, `init`, `join` and the
+/// token.
+fn swarm(def: &Definition) -> Result<(), Problem> {
+    let Some(swarm) = &def.swarm else {
+        return Ok(());
+    };
+    let path = KeyPath::root("swarm");
+    if let Some(advertise) = &swarm.advertise {
+        swarm_advertise(advertise).at(&path.key("advertise"))?;
+    }
+    listen_address(&swarm.listen).at(&path.key("listen"))?;
+    for (i, manager) in swarm.join.iter().enumerate() {
+        swarm_manager(manager).at(&path.key("join").index(i))?;
+    }
+    if let Some(token) = &swarm.token {
+        swarm_token(token).at(&path.key("token"))?;
+    }
+    if let Some(file) = &swarm.token_file {
+        normal_path(file, "token-file").at(&path.key("token-file"))?;
+        if swarm.token.is_some() {
+            fail(
+                &path.key("token-file"),
+                "give `token` or `token-file`, not both".to_owned(),
+            )?;
+        }
+    }
+    let token_key = match (&swarm.token, &swarm.token_file) {
+        (Some(_), _) => Some("token"),
+        (None, Some(_)) => Some("token-file"),
+        (None, None) => None,
+    };
+    if swarm.init {
+        if swarm.role == SwarmRole::Worker {
+            fail(&path.key("init"), "init = true starts a new swarm, which only role = \"manager\" can; a worker joins one with join = [\"MANAGER:2377\"] and a token".to_owned())?;
+        }
+        if !swarm.join.is_empty() {
+            fail(&path.key("join"), "init = true starts a new swarm and `join` joins an existing one: give one or the other (init only on the first manager)".to_owned())?;
+        }
+        if let Some(key) = token_key {
+            fail(&path.key(key), format!("`{key}` is only used to join a swarm; a swarm started with init = true makes its own tokens"))?;
+        }
+        return Ok(());
+    }
+    if swarm.join.is_empty() {
+        let needs = match swarm.role {
+            SwarmRole::Worker => "role = \"worker\" needs join = [\"MANAGER:2377\", …] and a token".to_owned(),
+            SwarmRole::Manager => "role = \"manager\" needs init = true (the first manager) or join = [\"MANAGER:2377\", …] and a token (the others)".to_owned(),
+        };
+        fail(&path.key("role"), needs)?;
+    }
+    if token_key.is_none() {
+        fail(&path.key("join"), format!("joining as a {} needs the swarm's join token: token = \"SWMTKN-1-…\" or token-file = \"/var/lib/…\" (`docker swarm join-token -q {}` on a manager prints it)", swarm.role.name(), swarm.role.name()))?;
+    }
+    Ok(())
+}
+
+/// `[[service]]`: a manager to create them, unique names, the container rules for image, env,
+/// command and mounts, routing-mesh ports, overlay networks and placement constraints.
+fn services(def: &Definition) -> Result<(), Problem> {
+    let mut published: Vec<(PublishedPort, KeyPath)> = Vec::new();
+    for (i, c) in def.containers.iter().enumerate() {
+        for (j, port) in c.ports.iter().enumerate() {
+            if let Ok(port) = published_port(port) {
+                published.push((
+                    port,
+                    KeyPath::root("container").index(i).key("ports").index(j),
+                ));
+            }
+        }
+    }
+    for (i, service) in def.services.iter().enumerate() {
+        let path = KeyPath::root("service").index(i);
+        let name = service.name.as_str();
+        let manager = def
+            .swarm
+            .as_ref()
+            .is_some_and(|s| s.role == SwarmRole::Manager);
+        if !manager {
+            fail(&path.key("name"), format!("service `{name}`: services are created through a swarm manager: declare [swarm] with role = \"manager\""))?;
+        }
+        if def.services[..i].iter().any(|s| s.name == service.name) {
+            fail(
+                &path.key("name"),
+                format!("service name `{name}` is declared twice"),
+            )?;
+        }
+        image_reference(&service.image).at(&path.key("image"))?;
+        if service.replicas.is_some() && service.mode == Some(ServiceMode::Global) {
+            fail(&path.key("replicas"), "mode = \"global\" runs one task on every eligible node: give `replicas` (replicated mode) or mode = \"global\", not both".to_owned())?;
+        }
+        for (j, arg) in service.command.iter().enumerate() {
+            no_nul(arg).at(&path.key("command").index(j))?;
+        }
+        for (key, value) in &service.env {
+            env_key(key).at(&path.key("env").key(key).at_key())?;
+            no_nul(value).at(&path.key("env").key(key))?;
+        }
+        for (j, m) in service.mounts.iter().enumerate() {
+            mount(m).at(&path.key("mounts").index(j))?;
+        }
+        service_ports(service, &path, &mut published)?;
+        service_networks(def, service, &path)?;
+        for (j, constraint) in service.constraints.iter().enumerate() {
+            placement_constraint(constraint).at(&path.key("constraints").index(j))?;
+        }
+    }
+    Ok(())
+}
+
+/// A service's ports: no address (the routing mesh publishes on every one), and no host port
+/// another service or a container already publishes.
+fn service_ports(
+    service: &crate::definition::Service,
+    path: &KeyPath,
+    published: &mut Vec<(PublishedPort, KeyPath)>,
+) -> Result<(), Problem> {
+    for (j, port) in service.ports.iter().enumerate() {
+        let here = path.key("ports").index(j);
+        let port = published_port(port).at_value(&here)?;
+        if port.host_ip.is_some() {
+            fail(&here, format!("`{}`: the routing mesh publishes a service's port on every address of every node; give \"HOST:CONTAINER\" or \"HOST:CONTAINER/udp\" without an address", service.ports[j]))?;
+        }
+        if let Some((_, first)) = published.iter().find(|(p, _)| p.clashes_with(&port)) {
+            fail(&here, already_published(&port, first))?;
+        }
+        published.push((port, here));
+    }
+    Ok(())
+}
+
+/// A service's networks: declared `[[container-network]]`s with `driver = "overlay"`, each once.
+fn service_networks(
+    def: &Definition,
+    service: &crate::definition::Service,
+    path: &KeyPath,
+) -> Result<(), Problem> {
+    for (j, name) in service.networks.iter().enumerate() {
+        let here = path.key("networks").index(j);
+        let Some(network) = def.container_networks.iter().find(|n| &n.name == name) else {
+            return fail(&here, format!("network `{name}` is not declared: add [[container-network]] name = \"{name}\" with driver = \"overlay\""));
+        };
+        if network.driver != NetworkDriver::Overlay {
+            fail(&here, format!("network `{name}` has driver = \"{}\": a service's tasks span nodes and join only networks with driver = \"overlay\"", network.driver.name()))?;
+        }
+        if service.networks[..j].contains(name) {
+            fail(&here, format!("network `{name}` is listed twice"))?;
+        }
     }
     Ok(())
 }

@@ -255,7 +255,8 @@ pub fn network_spec_hash(decl: &ContainerNetwork) -> String {
     canonical_hash(decl)
 }
 
-fn canonical_hash<T: serde::Serialize>(decl: &T) -> String {
+/// The sha256 (hex) of any declaration's canonical JSON: object keys sorted, no whitespace.
+pub(crate) fn canonical_hash<T: serde::Serialize>(decl: &T) -> String {
     let value = serde_json::to_value(decl).unwrap_or_else(|e| json!(e.to_string()));
     let mut canonical = String::new();
     write_canonical(&value, &mut canonical);
@@ -584,7 +585,7 @@ fn ensure_image(
 }
 
 /// The archive in `images_dir` (`<container name>.tar`) whose image is tagged `reference`.
-fn baked_archive_of(reference: &str, images_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn baked_archive_of(reference: &str, images_dir: &Path) -> Option<PathBuf> {
     let wanted = normalise_reference(reference);
     let mut archives: Vec<_> = std::fs::read_dir(images_dir)
         .ok()?

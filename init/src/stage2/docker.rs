@@ -212,6 +212,81 @@ pub struct NetworkSummary {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The `Swarm` part of the engine's `GET /info` answer.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct SwarmInfo {
+    /// `inactive`, `pending`, `active`, `error` or `locked`.
+    #[serde(default)]
+    pub local_node_state: String,
+    /// This node's ID in the swarm (empty outside one).
+    #[serde(default, rename = "NodeID")]
+    pub node_id: String,
+    /// True on a manager.
+    #[serde(default)]
+    pub control_available: bool,
+    /// Why the node is in the `error` state.
+    #[serde(default)]
+    pub error: String,
+    /// Managers in the swarm (known to managers only).
+    #[serde(default)]
+    pub managers: u64,
+    /// Nodes in the swarm (known to managers only).
+    #[serde(default)]
+    pub nodes: u64,
+    /// The managers this node knows of.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub remote_managers: Vec<RemoteManager>,
+}
+
+/// A manager a swarm node knows of.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct RemoteManager {
+    /// The manager's node ID.
+    #[serde(default, rename = "NodeID")]
+    pub node_id: String,
+    /// Its swarm address, `IP:2377`.
+    #[serde(default)]
+    pub addr: String,
+}
+
+/// One entry of the service list (the parts Plinth reads).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceSummary {
+    /// The service ID.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// The version an update must name.
+    #[serde(default)]
+    pub version: ObjectVersion,
+    /// The service's name and labels.
+    #[serde(default)]
+    pub spec: ServiceSpecSummary,
+}
+
+/// A swarm object's version (`Version.Index`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct ObjectVersion {
+    /// Increases with every change.
+    #[serde(default)]
+    pub index: u64,
+}
+
+/// The name and labels of a service's spec.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceSpecSummary {
+    /// The service's name.
+    #[serde(default)]
+    pub name: String,
+    /// Labels of the service.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub labels: BTreeMap<String, String>,
+}
+
 /// The parts of a container inspection Plinth uses.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
@@ -590,6 +665,79 @@ impl Client {
             .map(drop)
     }
 
+    /// `GET /info`: the `Swarm` part.
+    pub fn swarm_info(&self) -> Result<SwarmInfo> {
+        #[derive(Deserialize)]
+        struct Info {
+            #[serde(rename = "Swarm", default)]
+            swarm: SwarmInfo,
+        }
+        let what = "reading the engine's swarm state";
+        let response = self.call(what, "GET", "/info", Body::None, &[200])?;
+        json::<Info>(what, &response).map(|i| i.swarm)
+    }
+
+    /// `POST /swarm/init` with an init body; returns the new node's ID.
+    pub fn swarm_init(&self, body: &Value) -> Result<String> {
+        let what = "starting a swarm";
+        let response = self.call(what, "POST", "/swarm/init", Body::Json(body), &[200])?;
+        json(what, &response)
+    }
+
+    /// `POST /swarm/join` with a join body.
+    pub fn swarm_join(&self, body: &Value) -> Result<()> {
+        self.call(
+            "joining the swarm",
+            "POST",
+            "/swarm/join",
+            Body::Json(body),
+            &[200],
+        )
+        .map(drop)
+    }
+
+    /// `POST /swarm/leave?force=true`: leaves even as the last manager.
+    pub fn swarm_leave(&self) -> Result<()> {
+        let what = "leaving the swarm";
+        self.call(what, "POST", "/swarm/leave?force=true", Body::None, &[200])
+            .map(drop)
+    }
+
+    /// `GET /services`: every service of the swarm.
+    pub fn list_services(&self) -> Result<Vec<ServiceSummary>> {
+        let what = "listing services";
+        let response = self.call(what, "GET", "/services", Body::None, &[200])?;
+        json(what, &response)
+    }
+
+    /// `POST /services/create`; returns the service's ID.
+    pub fn create_service(&self, name: &str, body: &Value) -> Result<String> {
+        #[derive(Deserialize)]
+        struct Created {
+            #[serde(rename = "ID")]
+            id: String,
+        }
+        let what = format!("creating service {name}");
+        let response = self.call(&what, "POST", "/services/create", Body::Json(body), &[201])?;
+        json::<Created>(&what, &response).map(|c| c.id)
+    }
+
+    /// `POST /services/{id}/update?version=N`: replaces the spec of the service at `version`.
+    pub fn update_service(&self, id: &str, version: u64, body: &Value) -> Result<()> {
+        let what = format!("updating service {id}");
+        let path = format!("/services/{}/update?version={version}", query_escape(id));
+        self.call(&what, "POST", &path, Body::Json(body), &[200])
+            .map(drop)
+    }
+
+    /// `DELETE /services/{id}`; one already gone is not an error.
+    pub fn remove_service(&self, id: &str) -> Result<()> {
+        let what = format!("removing service {id}");
+        let path = format!("/services/{}", query_escape(id));
+        self.call(&what, "DELETE", &path, Body::None, &[200, 404])
+            .map(drop)
+    }
+
     /// Inspects an image by reference or ID; `None` if the engine does not have it.
     pub fn inspect_image(&self, reference: &str) -> Result<Option<ImageDetails>> {
         let what = format!("inspecting image {reference}");
@@ -900,6 +1048,77 @@ mod tests {
             sent,
             serde_json::json!({ "Container": "c1", "EndpointConfig": { "Aliases": ["web"] } })
         );
+    }
+
+    #[test]
+    fn swarm_and_service_calls_match_the_engine_api() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let info = r#"{"ID":"x","Swarm":{"NodeID":"n1","LocalNodeState":"active","ControlAvailable":true,"Error":"","RemoteManagers":[{"NodeID":"n1","Addr":"10.0.0.1:2377"}],"Nodes":3,"Managers":1}}"#;
+        let services = r#"[{"ID":"s1","Version":{"Index":42},"Spec":{"Name":"web","Labels":{"plinth.managed":"1"}}}]"#;
+        let ok = |body: &str| {
+            let text = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            &*Box::leak(text.into_boxed_str())
+        };
+        let (socket, engine) = fake_engine(
+            dir.path(),
+            vec![
+                ("GET /v1.41/info HTTP/1.1", ok(info)),
+                ("POST /v1.41/swarm/init HTTP/1.1", ok("\"n1\"")),
+                ("POST /v1.41/swarm/join HTTP/1.1", ok("")),
+                ("POST /v1.41/swarm/leave?force=true HTTP/1.1", ok("")),
+                ("GET /v1.41/services HTTP/1.1", ok(services)),
+                (
+                    "POST /v1.41/services/create HTTP/1.1",
+                    "HTTP/1.1 201 Created\r\nContent-Length: 11\r\n\r\n{\"ID\":\"s2\"}",
+                ),
+                (
+                    "POST /v1.41/services/s1/update?version=42 HTTP/1.1",
+                    ok("{}"),
+                ),
+                (
+                    "DELETE /v1.41/services/s1 HTTP/1.1",
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}",
+                ),
+            ],
+        );
+        let client = Client::new(&socket);
+        let swarm = client.swarm_info().expect("info");
+        assert_eq!(
+            (
+                swarm.local_node_state.as_str(),
+                swarm.node_id.as_str(),
+                swarm.control_available
+            ),
+            ("active", "n1", true)
+        );
+        assert_eq!((swarm.managers, swarm.nodes), (1, 3));
+        assert_eq!(swarm.remote_managers[0].addr, "10.0.0.1:2377");
+        let init = serde_json::json!({ "ListenAddr": "0.0.0.0:2377" });
+        assert_eq!(client.swarm_init(&init).expect("init"), "n1");
+        let join = serde_json::json!({ "RemoteAddrs": ["10.0.0.1:2377"], "JoinToken": "t" });
+        client.swarm_join(&join).expect("join");
+        client.swarm_leave().expect("leave");
+        let listed = client.list_services().expect("services");
+        assert_eq!(
+            (
+                listed[0].id.as_str(),
+                listed[0].version.index,
+                listed[0].spec.name.as_str()
+            ),
+            ("s1", 42, "web")
+        );
+        let body = serde_json::json!({ "Name": "api" });
+        assert_eq!(client.create_service("api", &body).expect("create"), "s2");
+        client.update_service("s1", 42, &body).expect("update");
+        client.remove_service("s1").expect("a service already gone");
+        let seen = engine.join().expect("fake engine thread");
+        let sent: Value = serde_json::from_slice(&seen[2].1).expect("join body");
+        assert_eq!(sent, join);
+        let sent: Value = serde_json::from_slice(&seen[6].1).expect("update body");
+        assert_eq!(sent, body);
     }
 
     #[test]

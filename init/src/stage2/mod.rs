@@ -6,9 +6,11 @@ pub mod docker;
 pub mod install;
 pub mod instance;
 pub mod net;
+pub mod services;
 pub mod shutdown;
 pub mod stability;
 pub mod supervise;
+pub mod swarm;
 pub mod workload;
 
 use crate::boot::{run_steps, Clock, Step};

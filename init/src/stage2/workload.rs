@@ -20,6 +20,7 @@ use crate::stage2::docker;
 use crate::stage2::net;
 use crate::stage2::stability::{self, GateClock as _, GateResult, Judgement, RealClock, Tracker};
 use crate::stage2::supervise::{command, Program, Service, DOCKER_SOCKET};
+use crate::stage2::swarm;
 use crate::stage2::{uptime_ms, Workload};
 
 /// The image definition baked into the root by the builder.
@@ -291,6 +292,9 @@ pub struct DockerWorkload {
     pub boot_record: PathBuf,
     /// Where reconciliation finds image archives and mount sources.
     pub options: containers::Options,
+    /// Where the swarm rounds keep their marker and find token files and interfaces (their
+    /// image archives are [`DockerWorkload::options`]').
+    pub swarm: swarm::Options,
     engine_starts: Arc<AtomicU64>,
     stopping: AtomicBool,
     on_start: Option<BootHook>,
@@ -360,6 +364,7 @@ impl DockerWorkload {
             update_agent: PathBuf::from(UPDATE_AGENT),
             boot_record: Path::new("/run").join(os_config::boot::BOOT_RECORD_IN_RUN),
             options: containers::Options::default(),
+            swarm: swarm::Options::default(),
             engine_starts: Arc::new(AtomicU64::new(0)),
             stopping: AtomicBool::new(false),
             on_start: None,
@@ -468,9 +473,10 @@ impl DockerWorkload {
 
     /// Checks the engine and the containers, every [`GATE_POLL`] while a container is on its way
     /// up and every [`WATCH_INTERVAL`] once all are up or stopped; reports `container-running`,
-    /// `container-restarting` and `container-stopped` (see [`stability`]). Returns when the engine
-    /// stopped answering or was restarted since `generation`, or at shutdown.
-    fn watch(&self, client: &docker::Client, generation: u64) {
+    /// `container-restarting` and `container-stopped` (see [`stability`]); runs the swarm rounds
+    /// when they are due. Returns when the engine stopped answering or was restarted since
+    /// `generation`, or at shutdown.
+    fn watch(&self, client: &docker::Client, generation: u64, swarm: &mut swarm::Rounds) {
         let mut last: Option<Health> = None;
         loop {
             if self.stopping() {
@@ -493,6 +499,7 @@ impl DockerWorkload {
                 }
                 Err(e) => crate::info!("checking container health failed: {e}"),
             }
+            swarm.tick(client, Instant::now(), &ConsoleStatus);
             let pause = if self.observer.settled() || self.definition.containers.is_empty() {
                 self.watch_interval
             } else {
@@ -599,7 +606,7 @@ fn renew_forever(mut configured: net::Configured, paths: &net::Paths) {
 
 impl Workload for DockerWorkload {
     fn modules(&self) -> Vec<String> {
-        self.definition.kernel.modules.clone()
+        os_config::modules::declared(&self.definition)
     }
 
     fn services(&self) -> Vec<Box<dyn Service>> {
@@ -660,11 +667,20 @@ impl DockerWorkload {
     }
 
     /// After each engine start: wait for the engine, `engine-ready`, reconcile, (the first time)
-    /// `boot-complete`, then watch until the engine goes away. Returns at shutdown.
+    /// `boot-complete`, the swarm membership and services, then watch until the engine goes
+    /// away. Returns at shutdown.
     fn engine_loop(&self) {
         let client = self.client();
         let mut booted = false;
+        let mut swarm = swarm::Rounds::new(
+            &self.definition,
+            swarm::Options {
+                containers: self.options.clone(),
+                ..self.swarm.clone()
+            },
+        );
         loop {
+            swarm.now_due();
             let generation = self.engine_starts();
             if !self.wait_engine(&client) {
                 return;
@@ -693,7 +709,10 @@ impl DockerWorkload {
                     );
                 }
             }
-            self.watch(&client, generation);
+            // After boot-complete: a join may wait for managers that boot later, and its
+            // failures are retried from the watch loop.
+            swarm.tick(&client, Instant::now(), &ConsoleStatus);
+            self.watch(&client, generation, &mut swarm);
         }
     }
 }
@@ -1088,15 +1107,18 @@ mod tests {
         assert!(reason.contains("docker.sock"), "{reason}");
     }
 
-    /// A fake engine answering `_ping` and an empty container list, or hanging up on every
-    /// request while `down` is set; counts list requests.
-    fn fake_engine(socket: &Path) -> (Arc<AtomicU64>, Arc<AtomicBool>) {
+    /// A fake engine answering `_ping`, an empty container list, an active swarm manager's
+    /// `/info` and an empty service list, or hanging up on every request while `down` is set;
+    /// counts container list and `/info` requests.
+    fn fake_engine(socket: &Path) -> (Arc<AtomicU64>, Arc<AtomicBool>, Arc<AtomicU64>) {
         use std::io::{BufRead as _, BufReader, Write as _};
         let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind");
         let lists = Arc::new(AtomicU64::new(0));
         let counter = lists.clone();
         let down = Arc::new(AtomicBool::new(false));
         let is_down = down.clone();
+        let infos = Arc::new(AtomicU64::new(0));
+        let info_counter = infos.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
@@ -1113,6 +1135,11 @@ mod tests {
                 let body = if request.contains("/containers/json") {
                     counter.fetch_add(1, Ordering::SeqCst);
                     "[]"
+                } else if request.contains("/info ") {
+                    info_counter.fetch_add(1, Ordering::SeqCst);
+                    r#"{"Swarm":{"LocalNodeState":"active","NodeID":"n1","ControlAvailable":true,"Managers":1,"Nodes":2}}"#
+                } else if request.contains("/services ") {
+                    "[]"
                 } else {
                     "OK"
                 };
@@ -1123,7 +1150,7 @@ mod tests {
                 );
             }
         });
-        (lists, down)
+        (lists, down, infos)
     }
 
     fn wait_for(what: &str, condition: impl Fn() -> bool) {
@@ -1141,10 +1168,11 @@ mod tests {
     fn containers_are_reconciled_again_after_a_dockerd_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("docker.sock");
-        let (lists, down) = fake_engine(&socket);
+        let (lists, down, infos) = fake_engine(&socket);
         let mut workload = DockerWorkload::new(definition("")).expect("workload");
         workload.socket = socket;
         workload.watch_interval = Duration::from_millis(20);
+        workload.swarm.marker = dir.path().join("swarm-joined");
         let workload = Arc::new(workload);
         workload.engine_starts.store(1, Ordering::SeqCst);
         let looping = workload.clone();
@@ -1175,6 +1203,50 @@ mod tests {
         workload.stopping.store(true, Ordering::SeqCst);
         engine_loop.join().expect("the loop ends at shutdown");
         assert_eq!(lists.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            infos.load(Ordering::SeqCst),
+            0,
+            "no [swarm]: the engine is not asked about it"
+        );
+    }
+
+    #[test]
+    fn a_declared_swarm_is_reconciled_after_the_containers_and_again_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("docker.sock");
+        let (lists, _down, infos) = fake_engine(&socket);
+        let mut workload =
+            DockerWorkload::new(definition("[swarm]\nrole = \"manager\"\ninit = true\n"))
+                .expect("workload");
+        workload.socket = socket;
+        workload.watch_interval = Duration::from_millis(20);
+        workload.swarm.marker = dir.path().join("swarm-joined");
+        let workload = Arc::new(workload);
+        workload.engine_starts.store(1, Ordering::SeqCst);
+        let looping = workload.clone();
+        let engine_loop = std::thread::spawn(move || looping.engine_loop());
+
+        wait_for("the swarm's state is read", || {
+            infos.load(Ordering::SeqCst) == 1
+        });
+        assert_eq!(lists.load(Ordering::SeqCst), 1, "containers came first");
+        assert!(workload.settle.get().reconciled_once);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            infos.load(Ordering::SeqCst),
+            1,
+            "a node in the swarm as declared is not asked again before the recheck"
+        );
+        workload.engine_starts.fetch_add(1, Ordering::SeqCst);
+        wait_for("the swarm after the restart", || {
+            infos.load(Ordering::SeqCst) == 2
+        });
+        workload.stopping.store(true, Ordering::SeqCst);
+        engine_loop.join().expect("the loop ends at shutdown");
+        assert!(
+            !dir.path().join("swarm-joined").exists(),
+            "a node already in the swarm was not joined by Plinth"
+        );
     }
 
     #[test]

@@ -129,6 +129,29 @@ pub fn wait_for_ethernet(sys_class_net: &Path, timeout: Duration) -> Result<Inte
     }
 }
 
+/// The IPv4 addresses of interface `name` (its index read under `sys_class_net`), as the kernel
+/// lists them (the primary address first).
+pub fn interface_ipv4(sys_class_net: &Path, name: &str) -> Result<Vec<Ipv4Addr>> {
+    let index_path = sys_class_net.join(name).join("ifindex");
+    let index_text =
+        read_trimmed(&index_path).with_context(|| format!("no network interface `{name}`"))?;
+    let index: u32 = index_text.parse().with_context(|| {
+        format!(
+            "{}: `{index_text}` is not an interface index",
+            index_path.display()
+        )
+    })?;
+    let mut socket = netlink::Socket::open().context("opening a netlink socket")?;
+    let all = socket
+        .ipv4_addresses()
+        .with_context(|| format!("listing the addresses of {name}"))?;
+    Ok(all
+        .into_iter()
+        .filter(|a| a.index == index)
+        .map(|a| a.address)
+        .collect())
+}
+
 /// Brings the loopback interface up (the kernel then gives it 127.0.0.1/8 and ::1).
 pub fn loopback_up() -> Result<()> {
     loopback_up_in(&Paths::default())

@@ -19,10 +19,14 @@ pub const RTM_NEWLINK: u16 = 16;
 pub const RTM_NEWADDR: u16 = 20;
 /// `RTM_DELADDR`: remove an address.
 pub const RTM_DELADDR: u16 = 21;
+/// `RTM_GETADDR`: list addresses.
+pub const RTM_GETADDR: u16 = 22;
 /// `RTM_NEWROUTE`: add (or replace) a route.
 pub const RTM_NEWROUTE: u16 = 24;
 
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_REPLACE: u16 = 0x100;
@@ -197,6 +201,96 @@ pub fn find_ack(buffer: &[u8], seq: u32) -> io::Result<Option<i32>> {
     Ok(None)
 }
 
+/// `RTM_GETADDR` dumping every IPv4 address of every link (no acknowledgement: the dump ends
+/// with `NLMSG_DONE`).
+pub fn dump_ipv4_addresses(seq: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&RTM_GETADDR.to_le_bytes());
+    out.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&[AF_INET, 0, 0, 0]);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    finish(out)
+}
+
+/// One IPv4 address of a link, from an `RTM_NEWADDR` message of a dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkAddress {
+    /// The link's index.
+    pub index: u32,
+    /// The address (`IFA_LOCAL`, else `IFA_ADDRESS`).
+    pub address: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix: u8,
+}
+
+/// Reads the `RTM_NEWADDR` messages of dump `seq` in a buffer into `out`; returns true once the
+/// dump's `NLMSG_DONE` was seen. Every length is checked against the bytes received.
+pub fn read_address_dump(buffer: &[u8], seq: u32, out: &mut Vec<LinkAddress>) -> io::Result<bool> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let mut rest = buffer;
+    while rest.len() >= 16 {
+        let length = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if length < 16 || length > rest.len() {
+            return Err(bad(format!(
+                "netlink message length {length} does not fit the {} bytes received",
+                rest.len()
+            )));
+        }
+        let msg_type = u16::from_le_bytes([rest[4], rest[5]]);
+        let msg_seq = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
+        let message = &rest[..length];
+        rest = &rest[length.div_ceil(4).saturating_mul(4).min(rest.len())..];
+        if msg_seq != seq {
+            continue;
+        }
+        match msg_type {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR if length >= 20 => {
+                let code = i32::from_le_bytes([message[16], message[17], message[18], message[19]]);
+                if code != 0 {
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+            }
+            RTM_NEWADDR if length >= 24 && message[16] == AF_INET => {
+                let prefix = message[17];
+                let index =
+                    u32::from_le_bytes([message[20], message[21], message[22], message[23]]);
+                let (mut local, mut address) = (None, None);
+                let mut attrs = &message[24..];
+                while attrs.len() >= 4 {
+                    let attr_len = usize::from(u16::from_le_bytes([attrs[0], attrs[1]]));
+                    if attr_len < 4 || attr_len > attrs.len() {
+                        return Err(bad(format!(
+                            "netlink attribute length {attr_len} does not fit its message"
+                        )));
+                    }
+                    let kind = u16::from_le_bytes([attrs[2], attrs[3]]);
+                    if let Ok(octets) = <[u8; 4]>::try_from(&attrs[4..attr_len]) {
+                        match kind {
+                            IFA_LOCAL => local = Some(Ipv4Addr::from(octets)),
+                            IFA_ADDRESS => address = Some(Ipv4Addr::from(octets)),
+                            _ => {}
+                        }
+                    }
+                    attrs = &attrs[attr_len.div_ceil(4).saturating_mul(4).min(attrs.len())..];
+                }
+                if let Some(address) = local.or(address) {
+                    out.push(LinkAddress {
+                        index,
+                        address,
+                        prefix,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
 /// A `NETLINK_ROUTE` socket that sends one request at a time and waits for its acknowledgement.
 #[derive(Debug)]
 pub struct Socket {
@@ -241,11 +335,67 @@ impl Socket {
             }
         }
     }
+
+    /// Every IPv4 address of every link.
+    pub fn ipv4_addresses(&mut self) -> io::Result<Vec<LinkAddress>> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let message = dump_ipv4_addresses(seq);
+        let sent = rustix::net::send(&self.fd, &message, SendFlags::empty())?;
+        if sent != message.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short netlink send",
+            ));
+        }
+        let mut buffer = vec![0u8; 32 * 1024];
+        let mut out = Vec::new();
+        loop {
+            let received = rustix::net::recv(&self.fd, &mut buffer, RecvFlags::empty())?;
+            if read_address_dump(&buffer[..received], seq, &mut out)? {
+                return Ok(out);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn address_dumps_are_read_and_checked() {
+        let request = dump_ipv4_addresses(9);
+        assert_eq!(request.len(), 24);
+        assert_eq!(
+            &request[4..8],
+            &[22, 0, 0x01, 0x03],
+            "RTM_GETADDR, REQUEST | DUMP"
+        );
+        // The kernel answers a dump with RTM_NEWADDR messages shaped like our own requests.
+        let mut answer = new_address(9, 3, Ipv4Addr::new(10, 0, 0, 5), 24);
+        answer.extend(new_address(8, 4, Ipv4Addr::new(10, 9, 9, 9), 8)); // another request's
+        let mut done = vec![20, 0, 0, 0, 3, 0, 2, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut out = Vec::new();
+        assert!(!read_address_dump(&answer, 9, &mut out).expect("reads"));
+        assert_eq!(
+            out,
+            [LinkAddress {
+                index: 3,
+                address: Ipv4Addr::new(10, 0, 0, 5),
+                prefix: 24
+            }]
+        );
+        assert!(read_address_dump(&done, 9, &mut out).expect("done"));
+        done[0] = 200;
+        assert!(
+            read_address_dump(&done, 9, &mut out).is_err(),
+            "a length past the buffer"
+        );
+        let mut broken = new_address(9, 3, Ipv4Addr::new(10, 0, 0, 5), 24);
+        broken[24] = 200; // the first attribute claims more than the message holds
+        assert!(read_address_dump(&broken, 9, &mut out).is_err());
+    }
 
     #[test]
     fn new_address_is_byte_exact() {
