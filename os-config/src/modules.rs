@@ -51,6 +51,7 @@ pub const NETWORK: &[&str] = &[
     "xt_ipvs",
     "xt_mark",
     "xt_multiport",
+    "xt_REDIRECT",
     "nf_conntrack_netlink",
     "esp4",
     "xfrm_user",
@@ -61,7 +62,8 @@ pub const NETWORK: &[&str] = &[
 
 /// What a node of a Docker Swarm loads besides [`ENGINE`] when `[swarm]` is declared: VXLAN
 /// overlay networks (with their UDP tunnel helpers), IPVS load balancing of the routing mesh,
-/// the marks and conntrack netlink it uses, and the `u32` match of encrypted overlays. Shipped
+/// the marks and conntrack netlink it uses, the `REDIRECT` target of each task's published
+/// ports, and the `u32` match of encrypted overlays. Shipped
 /// in every image (user data may declare `[swarm]` on an image that does not), loaded by
 /// plinth-init only on a swarm node.
 pub const SWARM: &[&str] = &[
@@ -72,6 +74,7 @@ pub const SWARM: &[&str] = &[
     "ip_vs_rr",
     "xt_ipvs",
     "xt_mark",
+    "xt_REDIRECT",
     "nf_conntrack_netlink",
     "xt_u32",
 ];

@@ -168,6 +168,11 @@ impl Vm {
         if let Some((_, tap)) = &opts.tap {
             netdev = format!("tap,id=n0,ifname={tap},script=no,downscript=no");
         }
+        // Guests on one bridge need MAC addresses of their own (QEMU gives each the same).
+        let nic = match &opts.tap {
+            Some((_, tap)) => format!("virtio-net-pci,netdev=n0,mac={}", tap_mac(tap)),
+            None => "virtio-net-pci,netdev=n0".to_owned(),
+        };
         let mut cmd = match &opts.tap {
             Some((namespace, _)) => {
                 let mut cmd = Command::new("ip");
@@ -190,7 +195,7 @@ impl Vm {
             "if=pflash,format=raw,unit=1,file={}",
             vars.display()
         ))
-        .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+        .args(["-netdev", &netdev, "-device", &nic])
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()));
         if !opts.disk.as_os_str().is_empty() {
@@ -473,6 +478,16 @@ fn save_log(text: &str) -> Option<PathBuf> {
 }
 
 /// The failure report of [`Vm::report`] for console text `text`.
+/// A locally administered MAC address for the guest on tap `tap`, the same for the same name
+/// (FNV-1a of the name).
+fn tap_mac(tap: &str) -> String {
+    let hash = tap.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let [_, a, b, c] = hash.to_be_bytes();
+    format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
+}
+
 /// Whether a console line is the guest kernel reporting a fault or a stall (an oops, a lockup,
 /// an RCU stall, a warning, a panic): such a line explains a guest that stopped making progress.
 fn kernel_trouble(line: &str) -> bool {
@@ -679,6 +694,14 @@ mod tests {
         assert!(report.contains("kernel noise 199\n"));
         assert!(!report.contains('\r'));
         assert!(!report.contains("trouble"), "{report}");
+    }
+
+    #[test]
+    fn guests_on_taps_get_macs_of_their_own() {
+        assert_ne!(tap_mac("tap11"), tap_mac("tap12"));
+        assert_eq!(tap_mac("tap11"), tap_mac("tap11"));
+        assert!(tap_mac("tap0").starts_with("52:54:00:"));
+        assert_eq!(tap_mac("tap0").len(), 17);
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! server, a time server) over UDP, which QEMU's user network cannot forward to the host. The
 //! namespace, and every process started in it, goes away when the [`NetNs`] is dropped.
 
-use std::net::Ipv4Addr;
+use std::io::Write;
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -113,6 +116,59 @@ impl NetNs {
         args.extend(options.iter().map(|o| format!("--dhcp-option={o}")));
         self.spawn("dnsmasq", &args)
     }
+}
+
+impl NetNs {
+    /// Forwards `127.0.0.1:PORT` of the test's own namespace to `target` inside this namespace
+    /// (a guest's address on the bridge) and returns `PORT`: each connection is relayed from a
+    /// thread that entered the namespace to connect. The listener lives as long as the test
+    /// process; once the namespace is gone its connections fail.
+    pub fn forward(&self, target: SocketAddr) -> Result<u16> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).context("binding a forward")?;
+        let port = listener.local_addr()?.port();
+        let netns = PathBuf::from(format!("/var/run/netns/{}", self.name));
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let netns = netns.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = relay(client, &netns, target) {
+                        eprintln!("netns forward to {target}: {e:#}");
+                    }
+                });
+            }
+        });
+        Ok(port)
+    }
+}
+
+/// Connects to `target` from inside the namespace at `netns` (this thread only moves there) and
+/// copies bytes both ways until either side closes.
+fn relay(client: TcpStream, netns: &Path, target: SocketAddr) -> Result<()> {
+    let ns = std::fs::File::open(netns)
+        .with_context(|| format!("opening namespace {}", netns.display()))?;
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&ns),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .with_context(|| format!("entering namespace {}", netns.display()))?;
+    let upstream = match TcpStream::connect_timeout(&target, Duration::from_secs(10)) {
+        Ok(stream) => stream,
+        Err(e) => {
+            let _ = client.shutdown(Shutdown::Both);
+            return Err(e).with_context(|| format!("connecting to {target}"));
+        }
+    };
+    let (mut up_read, mut client_write) = (upstream.try_clone()?, client.try_clone()?);
+    let (mut client_read, mut up_write) = (client, upstream);
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut up_read, &mut client_write);
+        let _ = client_write.flush();
+        let _ = client_write.shutdown(Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut client_read, &mut up_write);
+    let _ = up_write.shutdown(Shutdown::Write);
+    let _ = back.join();
+    Ok(())
 }
 
 /// Whether this process runs as root.
