@@ -327,6 +327,11 @@ pub enum UpdateStrategy {
     /// Reboot once the FleetLock server `[update] fleetlock` grants a reboot slot; give it back
     /// after a good boot.
     Fleetlock,
+    /// On a Docker Swarm node (`[swarm]`): take the swarm's update lock (a label in its Raft
+    /// store, so one node of the swarm reboots at a time and the managers keep their quorum),
+    /// drain the node, reboot once its tasks have moved; after a good boot make it active
+    /// again and give the lock back.
+    Swarm,
 }
 
 /// `[update] window`: a maintenance window in UTC, for example
@@ -618,6 +623,10 @@ pub struct Swarm {
     /// Start a new swarm: only on the first manager, never with `join`.
     #[serde(default)]
     pub init: bool,
+    /// A manager's Engine API, `tcp://HOST:PORT`, through which a worker with
+    /// `[update] strategy = "swarm"` takes the update lock and drains itself (a worker's own
+    /// engine cannot change the swarm).
+    pub manager_api: Option<String>,
 }
 
 /// A node's role in the swarm.
@@ -1376,6 +1385,10 @@ mode = "global"
         let joining =
             format!("[swarm]\nrole = \"worker\"\njoin = [\"10.0.0.1\"]\ntoken = \"{TOKEN}\"\n");
         let bridge = "[[container-network]]\nname = \"back\"\n";
+        let swarm_update = format!(
+            "[update]\nurl = \"http://10.0.0.1/r\"\nkeys = [\"{}\"]\nstrategy = \"swarm\"\n",
+            key()
+        );
         let cases = [
             (
                 format!("{worker}init = true\n"),
@@ -1514,6 +1527,32 @@ mode = "global"
                 format!("{MANAGER}{WEB}update = {{ delay = \"soon\" }}\n"),
                 "",
                 "invalid duration",
+            ),
+            (swarm_update.clone(), "update.strategy", "has no [swarm]"),
+            (
+                format!("{joining}{swarm_update}"),
+                "swarm.role",
+                "manager-api = \"tcp://MANAGER:2375\"",
+            ),
+            (
+                format!("{joining}manager-api = \"10.0.0.1:2375\"\n{swarm_update}"),
+                "swarm.manager-api",
+                "not a tcp:// address",
+            ),
+            (
+                format!("{joining}manager-api = \"tcp://10.0.0.1\"\n{swarm_update}"),
+                "swarm.manager-api",
+                "has no port",
+            ),
+            (
+                format!("{MANAGER}manager-api = \"tcp://10.0.0.1:2375\"\n{swarm_update}"),
+                "swarm.manager-api",
+                "only for role = \"worker\"",
+            ),
+            (
+                format!("{joining}manager-api = \"tcp://10.0.0.1:2375\"\n"),
+                "swarm.manager-api",
+                "only used with [update] strategy = \"swarm\"",
             ),
         ];
         for (tail, key, want) in cases {

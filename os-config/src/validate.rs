@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::definition::{
     Container, Definition, LogDriver, Network, NetworkDriver, NetworkMode, ServiceMode, Source,
-    SwarmRole, UpdateStrategy,
+    Swarm, SwarmRole, UpdateStrategy,
 };
 use crate::diagnostic::KeyPath;
 use crate::units::ByteSize;
@@ -1471,6 +1471,9 @@ pub fn placement_constraint(text: &str) -> Result<(), String> {
 /// token.
 fn swarm(def: &Definition) -> Result<(), Problem> {
     let Some(swarm) = &def.swarm else {
+        if def.update.as_ref().map(|u| u.strategy) == Some(UpdateStrategy::Swarm) {
+            fail(&KeyPath::root("update").key("strategy"), "strategy = \"swarm\" takes the update lock of the machine's Docker Swarm, and this machine has no [swarm]: declare one (role, join, token) or choose another strategy".to_owned())?;
+        }
         return Ok(());
     };
     let path = KeyPath::root("swarm");
@@ -1484,6 +1487,7 @@ fn swarm(def: &Definition) -> Result<(), Problem> {
     if let Some(token) = &swarm.token {
         swarm_token(token).at(&path.key("token"))?;
     }
+    swarm_updates(def, swarm)?;
     if let Some(file) = &swarm.token_file {
         normal_path(file, "token-file").at(&path.key("token-file"))?;
         if swarm.token.is_some() {
@@ -1519,6 +1523,45 @@ fn swarm(def: &Definition) -> Result<(), Problem> {
     }
     if token_key.is_none() {
         fail(&path.key("join"), format!("joining as a {} needs the swarm's join token: token = \"SWMTKN-1-…\" or token-file = \"/var/lib/…\" (`docker swarm join-token -q {}` on a manager prints it)", swarm.role.name(), swarm.role.name()))?;
+    }
+    Ok(())
+}
+
+/// `[swarm] manager-api` and `[update] strategy = "swarm"`: a worker reaches a manager's
+/// engine to drain itself; a manager uses its own.
+fn swarm_updates(def: &Definition, swarm: &Swarm) -> Result<(), Problem> {
+    let path = KeyPath::root("swarm");
+    let strategy = def.update.as_ref().map(|u| u.strategy);
+    if let Some(api) = &swarm.manager_api {
+        manager_api(api).at(&path.key("manager-api"))?;
+        if swarm.role == SwarmRole::Manager {
+            fail(&path.key("manager-api"), "a manager drains itself through its own engine: manager-api is only for role = \"worker\"".to_owned())?;
+        }
+        if strategy != Some(UpdateStrategy::Swarm) {
+            fail(
+                &path.key("manager-api"),
+                "manager-api is only used with [update] strategy = \"swarm\"".to_owned(),
+            )?;
+        }
+    } else if swarm.role == SwarmRole::Worker && strategy == Some(UpdateStrategy::Swarm) {
+        fail(&path.key("role"), "a worker with [update] strategy = \"swarm\" drains itself through a manager's Engine API, which its own engine cannot do: add manager-api = \"tcp://MANAGER:2375\"".to_owned())?;
+    }
+    Ok(())
+}
+
+/// `[swarm] manager-api`: `tcp://HOST:PORT` of a manager's Engine API.
+pub fn manager_api(text: &str) -> Result<(), String> {
+    let expected =
+        "expected tcp://HOST:PORT of a manager's Engine API, like \"tcp://10.0.0.1:2375\"";
+    let Some(rest) = text.strip_prefix("tcp://") else {
+        return Err(format!("`{text}` is not a tcp:// address: {expected}"));
+    };
+    host_port(rest).map_err(|why| format!("`{text}`: {why} ({expected})"))?;
+    let has_port = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.ends_with(':') && port.parse::<u16>().is_ok());
+    if !has_port {
+        return Err(format!("`{text}` has no port: {expected}"));
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! A small Docker Engine API client: HTTP/1.1 with JSON bodies over the engine's unix socket.
+//! A small Docker Engine API client: HTTP/1.1 with JSON bodies over the engine's unix socket
+//! (or, for a swarm worker reaching a manager's engine, over TCP).
 //!
 //! One connection per request (`Connection: close`), so there is no connection state to go stale
 //! when the engine restarts. Speaks API v1.41, which Debian bookworm's Docker Engine 20.10 serves.
@@ -7,7 +8,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,7 +35,7 @@ pub enum Error {
     /// The socket could not be opened (engine not running or not ready yet).
     #[error("connecting to the engine at {path}: {source}")]
     Connect {
-        /// The engine socket.
+        /// The engine socket (or `HOST:PORT` of a TCP endpoint).
         path: PathBuf,
         /// Why connecting failed.
         source: io::Error,
@@ -376,9 +379,48 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// A connection to the engine.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+            Stream::Tcp(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
 /// Writes to a socket with `MSG_NOSIGNAL`: an engine that closes the connection early must
 /// give an error, never a SIGPIPE (which would kill PID 1 if it did not ignore the signal).
-struct NoSigpipe<'a>(&'a UnixStream);
+struct NoSigpipe<'a>(&'a Stream);
 
 impl Write for NoSigpipe<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -390,6 +432,22 @@ impl Write for NoSigpipe<'_> {
     }
 }
 
+/// Connects to `HOST:PORT`, trying each address it resolves to within `timeout`.
+fn connect_tcp(address: &str, timeout: Duration) -> io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{address} resolves to no address"),
+    );
+    for candidate in address.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&candidate, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// A request body.
 enum Body<'a> {
     None,
@@ -397,10 +455,20 @@ enum Body<'a> {
     File(&'a Path),
 }
 
+/// Where an engine listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Endpoint {
+    /// A unix socket (the machine's own engine).
+    Unix(PathBuf),
+    /// `HOST:PORT` over plain TCP (another machine's engine on a private network).
+    Tcp(String),
+}
+
 /// A client for one engine socket.
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    endpoint: Endpoint,
     timeout: Duration,
     long_timeout: Duration,
 }
@@ -408,10 +476,21 @@ pub struct Client {
 impl Client {
     /// A client for the engine listening on `socket`. Nothing is opened until the first call.
     pub fn new(socket: impl Into<PathBuf>) -> Client {
+        let socket = socket.into();
         Client {
-            socket: socket.into(),
+            endpoint: Endpoint::Unix(socket.clone()),
+            socket,
             timeout: Duration::from_secs(60),
             long_timeout: Duration::from_secs(30 * 60),
+        }
+    }
+
+    /// A client for the engine listening on TCP at `address` (`HOST:PORT`, as `[swarm]
+    /// manager-api` gives it without its `tcp://`). Nothing is opened until the first call.
+    pub fn tcp(address: &str) -> Client {
+        Client {
+            endpoint: Endpoint::Tcp(address.to_owned()),
+            ..Client::new(address)
         }
     }
 
@@ -439,12 +518,15 @@ impl Client {
             what: what.to_owned(),
             source,
         };
-        let stream = UnixStream::connect(&self.socket).map_err(|source| Error::Connect {
+        let connected = match &self.endpoint {
+            Endpoint::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
+            Endpoint::Tcp(address) => connect_tcp(address, timeout).map(Stream::Tcp),
+        };
+        let stream = connected.map_err(|source| Error::Connect {
             path: self.socket.clone(),
             source,
         })?;
-        stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
-        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        stream.set_timeouts(timeout).map_err(io_err)?;
         let mut writer = NoSigpipe(&stream);
         let mut headers = vec![
             ("Host", "localhost".to_owned()),
@@ -728,6 +810,46 @@ impl Client {
         let path = format!("/services/{}/update?version={version}", query_escape(id));
         self.call(&what, "POST", &path, Body::Json(body), &[200])
             .map(drop)
+    }
+
+    /// `GET /swarm` (managers only): the swarm object, with its `Version.Index` and `Spec`.
+    pub fn swarm_inspect(&self) -> Result<Value> {
+        let what = "reading the swarm's settings";
+        let response = self.call(what, "GET", "/swarm", Body::None, &[200])?;
+        json(what, &response)
+    }
+
+    /// `POST /swarm/update?version=…`: replaces the swarm's spec, if nobody changed it since
+    /// `version` (the engine refuses a stale version: the Raft store orders the writers).
+    pub fn swarm_update(&self, version: u64, spec: &Value) -> Result<()> {
+        let what = "updating the swarm's settings";
+        let path = format!("/swarm/update?version={version}");
+        self.call(what, "POST", &path, Body::Json(spec), &[200])
+            .map(drop)
+    }
+
+    /// `GET /nodes` (managers only): every node, as the engine describes it.
+    pub fn list_nodes(&self) -> Result<Vec<Value>> {
+        let what = "listing the swarm's nodes";
+        let response = self.call(what, "GET", "/nodes", Body::None, &[200])?;
+        json(what, &response)
+    }
+
+    /// `POST /nodes/{id}/update?version=…`: replaces a node's spec (role, availability, labels).
+    pub fn update_node(&self, id: &str, version: u64, spec: &Value) -> Result<()> {
+        let what = format!("updating node {id}");
+        let path = format!("/nodes/{}/update?version={version}", query_escape(id));
+        self.call(&what, "POST", &path, Body::Json(spec), &[200])
+            .map(drop)
+    }
+
+    /// `GET /tasks?filters=…` (managers only): the tasks the filters select, e.g.
+    /// `{"node": ["ID"], "desired-state": ["running"]}`.
+    pub fn list_tasks(&self, filters: &Value) -> Result<Vec<Value>> {
+        let what = "listing the swarm's tasks";
+        let path = format!("/tasks?filters={}", query_escape(&filters.to_string()));
+        let response = self.call(what, "GET", &path, Body::None, &[200])?;
+        json(what, &response)
     }
 
     /// `DELETE /services/{id}`; one already gone is not an error.

@@ -98,6 +98,10 @@ impl Daemon {
                         Ok(done) => self.released = done,
                         Err(e) => eprintln!("plinth-update: {e:#}"),
                     }
+                    // A lock not given back yet is asked about again soon, not an interval later.
+                    if !self.released {
+                        next = next.min(strategy::RELEASE_RETRY);
+                    }
                 }
                 if let Some(retry) = retry {
                     next = next.min(retry + Duration::from_secs(1));

@@ -35,6 +35,7 @@ pub mod media;
 pub mod staging;
 pub mod state;
 pub mod strategy;
+pub mod swarm_lock;
 pub mod tls;
 pub mod verity;
 

@@ -1,6 +1,8 @@
 //! When a staged update may reboot the machine: at once, in a maintenance window (UTC), or once a
 //! FleetLock server grants one of its group's reboot slots (the protocol of Zincati and airlock:
-//! `POST <url>/v1/pre-reboot` before the reboot, `POST <url>/v1/steady-state` after a good boot).
+//! `POST <url>/v1/pre-reboot` before the reboot, `POST <url>/v1/steady-state` after a good boot),
+//! or, on a Docker Swarm node, once it holds the swarm's update lock and is drained
+//! ([`swarm_lock`]).
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::agent::Agent;
 use super::fetch::{http_post, Client, HttpUrl};
+use super::swarm_lock::{self, Step};
 
 const DAY: u64 = 86_400;
 
@@ -26,6 +29,10 @@ pub enum Decision {
     /// Not yet: why, and when to ask again.
     Wait { reason: String, retry: Duration },
 }
+
+/// How soon a lock that could not be given back after a good boot (server or managers not
+/// answering yet) is given back again.
+pub const RELEASE_RETRY: Duration = Duration::from_secs(15);
 
 /// How soon a reboot waiting for the running boot to settle asks again.
 pub const SETTLE_RETRY: Duration = Duration::from_secs(5);
@@ -55,6 +62,14 @@ pub fn decide(agent: &Agent) -> Decision {
                 },
             },
         },
+        UpdateStrategy::Swarm => match swarm_before_reboot(agent) {
+            Ok(Step::Reboot) => Decision::Reboot,
+            Ok(Step::Wait { reason, retry }) => Decision::Wait { reason, retry },
+            Err(e) => Decision::Wait {
+                reason: format!("{e:#}"),
+                retry: swarm_lock::LOCK_RETRY,
+            },
+        },
         UpdateStrategy::Fleetlock => match update.and_then(|u| u.fleetlock.as_ref()) {
             None => Decision::Never,
             Some(lock) => match fleetlock_client(agent, lock).and_then(|c| c.pre_reboot()) {
@@ -75,6 +90,10 @@ pub fn decide(agent: &Agent) -> Decision {
 /// After a good boot, gives a FleetLock reboot slot back (`steady-state`); true once the server
 /// agreed, and always for the other strategies.
 pub fn release_after_good_boot(agent: &Agent) -> Result<bool> {
+    if agent.strategy == UpdateStrategy::Swarm {
+        let (local, api) = swarm_lock::engines(agent.definition.swarm.as_ref())?;
+        return swarm_lock::after_good_boot(&local.swarm_info()?, &api);
+    }
     let lock = match (agent.strategy, agent.definition.update.as_ref()) {
         (UpdateStrategy::Fleetlock, Some(update)) => update.fleetlock.as_ref(),
         _ => None,
@@ -89,6 +108,15 @@ pub fn release_after_good_boot(agent: &Agent) -> Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// [`swarm_lock::before_reboot`] with this machine's engines.
+fn swarm_before_reboot(agent: &Agent) -> Result<Step> {
+    let (local, api) = swarm_lock::engines(agent.definition.swarm.as_ref())?;
+    let info = local
+        .swarm_info()
+        .context("reading this node's swarm state from its engine")?;
+    swarm_lock::before_reboot(&info, &api, (agent.clock)())
 }
 
 fn fleetlock_client(agent: &Agent, lock: &FleetLock) -> Result<FleetLockClient> {
