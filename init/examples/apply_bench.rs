@@ -228,6 +228,7 @@ fn write_images(releases: &Path, manifest: &Manifest, disk: &Path, dir: &Path) -
         manifest_sha256: "00",
         slot: Slot::B,
         retries: 0,
+        held: &[],
     };
     let mut disk = Disk::open(disk)?;
     let mut state = State::default();

@@ -149,15 +149,7 @@ fn content(seed: u8, blocks: usize) -> Content {
 
 /// Pseudo-random bytes, so that they do not compress (like a squashfs image).
 fn noise(seed: u8, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(seed);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    os_config::test_data::noise(u64::from(seed), len)
 }
 
 /// A release whose root image is `root` (a whole number of 4096-byte blocks).

@@ -326,19 +326,7 @@ pub fn for_each_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Pseudo-random bytes that do not compress, like squashfs data.
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_data::noise;
 
     fn chunks_of(data: &[u8]) -> Vec<(u64, [u8; 32], usize)> {
         let mut out = Vec::new();

@@ -23,6 +23,8 @@ pub mod oracle;
 pub mod rootfs;
 pub mod slice;
 pub mod status;
+#[cfg(any(test, feature = "test-disks"))]
+pub mod test_data;
 pub mod units;
 pub mod userdata;
 pub mod validate;

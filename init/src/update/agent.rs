@@ -546,8 +546,9 @@ impl Agent {
             }
         }
         // Boot files the ESP already holds (an update that keeps the kernel) are not downloaded.
-        let mut skip: Vec<&str> = apply::boot_files_on_esp(&mut disk, &manifest, slot)
+        let held = apply::boot_files_on_esp(&mut disk, &manifest, slot)
             .map_err(|e| e.context("reading the boot files on the ESP"))?;
+        let mut skip: Vec<&str> = held.iter().map(|h| h.name).collect();
         if delta.is_some() {
             skip.push("root");
         }
@@ -574,6 +575,7 @@ impl Agent {
                 manifest_sha256: &digest,
                 slot,
                 retries: self.retries,
+                held: &held,
             };
             match delta.write_root(&job, &mut disk, &mut state, &self.paths.state, hook) {
                 Ok(report) => hook(&Event::Delta(report))?,
@@ -596,6 +598,7 @@ impl Agent {
             manifest_sha256: &digest,
             slot,
             retries: self.retries,
+            held: &held,
         };
         match apply::apply(&job, &mut disk, &mut state, &self.paths.state, hook) {
             Ok(()) => {

@@ -61,18 +61,31 @@ pub struct Job<'a> {
     pub slot: Slot,
     /// Reconnections allowed per artifact download.
     pub retries: u32,
+    /// The boot files [`boot_files_on_esp`] found on the ESP with the release's content (checked
+    /// there, so not downloaded): copied on the ESP, not hashed again before the copy.
+    pub held: &'a [HeldBootFile],
+}
+
+/// A boot file of the release that the ESP already holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldBootFile {
+    /// `kernel` or `initrd`.
+    pub name: &'static str,
+    /// The ESP path that holds it: the receiving slot's own (nothing to write) or the other's.
+    pub path: String,
 }
 
 pub type Hook<'h> = &'h mut dyn FnMut(&Event) -> anyhow::Result<()>;
 
 /// The boot files (`kernel`, `initrd`) of `manifest` that the ESP already holds with the
-/// manifest's content, for `slot` or for the running slot: staging leaves them out and
-/// [`apply`] copies them on the ESP instead of downloading them again.
+/// manifest's content, for `slot` or for the running slot, each read and hashed once here:
+/// staging leaves them out and [`apply`] copies them on the ESP (given as [`Job::held`])
+/// instead of downloading them again.
 pub fn boot_files_on_esp(
     disk: &mut Disk,
     manifest: &Manifest,
     slot: Slot,
-) -> anyhow::Result<Vec<&'static str>> {
+) -> anyhow::Result<Vec<HeldBootFile>> {
     use anyhow::Context as _;
     let esp_part = disk.partition("esp")?;
     let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
@@ -81,8 +94,8 @@ pub fn boot_files_on_esp(
         ("kernel", &manifest.artifacts.kernel),
         ("initrd", &manifest.artifacts.initrd),
     ] {
-        if held_copy(&esp, artifact, slot, name)?.is_some() {
-            held.push(name);
+        if let Some(path) = held_copy(&esp, artifact, slot, name)? {
+            held.push(HeldBootFile { name, path });
         }
     }
     esp.close()?;
@@ -181,12 +194,19 @@ pub fn apply(
                 Entry::initrd_path(slot),
             ),
         ] {
+            let held = job
+                .held
+                .iter()
+                .find(|h| h.name == name)
+                .map(|h| h.path.as_str());
+            if held == Some(path.as_str()) {
+                // Already there, checked by `boot_files_on_esp` in this run (an update that
+                // keeps the kernel, or a resumed one): nothing to write or read back.
+                continue;
+            }
             let esp = Esp::open(disk.region(&esp_part).context("opening the ESP")?)?;
-            let held = held_copy(&esp, artifact, slot, name)?;
-            if held.as_deref() == Some(path.as_str()) {
-                // Already there (an update that keeps the kernel, or a resumed one).
-            } else if let Some(from) = held {
-                let mut source = esp.open_file(&from)?;
+            if let Some(from) = held {
+                let mut source = esp.open_file(from)?;
                 let mut file = esp.create_file(&path)?;
                 io::copy(&mut source, &mut file)
                     .with_context(|| format!("copying {from} to {path} on the ESP"))?;
@@ -975,6 +995,7 @@ mod tests {
                 manifest_sha256: "00",
                 slot: Slot::B,
                 retries: 0,
+                held: &[],
             };
             let state_path = self.dir.path().join("state.json");
             let mut state = State::load(&state_path).expect("state");

@@ -52,10 +52,173 @@ impl<S: Seek> Seek for Shared<S> {
     }
 }
 
+/// Size of a cached block: the FAT driver reads and writes FAT entries (4 bytes) and folder
+/// entries (32 bytes) one at a time, each a seek and a system call on the device; cached, a
+/// cluster allocation touches memory instead.
+const BLOCK: usize = 4096;
+/// Blocks kept at most (1 MiB); when full, dirty ones are written and all are dropped.
+const CACHED_BLOCKS: usize = 256;
+
+/// A write-back block cache between the FAT driver and the device. Small reads and writes go
+/// through 4 KiB blocks kept in memory; whole aligned blocks (file data, a cluster at a time)
+/// go straight to the device, updating a cached copy. Dirty blocks reach the device on
+/// `flush` (the driver's unmount, [`Esp::close`]), when the cache is full, or on drop.
+pub struct BlockCache<S: Read + Write + Seek> {
+    inner: S,
+    blocks: std::collections::HashMap<u64, (Box<[u8]>, bool)>,
+    pos: u64,
+    len: u64,
+}
+
+impl<S: Read + Write + Seek> BlockCache<S> {
+    /// A cache over `inner`, whose length is its end.
+    pub fn new(mut inner: S) -> io::Result<BlockCache<S>> {
+        let len = inner.seek(io::SeekFrom::End(0))?;
+        Ok(BlockCache {
+            inner,
+            blocks: std::collections::HashMap::new(),
+            pos: 0,
+            len,
+        })
+    }
+
+    /// Block `index`, read from the device unless cached.
+    fn block(&mut self, index: u64) -> io::Result<&mut (Box<[u8]>, bool)> {
+        if !self.blocks.contains_key(&index) {
+            if self.blocks.len() >= CACHED_BLOCKS {
+                self.write_dirty()?;
+                self.blocks.clear();
+            }
+            let mut data = vec![0u8; BLOCK].into_boxed_slice();
+            let start = index * BLOCK as u64;
+            let valid = (self.len.saturating_sub(start)).min(BLOCK as u64) as usize;
+            self.inner.seek(io::SeekFrom::Start(start))?;
+            self.inner.read_exact(&mut data[..valid])?;
+            self.blocks.insert(index, (data, false));
+        }
+        self.blocks
+            .get_mut(&index)
+            .ok_or_else(|| io::Error::other("block cache lost a block"))
+    }
+
+    /// Writes the dirty blocks to the device, in order.
+    fn write_dirty(&mut self) -> io::Result<()> {
+        let mut dirty: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, (_, d))| *d)
+            .map(|(i, _)| *i)
+            .collect();
+        dirty.sort_unstable();
+        for index in dirty {
+            let start = index * BLOCK as u64;
+            let valid = (self.len.saturating_sub(start)).min(BLOCK as u64) as usize;
+            if let Some((data, is_dirty)) = self.blocks.get_mut(&index) {
+                self.inner.seek(io::SeekFrom::Start(start))?;
+                self.inner.write_all(&data[..valid])?;
+                *is_dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `[pos, pos + n)` is one whole block.
+    fn whole_block(&self, n: usize) -> bool {
+        n == BLOCK && self.pos.is_multiple_of(BLOCK as u64)
+    }
+}
+
+impl<S: Read + Write + Seek> Read for BlockCache<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if n == 0 {
+            return Ok(0);
+        }
+        let index = self.pos / BLOCK as u64;
+        if self.whole_block(n.min(BLOCK)) && !self.blocks.contains_key(&index) {
+            self.inner.seek(io::SeekFrom::Start(self.pos))?;
+            self.inner.read_exact(&mut buf[..BLOCK])?;
+            self.pos += BLOCK as u64;
+            return Ok(BLOCK);
+        }
+        let offset = (self.pos % BLOCK as u64) as usize;
+        let n = n.min(BLOCK - offset);
+        let (data, _) = self.block(index)?;
+        buf[..n].copy_from_slice(&data[offset..offset + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<S: Read + Write + Seek> Write for BlockCache<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if n == 0 {
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "write past the end of the ESP",
+            ));
+        }
+        let index = self.pos / BLOCK as u64;
+        if self.whole_block(n.min(BLOCK)) {
+            self.inner.seek(io::SeekFrom::Start(self.pos))?;
+            self.inner.write_all(&buf[..BLOCK])?;
+            if let Some((data, dirty)) = self.blocks.get_mut(&index) {
+                data.copy_from_slice(&buf[..BLOCK]);
+                *dirty = false;
+            }
+            self.pos += BLOCK as u64;
+            return Ok(BLOCK);
+        }
+        let offset = (self.pos % BLOCK as u64) as usize;
+        let n = n.min(BLOCK - offset);
+        let (data, dirty) = self.block(index)?;
+        data[offset..offset + n].copy_from_slice(&buf[..n]);
+        *dirty = true;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_dirty()?;
+        self.inner.flush()
+    }
+}
+
+impl<S: Read + Write + Seek> Seek for BlockCache<S> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            io::SeekFrom::Start(p) => Some(p),
+            io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = target.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the ESP",
+            )
+        })?;
+        Ok(self.pos)
+    }
+}
+
+impl<S: Read + Write + Seek> Drop for BlockCache<S> {
+    fn drop(&mut self) {
+        // An ESP dropped without `close` (an error path) still gets what was written, as
+        // without the cache.
+        let _ = self.write_dirty();
+    }
+}
+
 /// An opened ESP. Changes reach the storage on [`Esp::close`]; the caller syncs the device after.
 pub struct Esp<S: Storage> {
-    fs: fatfs::FileSystem<Shared<S>>,
-    storage: Shared<S>,
+    fs: fatfs::FileSystem<Shared<BlockCache<S>>>,
+    storage: Shared<BlockCache<S>>,
 }
 
 impl<S: Storage> std::fmt::Debug for Esp<S> {
@@ -67,7 +230,8 @@ impl<S: Storage> std::fmt::Debug for Esp<S> {
 impl<S: Storage> Esp<S> {
     /// Opens the FAT file system on `storage`.
     pub fn open(storage: S) -> Result<Esp<S>> {
-        let storage = Shared(Rc::new(RefCell::new(storage)));
+        let cache = BlockCache::new(storage).context("opening the ESP")?;
+        let storage = Shared(Rc::new(RefCell::new(cache)));
         let fs = fatfs::FileSystem::new(storage.clone(), fatfs::FsOptions::new())
             .context("opening the FAT file system of the ESP")?;
         Ok(Esp { fs, storage })
@@ -81,7 +245,8 @@ impl<S: Storage> Esp<S> {
         let Esp { fs, mut storage } = self;
         fs.unmount().context("flushing the ESP")?;
         os_config::fat::repair_dot_entries(&mut storage)
-            .context("repairing the folder entries of the ESP")
+            .context("repairing the folder entries of the ESP")?;
+        storage.flush().context("writing the ESP")
     }
 
     /// The Plinth boot entries present, with their file names.
@@ -124,7 +289,7 @@ impl<S: Storage> Esp<S> {
     }
 
     /// Creates (or truncates) a file, creating its folders, and returns it for writing.
-    pub fn create_file(&self, path: &str) -> Result<fatfs::File<'_, Shared<S>>> {
+    pub fn create_file(&self, path: &str) -> Result<fatfs::File<'_, Shared<BlockCache<S>>>> {
         let path = rel(path);
         let root = self.fs.root_dir();
         let mut dir_path = String::new();
@@ -147,7 +312,7 @@ impl<S: Storage> Esp<S> {
     }
 
     /// Opens a file for reading.
-    pub fn open_file(&self, path: &str) -> Result<fatfs::File<'_, Shared<S>>> {
+    pub fn open_file(&self, path: &str) -> Result<fatfs::File<'_, Shared<BlockCache<S>>>> {
         let path = rel(path);
         self.fs
             .root_dir()
@@ -216,5 +381,98 @@ pub fn bless<S: Storage>(esp: &Esp<S>, slot: Slot, version: &str) -> Result<Bles
                 to: good.file_name(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// Counts the device's system calls' worth of operations.
+    struct Counting {
+        inner: Cursor<Vec<u8>>,
+        ops: usize,
+    }
+
+    impl Read for Counting {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.ops += 1;
+            self.inner.read(buf)
+        }
+    }
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.ops += 1;
+            self.inner.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Seek for Counting {
+        fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+            self.inner.seek(to)
+        }
+    }
+
+    #[test]
+    fn the_block_cache_reads_and_writes_as_the_device_would() {
+        // A device whose length is not a whole number of blocks.
+        let len = 10 * BLOCK + 100;
+        let mut model: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let device = Counting {
+            inner: Cursor::new(model.clone()),
+            ops: 0,
+        };
+        let mut cache = BlockCache::new(device).expect("cache");
+        let mut x = 12345u64;
+        for round in 0..2000usize {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = (x % len as u64) as usize;
+            // Small pieces mostly, whole aligned blocks sometimes.
+            let (at, n) = if round.is_multiple_of(10) {
+                let block = at / BLOCK * BLOCK;
+                (block, BLOCK.min(len - block))
+            } else {
+                (at, ((x >> 20) % 40) as usize + 1)
+            };
+            let n = n.min(len - at);
+            cache.seek(io::SeekFrom::Start(at as u64)).expect("seek");
+            if x.is_multiple_of(3) {
+                let data: Vec<u8> = (0..n).map(|i| (round + i) as u8).collect();
+                cache.write_all(&data).expect("write");
+                model[at..at + n].copy_from_slice(&data);
+            } else {
+                let mut got = vec![0u8; n];
+                cache.read_exact(&mut got).expect("read");
+                assert_eq!(got, model[at..at + n], "round {round} at {at}+{n}");
+            }
+        }
+        cache.flush().expect("flush");
+        // Writing past the end fails; reading there gives nothing.
+        cache.seek(io::SeekFrom::End(0)).expect("end");
+        assert!(cache.write(b"x").is_err());
+        assert_eq!(cache.read(&mut [0u8; 8]).expect("read at end"), 0);
+        let ops = cache.inner.ops;
+        let device = std::mem::replace(&mut cache.inner.inner, Cursor::new(Vec::new()));
+        assert_eq!(device.into_inner(), model, "the device holds every write");
+        assert!(
+            ops < 2000,
+            "{ops} device operations for 2000 small reads and writes"
+        );
+    }
+
+    #[test]
+    fn dirty_blocks_reach_the_device_when_the_cache_is_dropped() {
+        let mut device = vec![0u8; 3 * BLOCK];
+        {
+            let mut cache = BlockCache::new(Cursor::new(&mut device)).expect("cache");
+            cache.seek(io::SeekFrom::Start(5000)).expect("seek");
+            cache.write_all(b"plinth").expect("write");
+        }
+        assert_eq!(&device[5000..5006], b"plinth");
     }
 }
