@@ -771,11 +771,40 @@ fn offline_apply_from_a_folder() {
     let m = Machine::new();
     let v2 = content(2, 150);
     let usb = m.dir.join("usb");
-    publish(&usb, &m.key, "demo", "2", &v2);
+    let manifest = publish(&usb, &m.key, "demo", "2", &v2);
     let agent = m.agent();
     assert_eq!(agent.check(None).expect("online"), Outcome::NoRelease);
-    let from = Source::Dir(usb);
-    let outcome = agent.apply(Some(&from), &mut |_| Ok(())).expect("apply");
+    let from = Source::Dir(usb.clone());
+
+    // A medium whose root image has one byte changed (same size) is refused before the slot is
+    // touched, naming the artifact.
+    let root_file = usb.join(&manifest.artifacts.root.path);
+    let good = std::fs::read(&root_file).expect("root artifact");
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x40;
+    std::fs::write(&root_file, &bad).expect("corrupt");
+    let before = m.slot_b_and_esp();
+    match agent.apply(Some(&from), &mut |_| Ok(())).expect("apply") {
+        Outcome::Refused { reason, .. } => {
+            assert!(reason.contains("artifact root"), "{reason}")
+        }
+        other => panic!("a corrupt medium was not refused: {other:?}"),
+    }
+    assert!(m.slot_b_and_esp() == before, "slot B or the ESP changed");
+    std::fs::write(&root_file, &good).expect("restore");
+
+    // Checked where it lies: when the checks are done, nothing of it was copied to /var.
+    let staged_dir = m.dir.join("var/lib/plinth/staging/artifacts");
+    let mut copied = None;
+    let outcome = agent
+        .apply(Some(&from), &mut |event| {
+            if matches!(event, Event::Downloaded) {
+                copied = Some(staged_dir.exists());
+            }
+            Ok(())
+        })
+        .expect("apply");
     assert_eq!(
         outcome,
         Outcome::Staged {
@@ -783,6 +812,7 @@ fn offline_apply_from_a_folder() {
             slot: Slot::B
         }
     );
+    assert_eq!(copied, Some(false), "the release was copied to /var");
     m.assert_slot_b_holds(&v2, "2");
 }
 

@@ -553,10 +553,14 @@ impl Agent {
             skip.push("root");
         }
         let skip = skip.as_slice();
-        // Everything is downloaded and checked on /var before the first byte of the slot, its
-        // entry or the ESP changes.
+        // Everything is downloaded and checked on /var (or, from a folder on this machine,
+        // checked where it lies) before the first byte of the slot, its entry or the ESP changes.
         let staging = Staging::new(self.staging_dir());
-        match staging.stage_except(source, &manifest, self.retries, skip) {
+        let staged = match source {
+            Source::Dir(dir) => Staging::check_in_place(dir, &manifest, skip),
+            Source::Http { .. } => staging.stage_except(source, &manifest, self.retries, skip),
+        };
+        match staged {
             Ok(()) => hook(&Event::Downloaded)?,
             Err(ApplyError::Rejected(reason)) => {
                 return self.refuse(&mut state, &manifest, &digest, reason, remember)
@@ -591,7 +595,10 @@ impl Agent {
                 }
             }
         }
-        let staged = staging.source();
+        let staged = match source {
+            Source::Dir(_) => source.clone(),
+            Source::Http { .. } => staging.source(),
+        };
         let job = Job {
             source: &staged,
             manifest: &manifest,

@@ -111,6 +111,31 @@ impl Staging {
         Ok(())
     }
 
+    /// For a release folder on this machine (`apply --from DIR`, a `file://` URL): checks every
+    /// artifact of `manifest` but those in `skip` where it lies, in one read each (size and
+    /// sha256 of the file, size and sha256 of its decompressed content), without copying it to
+    /// `/var`. The folder is then the apply's source; the apply checks every byte again as it
+    /// writes, so a medium that changes in between cannot slip anything in. `Rejected` as for
+    /// [`Staging::stage`].
+    pub fn check_in_place(
+        dir: &Path,
+        manifest: &Manifest,
+        skip: &[&str],
+    ) -> Result<(), ApplyError> {
+        for (name, artifact) in manifest.artifacts.named() {
+            if skip.contains(&name) {
+                continue;
+            }
+            let path = dir.join(&artifact.path);
+            let file = fs::File::open(&path).map_err(|e| {
+                ApplyError::Rejected(format!("artifact {name}: opening {}: {e}", path.display()))
+            })?;
+            check_file(file, artifact)
+                .map_err(|reason| ApplyError::Rejected(format!("artifact {name}: {reason}")))?;
+        }
+        Ok(())
+    }
+
     /// Removes every file of the folder that `manifest` does not name (older releases).
     fn remove_others(&self, manifest: &Manifest) -> anyhow::Result<()> {
         let keep: Vec<PathBuf> = manifest
@@ -261,7 +286,11 @@ fn check_content(path: &Path, artifact: &Artifact) -> Result<(), String> {
     let mut limited = (&mut decoder).take(artifact.uncompressed_size + 1);
     let len = io::copy(&mut limited, &mut HashWriter(&mut hasher))
         .map_err(|e| format!("does not decompress: {e}"))?;
-    let sha = hex::encode(hasher.finalize());
+    content_matches(artifact, len, &hex::encode(hasher.finalize()))
+}
+
+/// Whether decompressed content of `len` bytes with sha256 `sha` is `artifact`'s.
+fn content_matches(artifact: &Artifact, len: u64, sha: &str) -> Result<(), String> {
     if len != artifact.uncompressed_size {
         return Err(format!(
             "its content is {}{len} bytes, the manifest says {}",
@@ -280,6 +309,67 @@ fn check_content(path: &Path, artifact: &Artifact) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks a compressed artifact in one pass: its size and sha256, and the size and sha256 of
+/// what it decompresses to.
+fn check_file(file: fs::File, artifact: &Artifact) -> Result<(), String> {
+    let len = file.metadata().map_or(0, |m| m.len());
+    if len != artifact.size {
+        return Err(format!(
+            "the file is {len} bytes, the manifest says {}",
+            artifact.size
+        ));
+    }
+    let mut compressed = Sha256::new();
+    let reader = HashReader {
+        inner: io::BufReader::with_capacity(CHUNK, file.take(artifact.size)),
+        hasher: &mut compressed,
+    };
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(reader)
+        .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    let mut content = Sha256::new();
+    let mut limited = (&mut decoder).take(artifact.uncompressed_size + 1);
+    let content_len = io::copy(&mut limited, &mut HashWriter(&mut content))
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    // Whatever the decoder left unread still counts for the file's hash.
+    let mut rest = decoder.finish();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| format!("reading the file: {e}"))?;
+    let sha = hex::encode(compressed.finalize());
+    if sha != artifact.sha256.as_str() {
+        return Err(format!(
+            "sha256 of the file is {sha}, the manifest says {}",
+            artifact.sha256
+        ));
+    }
+    content_matches(artifact, content_len, &hex::encode(content.finalize()))
+}
+
+/// Feeds everything read through it into a hasher.
+struct HashReader<'a, R> {
+    inner: R,
+    hasher: &'a mut Sha256,
+}
+
+impl<R: io::BufRead> Read for HashReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<R: io::BufRead> io::BufRead for HashReader<'_, R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, amount: usize) {
+        if let Ok(buf) = self.inner.fill_buf() {
+            self.hasher.update(&buf[..amount.min(buf.len())]);
+        }
+        self.inner.consume(amount);
+    }
 }
 
 /// Free bytes for an unprivileged writer on the filesystem of `dir`.
