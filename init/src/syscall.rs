@@ -291,6 +291,20 @@ pub fn malloc_trim() -> bool {
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
+/// `madvise(start, len, MADV_PAGEOUT)` (Linux 5.4): asks the kernel to reclaim the resident pages
+/// of a range of this process's mappings, which are read back from their file on their next use.
+pub fn madvise_pageout(start: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: MADV_PAGEOUT only reclaims pages; their content stays what the mapping says (file
+    // pages are read back), so no memory of this process changes. A range that is not mapped
+    // fails with ENOMEM and changes nothing.
+    let done = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_PAGEOUT) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// `LOOP_CTL_GET_FREE` of `<linux/loop.h>`: the number of a free loop device (created if needed).
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 /// `LOOP_CONFIGURE` (Linux 5.8): attach a file and set its flags in one call.
