@@ -139,18 +139,73 @@ impl NetNs {
         });
         Ok(port)
     }
+
+    /// Gives the bridge one more address, `address/32`: a guest whose gateway is the bridge
+    /// reaches it (as the release server address of the update test series).
+    pub fn add_address(&self, address: Ipv4Addr) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.name,
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            "br0",
+        ])
+    }
+
+    /// Serves the folder `root` (`builder::serve`'s static file server, as a release server) at
+    /// `address` (one of the bridge's) inside this namespace, from a thread that entered it. The
+    /// server lives as long as the test process.
+    pub fn serve_folder(&self, root: &Path, address: SocketAddr) -> Result<()> {
+        let netns = PathBuf::from(format!("/var/run/netns/{}", self.name));
+        let root = root.to_path_buf();
+        let (bound, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let listener = enter(&netns).and_then(|()| {
+                TcpListener::bind(address).with_context(|| format!("binding {address}"))
+            });
+            let listener = match listener {
+                Ok(listener) => {
+                    let _ = bound.send(Ok(()));
+                    listener
+                }
+                Err(e) => {
+                    let _ = bound.send(Err(e));
+                    return;
+                }
+            };
+            for stream in listener.incoming().flatten() {
+                let root = root.clone();
+                std::thread::spawn(move || -> Result<()> {
+                    let mut writer = stream.try_clone()?;
+                    let mut reader = std::io::BufReader::new(stream);
+                    builder::serve::serve_connection(&root, &mut reader, &mut writer)?;
+                    Ok(())
+                });
+            }
+        });
+        ready
+            .recv()
+            .context("the file server thread ended before binding")?
+    }
 }
 
-/// Connects to `target` from inside the namespace at `netns` (this thread only moves there) and
-/// copies bytes both ways until either side closes.
-fn relay(client: TcpStream, netns: &Path, target: SocketAddr) -> Result<()> {
+/// Moves this thread (only) into the network namespace at `netns`.
+fn enter(netns: &Path) -> Result<()> {
     let ns = std::fs::File::open(netns)
         .with_context(|| format!("opening namespace {}", netns.display()))?;
     rustix::thread::move_into_link_name_space(
         std::os::fd::AsFd::as_fd(&ns),
         Some(rustix::thread::LinkNameSpaceType::Network),
     )
-    .with_context(|| format!("entering namespace {}", netns.display()))?;
+    .with_context(|| format!("entering namespace {}", netns.display()))
+}
+
+/// Connects to `target` from inside the namespace at `netns` (this thread only moves there) and
+/// copies bytes both ways until either side closes.
+fn relay(client: TcpStream, netns: &Path, target: SocketAddr) -> Result<()> {
+    enter(netns)?;
     let upstream = match TcpStream::connect_timeout(&target, Duration::from_secs(10)) {
         Ok(stream) => stream,
         Err(e) => {
