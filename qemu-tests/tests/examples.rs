@@ -1,9 +1,10 @@
 //! The example definitions of `images/examples/` built and booted under QEMU (OVMF, TCG), each
 //! run to what it is for:
 //!
-//! - `jetty.toml`: Jetty's page, fetched through a host forward to the published port.
-//! - `irssi.toml`: `/eval echo hello $V` typed into irssi through the Engine API's attach stream comes back
-//!   on its terminal.
+//! - `jetty.toml`: Jetty's page, fetched through a host forward to the published port, and
+//!   Jetty's own 404 for a missing one.
+//! - `irssi.toml`: `/eval echo hello $V` typed into irssi through the Engine API's attach
+//!   stream; its output comes back on the terminal.
 //! - `ghost.toml`: the page of Debian's Node.js, fetched the same way.
 //! - `celery.toml`: the `submit` container's task, processed by the worker through the Redis
 //!   broker on their user network, printed in its log (`add(2, 3) = 5`).
@@ -147,7 +148,6 @@ fn jetty_serves_its_page() -> Result<()> {
     let disk = build_example("jetty")?;
     let web = free_port()?;
     let mut vm = boot(disk, vec![(web, 8080)])?;
-    let started = Instant::now();
     wait_running(&mut vm, "jetty")?;
     // The JVM and Jetty start slowly under TCG: the page may take minutes after the container runs.
     let page = http_get(web, "/", BOOT).context("fetching Jetty's page")?;
@@ -166,7 +166,7 @@ fn jetty_serves_its_page() -> Result<()> {
         "unexpected reply to a missing page: {}",
         reply.lines().take(12).collect::<Vec<_>>().join("\n")
     );
-    eprintln!("jetty: page served {:.0?} after boot", started.elapsed());
+    eprintln!("jetty: page served {:.0?} after QEMU started", vm.elapsed());
     Ok(())
 }
 
