@@ -149,6 +149,7 @@ pub fn build_image(args: &Options) -> Result<Built> {
     // Every refusal that needs no work comes before the output folder is touched.
     check_formats(&args.format)?;
     let lock = crate::debian::load_lock(&def, &args.file)?;
+    check_local_archives(&def, def_dir)?;
     let mut tools = vec![crate::tools::MKSQUASHFS, crate::tools::MKFS_EXT4];
     if args
         .format
@@ -284,6 +285,33 @@ pub fn build_image(args: &Options) -> Result<Built> {
 /// Where `plinth-init` finds the archive of a container's image on the machine.
 pub fn image_archive_path(container: &str) -> String {
     format!("{}/{container}.tar", os_config::rootfs::IMAGE_ARCHIVES)
+}
+
+/// Refuses, before anything is fetched, a `[[container]] archive = { path }` that names no file:
+/// such archives are made by the user (`docker save`), and the error says how.
+fn check_local_archives(def: &Definition, def_dir: &Path) -> Result<()> {
+    for container in &def.containers {
+        let Some(path) = container
+            .archive
+            .as_ref()
+            .filter(|a| a.url.is_none())
+            .and_then(|a| a.path.as_ref())
+        else {
+            continue;
+        };
+        let file = def_dir.join(path);
+        if !file.is_file() {
+            bail!(
+                "[[container]] `{}`: its image archive {} does not exist; make it with \
+                 `docker save {} -o {}` and put its `sha256sum` into `archive = {{ path, sha256 }}`",
+                container.name,
+                file.display(),
+                container.image,
+                file.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes the archive of every container image that is built from packages or given as an

@@ -128,3 +128,83 @@ fn comments_are_never_blamed() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("img.toml:7:13: debian.packages[0]"), "{text}");
 }
+
+/// The folder of example definitions (`images/examples/`).
+fn examples_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/examples")
+}
+
+#[test]
+fn every_example_passes_check() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(examples_dir()).expect("reading images/examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_plinth"))
+            .args(["check", path.to_str().expect("utf-8 path")])
+            .output()
+            .expect("running plinth");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            path.with_extension("lock").is_file(),
+            "{} has no lock beside it",
+            path.display()
+        );
+        names.push(
+            path.file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["celery", "ghost", "irssi", "jetty", "registry", "rethinkdb"],
+        "the examples the README lists"
+    );
+}
+
+/// The RethinkDB example's archive is made by the user: without it, `plinth build` stops before
+/// fetching anything and says which file is missing and how to make it.
+#[test]
+fn missing_image_archive_is_named_before_anything_is_fetched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for file in ["rethinkdb.toml", "rethinkdb.lock"] {
+        std::fs::copy(examples_dir().join(file), dir.path().join(file)).expect("copy example");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_plinth"))
+        .args([
+            "build",
+            "rethinkdb.toml",
+            "--offline",
+            "--cache-dir",
+            "cache",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("running plinth");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "[[container]] `rethinkdb`: its image archive ./rethinkdb.tar does not exist"
+        ) && text.contains("docker save rethinkdb:2.4.4-bookworm-slim -o ./rethinkdb.tar"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("out").exists(),
+        "the build made its output folder: {text}"
+    );
+    assert!(
+        !dir.path().join("cache").exists(),
+        "the build touched its cache: {text}"
+    );
+}

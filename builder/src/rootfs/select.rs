@@ -85,7 +85,14 @@ impl Selection {
                 }
                 let dirs = elf::search_dirs(&deps, paths::parent(&rel));
                 for soname in &deps.needed {
-                    let Some(found) = elf::find_library(&self.tree, soname, &dirs)? else {
+                    let found = elf::find_library(&self.tree, soname, &dirs)?;
+                    if found.is_none() && self.chose_library(soname) {
+                        // A plugin that names its host's library without a path to it (the
+                        // JRE's `lib/*.so` need `lib/server/libjvm.so`): the loader reuses the
+                        // copy the program loaded first, which is in the image.
+                        continue;
+                    }
+                    let Some(found) = found else {
                         bail!(
                             "/{rel} needs {soname}, which is in none of {} of the extracted packages \
                              (is the package that ships it among the fetched packages?)",
@@ -100,6 +107,14 @@ impl Selection {
                 }
             }
         }
+    }
+
+    /// Whether a chosen file is named `soname` (the library itself, not a link to it).
+    fn chose_library(&self, soname: &str) -> bool {
+        self.entries.iter().any(|rel| {
+            Path::new(rel).file_name() == Some(std::ffi::OsStr::new(soname))
+                && std::fs::symlink_metadata(self.tree.join(rel)).is_ok_and(|m| m.is_file())
+        })
     }
 }
 
@@ -186,5 +201,39 @@ mod tests {
         selection.require("usr/bin/ls", "test").expect("ls");
         let err = selection.add_elf_closure().expect_err("libc is missing");
         assert!(format!("{err:#}").contains("needs libc.so.6"), "{err:#}");
+    }
+
+    #[test]
+    fn library_chosen_elsewhere_satisfies_a_plugin() {
+        // As the JRE's plugins need `lib/server/libjvm.so`: the library is outside every
+        // search directory, but the image holds it because it was chosen by path.
+        let (dir, _) = host_tree();
+        let libdir = dir.path().join("usr/lib/x86_64-linux-gnu");
+        let real = std::fs::canonicalize(libdir.join("libselinux.so.1")).expect("libselinux");
+        let server = dir.path().join("usr/lib/jvm/server");
+        std::fs::create_dir_all(&server).expect("mkdir");
+        std::fs::copy(&real, server.join("libselinux.so.1")).expect("copy");
+        std::fs::remove_file(libdir.join("libselinux.so.1")).expect("remove link");
+        let _ = std::fs::remove_file(&real);
+
+        let mut alone = Selection::new(dir.path());
+        alone.require("usr/bin/ls", "test").expect("ls");
+        let err = alone
+            .add_elf_closure()
+            .expect_err("libselinux is not chosen");
+        assert!(
+            format!("{err:#}").contains("needs libselinux.so.1"),
+            "{err:#}"
+        );
+
+        let mut selection = Selection::new(dir.path());
+        selection.require("usr/bin/ls", "test").expect("ls");
+        selection
+            .require("usr/lib/jvm/server/libselinux.so.1", "test")
+            .expect("library");
+        selection.add_elf_closure().expect("closure");
+        assert!(selection
+            .entries()
+            .contains("usr/lib/jvm/server/libselinux.so.1"));
     }
 }
