@@ -404,21 +404,25 @@ fn rolling_update(ns: &NetNs, nodes: &mut [Node], from: Vec<usize>) -> Result<()
     // The service answered on some node all along.
     let mut times: Vec<Instant> = answered.lock().expect("lock").clone();
     times.sort();
-    let mut silence = Duration::ZERO;
+    let (mut silence, mut silent_from) = (Duration::ZERO, Duration::ZERO);
     let mut last = started;
     for t in &times {
-        silence = silence.max(t.saturating_duration_since(last));
+        if t.saturating_duration_since(last) > silence {
+            silence = t.saturating_duration_since(last);
+            silent_from = last.saturating_duration_since(started);
+        }
         last = *t;
     }
     eprintln!(
-        "rolling update in {:.0}s, order {order:?}; {} answers, longest silence {:.1}s",
+        "rolling update in {:.0}s, order {order:?}; {} answers, longest silence {:.1}s from {:.0}s",
         started.elapsed().as_secs_f64(),
         times.len(),
-        silence.as_secs_f64()
+        silence.as_secs_f64(),
+        silent_from.as_secs_f64()
     );
     ensure!(
         silence <= LONGEST_SILENCE,
-        "the service did not answer on any node for {silence:?} during the rolling update"
+        "the service did not answer on any node for {silence:?} from {silent_from:?} into the rolling update (order {order:?})"
     );
     Ok(())
 }

@@ -804,6 +804,14 @@ impl Client {
         json::<Created>(&what, &response).map(|c| c.id)
     }
 
+    /// `GET /services/{id}`: the service with its `Version.Index` and whole `Spec`.
+    pub fn inspect_service(&self, id: &str) -> Result<Value> {
+        let what = format!("reading service {id}");
+        let path = format!("/services/{}", query_escape(id));
+        let response = self.call(&what, "GET", &path, Body::None, &[200])?;
+        json(&what, &response)
+    }
+
     /// `POST /services/{id}/update?version=N`: replaces the spec of the service at `version`.
     pub fn update_service(&self, id: &str, version: u64, body: &Value) -> Result<()> {
         let what = format!("updating service {id}");

@@ -8,8 +8,14 @@
 //! is not ready and reachable, so the managers keep their quorum. No server besides the swarm's
 //! own managers is involved.
 //!
-//! Before the reboot the node sets its own availability to `drain` (recording what it was in
-//! [`DRAINED_LABEL`]) and waits until none of its tasks runs any more and the tasks that replace
+//! Before the reboot the node first makes sure that draining it does not stop a service: a
+//! replicated service whose running tasks all run on this node is given a forced update (what
+//! `docker service update --force` does), which replaces its tasks one at a time under the
+//! service's own update settings and spreads them over the available nodes, and the node waits
+//! until one of them runs elsewhere (for at most [`SPREAD_LIMIT`], recorded in [`SPREAD_LABEL`]).
+//! Swarm places tasks only when it creates them, so after a rolling update the last nodes to
+//! come back would otherwise hold none and the next node to drain would hold them all. Then it
+//! sets its own availability to `drain` (recording what it was in [`DRAINED_LABEL`]) and waits until none of its tasks runs any more and the tasks that replace
 //! them elsewhere run (for at most [`DRAIN_LIMIT`], after which a task that cannot be placed
 //! anywhere else does not hold the update back). After a good boot of the new version (or of
 //! the old one, after a rollback) it makes itself available again and gives the lock back.
@@ -32,6 +38,11 @@ pub const LOCK_LABEL: &str = "plinth.update-lock";
 /// The node label recording the availability a node had before it drained itself for an update
 /// (`active` or `pause`), with the Unix time the drain began: `active 1767225600`.
 pub const DRAINED_LABEL: &str = "plinth.update-drained";
+/// The node label recording when the node gave the services that ran only on it a forced
+/// update, to spread them before its drain (Unix time).
+pub const SPREAD_LABEL: &str = "plinth.update-spread";
+/// How long a node waits for a service it spread to run elsewhere before it drains anyway.
+pub const SPREAD_LIMIT: Duration = Duration::from_secs(300);
 /// How long a drained node waits for its tasks to move before it reboots anyway.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 /// How soon a node that waits for its drain asks again.
@@ -65,6 +76,10 @@ pub trait LockEngine {
     fn update_node(&self, id: &str, version: u64, spec: &Value) -> docker::Result<()>;
     /// `GET /tasks?filters=`.
     fn list_tasks(&self, filters: &Value) -> docker::Result<Vec<Value>>;
+    /// `GET /services/{id}`.
+    fn inspect_service(&self, id: &str) -> docker::Result<Value>;
+    /// `POST /services/{id}/update?version=`.
+    fn update_service(&self, id: &str, version: u64, spec: &Value) -> docker::Result<()>;
 }
 
 impl LockEngine for docker::Client {
@@ -82,6 +97,12 @@ impl LockEngine for docker::Client {
     }
     fn list_tasks(&self, filters: &Value) -> docker::Result<Vec<Value>> {
         docker::Client::list_tasks(self, filters)
+    }
+    fn inspect_service(&self, id: &str) -> docker::Result<Value> {
+        docker::Client::inspect_service(self, id)
+    }
+    fn update_service(&self, id: &str, version: u64, spec: &Value) -> docker::Result<()> {
+        docker::Client::update_service(self, id, version, spec)
     }
 }
 
@@ -134,6 +155,9 @@ pub fn before_reboot(info: &SwarmInfo, api: &impl LockEngine, now: u64) -> Resul
     let drained_at = match label(&node["Spec"], DRAINED_LABEL) {
         Some(value) => drain_started(&value),
         None => {
+            if let Some(wait) = spread_first(api, &node, now)? {
+                return Ok(wait);
+            }
             drain(api, &node, now)?;
             return Ok(Step::Wait {
                 reason: "draining this swarm node before the reboot".to_owned(),
@@ -257,6 +281,103 @@ fn quorum_risk(api: &impl LockEngine, me: &str) -> Result<Option<String>> {
     Ok(None)
 }
 
+/// Before the drain: gives each replicated service whose running tasks all run on this node a
+/// forced update, once, and waits (`Some`) until one of its tasks runs elsewhere or
+/// [`SPREAD_LIMIT`] has passed. `None`: nothing stands in the way of the drain.
+fn spread_first(api: &impl LockEngine, node: &Value, now: u64) -> Result<Option<Step>> {
+    let me = node["ID"].as_str().unwrap_or_default();
+    let lonely = lonely_services(api, me)?;
+    if lonely.is_empty() {
+        return Ok(None);
+    }
+    let names = lonely
+        .iter()
+        .map(|s| s["Spec"]["Name"].as_str().unwrap_or("?"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let reason = format!("spreading: {names} run(s) only on this swarm node");
+    let Some(since) = label(&node["Spec"], SPREAD_LABEL) else {
+        for service in &lonely {
+            force_update(api, service)?;
+        }
+        let mut spec = node["Spec"].clone();
+        set_label(&mut spec, SPREAD_LABEL, &now.to_string());
+        api.update_node(me, version(node)?, &spec)
+            .context("recording the spread on this swarm node")?;
+        eprintln!("plinth-update: gave {names} a forced update to spread it before the drain");
+        return Ok(Some(Step::Wait {
+            reason,
+            retry: DRAIN_RETRY,
+        }));
+    };
+    let since: u64 = since.parse().unwrap_or(0);
+    if now.saturating_sub(since) >= SPREAD_LIMIT.as_secs() {
+        eprintln!(
+            "plinth-update: {names} still run(s) only on this node after {} s: draining anyway",
+            SPREAD_LIMIT.as_secs()
+        );
+        return Ok(None);
+    }
+    Ok(Some(Step::Wait {
+        reason,
+        retry: DRAIN_RETRY,
+    }))
+}
+
+/// The replicated services (as `GET /services/{id}` gives them) with a running task on node
+/// `me` and none elsewhere, when another node is ready and active to take them.
+fn lonely_services(api: &impl LockEngine, me: &str) -> Result<Vec<Value>> {
+    let elsewhere_available = api.list_nodes()?.iter().any(|n| {
+        n["ID"].as_str() != Some(me)
+            && n["Status"]["State"] == "ready"
+            && n["Spec"]["Availability"] == "active"
+    });
+    if !elsewhere_available {
+        return Ok(Vec::new());
+    }
+    // Service ID -> (running here, running elsewhere).
+    let mut counts = std::collections::BTreeMap::<&str, (usize, usize)>::new();
+    let tasks = api.list_tasks(&json!({ "desired-state": ["running"] }))?;
+    for task in &tasks {
+        let (Some(service), "running") = (
+            task["ServiceID"].as_str(),
+            task["Status"]["State"].as_str().unwrap_or_default(),
+        ) else {
+            continue;
+        };
+        let entry = counts.entry(service).or_default();
+        if task["NodeID"].as_str() == Some(me) {
+            entry.0 += 1;
+        } else {
+            entry.1 += 1;
+        }
+    }
+    let mut lonely = Vec::new();
+    for (id, _) in counts
+        .into_iter()
+        .filter(|(_, (here, away))| *here > 0 && *away == 0)
+    {
+        let service = api
+            .inspect_service(id)
+            .with_context(|| format!("reading service {id}"))?;
+        if service["Spec"]["Mode"]["Replicated"].is_object() {
+            lonely.push(service);
+        }
+    }
+    Ok(lonely)
+}
+
+/// What `docker service update --force` does: the same spec with `TaskTemplate.ForceUpdate`
+/// counted up, so the engine replaces every task under the service's own update settings.
+fn force_update(api: &impl LockEngine, service: &Value) -> Result<()> {
+    let id = service["ID"].as_str().unwrap_or_default();
+    let mut spec = service["Spec"].clone();
+    let count = spec["TaskTemplate"]["ForceUpdate"].as_u64().unwrap_or(0);
+    spec["TaskTemplate"]["ForceUpdate"] = json!(count + 1);
+    api.update_service(id, version(service)?, &spec)
+        .with_context(|| format!("giving service {id} a forced update to spread it"))
+}
+
 /// Sets this node's availability to `drain`, recording the one before and the time.
 fn drain(api: &impl LockEngine, node: &Value, now: u64) -> Result<()> {
     let id = node["ID"].as_str().unwrap_or_default();
@@ -264,6 +385,7 @@ fn drain(api: &impl LockEngine, node: &Value, now: u64) -> Result<()> {
     let before = spec["Availability"].as_str().unwrap_or("active").to_owned();
     // A node an operator drained stays drained after the update.
     set_label(&mut spec, DRAINED_LABEL, &format!("{before} {now}"));
+    remove_label(&mut spec, SPREAD_LABEL);
     spec["Availability"] = json!("drain");
     api.update_node(id, version(node)?, &spec)
         .context("draining this swarm node")?;
@@ -358,6 +480,7 @@ mod tests {
         swarm: Mutex<Value>,
         nodes: Mutex<Vec<Value>>,
         tasks: Mutex<Vec<Value>>,
+        services: Mutex<Vec<Value>>,
         /// Another node writes the swarm just before this one's next swarm write.
         race: Mutex<bool>,
     }
@@ -370,6 +493,7 @@ mod tests {
                 ),
                 nodes: Mutex::new(nodes),
                 tasks: Mutex::new(Vec::new()),
+                services: Mutex::new(Vec::new()),
                 race: Mutex::new(false),
             }
         }
@@ -444,6 +568,37 @@ mod tests {
                 })
                 .collect())
         }
+        fn inspect_service(&self, id: &str) -> docker::Result<Value> {
+            Ok(self
+                .services
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|s| s["ID"] == id)
+                .cloned()
+                .expect("fake engine"))
+        }
+        fn update_service(&self, id: &str, version: u64, spec: &Value) -> docker::Result<()> {
+            let mut services = self.services.lock().expect("lock");
+            let service = services
+                .iter_mut()
+                .find(|s| s["ID"] == id)
+                .expect("fake engine");
+            if service["Version"]["Index"] != version {
+                return Err(stale());
+            }
+            service["Version"]["Index"] = json!(version + 1);
+            service["Spec"] = spec.clone();
+            Ok(())
+        }
+    }
+
+    fn service(id: &str, name: &str, mode: Value) -> Value {
+        json!({ "ID": id, "Version": { "Index": 5 }, "Spec": { "Name": name, "Mode": mode, "TaskTemplate": {} } })
+    }
+
+    fn service_task(service: &str, node: &str, state: &str) -> Value {
+        json!({ "ServiceID": service, "NodeID": node, "DesiredState": "running", "Status": { "State": state } })
     }
 
     fn node(id: &str, manager: bool, state: &str, reachability: &str) -> Value {
@@ -518,6 +673,88 @@ mod tests {
         assert_eq!(
             before_reboot(&info("w1", false), &api, 1020).expect("fake engine"),
             Step::Reboot
+        );
+    }
+
+    #[test]
+    fn a_node_running_every_replica_of_a_service_spreads_it_before_its_drain() {
+        let api = three();
+        *api.services.lock().expect("lock") = vec![
+            service("s1", "hello", json!({ "Replicated": { "Replicas": 3 } })),
+            service("s2", "agent", json!({ "Global": {} })),
+            service("s3", "spread", json!({ "Replicated": { "Replicas": 2 } })),
+        ];
+        *api.tasks.lock().expect("lock") = vec![
+            service_task("s1", "w1", "running"),
+            service_task("s1", "w1", "running"),
+            service_task("s2", "w1", "running"),
+            service_task("s3", "w1", "running"),
+            service_task("s3", "m1", "running"),
+        ];
+        let forced = |id: &str| {
+            api.inspect_service(id).expect("fake")["Spec"]["TaskTemplate"]["ForceUpdate"].clone()
+        };
+        match before_reboot(&info("w1", false), &api, 1000).expect("fake engine") {
+            Step::Wait { reason, .. } => {
+                assert!(
+                    reason.starts_with("spreading: hello run(s) only"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Only the replicated service that runs nowhere else is forced; the node is not drained.
+        assert_eq!(forced("s1"), 1);
+        assert!(forced("s2").is_null() && forced("s3").is_null());
+        assert_eq!(api.node("w1")["Spec"]["Availability"], "active");
+        assert_eq!(api.node("w1")["Spec"]["Labels"][SPREAD_LABEL], "1000");
+
+        // Asked again while the update runs: it is not forced twice.
+        assert!(matches!(
+            before_reboot(&info("w1", false), &api, 1005).expect("fake engine"),
+            Step::Wait { .. }
+        ));
+        assert_eq!(forced("s1"), 1);
+
+        // One of its tasks runs on w2 now: the node drains, and the spread's label goes.
+        api.tasks.lock().expect("lock")[0] = service_task("s1", "w2", "running");
+        match before_reboot(&info("w1", false), &api, 1010).expect("fake engine") {
+            Step::Wait { reason, .. } => assert!(reason.starts_with("draining"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let spec = api.node("w1")["Spec"].clone();
+        assert_eq!(spec["Availability"], "drain");
+        assert!(spec["Labels"][SPREAD_LABEL].is_null(), "{spec}");
+    }
+
+    #[test]
+    fn a_spread_that_cannot_happen_holds_the_drain_back_only_for_its_limit() {
+        let api = three();
+        *api.services.lock().expect("lock") = vec![service(
+            "s1",
+            "hello",
+            json!({ "Replicated": { "Replicas": 1 } }),
+        )];
+        *api.tasks.lock().expect("lock") = vec![service_task("s1", "w1", "running")];
+        before_reboot(&info("w1", false), &api, 1000).expect("fake engine");
+        before_reboot(&info("w1", false), &api, 1299).expect("fake engine");
+        assert_eq!(api.node("w1")["Spec"]["Availability"], "active");
+        before_reboot(&info("w1", false), &api, 1300).expect("fake engine");
+        assert_eq!(api.node("w1")["Spec"]["Availability"], "drain");
+
+        // With no other node to take them, nothing is forced at all.
+        let api = FakeManager::new(vec![node("w1", false, "ready", "")]);
+        *api.services.lock().expect("lock") = vec![service(
+            "s1",
+            "hello",
+            json!({ "Replicated": { "Replicas": 1 } }),
+        )];
+        *api.tasks.lock().expect("lock") = vec![service_task("s1", "w1", "running")];
+        before_reboot(&info("w1", false), &api, 1000).expect("fake engine");
+        assert_eq!(api.node("w1")["Spec"]["Availability"], "drain");
+        assert!(
+            api.inspect_service("s1").expect("fake")["Spec"]["TaskTemplate"]["ForceUpdate"]
+                .is_null()
         );
     }
 
