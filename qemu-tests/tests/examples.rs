@@ -8,7 +8,7 @@
 //! - `ghost.toml`: the page of Debian's Node.js, fetched the same way.
 //! - `celery.toml`: the `submit` container's task, processed by the worker through the Redis
 //!   broker on their user network, printed in its log (`add(2, 3) = 5`).
-//! - `registry.toml`: an image the guest has pushed to the registry by the guest's engine, seen in
+//! - `registry.toml`: an image pushed to the registry by the guest's engine, seen in
 //!   the registry's catalog from the host, removed and pulled back.
 //!
 //! The examples are for users and open no Engine API listener. The tests that drive the engine
