@@ -688,6 +688,12 @@ impl DockerWorkload {
             crate::status::status("engine-ready", &[("uptime-ms", &uptime_ms())]);
             self.settle.update(|s| s.reconciling = true);
             self.reconcile(&client);
+            let first = !booted && !self.stopping();
+            if first {
+                // Before the boot counts as settled: the update agent acts only after this line.
+                booted = true;
+                crate::status::status("boot-complete", &[("uptime-ms", &uptime_ms())]);
+            }
             self.settle.update(|s| {
                 s.reconciling = false;
                 s.reconciled_once = true;
@@ -697,9 +703,7 @@ impl DockerWorkload {
             }
             // The busy part (image archives, the engine's answers) is over: give its memory back.
             crate::memory::trim();
-            if !booted {
-                booted = true;
-                crate::status::status("boot-complete", &[("uptime-ms", &uptime_ms())]);
+            if first {
                 if let Some(usage) = crate::memory::Usage::current() {
                     crate::info!(
                         "memory: {} KiB resident ({} KiB private, {} KiB of mapped files)",
