@@ -15,8 +15,8 @@
 //! until one of them runs elsewhere (for at most [`SPREAD_LIMIT`], recorded in [`SPREAD_LABEL`]).
 //! Swarm places tasks only when it creates them, so after a rolling update the last nodes to
 //! come back would otherwise hold none and the next node to drain would hold them all. Then it
-//! sets its own availability to `drain` (recording what it was in [`DRAINED_LABEL`]) and waits until none of its tasks runs any more and the tasks that replace
-//! them elsewhere run (for at most [`DRAIN_LIMIT`], after which a task that cannot be placed
+//! sets its own availability to `drain` (recording what it was in [`DRAINED_LABEL`]) and waits
+//! until none of its tasks runs any more and the tasks that replace them elsewhere run (for at most [`DRAIN_LIMIT`], after which a task that cannot be placed
 //! anywhere else does not hold the update back). After a good boot of the new version (or of
 //! the old one, after a rollback) it makes itself available again and gives the lock back.
 //!
@@ -540,17 +540,7 @@ mod tests {
             Ok(self.nodes.lock().expect("lock").clone())
         }
         fn update_node(&self, id: &str, version: u64, spec: &Value) -> docker::Result<()> {
-            let mut nodes = self.nodes.lock().expect("lock");
-            let node = nodes
-                .iter_mut()
-                .find(|n| n["ID"] == id)
-                .expect("fake engine");
-            if node["Version"]["Index"] != version {
-                return Err(stale());
-            }
-            node["Version"]["Index"] = json!(version + 1);
-            node["Spec"] = spec.clone();
-            Ok(())
+            write_at(&mut self.nodes.lock().expect("lock"), id, version, spec)
         }
         fn list_tasks(&self, filters: &Value) -> docker::Result<Vec<Value>> {
             let tasks = self.tasks.lock().expect("lock").clone();
@@ -579,18 +569,22 @@ mod tests {
                 .expect("fake engine"))
         }
         fn update_service(&self, id: &str, version: u64, spec: &Value) -> docker::Result<()> {
-            let mut services = self.services.lock().expect("lock");
-            let service = services
-                .iter_mut()
-                .find(|s| s["ID"] == id)
-                .expect("fake engine");
-            if service["Version"]["Index"] != version {
-                return Err(stale());
-            }
-            service["Version"]["Index"] = json!(version + 1);
-            service["Spec"] = spec.clone();
-            Ok(())
+            write_at(&mut self.services.lock().expect("lock"), id, version, spec)
         }
+    }
+
+    /// Replaces the spec of the object `id` if it is still at `version`, as the engine does.
+    fn write_at(objects: &mut [Value], id: &str, version: u64, spec: &Value) -> docker::Result<()> {
+        let object = objects
+            .iter_mut()
+            .find(|o| o["ID"] == id)
+            .expect("fake engine");
+        if object["Version"]["Index"] != version {
+            return Err(stale());
+        }
+        object["Version"]["Index"] = json!(version + 1);
+        object["Spec"] = spec.clone();
+        Ok(())
     }
 
     fn service(id: &str, name: &str, mode: Value) -> Value {
