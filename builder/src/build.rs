@@ -118,6 +118,9 @@ pub struct Options {
     pub keep_tree: Option<PathBuf>,
     /// The download cache.
     pub cache: crate::cache::Options,
+    /// The squashfs root's zstd level; `None` is the default (15), which what is published should
+    /// keep. Lower levels build faster and larger (see [`crate::disk::rootimage`]).
+    pub zstd_level: Option<u32>,
 }
 
 /// Paths of a finished build.
@@ -219,6 +222,7 @@ pub fn build_image(args: &Options) -> Result<Built> {
         initrd_modules: &initrd_modules,
         kernel_version: &tree.kernel_version,
         source_date_epoch: epoch,
+        zstd_level: args.zstd_level,
     };
     let report = crate::disk::write_disk(&inputs, &raw)?;
     let step = Step::start("size by component");

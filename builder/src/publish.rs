@@ -191,6 +191,7 @@ pub fn publish(args: &Options) -> Result<()> {
                 dir: std::env::var_os("PLINTH_CACHE_DIR").map(PathBuf::from),
                 offline: false,
             },
+            zstd_level: None,
         };
         let built = crate::build::build_image(&build)
             .with_context(|| format!("building {} to publish it", args.file.display()))?;

@@ -104,6 +104,7 @@ impl Fixture {
             initrd_modules: &self.modules,
             kernel_version: "6.1.0-99-cloud-amd64",
             source_date_epoch: EPOCH,
+            zstd_level: None,
         };
         disk::write_disk_as(&inputs, out, format)
     }

@@ -441,6 +441,7 @@ fn a_one_file_change_adds_few_chunks_to_the_store() {
             &image,
             1_700_000_000,
             &uuid::Uuid::from_u128(3),
+            None,
         )
         .expect("mksquashfs");
         fs::read(image).expect("image")

@@ -50,6 +50,8 @@ pub struct DiskInputs<'a> {
     /// Kernel release (`6.1.0-28-cloud-amd64`), the folder under `lib/modules`.
     pub kernel_version: &'a str,
     pub source_date_epoch: u64,
+    /// The squashfs root's zstd level; `None` is [`rootimage::DEFAULT_ZSTD_LEVEL`].
+    pub zstd_level: Option<u32>,
 }
 
 /// What was written, for the build summary and for `plinth publish`.
@@ -122,7 +124,14 @@ pub fn write_disk_as(inputs: &DiskInputs, out: &Path, format: RootFormat) -> Res
     let step = Step::start(format!("root image ({})", format.as_str()));
     let root_path = work.path().join("root.img");
     let root_fs_uuid = gpt::derived_uuid(&format!("plinth root filesystem {seed}"));
-    let root_size = rootimage::build(format, inputs.tree, &root_path, epoch, &root_fs_uuid)?;
+    let root_size = rootimage::build(
+        format,
+        inputs.tree,
+        &root_path,
+        epoch,
+        &root_fs_uuid,
+        inputs.zstd_level,
+    )?;
     let root_slot = def.disk.root.bytes();
     if root_size > root_slot {
         bail!(

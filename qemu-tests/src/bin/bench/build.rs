@@ -116,6 +116,7 @@ pub fn build_args(
             dir: cache.map(Path::to_path_buf),
             offline: false,
         },
+        zstd_level: None,
     })
 }
 
@@ -475,7 +476,9 @@ fn image_steps(
     run(Command::new("mksquashfs")
         .arg(tree)
         .arg(work.join("root.img"))
-        .args(builder::disk::rootimage::SQUASHFS_OPTIONS))?;
+        .args(builder::disk::rootimage::SQUASHFS_OPTIONS)
+        .arg("-Xcompression-level")
+        .arg(builder::disk::rootimage::DEFAULT_ZSTD_LEVEL.to_string()))?;
     run(Command::new("veritysetup")
         .arg("format")
         .arg(work.join("root.img"))

@@ -100,6 +100,7 @@ fn build_pxe(dir: &Path, built: &Built) -> Result<(PathBuf, PathBuf)> {
             dir: None,
             offline: false,
         },
+        zstd_level: None,
     };
     let raw = builder::build::build_image(&args)?.raw;
     let pxe = builder::pxe::folder_for(&raw);
