@@ -118,8 +118,9 @@ pub struct Options {
     pub keep_tree: Option<PathBuf>,
     /// The download cache.
     pub cache: crate::cache::Options,
-    /// The squashfs root's zstd level; `None` is the default (15), which what is published should
-    /// keep. Lower levels build faster and larger (see [`crate::disk::rootimage`]).
+    /// The zstd level of the squashfs root and the initramfs; `None` is their defaults (15 and 19),
+    /// which what is published should keep. Lower levels build faster and larger (see
+    /// [`crate::disk::rootimage`]).
     pub zstd_level: Option<u32>,
 }
 

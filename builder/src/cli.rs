@@ -83,8 +83,9 @@ pub struct BuildArgs {
     /// Also keep the assembled root tree in this folder (for inspection).
     #[arg(long, value_name = "DIR")]
     pub keep_tree: Option<PathBuf>,
-    /// zstd level of the squashfs root, 1-22 [default: 15]. Lower builds much faster and a little
-    /// larger (level 3: 30 times faster, 12% larger); for development images, not for releases.
+    /// zstd level of the squashfs root and the initramfs, 1-22 [default: 15 and 19]. Lower builds
+    /// much faster and a little larger (level 3: the root 30 times faster, 12% larger); for
+    /// development images, not for releases.
     #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(1..=22))]
     pub zstd_level: Option<u32>,
     #[command(flatten)]

@@ -265,14 +265,19 @@ fn read_table(path: &Path) -> Result<String> {
     }
 }
 
-/// The archive as a zstd-compressed cpio (level 19, single-threaded so the output is
-/// deterministic), the form the kernel takes as an initrd.
-pub fn compressed(archive: &Archive, mtime: u64) -> Result<Vec<u8>> {
+/// The zstd level of the initramfs unless the build names another (`plinth build --zstd-level`).
+pub const DEFAULT_ZSTD_LEVEL: u32 = 19;
+
+/// The archive as a zstd-compressed cpio (at `level`, [`DEFAULT_ZSTD_LEVEL`] when `None`;
+/// single-threaded so the output is deterministic), the form the kernel takes as an initrd.
+pub fn compressed(archive: &Archive, mtime: u64, level: Option<u32>) -> Result<Vec<u8>> {
+    let level = i32::try_from(level.unwrap_or(DEFAULT_ZSTD_LEVEL))
+        .context("zstd level of the initramfs")?;
     let mut cpio = Vec::new();
     archive
         .write_cpio(&mut cpio, mtime)
         .context("writing the initramfs archive")?;
-    let mut out = zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")?;
+    let mut out = zstd::bulk::compress(&cpio, level).context("compressing the initramfs")?;
     // Zeros up to a multiple of 4 bytes: an archive loaded after this one (the PXE folder's
     // uncompressed root.cpio) is only read as cpio when it starts 4-byte aligned, and the kernel
     // skips zeros between archives.

@@ -50,7 +50,8 @@ pub struct DiskInputs<'a> {
     /// Kernel release (`6.1.0-28-cloud-amd64`), the folder under `lib/modules`.
     pub kernel_version: &'a str,
     pub source_date_epoch: u64,
-    /// The squashfs root's zstd level; `None` is [`rootimage::DEFAULT_ZSTD_LEVEL`].
+    /// The zstd level of the squashfs root and of the initramfs; `None` is their defaults
+    /// ([`rootimage::DEFAULT_ZSTD_LEVEL`], [`initramfs::DEFAULT_ZSTD_LEVEL`]).
     pub zstd_level: Option<u32>,
 }
 
@@ -181,7 +182,7 @@ pub fn write_disk_as(inputs: &DiskInputs, out: &Path, format: RootFormat) -> Res
     let tables = module_tables(inputs.tree, inputs.kernel_version);
     let archive =
         initramfs::build_archive(inputs.init_binary, &modules, inputs.kernel_version, &tables)?;
-    let initrd = initramfs::compressed(&archive, epoch)?;
+    let initrd = initramfs::compressed(&archive, epoch, inputs.zstd_level)?;
     step.done(&format!(
         "{} modules, {}",
         modules.len(),

@@ -239,8 +239,15 @@ mod tests {
             let err = at(Some(bad), "bad").expect_err("out of range");
             assert!(err.to_string().contains("use 1 to 22"), "{err}");
         }
-        let err = build(RootFormat::Erofs, &tree, &dir.path().join("e"), 0, &uuid, Some(3))
-            .expect_err("EROFS takes no zstd level");
+        let err = build(
+            RootFormat::Erofs,
+            &tree,
+            &dir.path().join("e"),
+            0,
+            &uuid,
+            Some(3),
+        )
+        .expect_err("EROFS takes no zstd level");
         assert!(err.to_string().contains("squashfs roots only"), "{err}");
     }
 }
