@@ -76,6 +76,9 @@ fn build_formats(definition: &Path, lock: &Path, init: &Path, pxe: bool) -> Resu
         .context("definition file name")?;
     let dir = workspace().join("target/qemu-tests").join(stem);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Test processes running at the same time (the suite runs two lanes of test binaries) build
+    // one folder at a time: the second waits, then reuses the first's image.
+    let _folder = lock_folder(&dir)?;
     let def_copy = dir.join(format!("{stem}.toml"));
     std::fs::copy(definition, &def_copy)
         .with_context(|| format!("copying {}", definition.display()))?;
@@ -114,6 +117,20 @@ fn build_formats(definition: &Path, lock: &Path, init: &Path, pxe: bool) -> Resu
     std::fs::write(&key_file, &key).with_context(|| format!("writing {}", key_file.display()))?;
     built.insert(definition.to_path_buf(), raw.clone());
     Ok(raw)
+}
+
+/// An exclusive lock on `dir` (on its `.lock` file) for as long as the returned file is open.
+fn lock_folder(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
 }
 
 /// A digest of everything a test image is made from: the definition, its lock, the static
