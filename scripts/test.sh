@@ -16,7 +16,8 @@ cargo test -p qemu-tests --lib --bins || failed+=("qemu-tests units")
 
 # The QEMU tests, at most two guests at a time (the cluster test, three, runs alone). Test
 # binaries that run one guest at a time run in two lanes side by side, each line marked with its
-# lane; the others run one binary after another, two tests at a time.
+# lane; the others run one binary after another, two tests at a time. Where one test runs at a
+# time its progress lines (phases and their times) are shown as it goes.
 echo "==> QEMU tests"
 cargo test -p qemu-tests --tests --no-run
 qemu() { cargo test -p qemu-tests --no-fail-fast "$@"; }
@@ -26,14 +27,14 @@ lane() {
   "$@" 2>&1 | sed -u "s/^/[$name] /"
   return "${PIPESTATUS[0]}"
 }
-lane a qemu --test system --test grow --test verity -- --test-threads=1 &
+lane a qemu --test system --test grow --test verity -- --test-threads=1 --nocapture &
 lane_a=$!
-lane b qemu --test pxe -- --test-threads=1 &
+lane b qemu --test pxe -- --test-threads=1 --nocapture &
 lane_b=$!
 wait "$lane_a" || failed+=("system, grow, verity")
 wait "$lane_b" || failed+=("pxe")
 qemu --test cloud --test examples --test update -- --test-threads=2 || failed+=("cloud, examples, update")
-qemu --test cluster || failed+=("cluster")
+qemu --test cluster -- --nocapture || failed+=("cluster")
 
 if ((${#failed[@]})); then
   printf '==> failed: %s\n' "${failed[@]}"

@@ -30,6 +30,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
 
     let mut vm = Vm::boot(&opts)?;
     let started = Instant::now();
+    let phase = |what: &str| eprintln!("{what} at {:.0}s", started.elapsed().as_secs_f64());
     vm.wait_status("engine-ready", BOOT)?;
     let engine_ready = started.elapsed();
     vm.wait_for("PLINTH-STATUS container-running name=web", BOOT)?;
@@ -96,6 +97,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
     })
     .context("probe never fetched the page from web's alias `www` on the network `back`")?;
 
+    phase("probe checked");
     // The root is read-only and /var is the ext4 state partition.
     let touch = engine.run(
         HELPER_IMAGE,
@@ -135,6 +137,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
         "root not read-only: {root}"
     );
 
+    phase("root and /var checked");
     // A container whose process is killed is restarted by its restart policy.
     let before = engine.inspect("web")?;
     let pid = before["State"]["Pid"].as_i64().context("web has no pid")?;
@@ -151,6 +154,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
     })
     .context("web was not restarted after its process was killed")?;
 
+    phase("web restarted");
     // No zombies after a storm of short containers (without a network: what leaves zombies is
     // the shims and runtimes PID 1 inherits, and a veth pair per container would only make each
     // start seconds slower under TCG).
@@ -178,6 +182,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
         "zombie processes after the storm: {zombies}"
     );
 
+    phase("storm reaped");
     // dockerd killed with SIGKILL is restarted by plinth-init and the containers come back.
     let mark = vm.console().len();
     let _killed = engine.run(
@@ -207,6 +212,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
         "zombie processes after dockerd was killed: {zombies}"
     );
 
+    phase("engine restarted");
     let boots_before = http_get(web, "/boots.txt", Duration::from_secs(60))?
         .lines()
         .count();
@@ -223,6 +229,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
     );
     drop(vm);
 
+    phase("powered off");
     // What a container wrote into its /var volume survives the reboot.
     let mut vm = Vm::boot(&opts)?;
     vm.wait_for("PLINTH-STATUS container-running name=web", BOOT)?;
@@ -231,6 +238,7 @@ fn boots_runs_supervises_and_shuts_down() -> Result<()> {
         boots.lines().count() > boots_before && boots.lines().all(|l| l == "boot"),
         "boots.txt had {boots_before} lines before the reboot, now: {boots:?}"
     );
+    phase("second boot checked");
     Ok(())
 }
 
@@ -248,7 +256,7 @@ fn zombie_count(engine: &Engine) -> Result<String> {
 }
 
 /// Short containers started one after another in the zombie check.
-const STORM: usize = 30;
+const STORM: usize = 16;
 
 fn wait_until(timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
