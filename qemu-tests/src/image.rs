@@ -40,7 +40,8 @@ fn static_binary(relative: &str) -> Result<PathBuf> {
 static BUILT: Mutex<BTreeMap<PathBuf, PathBuf>> = Mutex::new(BTreeMap::new());
 
 /// Builds `definition` (with `lock`, the lock file to use, which must resolve the same roots)
-/// into a folder under `target/qemu-tests`, once per test process. Returns the raw disk image.
+/// into a folder under `target/qemu-tests`, once per test process (tests that need different
+/// images build them side by side). Returns the raw disk image.
 ///
 /// A lock whose packages are gone from the archive does not fail the tests: the copy is
 /// re-locked against the mirror and the build retried, with a warning.
@@ -64,10 +65,12 @@ pub fn build_pxe(definition: &Path, lock: &Path, init: &Path) -> Result<(PathBuf
 /// the same inputs that wrote what is asked for.
 fn build_formats(definition: &Path, lock: &Path, init: &Path, pxe: bool) -> Result<PathBuf> {
     let has_pxe = |raw: &Path| !pxe || builder::pxe::folder_for(raw).join("pxe.json").is_file();
-    let mut built = BUILT
-        .lock()
-        .map_err(|_| anyhow::anyhow!("image cache lock poisoned"))?;
-    if let Some(raw) = built.get(definition).filter(|raw| has_pxe(raw)) {
+    let built = || {
+        BUILT
+            .lock()
+            .map_err(|_| anyhow::anyhow!("image cache lock poisoned"))
+    };
+    if let Some(raw) = built()?.get(definition).filter(|raw| has_pxe(raw)) {
         return Ok(raw.clone());
     }
     let stem = definition
@@ -76,8 +79,9 @@ fn build_formats(definition: &Path, lock: &Path, init: &Path, pxe: bool) -> Resu
         .context("definition file name")?;
     let dir = workspace().join("target/qemu-tests").join(stem);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Test processes running at the same time (the suite runs two lanes of test binaries) build
-    // one folder at a time: the second waits, then reuses the first's image.
+    // Tests of one process, and test processes running at the same time (the suite runs two
+    // lanes of test binaries), build one folder at a time: the second waits, then reuses the
+    // first's image. Different images build side by side.
     let _folder = lock_folder(&dir)?;
     let def_copy = dir.join(format!("{stem}.toml"));
     std::fs::copy(definition, &def_copy)
@@ -91,7 +95,7 @@ fn build_formats(definition: &Path, lock: &Path, init: &Path, pxe: bool) -> Resu
     let key = inputs_key(&def_copy, &lock_copy, args.init.as_deref())?;
     let key_file = dir.join("inputs.sha256");
     if let Some(raw) = reusable(&key_file, &key, &args)?.filter(|raw| has_pxe(raw)) {
-        built.insert(definition.to_path_buf(), raw.clone());
+        built()?.insert(definition.to_path_buf(), raw.clone());
         return Ok(raw);
     }
     let _ = std::fs::remove_file(&key_file);
@@ -115,7 +119,7 @@ fn build_formats(definition: &Path, lock: &Path, init: &Path, pxe: bool) -> Resu
         .with_context(|| format!("building test image {}", definition.display()))?
         .raw;
     std::fs::write(&key_file, &key).with_context(|| format!("writing {}", key_file.display()))?;
-    built.insert(definition.to_path_buf(), raw.clone());
+    built()?.insert(definition.to_path_buf(), raw.clone());
     Ok(raw)
 }
 
