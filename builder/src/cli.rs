@@ -86,7 +86,7 @@ pub struct BuildArgs {
     /// zstd level of the squashfs root and the initramfs, 1-22 [default: 15 and 19]. Lower builds
     /// much faster and a little larger (level 3: the root 30 times faster, 12% larger); for
     /// development images, not for releases.
-    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(1..=22))]
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(zstd_levels()))]
     pub zstd_level: Option<u32>,
     #[command(flatten)]
     pub cache: CacheArgs,
@@ -319,4 +319,10 @@ mod tests {
         .expect_err("a zero-filled file is not a disk");
         assert!(format!("{err:#}").contains("not-a-disk.raw"), "{err:#}");
     }
+}
+
+/// The levels `--zstd-level` takes: those the root image writer accepts.
+fn zstd_levels() -> std::ops::RangeInclusive<i64> {
+    let levels = crate::disk::rootimage::ZSTD_LEVELS;
+    i64::from(*levels.start())..=i64::from(*levels.end())
 }

@@ -18,11 +18,11 @@
 //! EROFS is much faster to build but 60% larger with the only compressors the host's
 //! erofs-utils 1.5 offers (lz4, lz4hc); the image is what updates download, so size wins.
 //! zstd-19 buys 0.7% over level 15 for twice the time. `PLINTH_ROOT_FS=erofs` selects EROFS.
+//! `plinth-init` tells the two apart by their magic (`hsqs` at byte 0, `0xE0F5E1E2` at 1024).
 //!
 //! `plinth build --zstd-level` trades size for time on development builds: on the 382 MiB tree of
 //! the Jetty example, level 15 took 50.4 s for 128.5 MiB, level 6 4.3 s for 136.6 MiB, level 3
 //! 1.7 s for 143.8 MiB (12% larger). The QEMU tests build their images at level 3.
-//! `plinth-init` tells the two apart by their magic (`hsqs` at byte 0, `0xE0F5E1E2` at 1024).
 
 use std::path::Path;
 use std::process::Command;
