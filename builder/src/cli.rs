@@ -262,6 +262,12 @@ impl From<PublishArgs> for crate::publish::Options {
     }
 }
 
+/// The levels `--zstd-level` takes: those the root image writer accepts.
+fn zstd_levels() -> std::ops::RangeInclusive<i64> {
+    let levels = crate::disk::rootimage::ZSTD_LEVELS;
+    i64::from(*levels.start())..=i64::from(*levels.end())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,10 +325,4 @@ mod tests {
         .expect_err("a zero-filled file is not a disk");
         assert!(format!("{err:#}").contains("not-a-disk.raw"), "{err:#}");
     }
-}
-
-/// The levels `--zstd-level` takes: those the root image writer accepts.
-fn zstd_levels() -> std::ops::RangeInclusive<i64> {
-    let levels = crate::disk::rootimage::ZSTD_LEVELS;
-    i64::from(*levels.start())..=i64::from(*levels.end())
 }
