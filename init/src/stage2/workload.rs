@@ -112,6 +112,29 @@ pub fn dockerd_listen(engine: &Engine, tls: Option<&Path>) -> Result<Listen> {
     Ok(Listen::Amended(json))
 }
 
+/// The flag that tells dockerd plain TCP is intended: `--tls=false`, when the definition accepts
+/// plain TCP (`[engine] insecure-tcp = true`), lists a `tcp://` host, sets up no TLS of its own
+/// and leaves dockerd's `tls` and `tlsverify` settings unset (dockerd refuses a flag that its
+/// configuration file also sets). Without it dockerd takes a plain TCP listener as possibly
+/// unintended and sleeps 15 s at every start to show its warning; `insecure-tcp` is that intent,
+/// already stated in the definition.
+pub fn plain_tcp_flag(engine: &Engine, tls: Option<&Path>) -> Option<&'static str> {
+    let tcp = engine
+        .settings
+        .get("hosts")
+        .and_then(|hosts| hosts.as_array())
+        .is_some_and(|hosts| {
+            hosts
+                .iter()
+                .filter_map(|h| h.as_str())
+                .any(os_config::validate::is_tcp_host)
+        });
+    let tls_set = ["tls", "tlsverify"]
+        .iter()
+        .any(|key| engine.settings.contains_key(*key));
+    (engine.insecure_tcp && tcp && tls.is_none() && !tls_set).then_some("--tls=false")
+}
+
 /// dockerd as the supervisor runs it: writes the amended configuration when needed and counts
 /// its starts, so the workload notices a restart even when the engine came back between checks.
 #[derive(Debug)]
@@ -284,6 +307,8 @@ impl Settle {
 pub struct DockerWorkload {
     definition: Definition,
     listen: Listen,
+    /// dockerd's arguments: [`Listen::args`] and [`plain_tcp_flag`].
+    dockerd_args: Vec<String>,
     /// The engine socket plinth-init talks to.
     pub socket: PathBuf,
     /// The update agent's executable (started only if it exists and `[update]` is set).
@@ -356,10 +381,13 @@ impl DockerWorkload {
         platform: &'static str,
     ) -> Result<DockerWorkload> {
         let listen = dockerd_listen(&definition.engine, tls)?;
+        let mut dockerd_args = listen.args();
+        dockerd_args.extend(plain_tcp_flag(&definition.engine, tls).map(str::to_owned));
         Ok(DockerWorkload {
             platform,
             definition,
             listen,
+            dockerd_args,
             socket: PathBuf::from(DOCKER_SOCKET),
             update_agent: PathBuf::from(UPDATE_AGENT),
             boot_record: Path::new("/run").join(os_config::boot::BOOT_RECORD_IN_RUN),
@@ -402,11 +430,12 @@ impl DockerWorkload {
         self.engine_starts.load(Ordering::SeqCst)
     }
 
-    /// dockerd as the supervisor runs it, with the arguments [`DockerWorkload::listen`] calls for.
+    /// dockerd as the supervisor runs it, with the arguments [`DockerWorkload::listen`] calls for
+    /// and the [`plain_tcp_flag`].
     pub fn engine_service(&self) -> EngineService {
         EngineService {
             dockerd: Program {
-                args: self.listen.args(),
+                args: self.dockerd_args.clone(),
                 ..Program::dockerd()
             },
             listen: self.listen.clone(),
@@ -954,6 +983,39 @@ mod tests {
         assert_eq!(value["tlsverify"], true, "other settings are kept");
         assert_eq!(listen.args(), ["--config-file=/run/plinth/dockerd.json"]);
         assert!(!listen.args().iter().any(|a| a.starts_with("--host")));
+    }
+
+    #[test]
+    fn accepted_plain_tcp_is_stated_to_dockerd_and_nothing_else_is() {
+        let plain = "[engine]\nsettings = { hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }\ninsecure-tcp = true\n";
+        let def = definition(plain);
+        assert_eq!(plain_tcp_flag(&def.engine, None), Some("--tls=false"));
+        let workload = DockerWorkload::build(def.clone(), None, "").expect("workload");
+        assert_eq!(workload.engine_service().dockerd.args, ["--tls=false"]);
+        // Plinth's own TLS, the settings' own tls or tlsverify, no TCP host, or no
+        // insecure-tcp: no flag.
+        assert_eq!(plain_tcp_flag(&def.engine, Some(Path::new("/t"))), None);
+        for other in [
+            plain.replace("] }", "], tls = false }"),
+            plain.replace("] }", "], tlsverify = false }"),
+            plain.replace(", \"tcp://0.0.0.0:2375\"", ""),
+            plain.replace(
+                "insecure-tcp = true\n",
+                "tls = { ca = \"c\", cert = \"s\", key = \"k\" }\n",
+            ),
+        ] {
+            let def = definition(&other);
+            assert_eq!(plain_tcp_flag(&def.engine, None), None, "{other}");
+            let workload = DockerWorkload::build(def, None, "").expect("workload");
+            assert!(
+                !workload
+                    .engine_service()
+                    .dockerd
+                    .args
+                    .contains(&"--tls=false".to_owned()),
+                "{other}"
+            );
+        }
     }
 
     #[test]

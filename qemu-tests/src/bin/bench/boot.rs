@@ -183,7 +183,9 @@ exec switch_root /newroot /run/busybox sh /run/stage2
 
 /// The baseline's second script, on the real root: writable places, the engine's modules, a
 /// static network address (QEMU user networking's), then dockerd with the image's own
-/// `/etc/docker/daemon.json` (so listening on the socket and TCP 2375 like ours).
+/// `/etc/docker/daemon.json` (so listening on the socket and TCP 2375 like ours) and, as
+/// plinth-init passes for a plain TCP listener the definition accepts, `--tls=false` (without
+/// it dockerd sleeps 15 s at start to warn about plain TCP).
 pub const BASE_STAGE2: &str = r#"B=/run/busybox
 $B mount -t tmpfs tmpfs /tmp
 $B mount -t cgroup2 cgroup2 /sys/fs/cgroup
@@ -200,7 +202,7 @@ $B ip addr add 10.0.2.15/24 dev eth0
 $B ip route add default via 10.0.2.2
 $B mkdir -p /var/lib/web /var/log
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-dockerd > /var/log/dockerd.log 2>&1 &
+dockerd --tls=false > /var/log/dockerd.log 2>&1 &
 D=$!
 until $B wget -q -O /dev/null http://127.0.0.1:2375/_ping 2>/dev/null; do
   if ! $B kill -0 $D 2>/dev/null; then echo "BENCH-BASELINE dockerd-exited"; $B cat /var/log/dockerd.log; $B poweroff -f; fi
