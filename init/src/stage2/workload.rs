@@ -67,17 +67,7 @@ impl Listen {
 /// strings. With `tls` (the folder of `ca.pem`, `cert.pem` and `key.pem`), dockerd also listens
 /// on `[engine] tls-listen` over TCP and admits only clients whose certificate that CA signed.
 pub fn dockerd_listen(engine: &Engine, tls: Option<&Path>) -> Result<Listen> {
-    let hosts: Option<Vec<String>> = match engine.settings.get("hosts") {
-        None => None,
-        Some(hosts) => Some(
-            hosts
-                .as_array()
-                .and_then(|items| items.iter().map(|h| h.as_str().map(str::to_owned)).collect())
-                .with_context(|| {
-                    format!("[engine] settings: `hosts` must be an array of strings such as [\"unix://{DOCKER_SOCKET}\"], not {hosts}")
-                })?,
-        ),
-    };
+    let hosts = settings_hosts(engine)?;
     let has_socket = |hosts: &[String]| hosts.iter().any(|h| SOCKET_HOSTS.contains(&h.as_str()));
     let mut settings =
         serde_json::to_value(&engine.settings).context("converting [engine] settings to JSON")?;
@@ -112,27 +102,33 @@ pub fn dockerd_listen(engine: &Engine, tls: Option<&Path>) -> Result<Listen> {
     Ok(Listen::Amended(json))
 }
 
+/// `hosts` from `[engine] settings`, which must be an array of strings if set.
+fn settings_hosts(engine: &Engine) -> Result<Option<Vec<String>>> {
+    let Some(hosts) = engine.settings.get("hosts") else {
+        return Ok(None);
+    };
+    hosts
+        .as_array()
+        .and_then(|items| items.iter().map(|h| h.as_str().map(str::to_owned)).collect())
+        .map(Some)
+        .with_context(|| {
+            format!("[engine] settings: `hosts` must be an array of strings such as [\"unix://{DOCKER_SOCKET}\"], not {hosts}")
+        })
+}
+
 /// The flag that tells dockerd plain TCP is intended: `--tls=false`, when the definition accepts
 /// plain TCP (`[engine] insecure-tcp = true`), lists a `tcp://` host, sets up no TLS of its own
 /// and leaves dockerd's `tls` and `tlsverify` settings unset (dockerd refuses a flag that its
 /// configuration file also sets). Without it dockerd takes a plain TCP listener as possibly
 /// unintended and sleeps 15 s at every start to show its warning; `insecure-tcp` is that intent,
 /// already stated in the definition.
-pub fn plain_tcp_flag(engine: &Engine, tls: Option<&Path>) -> Option<&'static str> {
-    let tcp = engine
-        .settings
-        .get("hosts")
-        .and_then(|hosts| hosts.as_array())
-        .is_some_and(|hosts| {
-            hosts
-                .iter()
-                .filter_map(|h| h.as_str())
-                .any(os_config::validate::is_tcp_host)
-        });
+pub fn plain_tcp_flag(engine: &Engine, tls: Option<&Path>) -> Result<Option<&'static str>> {
+    let tcp = settings_hosts(engine)?
+        .is_some_and(|hosts| hosts.iter().any(|h| os_config::validate::is_tcp_host(h)));
     let tls_set = ["tls", "tlsverify"]
         .iter()
         .any(|key| engine.settings.contains_key(*key));
-    (engine.insecure_tcp && tcp && tls.is_none() && !tls_set).then_some("--tls=false")
+    Ok((engine.insecure_tcp && tcp && tls.is_none() && !tls_set).then_some("--tls=false"))
 }
 
 /// dockerd as the supervisor runs it: writes the amended configuration when needed and counts
@@ -382,7 +378,7 @@ impl DockerWorkload {
     ) -> Result<DockerWorkload> {
         let listen = dockerd_listen(&definition.engine, tls)?;
         let mut dockerd_args = listen.args();
-        dockerd_args.extend(plain_tcp_flag(&definition.engine, tls).map(str::to_owned));
+        dockerd_args.extend(plain_tcp_flag(&definition.engine, tls)?.map(str::to_owned));
         Ok(DockerWorkload {
             platform,
             definition,
@@ -989,12 +985,18 @@ mod tests {
     fn accepted_plain_tcp_is_stated_to_dockerd_and_nothing_else_is() {
         let plain = "[engine]\nsettings = { hosts = [\"unix:///run/docker.sock\", \"tcp://0.0.0.0:2375\"] }\ninsecure-tcp = true\n";
         let def = definition(plain);
-        assert_eq!(plain_tcp_flag(&def.engine, None), Some("--tls=false"));
+        assert_eq!(
+            plain_tcp_flag(&def.engine, None).expect("flag"),
+            Some("--tls=false")
+        );
         let workload = DockerWorkload::build(def.clone(), None, "").expect("workload");
         assert_eq!(workload.engine_service().dockerd.args, ["--tls=false"]);
         // Plinth's own TLS, the settings' own tls or tlsverify, no TCP host, or no
         // insecure-tcp: no flag.
-        assert_eq!(plain_tcp_flag(&def.engine, Some(Path::new("/t"))), None);
+        assert_eq!(
+            plain_tcp_flag(&def.engine, Some(Path::new("/t"))).expect("flag"),
+            None
+        );
         for other in [
             plain.replace("] }", "], tls = false }"),
             plain.replace("] }", "], tlsverify = false }"),
@@ -1005,7 +1007,11 @@ mod tests {
             ),
         ] {
             let def = definition(&other);
-            assert_eq!(plain_tcp_flag(&def.engine, None), None, "{other}");
+            assert_eq!(
+                plain_tcp_flag(&def.engine, None).expect("flag"),
+                None,
+                "{other}"
+            );
             let workload = DockerWorkload::build(def, None, "").expect("workload");
             assert!(
                 !workload
