@@ -554,9 +554,10 @@ fn stream(
         }
         Check::Sha256 => None,
     };
-    // The staged copy on /var was checked whole against the manifest's sha256 of the download
-    // and of the content. Reading it again, the root image needs no sha256 of its compressed
-    // bytes: the block hashes checked against the signed root hash cover every byte written.
+    // The staged file was checked whole against the manifest's sha256 of the file, but its
+    // content was not decompressed then: this pass checks the content (its sha256, or the root
+    // image's block hashes against the signed root hash, which cover every byte written).
+    // Reading the file again, the root image needs no sha256 of its compressed bytes.
     let by_sha256 = block_hashes.is_none();
     let download = job
         .source

@@ -2,8 +2,10 @@
 //!
 //! Every artifact is downloaded into `/var/lib/plinth/staging/artifacts/<sha256>.zst.part`
 //! (resuming a partial download), checked against the signed manifest (size and sha256 of the
-//! compressed file, then size and sha256 of its decompressed content) and only then renamed to
-//! its final name. The inactive slot, its boot entry and the ESP are not touched until every
+//! file) and only then renamed to its final name. The signed sha256 of the file binds every byte
+//! its content decompresses to, so the content is not decompressed here: the write pass
+//! decompresses it once, checks its size and sha256 (or, for the root image, every block against
+//! the signed verity root hash) and refuses the slot if it differs. The inactive slot, its boot entry and the ESP are not touched until every
 //! artifact is staged, so a refused release costs the machine nothing: its fallback slot stays.
 //! A power cut while staging leaves only files under the staging folder; the next check resumes
 //! from the partial file.
@@ -16,7 +18,7 @@ use anyhow::{anyhow, Context as _};
 use os_config::manifest::{Artifact, Manifest};
 use sha2::{Digest, Sha256};
 
-use super::apply::{ApplyError, CHUNK, ZSTD_WINDOW_LOG_MAX};
+use super::apply::{ApplyError, CHUNK};
 use super::fetch::Source;
 
 /// Room left free on `/var` beyond the staged release, for the engine and the containers.
@@ -113,8 +115,7 @@ impl Staging {
 
     /// For a release folder on this machine (`apply --from DIR`, a `file://` URL): checks every
     /// artifact of `manifest` but those in `skip` where it lies, in one read each (size and
-    /// sha256 of the file, size and sha256 of its decompressed content), without copying it to
-    /// `/var`. The folder is then the apply's source; the apply checks every byte again as it
+    /// sha256 of the file), without copying it to `/var`. The folder is then the apply's source; the apply checks every byte again as it
     /// writes, so a medium that changes in between cannot slip anything in. `Rejected` as for
     /// [`Staging::stage`].
     pub fn check_in_place(
@@ -250,7 +251,6 @@ impl Staging {
                 artifact.sha256
             )));
         }
-        check_content(&part, artifact).map_err(rejected)?;
         fs::rename(&part, &done)
             .with_context(|| format!("renaming {} to {}", part.display(), done.display()))?;
         if let Some(dir) = done.parent() {
@@ -276,44 +276,8 @@ impl Staging {
     }
 }
 
-/// Decompresses the staged file and checks size and sha256 of its content against the manifest.
-fn check_content(path: &Path, artifact: &Artifact) -> Result<(), String> {
-    let file = fs::File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let mut decoder = zstd::stream::read::Decoder::new(file)
-        .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
-        .map_err(|e| format!("does not decompress: {e}"))?;
-    let mut hasher = Sha256::new();
-    let mut limited = (&mut decoder).take(artifact.uncompressed_size + 1);
-    let len = io::copy(&mut limited, &mut HashWriter(&mut hasher))
-        .map_err(|e| format!("does not decompress: {e}"))?;
-    content_matches(artifact, len, &hex::encode(hasher.finalize()))
-}
-
-/// Whether decompressed content of `len` bytes with sha256 `sha` is `artifact`'s.
-fn content_matches(artifact: &Artifact, len: u64, sha: &str) -> Result<(), String> {
-    if len != artifact.uncompressed_size {
-        return Err(format!(
-            "its content is {}{len} bytes, the manifest says {}",
-            if len > artifact.uncompressed_size {
-                "more than "
-            } else {
-                ""
-            },
-            artifact.uncompressed_size
-        ));
-    }
-    if sha != artifact.uncompressed_sha256.as_str() {
-        return Err(format!(
-            "sha256 of its content is {sha}, the manifest says {}",
-            artifact.uncompressed_sha256
-        ));
-    }
-    Ok(())
-}
-
-/// Checks a compressed artifact in one pass: its size and sha256, and the size and sha256 of
-/// what it decompresses to.
-fn check_file(file: fs::File, artifact: &Artifact) -> Result<(), String> {
+/// Checks an artifact file where it lies: its size and sha256 against the manifest's.
+fn check_file(mut file: fs::File, artifact: &Artifact) -> Result<(), String> {
     let len = file.metadata().map_or(0, |m| m.len());
     if len != artifact.size {
         return Err(format!(
@@ -321,55 +285,39 @@ fn check_file(file: fs::File, artifact: &Artifact) -> Result<(), String> {
             artifact.size
         ));
     }
-    let mut compressed = Sha256::new();
-    let reader = HashReader {
-        inner: io::BufReader::with_capacity(CHUNK, file.take(artifact.size)),
-        hasher: &mut compressed,
-    };
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(reader)
-        .and_then(|mut d| d.window_log_max(ZSTD_WINDOW_LOG_MAX).map(|()| d))
-        .map_err(|e| format!("does not decompress: {e}"))?;
-    let mut content = Sha256::new();
-    let mut limited = (&mut decoder).take(artifact.uncompressed_size + 1);
-    let content_len = io::copy(&mut limited, &mut HashWriter(&mut content))
-        .map_err(|e| format!("does not decompress: {e}"))?;
-    // Whatever the decoder left unread still counts for the file's hash.
-    let mut rest = decoder.finish();
-    io::copy(&mut rest, &mut io::sink()).map_err(|e| format!("reading the file: {e}"))?;
-    let sha = hex::encode(compressed.finalize());
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut read = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading the file: {e}")),
+        };
+        read += n as u64;
+        if read > artifact.size {
+            return Err(format!(
+                "the file grew past the {} bytes the manifest says while it was read",
+                artifact.size
+            ));
+        }
+        hasher.update(&buf[..n]);
+    }
+    if read != artifact.size {
+        return Err(format!(
+            "the file shrank to {read} bytes while it was read, the manifest says {}",
+            artifact.size
+        ));
+    }
+    let sha = hex::encode(hasher.finalize());
     if sha != artifact.sha256.as_str() {
         return Err(format!(
             "sha256 of the file is {sha}, the manifest says {}",
             artifact.sha256
         ));
     }
-    content_matches(artifact, content_len, &hex::encode(content.finalize()))
-}
-
-/// Feeds everything read through it into a hasher.
-struct HashReader<'a, R> {
-    inner: R,
-    hasher: &'a mut Sha256,
-}
-
-impl<R: io::BufRead> Read for HashReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
-impl<R: io::BufRead> io::BufRead for HashReader<'_, R> {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        self.inner.fill_buf()
-    }
-    fn consume(&mut self, amount: usize) {
-        if let Ok(buf) = self.inner.fill_buf() {
-            self.hasher.update(&buf[..amount.min(buf.len())]);
-        }
-        self.inner.consume(amount);
-    }
+    Ok(())
 }
 
 /// Free bytes for an unprivileged writer on the filesystem of `dir`.
@@ -522,5 +470,43 @@ mod tests {
                 (want, other) => panic!("{framing}: expected {want:?}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_file_checked_in_place_must_have_the_signed_size_and_sha256() {
+        let content = b"the root image, compressed".repeat(300);
+        let compressed = zstd::encode_all(&content[..], 3).expect("zstd");
+        let sha = |b: &[u8]| {
+            os_config::units::Sha256::parse(&hex::encode(Sha256::digest(b))).expect("sha")
+        };
+        let artifact = Artifact {
+            path: Artifact::path_for(&sha(&compressed)),
+            size: compressed.len() as u64,
+            sha256: sha(&compressed),
+            uncompressed_size: content.len() as u64,
+            uncompressed_sha256: sha(&content),
+            frames: Vec::new(),
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("artifact.zst");
+        let check = |bytes: &[u8]| {
+            fs::write(&path, bytes).expect("write");
+            check_file(fs::File::open(&path).expect("open"), &artifact)
+        };
+        assert_eq!(check(&compressed), Ok(()));
+        let mut flipped = compressed.clone();
+        flipped[compressed.len() / 2] ^= 1;
+        let e = check(&flipped).expect_err("a flipped byte");
+        assert!(e.starts_with("sha256 of the file is "), "{e}");
+        assert!(e.contains(artifact.sha256.as_str()), "{e}");
+        let e = check(&compressed[1..]).expect_err("a byte short");
+        assert_eq!(
+            e,
+            format!(
+                "the file is {} bytes, the manifest says {}",
+                compressed.len() - 1,
+                compressed.len()
+            )
+        );
     }
 }

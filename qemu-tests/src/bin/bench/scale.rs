@@ -1,16 +1,26 @@
 //! The scale study: the definition built with about 1×, 2× and 4× its packages (extra
-//! `[debian] packages` from a fixed list, locked by `plinth lock`), with build time, image size
-//! and `plinth publish` payload at each step, and how each grows per doubling.
+//! `[debian] packages` from a fixed list, locked by `plinth lock`), with build time, image size,
+//! `plinth publish` payload and the update agent's apply time at each step, and how each grows per
+//! doubling.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use anyhow::Result;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use init::update::apply::{self, Job};
+use init::update::blockdev::Disk;
+use init::update::fetch::Source;
+use init::update::staging::Staging;
+use init::update::state::{Stage, State};
+use init::update::Slot;
 use serde_json::{json, Value};
 
 use crate::build::{build_args, drop_caches, our_build, write_definition, Variant, MOTD};
 use crate::stats::{classify_growth, growth_per_doubling, load_now, show, Growth};
-use crate::util::{dir_bytes, lock_bytes, say};
+use crate::util::{dir_bytes, lock_bytes, run, say};
 
 /// Extra roots for the 2× step: common command-line packages of the suite, chosen so that the
 /// lock (with their dependencies) holds about twice the default image's packages (180 against
@@ -66,20 +76,25 @@ pub struct Step {
     pub image_bytes: f64,
     /// The `plinth publish` folder's bytes.
     pub payload_bytes: f64,
+    /// The update agent's check and write of the step's release into slot B of a copy of its own
+    /// disk image, on the host (see [`host_apply`]).
+    pub apply_seconds: f64,
 }
 
 /// The figures of the study, each with how it is read from a step.
-const FIGURES: [(&str, &str); 3] = [
+const FIGURES: [(&str, &str); 4] = [
     ("build time (wall)", "s"),
     ("disk image, allocated", "bytes"),
     ("update payload (plinth publish)", "bytes"),
+    ("update apply (host, check + write + verify)", "s"),
 ];
 
 fn figure(step: &Step, i: usize) -> f64 {
     match i {
         0 => step.build_seconds,
         1 => step.image_bytes,
-        _ => step.payload_bytes,
+        2 => step.payload_bytes,
+        _ => step.apply_seconds,
     }
 }
 
@@ -92,11 +107,11 @@ fn input_growth(steps: &[Step]) -> Vec<f64> {
 /// against the input's, and whether it grows linearly with the packages.
 pub fn scale_table(steps: &[Step]) -> String {
     let mut out = String::from(
-        "| Packages | Lock (.deb bytes) | Build (wall) | Load (1 min) before | Disk image, allocated | Update payload |\n|---|---|---|---|---|---|\n",
+        "| Packages | Lock (.deb bytes) | Build (wall) | Load (1 min) before | Disk image, allocated | Update payload | Update apply (host) |\n|---|---|---|---|---|---|---|\n",
     );
     for s in steps {
         out.push_str(&format!(
-            "| {}× ({} packages) | {} | {} | {:.2} | {} | {} |\n",
+            "| {}× ({} packages) | {} | {} | {:.2} | {} | {} | {} |\n",
             s.factor,
             s.packages,
             show(Some(s.package_bytes), "bytes"),
@@ -104,6 +119,7 @@ pub fn scale_table(steps: &[Step]) -> String {
             s.load_before,
             show(Some(s.image_bytes), "bytes"),
             show(Some(s.payload_bytes), "bytes"),
+            show(Some(s.apply_seconds), "s"),
         ));
     }
     let input = input_growth(steps);
@@ -145,6 +161,7 @@ pub fn steps_json(steps: &[Step]) -> Value {
             "load1_before": s.load_before,
             "image_bytes": s.image_bytes,
             "payload_bytes": s.payload_bytes,
+            "apply_seconds": s.apply_seconds,
         }))
         .collect::<Vec<_>>())
 }
@@ -197,6 +214,10 @@ pub fn bench_scale(dir: &Path) -> Result<Vec<Step>> {
             rollout: None,
             expires: Default::default(),
         })?;
+        say(&format!(
+            "scale {factor}×: the update agent applies the release on the host"
+        ));
+        let apply_seconds = host_apply(&work, &disk, &release)?;
         steps.push(Step {
             factor,
             packages,
@@ -205,10 +226,59 @@ pub fn bench_scale(dir: &Path) -> Result<Vec<Step>> {
             load_before,
             image_bytes: (std::fs::metadata(&disk)?.blocks() * 512) as f64,
             payload_bytes: dir_bytes(&release)? as f64,
+            apply_seconds,
         });
         eprintln!("     {:?}", steps.last());
     }
     Ok(steps)
+}
+
+/// The update agent's own code applies `release` as `plinth-update apply --from DIR` does, on the
+/// host: the check pass over every artifact where it lies ([`Staging::check_in_place`]), then the
+/// root and verity images written into slot B of a copy of `disk` (the step's own image, so the
+/// slot has the size the builder gave it) and checked against the signed root hash
+/// ([`apply::write_images`]). The page cache is dropped first. The boot files on the ESP are left
+/// out: they are the same kernel and initramfs at every step. Returns the wall time in seconds.
+fn host_apply(work: &Path, disk: &Path, release: &Path) -> Result<f64> {
+    let bytes = std::fs::read(
+        release
+            .join("stable")
+            .join(os_config::manifest::MANIFEST_FILE),
+    )?;
+    let manifest = os_config::manifest::Manifest::parse(&bytes)?;
+    let target = work.join("apply-target.raw");
+    let _ = std::fs::remove_file(&target);
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(disk)
+        .arg(&target))?;
+    let state = work.join("apply-state.json");
+    let _ = std::fs::remove_file(&state);
+    let source = Source::Dir(release.to_owned());
+    let job = Job {
+        source: &source,
+        manifest: &manifest,
+        manifest_sha256: "00",
+        slot: Slot::B,
+        retries: 0,
+        held: &[],
+    };
+    drop_caches();
+    let start = Instant::now();
+    Staging::check_in_place(release, &manifest, &[]).map_err(|e| anyhow!("{e:#}"))?;
+    let mut target_disk = Disk::open(&target)?;
+    apply::write_images(
+        &job,
+        &mut target_disk,
+        &mut State::default(),
+        &state,
+        Stage::Accepted,
+        &mut |_| Ok(()),
+    )
+    .map_err(|e| anyhow!("{e:#}"))?;
+    let seconds = start.elapsed().as_secs_f64();
+    std::fs::remove_file(&target)?;
+    Ok(seconds)
 }
 
 #[cfg(test)]
@@ -224,6 +294,7 @@ mod tests {
             load_before: 1.0,
             image_bytes: image,
             payload_bytes: image * 0.9,
+            apply_seconds: build / 10.0,
         }
     }
 
@@ -237,7 +308,9 @@ mod tests {
         ];
         let t = scale_table(&steps);
         assert!(
-            t.contains("| 2× (160 packages) | 200.0 MiB | 40.0 s | 1.00 | 180.0 MiB | 162.0 MiB |"),
+            t.contains(
+                "| 2× (160 packages) | 200.0 MiB | 40.0 s | 1.00 | 180.0 MiB | 162.0 MiB | 4.0 s |"
+            ),
             "{t}"
         );
         assert!(
