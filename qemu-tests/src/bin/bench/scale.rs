@@ -77,7 +77,7 @@ pub struct Step {
     /// The `plinth publish` folder's bytes.
     pub payload_bytes: f64,
     /// The update agent's check and write of the step's release into slot B of a copy of its own
-    /// disk image, on the host (see [`host_apply`]).
+    /// disk image, on the host, best of three (see [`host_apply`]).
     pub apply_seconds: f64,
 }
 
@@ -217,7 +217,12 @@ pub fn bench_scale(dir: &Path) -> Result<Vec<Step>> {
         say(&format!(
             "scale {factor}×: the update agent applies the release on the host"
         ));
-        let apply_seconds = host_apply(&work, &disk, &release)?;
+        // Best of three: each apply takes under a second on the host, where a compile beside it
+        // weighs more than the bytes do.
+        let mut apply_seconds = f64::INFINITY;
+        for _ in 0..3 {
+            apply_seconds = apply_seconds.min(host_apply(&work, &disk, &release)?);
+        }
         steps.push(Step {
             factor,
             packages,
@@ -238,7 +243,8 @@ pub fn bench_scale(dir: &Path) -> Result<Vec<Step>> {
 /// root and verity images written into slot B of a copy of `disk` (the step's own image, so the
 /// slot has the size the builder gave it) and checked against the signed root hash
 /// ([`apply::write_images`]). The page cache is dropped first. The boot files on the ESP are left
-/// out: they are the same kernel and initramfs at every step. Returns the wall time in seconds.
+/// out: they are the same kernel and initramfs at every step. Returns the wall time in seconds
+/// (the study keeps the best of three).
 fn host_apply(work: &Path, disk: &Path, release: &Path) -> Result<f64> {
     let bytes = std::fs::read(
         release
