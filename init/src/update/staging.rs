@@ -5,8 +5,8 @@
 //! file) and only then renamed to its final name. The signed sha256 of the file binds every byte
 //! its content decompresses to, so the content is not decompressed here: the write pass
 //! decompresses it once, checks its size and sha256 (or, for the root image, every block against
-//! the signed verity root hash) and refuses the slot if it differs. The inactive slot, its boot entry and the ESP are not touched until every
-//! artifact is staged, so a refused release costs the machine nothing: its fallback slot stays.
+//! the signed verity root hash) and refuses the slot if it differs. The inactive slot, its boot
+//! entry and the ESP are not touched until every artifact is staged, so a refused release costs the machine nothing: its fallback slot stays.
 //! A power cut while staging leaves only files under the staging folder; the next check resumes
 //! from the partial file.
 
@@ -115,8 +115,8 @@ impl Staging {
 
     /// For a release folder on this machine (`apply --from DIR`, a `file://` URL): checks every
     /// artifact of `manifest` but those in `skip` where it lies, in one read each (size and
-    /// sha256 of the file), without copying it to `/var`. The folder is then the apply's source; the apply checks every byte again as it
-    /// writes, so a medium that changes in between cannot slip anything in. `Rejected` as for
+    /// sha256 of the file), without copying it to `/var`. The folder is then the apply's source;
+    /// the apply checks every byte again as it writes, so a medium that changes in between cannot slip anything in. `Rejected` as for
     /// [`Staging::stage`].
     pub fn check_in_place(
         dir: &Path,
@@ -286,23 +286,17 @@ fn check_file(mut file: fs::File, artifact: &Artifact) -> Result<(), String> {
         ));
     }
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut read = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("reading the file: {e}")),
-        };
-        read += n as u64;
-        if read > artifact.size {
-            return Err(format!(
-                "the file grew past the {} bytes the manifest says while it was read",
-                artifact.size
-            ));
-        }
-        hasher.update(&buf[..n]);
+    // One byte more than the manifest allows tells a file that grew since from a complete one.
+    let read = io::copy(
+        &mut io::BufReader::with_capacity(CHUNK, (&mut file).take(artifact.size + 1)),
+        &mut HashWriter(&mut hasher),
+    )
+    .map_err(|e| format!("reading the file: {e}"))?;
+    if read > artifact.size {
+        return Err(format!(
+            "the file grew past the {} bytes the manifest says while it was read",
+            artifact.size
+        ));
     }
     if read != artifact.size {
         return Err(format!(
@@ -377,13 +371,9 @@ mod tests {
         out
     }
 
-    #[test]
-    fn an_artifact_longer_than_its_manifest_says_is_refused_however_it_is_framed() {
-        // Content that does not compress, so the artifact spans several reads and chunks.
-        let content: Vec<u8> = (0u32..5000)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let compressed = zstd::encode_all(&content[..], 3).expect("zstd");
+    /// `content` compressed as one zstd frame, and the manifest's record of it.
+    fn artifact_of(content: &[u8]) -> (Vec<u8>, Artifact) {
+        let compressed = zstd::encode_all(content, 3).expect("zstd");
         let sha = |b: &[u8]| {
             os_config::units::Sha256::parse(&hex::encode(Sha256::digest(b))).expect("sha")
         };
@@ -392,9 +382,19 @@ mod tests {
             size: compressed.len() as u64,
             sha256: sha(&compressed),
             uncompressed_size: content.len() as u64,
-            uncompressed_sha256: sha(&content),
+            uncompressed_sha256: sha(content),
             frames: Vec::new(),
         };
+        (compressed, artifact)
+    }
+
+    #[test]
+    fn an_artifact_longer_than_its_manifest_says_is_refused_however_it_is_framed() {
+        // Content that does not compress, so the artifact spans several reads and chunks.
+        let content: Vec<u8> = (0u32..5000)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let (compressed, artifact) = artifact_of(&content);
         let mut longer = compressed.clone();
         longer.push(0);
         let served = [
@@ -475,18 +475,7 @@ mod tests {
     #[test]
     fn a_file_checked_in_place_must_have_the_signed_size_and_sha256() {
         let content = b"the root image, compressed".repeat(300);
-        let compressed = zstd::encode_all(&content[..], 3).expect("zstd");
-        let sha = |b: &[u8]| {
-            os_config::units::Sha256::parse(&hex::encode(Sha256::digest(b))).expect("sha")
-        };
-        let artifact = Artifact {
-            path: Artifact::path_for(&sha(&compressed)),
-            size: compressed.len() as u64,
-            sha256: sha(&compressed),
-            uncompressed_size: content.len() as u64,
-            uncompressed_sha256: sha(&content),
-            frames: Vec::new(),
-        };
+        let (compressed, artifact) = artifact_of(&content);
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("artifact.zst");
         let check = |bytes: &[u8]| {
