@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::build::{build_args, drop_caches, our_build, write_definition, Variant, MOTD};
 use crate::stats::{classify_growth, growth_per_doubling, load_now, show, Growth};
-use crate::util::{dir_bytes, lock_bytes, run, say};
+use crate::util::{dir_bytes, lock_bytes, published_manifest, run, say};
 
 /// Extra roots for the 2× step: common command-line packages of the suite, chosen so that the
 /// lock (with their dependencies) holds about twice the default image's packages (180 against
@@ -246,12 +246,7 @@ pub fn bench_scale(dir: &Path) -> Result<Vec<Step>> {
 /// out: they are the same kernel and initramfs at every step. Returns the wall time in seconds
 /// (the study keeps the best of three).
 fn host_apply(work: &Path, disk: &Path, release: &Path) -> Result<f64> {
-    let bytes = std::fs::read(
-        release
-            .join("stable")
-            .join(os_config::manifest::MANIFEST_FILE),
-    )?;
-    let manifest = os_config::manifest::Manifest::parse(&bytes)?;
+    let manifest = published_manifest(release)?;
     let target = work.join("apply-target.raw");
     let _ = std::fs::remove_file(&target);
     run(Command::new("cp")

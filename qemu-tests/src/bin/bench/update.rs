@@ -11,7 +11,7 @@ use qemu_tests::engine::Engine;
 use crate::boot::load_image;
 use crate::build::Built;
 use crate::stats::{load_now, Row, Side};
-use crate::util::{run, say, sh};
+use crate::util::{published_manifest, run, say, sh};
 
 /// The update part's definitions: the benchmark image as version `version`, staging updates
 /// only (`strategy = "manual"`), so an apply can be timed without the reboot.
@@ -144,12 +144,7 @@ pub fn bench_update(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>)
         rollout: None,
         expires: Default::default(),
     })?;
-    let manifest_bytes = std::fs::read(
-        release
-            .join("stable")
-            .join(os_config::manifest::MANIFEST_FILE),
-    )?;
-    let manifest = os_config::manifest::Manifest::parse(&manifest_bytes)?;
+    let manifest = published_manifest(&release)?;
     let (root, verity) = (&manifest.artifacts.root, &manifest.artifacts.verity);
     let written = (root.uncompressed_size + verity.uncompressed_size) as f64;
     let media = work.join("media.img");

@@ -88,3 +88,13 @@ pub fn dir_bytes(dir: &Path) -> Result<u64> {
 pub fn say(text: &str) {
     eprintln!("\n#### bench: {text}");
 }
+
+/// The signed manifest of the `stable` channel in a `plinth publish` folder.
+pub fn published_manifest(release: &Path) -> Result<os_config::manifest::Manifest> {
+    let path = release
+        .join("stable")
+        .join(os_config::manifest::MANIFEST_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    os_config::manifest::Manifest::parse(&bytes)
+        .with_context(|| format!("parsing {}", path.display()))
+}
