@@ -548,6 +548,7 @@ impl Agent {
         // Boot files the ESP already holds (an update that keeps the kernel) are not downloaded.
         let held = apply::boot_files_on_esp(&mut disk, &manifest, slot)
             .map_err(|e| e.context("reading the boot files on the ESP"))?;
+        hook(&Event::HeldOnEsp(held.iter().map(|h| h.name).collect()))?;
         let mut skip: Vec<&str> = held.iter().map(|h| h.name).collect();
         if delta.is_some() {
             skip.push("root");
@@ -557,8 +558,10 @@ impl Agent {
         // checked where it lies) before the first byte of the slot, its entry or the ESP changes.
         let staging = Staging::new(self.staging_dir());
         let staged = match source {
-            Source::Dir(dir) => Staging::check_in_place(dir, &manifest, skip),
-            Source::Http { .. } => staging.stage_except(source, &manifest, self.retries, skip),
+            Source::Dir(dir) => Staging::check_in_place(dir, &manifest, skip, hook),
+            Source::Http { .. } => {
+                staging.stage_except(source, &manifest, self.retries, skip, hook)
+            }
         };
         match staged {
             Ok(()) => hook(&Event::Downloaded)?,

@@ -31,6 +31,16 @@ pub enum Event {
     Stage(Stage),
     /// `bytes` of an artifact's content were written so far.
     Written { artifact: &'static str, bytes: u64 },
+    /// The boot files the ESP already holds with the release's content (`kernel`, `initrd`):
+    /// they are neither downloaded nor read from the release.
+    HeldOnEsp(Vec<&'static str>),
+    /// An artifact of `bytes` (compressed) is being checked before anything is written: read
+    /// where it lies, or downloaded to `/var` when `download`.
+    Checking {
+        artifact: &'static str,
+        bytes: u64,
+        download: bool,
+    },
     /// Every artifact is staged on `/var` and checked; nothing was written before this.
     Downloaded,
     /// The root image was written by a delta update ([`super::delta`]).

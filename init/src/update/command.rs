@@ -252,6 +252,31 @@ fn report_rollback(agent: &Agent) -> Result<()> {
 /// Reports each durable stage as `PLINTH-STATUS update-progress stage=…` (and, in test builds,
 /// pauses after it: [`stage_delay`]).
 fn progress(event: &Event) -> Result<()> {
+    // Progress of the check before anything is written, for a person watching a long apply.
+    if let Event::HeldOnEsp(names) = event {
+        if !names.is_empty() {
+            eprintln!(
+                "plinth-update: the ESP already holds the release's {}: not read from the release",
+                names.join(" and ")
+            );
+        }
+    }
+    if let Event::Checking {
+        artifact,
+        bytes,
+        download,
+    } = event
+    {
+        let how = if *download {
+            "downloading and checking"
+        } else {
+            "checking"
+        };
+        eprintln!(
+            "plinth-update: {how} artifact {artifact} ({:.1} MB)",
+            *bytes as f64 / 1e6
+        );
+    }
     if *event == Event::Downloaded {
         println!(
             "{}",

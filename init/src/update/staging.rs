@@ -18,7 +18,7 @@ use anyhow::{anyhow, Context as _};
 use os_config::manifest::{Artifact, Manifest};
 use sha2::{Digest, Sha256};
 
-use super::apply::{ApplyError, CHUNK};
+use super::apply::{ApplyError, Event, Hook, CHUNK};
 use super::fetch::Source;
 
 /// Room left free on `/var` beyond the staged release, for the engine and the containers.
@@ -52,27 +52,19 @@ impl Staging {
         Source::Dir(self.dir.clone())
     }
 
-    /// Downloads and checks every artifact of `manifest` from `source`, after removing whatever
-    /// the folder holds for other releases. `Rejected` when an artifact differs from the manifest
-    /// (its partial file is removed, so a fixed release is downloaded afresh); `Failed` for
-    /// anything else, such as a network error or too little room on `/var`.
-    pub fn stage(
-        &self,
-        source: &Source,
-        manifest: &Manifest,
-        retries: u32,
-    ) -> Result<(), ApplyError> {
-        self.stage_except(source, manifest, retries, &[])
-    }
-
-    /// [`Staging::stage`] without the artifacts named in `skip` (`root` when a delta update
-    /// writes the root image from chunks instead).
+    /// Downloads and checks every artifact of `manifest` from `source` but those named in `skip`
+    /// (`root` when a delta update writes the root image from chunks, boot files the ESP already
+    /// holds), after removing whatever the folder holds for other releases; `hook` hears of each
+    /// artifact as its turn comes. `Rejected` when an artifact differs from the manifest (its
+    /// partial file is removed, so a fixed release is downloaded afresh); `Failed` for anything
+    /// else, such as a network error or too little room on `/var`.
     pub fn stage_except(
         &self,
         source: &Source,
         manifest: &Manifest,
         retries: u32,
         skip: &[&str],
+        hook: Hook<'_>,
     ) -> Result<(), ApplyError> {
         let artifacts_dir = self.dir.join("artifacts");
         fs::create_dir_all(&artifacts_dir)
@@ -108,6 +100,11 @@ impl Staging {
             if skip.contains(&name) {
                 continue;
             }
+            hook(&Event::Checking {
+                artifact: name,
+                bytes: artifact.size,
+                download: true,
+            })?;
             self.stage_one(source, name, artifact, retries)?;
         }
         Ok(())
@@ -115,18 +112,25 @@ impl Staging {
 
     /// For a release folder on this machine (`apply --from DIR`, a `file://` URL): checks every
     /// artifact of `manifest` but those in `skip` where it lies, in one read each (size and
-    /// sha256 of the file), without copying it to `/var`. The folder is then the apply's source;
+    /// sha256 of the file), without copying it to `/var`; `hook` hears of each artifact as its
+    /// turn comes. The folder is then the apply's source;
     /// the apply checks every byte again as it writes, so a medium that changes in between cannot slip anything in. `Rejected` as for
-    /// [`Staging::stage`].
+    /// [`Staging::stage_except`].
     pub fn check_in_place(
         dir: &Path,
         manifest: &Manifest,
         skip: &[&str],
+        hook: Hook<'_>,
     ) -> Result<(), ApplyError> {
         for (name, artifact) in manifest.artifacts.named() {
             if skip.contains(&name) {
                 continue;
             }
+            hook(&Event::Checking {
+                artifact: name,
+                bytes: artifact.size,
+                download: false,
+            })?;
             let path = dir.join(&artifact.path);
             let file = fs::File::open(&path).map_err(|e| {
                 ApplyError::Rejected(format!("artifact {name}: opening {}: {e}", path.display()))
@@ -287,8 +291,8 @@ fn check_file(mut file: fs::File, artifact: &Artifact) -> Result<(), String> {
     }
     let mut hasher = Sha256::new();
     // One byte more than the manifest allows tells a file that grew since from a complete one.
-    let read = io::copy(
-        &mut io::BufReader::with_capacity(CHUNK, (&mut file).take(artifact.size + 1)),
+    let read = copy_reading_ahead(
+        (&mut file).take(artifact.size + 1),
         &mut HashWriter(&mut hasher),
     )
     .map_err(|e| format!("reading the file: {e}"))?;
@@ -312,6 +316,49 @@ fn check_file(mut file: fs::File, artifact: &Artifact) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Buffers of [`CHUNK`] the reading thread of [`copy_reading_ahead`] may fill ahead of the writer.
+const READ_AHEAD: usize = 4;
+
+/// `io::copy` with the reads on a thread of their own, up to [`READ_AHEAD`] buffers ahead of
+/// `writer`: reading a cold medium overlaps the work `writer` does (hashing) instead of
+/// alternating with it. Returns the bytes copied.
+fn copy_reading_ahead<R: Read + Send>(mut reader: R, writer: &mut dyn Write) -> io::Result<u64> {
+    std::thread::scope(|scope| {
+        let (full_tx, full_rx) =
+            std::sync::mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(READ_AHEAD);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..=READ_AHEAD {
+            let _ = free_tx.send(vec![0u8; CHUNK]);
+        }
+        scope.spawn(move || {
+            // Stops at the end, at an error, or when the writing side hung up.
+            while let Ok(mut buf) = free_rx.recv() {
+                let read = loop {
+                    match reader.read(&mut buf) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        other => break other,
+                    }
+                };
+                let last = !matches!(read, Ok(n) if n > 0);
+                if full_tx.send(read.map(|n| (buf, n))).is_err() || last {
+                    break;
+                }
+            }
+        });
+        let mut copied = 0u64;
+        for piece in full_rx.iter() {
+            let (buf, n) = piece?;
+            if n == 0 {
+                break;
+            }
+            writer.write_all(&buf[..n])?;
+            copied += n as u64;
+            let _ = free_tx.send(buf);
+        }
+        Ok(copied)
+    })
 }
 
 /// Free bytes for an unprivileged writer on the filesystem of `dir`.
@@ -496,6 +543,49 @@ mod tests {
                 compressed.len() - 1,
                 compressed.len()
             )
+        );
+    }
+
+    /// A reader that gives `good` bytes in odd-sized reads, then fails.
+    struct FailsAfter {
+        good: usize,
+        given: usize,
+    }
+
+    impl Read for FailsAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.given == self.good {
+                return Err(io::Error::other("medium error"));
+            }
+            let n = buf.len().min(777_777).min(self.good - self.given);
+            buf[..n].fill((self.given % 251) as u8);
+            self.given += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reading_ahead_copies_every_byte_in_order_and_passes_a_read_error_on() {
+        // Several buffers' worth in reads that do not fill one, so the buffers cycle.
+        let data: Vec<u8> = (0..(READ_AHEAD * 3 * CHUNK + 12_345))
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        let mut out = Vec::new();
+        let copied = copy_reading_ahead(&data[..], &mut out).expect("copy");
+        assert_eq!(copied, data.len() as u64);
+        assert!(out == data, "the copy differs from its source");
+
+        let mut out = Vec::new();
+        let failing = FailsAfter {
+            good: 2 * CHUNK + 5,
+            given: 0,
+        };
+        let error = copy_reading_ahead(failing, &mut out).expect_err("a read error is an error");
+        assert_eq!(error.to_string(), "medium error");
+        assert_eq!(
+            out.len(),
+            2 * CHUNK + 5,
+            "what was read before the error is written"
         );
     }
 }
