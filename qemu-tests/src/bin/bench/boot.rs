@@ -350,10 +350,15 @@ pub fn start_web(engine: Engine, archive: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Memory figures read in the guest by a helper container in the host PID namespace: VmRSS
-/// (KiB) of PID 1 and of `plinth-update`, and MemTotal − MemAvailable (KiB).
+/// Memory figures read in the guest by a helper container in the host PID namespace, in KiB:
+/// `init` (VmRSS of PID 1), `update` (VmRSS of `plinth-update`), `used` (MemTotal −
+/// MemAvailable), one `map <perms> <file>` entry per kind of PID 1's mappings with resident pages
+/// (from `/proc/1/smaps`), and from those `init-exe` (the resident read-only pages of its
+/// executable: code and constants, which the page cache holds and can drop) and `init-private`
+/// (the rest: heap, stacks, data).
 pub fn footprint(engine: Engine) -> Result<BTreeMap<String, f64>> {
     let script = "grep VmRSS /proc/1/status | sed 's/^/init /'; \
+        /bin/busybox awk '/^[0-9a-f]+-[0-9a-f]+ /{m=$2\" \"($6==\"\"?\"[anon]\":$6)} /^Rss:/{if($2>0)r[m]+=$2} END{for(k in r)print \"map\",r[k],k}' /proc/1/smaps; \
         for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = plinth-update ] && grep VmRSS $p/status | sed 's/^/update /'; done; \
         grep -E '^(MemTotal|MemAvailable):' /proc/meminfo";
     let r = engine.run(
@@ -365,23 +370,49 @@ pub fn footprint(engine: Engine) -> Result<BTreeMap<String, f64>> {
     if r.exit_code != 0 && !r.output.contains("MemTotal") {
         bail!("the footprint helper failed: {}", r.output);
     }
+    Ok(parse_footprint(&r.output))
+}
+
+/// The figures of [`footprint`] from its helper's output.
+fn parse_footprint(output: &str) -> BTreeMap<String, f64> {
     let mut f = BTreeMap::new();
-    for line in r.output.lines() {
+    for line in output.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| words.get(i).and_then(|w| w.parse::<f64>().ok());
-        match words.first() {
-            Some(&"init") => f.extend(num(2).map(|v| ("init".to_owned(), v))),
-            Some(&"update") => f.extend(num(2).map(|v| ("update".to_owned(), v))),
-            Some(&"MemTotal:") => f.extend(num(1).map(|v| ("total".to_owned(), v))),
-            Some(&"MemAvailable:") => f.extend(num(1).map(|v| ("avail".to_owned(), v))),
-            _ => {}
-        }
+        let key = match (words.first(), words.get(1)) {
+            (Some(&"init"), Some(&"VmRSS:")) => "init".to_owned(),
+            (Some(&"map"), _) => {
+                if let Some(kib) = num(1) {
+                    f.insert(format!("map {}", words[2..].join(" ")), kib);
+                }
+                continue;
+            }
+            (Some(&"update"), _) => "update".to_owned(),
+            (Some(&"MemTotal:"), _) => "total".to_owned(),
+            (Some(&"MemAvailable:"), _) => "avail".to_owned(),
+            _ => continue,
+        };
+        let at = if words[0].ends_with(':') { 1 } else { 2 };
+        f.extend(num(at).map(|v| (key, v)));
     }
     if let (Some(t), Some(a)) = (f.get("total"), f.get("avail")) {
         let used = t - a;
         f.insert("used".to_owned(), used);
     }
-    Ok(f)
+    let (mut exe, mut private) = (0.0, 0.0);
+    for (key, kib) in &f {
+        let Some((perms, file)) = key.strip_prefix("map ").and_then(|m| m.split_once(' ')) else {
+            continue;
+        };
+        if file.starts_with('/') && !perms.contains('w') {
+            exe += kib;
+        } else {
+            private += kib;
+        }
+    }
+    f.insert("init-exe".to_owned(), exe);
+    f.insert("init-private".to_owned(), private);
+    f
 }
 
 pub const BOOT_EVENTS: [&str; 5] = [
@@ -450,6 +481,16 @@ pub fn bench_boot(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>) -
             "KiB",
             "busybox sh as PID 1",
         ),
+        Row::new(
+            "Guest: RSS of PID 1, its executable's code and constants (smaps)",
+            "KiB",
+            "busybox sh as PID 1",
+        ),
+        Row::new(
+            "Guest: RSS of PID 1, the rest: heap, stacks, data (smaps)",
+            "KiB",
+            "busybox sh as PID 1",
+        ),
         Row::new("Guest: RSS of plinth-update", "KiB", "(no update agent)"),
         Row::new(
             "Guest: used memory (MemTotal-MemAvailable) with the web container",
@@ -474,7 +515,10 @@ pub fn bench_boot(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>) -
         for (row, t) in boot_rows.iter_mut().zip(times) {
             row.push(side, t, load);
         }
-        for (row, key) in mem.iter_mut().zip(["init", "update", "used"]) {
+        for (row, key) in mem
+            .iter_mut()
+            .zip(["init", "init-exe", "init-private", "update", "used"])
+        {
             if let Some(v) = f.get(key) {
                 row.push(side, *v, load);
             }
@@ -483,4 +527,30 @@ pub fn bench_boot(dir: &Path, built: &Built, runs: usize, rows: &mut Vec<Row>) -
     rows.extend(boot_rows);
     rows.extend(mem);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_footprint_splits_pid_1_into_its_executable_and_the_rest() {
+        let output = "init VmRSS:\t    2360 kB
+map 300 r--p /usr/bin/plinth-init
+map 2000 r-xp /usr/bin/plinth-init
+map 16 rw-p /usr/bin/plinth-init
+map 168 rw-p [heap]
+map 4 r-xp [vdso]
+update VmRSS:\t    3028 kB
+MemTotal:       2019652 kB
+MemAvailable:   1768492 kB
+";
+        let f = parse_footprint(output);
+        assert_eq!(f["init"], 2360.0);
+        assert_eq!(f["update"], 3028.0);
+        assert_eq!(f["used"], 2019652.0 - 1768492.0);
+        assert_eq!(f["init-exe"], 2300.0, "r--p and r-xp of the file");
+        assert_eq!(f["init-private"], 188.0, "its data, the heap and the vdso");
+        assert_eq!(f["map r-xp /usr/bin/plinth-init"], 2000.0);
+    }
 }
