@@ -380,20 +380,15 @@ fn parse_footprint(output: &str) -> BTreeMap<String, f64> {
     for line in output.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| words.get(i).and_then(|w| w.parse::<f64>().ok());
-        let key = match (words.first(), words.get(1)) {
-            (Some(&"init"), Some(&"VmRSS:")) => "init".to_owned(),
-            (Some(&"map"), _) => {
-                if let Some(kib) = num(1) {
-                    f.insert(format!("map {}", words[2..].join(" ")), kib);
-                }
-                continue;
-            }
-            (Some(&"update"), _) => "update".to_owned(),
-            (Some(&"MemTotal:"), _) => "total".to_owned(),
-            (Some(&"MemAvailable:"), _) => "avail".to_owned(),
+        // The key, and which word holds its KiB.
+        let (key, at) = match (words.first(), words.get(1)) {
+            (Some(&"init"), Some(&"VmRSS:")) => ("init".to_owned(), 2),
+            (Some(&"map"), _) => (format!("map {}", words[2..].join(" ")), 1),
+            (Some(&"update"), _) => ("update".to_owned(), 2),
+            (Some(&"MemTotal:"), _) => ("total".to_owned(), 1),
+            (Some(&"MemAvailable:"), _) => ("avail".to_owned(), 1),
             _ => continue,
         };
-        let at = if words[0].ends_with(':') { 1 } else { 2 };
         f.extend(num(at).map(|v| (key, v)));
     }
     if let (Some(t), Some(a)) = (f.get("total"), f.get("avail")) {
